@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (the embedded-default sweep + report) and `make test`.
+# Each creates .venv when missing. torch is installed first and pinned, so no multi-GB CUDA build is pulled.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export DS_ACCELERATOR := cpu
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test lint install clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/reteq demo
+
+lint: install
+	$(VENV)/bin/ruff check reteq tests bench rayjobs
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from reteq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""report.html: one self-contained page per sweep (tables, figures, findings, links back to MLflow).
+
+Everything the page shows is also left beside it: each table as CSV and Parquet under tables/, each chart
+as a standalone HTML (vega inlined) and a PNG under charts/. The PNGs are embedded in report.html as base64,
+so the single file can be mailed or attached to a ticket. The page states plainly what it could not compute
+(a kind or metric that was never logged) instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+
+from reteq import tracking as T
+from reteq.analysis import charts as C
+from reteq.analysis import divergence as D
+from reteq.analysis import tables as TB
+from reteq.analysis.load import experiment_id, load_metrics, load_runs
+from reteq.analysis.section import Section
+
+DEFAULT_UI_BASE = "http://127.0.0.1:5000"
+HTML_ROW_LIMIT = 200  # longer tables are cut in the page (the CSV / Parquet files are complete)
+COLLAPSE_ROWS = 30  # tables longer than this start collapsed
+TABLE_GROWTH = "Growth rate of the max gap per cell"
+TABLE_GROWTH_ALL = "Growth rates, every metric"
+TABLE_DIVERGENCE = "Max gap and spread between orders per step"
+TABLE_RECENCY = "Recency per cell"
+TABLE_RUNS = "Runs"
+TABLE_RUN_COUNTS = "Runs per kind and status"
+
+
+def write_report(
+    tracking_uri: str,
+    experiment: str,
+    out_dir: str | Path,
+    plan_text: str | None = None,
+    extra_sections: Iterable[Section] = (),
+    ui_base: str = DEFAULT_UI_BASE,
+) -> Path:
+    """Analyse one sweep's experiment and write out_dir/report.html (+ tables/, charts/); returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    exp_id = experiment_id(tracking_uri, experiment)
+    runs = load_runs(tracking_uri, experiment)
+    metrics = load_metrics(tracking_uri, experiment, runs=runs)
+    sections = analysis_sections(runs, metrics, exp_id, ui_base)
+    theory = _theory_section(tracking_uri, experiment)
+    if theory is not None:
+        sections.append(theory)
+    sections.extend(extra_sections)
+    plan = Section("Plan", paragraphs=[plan_text]) if plan_text else None
+    if plan is not None:
+        sections.append(plan)
+    renderer = _Renderer(out)
+    body = "\n".join(renderer.section(s, preformatted=s is plan) for s in sections)
+    path = out / "report.html"
+    path.write_text(_page(f"reteq report: {experiment}", body), encoding="utf-8")
+    return path
+
+
+def analysis_sections(
+    runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, ui_base: str = DEFAULT_UI_BASE
+) -> list[Section]:
+    """The LLM analysis as report sections: findings, Table 1, divergence, recency, figures, runs."""
+    key = D.primary_forget_metric(metrics)
+    divergence = D.path_divergence(metrics)
+    growth = D.growth_rates(divergence)
+    rec = D.recency(metrics)
+    sections = [Section("Findings", paragraphs=findings(runs, metrics, growth, rec))]
+    table1 = TB.table1(metrics)
+    final = TB.final_table(metrics)
+    t1 = Section("Table 1: forget score and utilities after the last step", tables=dict(table1))
+    t1.paragraphs.append(
+        "Rows are p, the position of the forget stage U in the learning order; columns are model x "
+        "algorithm, averaged over seeds. Forget score = mean log-prob of the refusal label and paraphrases "
+        "before minus after unlearning (higher = more forgetting); TOFU utility = 1 - |change of TOFU "
+        "answer log-prob|; math utility = change of GSM8K accuracy. '(paper)' columns are the paper's "
+        "Table 1."
+    )
+    if not table1:
+        t1.paragraphs.append("No forget score or utility metric was logged, so Table 1 is empty.")
+    if final.height:
+        t1.tables[TB.TABLE_FINAL] = final
+    sections.append(t1)
+    div = Section("Path divergence", tables={}, charts={})
+    div.paragraphs.append(
+        f"Within a cell (model, algorithm, lr, beta, scheduler, seed) only the learning order differs. "
+        f"max gap(t) = largest |difference| between two orders at step t; spread(t) = max - min over orders "
+        f"(the same number for a scalar metric). The growth rate is the least-squares slope of log(max gap) "
+        f"against step, with its R²; a cell 'grows' when rate > 0 and R² ≥ {D.GROWS_R2}."
+    )
+    if key is not None and growth.height:
+        div.tables[TABLE_GROWTH] = growth.filter(pl.col("metric") == key)
+        div.tables[TABLE_GROWTH_ALL] = growth
+        div.tables[TABLE_DIVERGENCE] = divergence
+    else:
+        div.paragraphs.append("Not computed: no cell has two or more learning orders with forget metrics.")
+    recency_section = Section("Recency effect", tables={TABLE_RECENCY: rec} if rec.height else {})
+    recency_section.paragraphs.append(
+        "Per cell, orders are ranked by final forget score; rank 1 = forgets least. The paper's recency "
+        "effect is rank 1 for the order that learned U last (p = 4)."
+    )
+    figures = Section("Figures", charts=C.all_charts(metrics, divergence))
+    if not figures.charts:
+        figures.paragraphs.append("No figure has data: no unlearning step metrics were logged.")
+    chart = figures.charts.pop("divergence_growth", None)
+    if chart is not None:
+        div.charts["divergence_growth"] = chart
+    sections += [div, recency_section, figures, _runs_section(runs, exp_id, ui_base)]
+    return sections
+
+
+def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, rec: pl.DataFrame) -> list[str]:
+    """Plain sentences with numbers: does divergence grow, does the recency effect appear, what is missing."""
+    kinds = runs["kind"].drop_nulls().value_counts(sort=True).iter_rows() if runs.height else []
+    counts = ", ".join(f"{n} {k}" for k, n in kinds) or "none"
+    bad = runs.filter(pl.col("status").is_in([T.STATUS_COLLAPSED, T.STATUS_FAILED]))
+    lines = [
+        f"Runs in the experiment: {counts}" + (f" ({bad.height} collapsed or failed)." if bad.height else ".")
+    ]
+    key = D.primary_forget_metric(metrics)
+    summary = D.growth_summary(growth, key) if key else {"n_cells": 0}
+    if summary["n_cells"]:
+        k, n, share = summary["n_growing"], summary["n_cells"], summary["share"]
+        verdict = "Divergence grows" if share > 0.5 else "Divergence does not grow in most cells"
+        lines.append(
+            f"{verdict}: in {k} of {n} cells ({share:.0%}) the max gap between learning orders in {key} "
+            f"grows exponentially with the unlearning step (rate > 0 with R² ≥ {D.GROWS_R2}); median rate "
+            f"{summary['median_rate']:.4g} per step, median R² {summary['median_r2']:.3f}."
+        )
+    else:
+        lines.append(
+            "Divergence could not be measured: no cell has two or more learning orders with a forget "
+            "metric logged."
+        )
+    rs = D.recency_summary(rec)
+    if rs["n_cells"]:
+        last = sorted(set(rec["last_p"].to_list()))
+        who = f"p = {last[0]}" if len(last) == 1 else "the largest p"
+        verdict = "The recency effect appears" if rs["share"] > 0.5 else "The recency effect does not appear"
+        lines.append(
+            f"{verdict}: the order that learned U last ({who}) forgets least in {rs['n_slowest']} of "
+            f"{rs['n_cells']} cells ({rs['share']:.0%})."
+        )
+    else:
+        lines.append(
+            "The recency effect could not be judged: no cell has a final forget score "
+            f"({T.M_FORGET_SCORE} or {T.M_FORGET_ALL}) for two or more orders."
+        )
+    present = set(metrics["metric"].unique().to_list()) if metrics.height else set()
+    missing = [m for m in T.EVAL_METRICS if m not in present]
+    if not metrics.height:
+        lines.append(
+            "No unlearning metrics were logged in this experiment, so the LLM analysis below is empty."
+        )
+    elif missing:
+        lines.append("Not logged (the parts that need them are skipped): " + ", ".join(missing) + ".")
+    return [" ".join(lines)]
+
+
+def _runs_section(runs: pl.DataFrame, exp_id: str, ui_base: str) -> Section:
+    """Counts per kind and status, and every run with a link to its MLflow page."""
+    if not runs.height:
+        return Section("Runs", paragraphs=["The experiment has no runs."])
+    base = ui_base.rstrip("/")
+    counts = runs.group_by("kind", "status").len("runs").sort("kind", "status", nulls_last=True)
+    listed = runs.select(
+        "run_name",
+        "kind",
+        "model",
+        "order",
+        "p",
+        "algorithm",
+        "lr",
+        "beta",
+        "scheduler",
+        "seed",
+        "status",
+        "start_time",
+        "run_id",
+    ).with_columns(link=pl.concat_str([pl.lit(f"{base}/#/experiments/{exp_id}/runs/"), pl.col("run_id")]))
+    return Section(
+        "Runs",
+        paragraphs=[f"MLflow UI links assume the UI at {base} (reteq ui)."],
+        tables={TABLE_RUN_COUNTS: counts, TABLE_RUNS: listed},
+    )
+
+
+def _theory_section(tracking_uri: str, experiment: str) -> Section | None:
+    """The theory module's own section, when that module exists (it is built separately)."""
+    title = "Theory (Section 3)"
+    try:
+        from reteq.theory.report import theory_section
+    except ModuleNotFoundError as err:
+        if err.name in ("reteq.theory", "reteq.theory.report"):
+            return None  # not built (yet): nothing to say
+        return Section(title, paragraphs=[f"The theory module could not be imported: {err}"])
+    except ImportError:
+        return None  # the module exists but has no theory_section yet
+    try:
+        return theory_section(tracking_uri, experiment)
+    except Exception as err:  # noqa: BLE001 - the rest of the report is still worth writing
+        return Section(title, paragraphs=[f"The theory section failed: {type(err).__name__}: {err}"])
+
+
+# ---- rendering ------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1400px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.7em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{font-size:1.05em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ccc;padding:.25em .55em}
+th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.files{font-size:.85em;color:#555}figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}
+pre{background:#f7f7f7;padding:1em;overflow-x:auto}.note{color:#666;font-size:.85em}
+"""
+
+
+def _page(title: str, body: str) -> str:
+    t = html.escape(title)
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{t}</title>'
+        f"<style>{_CSS}</style></head><body>\n<h1>{t}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "table"
+
+
+class _Renderer:
+    """Renders sections into HTML, writing each table's and chart's files once under unique names."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.used: set[str] = set()
+
+    def _stem(self, name: str) -> str:
+        base = stem = _slug(name)
+        n = 1
+        while stem in self.used:
+            n += 1
+            stem = f"{base}_{n}"
+        self.used.add(stem)
+        return stem
+
+    def section(self, section: Section, preformatted: bool = False) -> str:
+        parts = [f"<section><h2>{html.escape(section.title)}</h2>"]
+        for text in section.paragraphs:
+            parts.append(f"<pre>{html.escape(text)}</pre>" if preformatted else f"<p>{html.escape(text)}</p>")
+        for name, table in section.tables.items():
+            parts.append(self.table(name, table if isinstance(table, pl.DataFrame) else pl.DataFrame(table)))
+        for name, chart in section.charts.items():
+            parts.append(self.chart(name, chart))
+        parts.append("</section>")
+        return "\n".join(parts)
+
+    def table(self, name: str, table: pl.DataFrame) -> str:
+        """The table as HTML, plus CSV and Parquet copies under tables/ linked from the page."""
+        folder = self.out / "tables"
+        folder.mkdir(exist_ok=True)
+        stem = self._stem(name)
+        table.write_csv(folder / f"{stem}.csv")
+        table.write_parquet(folder / f"{stem}.parquet")
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+        rows = [
+            "<tr>" + "".join(_cell(col, v) for col, v in zip(table.columns, row)) + "</tr>"
+            for row in table.head(HTML_ROW_LIMIT).iter_rows()
+        ]
+        cut = table.height > HTML_ROW_LIMIT
+        note = f'<p class="note">First {HTML_ROW_LIMIT} of {table.height} rows.</p>' if cut else ""
+        files = (
+            f'<p class="files">{table.height} rows &middot; <a href="tables/{stem}.csv">CSV</a> '
+            f'&middot; <a href="tables/{stem}.parquet">Parquet</a></p>'
+        )
+        grid = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{note}"
+        title = html.escape(name)
+        if table.height > COLLAPSE_ROWS:
+            return f"<h3>{title}</h3>{files}<details><summary>show table</summary>{grid}</details>"
+        return f"<h3>{title}</h3>{files}{grid}"
+
+    def chart(self, name: str, chart) -> str:
+        """Save the chart (HTML + PNG) and embed the PNG; a chart that fails to render is noted, not fatal."""
+        try:
+            page, png = C.save_chart(chart, self.out / "charts", self._stem(name))
+        except Exception as err:  # noqa: BLE001 - one broken chart must not cost the whole report
+            why = html.escape(f"{type(err).__name__}: {err}")
+            return f'<p class="note">Chart {html.escape(name)} could not be rendered: {why}</p>'
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        alt_text = html.escape(name.replace("_", " "), quote=True)
+        return (
+            f'<figure><img alt="{alt_text}" src="data:image/png;base64,{data}">'
+            f'<figcaption class="files"><a href="charts/{page.name}">interactive version</a> &middot; '
+            f'<a href="charts/{png.name}">PNG</a></figcaption></figure>'
+        )
+
+
+def _cell(column: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '<td class="num">&ndash;</td>'
+    if column == "link":
+        url = html.escape(str(value), quote=True)
+        return f'<td><a href="{url}">open in MLflow</a></td>'
+    if isinstance(value, float):
+        return f'<td class="num">{value:.4g}</td>'
+    if isinstance(value, (int, bool)):
+        return f'<td class="num">{html.escape(str(value))}</td>'
+    return f"<td>{html.escape(str(value))}</td>"

@@ -1,0 +1,164 @@
+"""The `reteq` command: parses arguments and calls one function per verb. Bad input: one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from reteq.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _quiet_env() -> None:
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}.items():
+        if v:
+            os.environ.setdefault(k, v)
+
+
+def cmd_validate(args) -> int:
+    load_config(args.config)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from reteq.sweep.estimate import format_plan, plan_report
+
+    cfg = load_config(args.config)
+    report = plan_report(cfg)
+    print(json.dumps(report, indent=2) if args.json else format_plan(cfg, report))
+    return 0
+
+
+def cmd_run_path(args) -> int:
+    from reteq.path import run_path_command
+
+    cfg = load_config(args.config)
+    return run_path_command(cfg, model=args.model, order=args.order, algorithm=args.algorithm, lr=args.lr,
+                            beta=args.beta, seed=args.seed, work_dir=args.work_dir)
+
+
+def cmd_sweep(args) -> int:
+    from reteq.sweep.run import sweep_command
+
+    cfg = load_config(args.config)
+    return sweep_command(cfg, work_dir=args.work_dir, report=not args.no_report)
+
+
+def cmd_report(args) -> int:
+    from reteq.sweep.run import report_command
+
+    return report_command(config_path=args.config, experiment=args.experiment, work_dir=args.work_dir)
+
+
+def cmd_theory(args) -> int:
+    from reteq.theory.grid import theory_command
+
+    return theory_command(args.config, args.work_dir or "runs/theory", args.json)
+
+
+def cmd_data_prepare(args) -> int:
+    from reteq.data.prepare import prepare_command
+
+    return prepare_command(args.config, args.out)
+
+
+def cmd_ui(args) -> int:
+    from reteq.sweep.run import ui_command
+
+    return ui_command(args.work_dir, args.port)
+
+
+def cmd_demo(args) -> int:
+    from reteq.sweep.run import demo_command
+
+    return demo_command(args.config, args.work_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reteq", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("validate", help="check a sweep config; one line per problem")
+    s.add_argument("config")
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("plan", help="the DAG of stage nodes and unlearning runs, and a GPU-hour estimate")
+    s.add_argument("config")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("run-path", help="one path end to end in one process (no Ray): the debugging path")
+    s.add_argument("config")
+    s.add_argument("--model", help="model name (default: the first)")
+    s.add_argument("--order", help="comma-separated stage order, e.g. inst,tofu,math,U (default: the first)")
+    s.add_argument("--algorithm", help="ga | npo | simnpo (default: the first)")
+    s.add_argument("--lr", type=float, help="unlearning lr (default: the first)")
+    s.add_argument("--beta", type=float, help="NPO/SimNPO beta (default: the first of the grid)")
+    s.add_argument("--seed", type=int, help="seed (default: the first)")
+    s.add_argument("--work-dir", help="override the config's work_dir")
+    s.set_defaults(fn=cmd_run_path)
+
+    s = sub.add_parser("sweep", help="the whole grid through Ray Tune + Ray Train, recorded in MLflow")
+    s.add_argument("config")
+    s.add_argument("--work-dir")
+    s.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("report", help="MLflow -> polars -> altair -> report.html")
+    s.add_argument("config", nargs="?", help="the sweep config (gives the experiment and work_dir)")
+    s.add_argument("--experiment")
+    s.add_argument("--work-dir")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("theory", help="Section 3: staged ridge regression, GA unlearning, the Theorem 3.1 bound")
+    s.add_argument("config", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--work-dir")
+    s.set_defaults(fn=cmd_theory)
+
+    s = sub.add_parser("data", help="data utilities")
+    dsub = s.add_subparsers(dest="data_verb", required=True)
+    d = dsub.add_parser("prepare", help="materialise every stage to local Parquet with a manifest")
+    d.add_argument("config")
+    d.add_argument("--out")
+    d.set_defaults(fn=cmd_data_prepare)
+
+    s = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1")
+    s.add_argument("--work-dir", default="runs/demo")
+    s.add_argument("--port", type=int, default=5000)
+    s.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("demo", help="the embedded default: sweep + theory + report under runs/demo")
+    s.add_argument("--config", default=None)
+    s.add_argument("--work-dir", default=None)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_env()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        for line in e.lines:
+            print(line, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, FileNotFoundError) as e:
+        from reteq.data.sources import DataError
+        from reteq.models import ModelError
+
+        if isinstance(e, DataError | ModelError | FileNotFoundError) or getattr(e, "bad_input", False):
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+def default_demo_config() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

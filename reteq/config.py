@@ -1,0 +1,342 @@
+"""Typed, documented configuration of a sweep (one YAML file).
+
+A sweep names base models, the finetuning stages, the stage orders to compare, the forget stage, the unlearning
+grid, what to evaluate and how to execute. Every problem is reported as one line naming the file, the field and
+the reason (`ConfigError`), before anything trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_TINY = "builtin:tiny"
+DTYPES = ("fp32", "tf32", "bf16")
+SCHEDULES = ("wsd", "cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """One or more problems with a config file; `lines` holds one `file: field: reason` line per problem."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class LoraConfig(_Strict):
+    """LoRA adapter (peft). The paper trains LoRA in fp32 (Table 2 gives r and alpha per model)."""
+
+    r: int = Field(64, gt=0, description="adapter rank")
+    alpha: int = Field(128, gt=0, description="scaling numerator; the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names that get adapters",
+    )
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="short name used in tags, tables and figures, e.g. llama-3.2-1b")
+    source: str = Field(description="hub id, local directory, or 'builtin:tiny' (the offline tiny Llama)")
+    chat_template_from: str | None = Field(
+        None, description="hub id or path whose tokenizer chat template to use (the instruct sibling)"
+    )
+    trust_remote_code: bool = False
+    revision: str | None = None
+    dtype: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="fp32 = paper fidelity; tf32 = fp32 weights with TF32 matmuls; bf16 = bf16 autocast"
+    )
+    lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full finetuning")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if v.startswith("builtin:") and v != BUILTIN_TINY:
+            raise ValueError(f"unknown built-in model {v!r} (known: {BUILTIN_TINY})")
+        looks_local = v.startswith(("/", "./", "../", "~"))
+        if looks_local and not Path(v).expanduser().exists():
+            raise ValueError(f"model path {v} does not exist")
+        return v
+
+
+class DataSource(_Strict):
+    """Where a stage's conversations come from.
+
+    kind=synthetic: generated offline from a seed (task: instruct | knowledge | math | refusal).
+    kind=local: a json/jsonl/parquet file of rows with `messages` (role/content dicts).
+    kind=hub: a `datasets.load_dataset` id converted by the named converter (see reteq.data.hub).
+    """
+
+    kind: Literal["synthetic", "local", "hub"]
+    task: Literal["instruct", "knowledge", "math", "refusal"] | None = None
+    path: str | None = None
+    id: str | None = None
+    converter: str | None = Field(None, description="hub converter name; defaults to one chosen by id")
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    n: int | None = Field(None, gt=0, description="number of rows to keep (synthetic: to generate)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> DataSource:
+        if self.kind == "synthetic" and self.task is None:
+            raise ValueError("synthetic source needs `task`")
+        if self.kind == "local":
+            if not self.path:
+                raise ValueError("local source needs `path`")
+            if not Path(self.path).expanduser().exists():
+                raise ValueError(f"data file {self.path} does not exist")
+        if self.kind == "hub" and not self.id:
+            raise ValueError("hub source needs `id`")
+        return self
+
+
+class StageConfig(_Strict):
+    name: str = Field(description="stage name used in orders, e.g. inst, tofu, math, U")
+    source: DataSource
+    epochs: float = Field(1.0, gt=0)
+    lr: PositiveFloat = 1e-5
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_frac: float = Field(0.02, ge=0, lt=1, description="paper: 2% warmup")
+    decay_frac: float = Field(0.02, ge=0, lt=1, description="paper: 2% decay (WSD)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="WSD decays to this fraction of peak (authors' code)")
+    global_batch: int = Field(128, gt=0, description="sequences per optimizer step, across all workers")
+    micro_batch: int = Field(8, gt=0, description="sequences per forward pass on one worker")
+    max_length: int = Field(1024, gt=8, description="longer conversations are truncated")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW (0.9, 0.999), no weight decay; or SGD")
+
+    @model_validator(mode="after")
+    def _batches(self) -> StageConfig:
+        if self.global_batch % self.micro_batch:
+            raise ValueError("global_batch must be a multiple of micro_batch")
+        return self
+
+
+class OrdersConfig(_Strict):
+    """Which stage orders to compare. Exactly one of the three forms."""
+
+    explicit: list[list[str]] | None = Field(None, description="a list of orders, each a list of stage names")
+    all_permutations: bool = False
+    forget_positions: list[int] | None = Field(
+        None, description="insert the forget stage at these 1-based positions into retain_order (the paper's design)"
+    )
+    retain_order: list[str] | None = Field(None, description="fixed order of the retain stages")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> OrdersConfig:
+        forms = [self.explicit is not None, self.all_permutations, self.forget_positions is not None]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of explicit, all_permutations, forget_positions")
+        if self.forget_positions is not None and not self.retain_order:
+            raise ValueError("forget_positions needs retain_order")
+        return self
+
+
+class UnlearnConfig(_Strict):
+    algorithms: list[str] = Field(default_factory=lambda: ["ga", "npo", "simnpo"])
+    lrs: list[PositiveFloat] = Field(default_factory=lambda: [1e-5])
+    betas: dict[str, list[PositiveFloat]] = Field(
+        default_factory=lambda: {"npo": [0.5], "simnpo": [1.0]},
+        description="beta grid per algorithm (only for algorithms that take one)",
+    )
+    steps: int | None = Field(None, gt=0, description="optimizer steps; default: one epoch of the forget set")
+    epochs: float = Field(1.0, gt=0)
+    schedule: Literal["wsd", "cosine", "constant"] = "constant"
+    warmup_frac: float = Field(0.0, ge=0, lt=1)
+    global_batch: int = Field(128, gt=0)
+    micro_batch: int = Field(8, gt=0)
+    max_length: int = Field(512, gt=8)
+    eval_every: int = Field(1, description="evaluate at step 0 and every k optimizer steps")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_every(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _algorithms(self) -> UnlearnConfig:
+        from reteq.algorithms import ALGORITHMS
+
+        for name in self.algorithms:
+            if name not in ALGORITHMS:
+                raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(ALGORITHMS))})")
+        if self.global_batch % self.micro_batch:
+            raise ValueError("global_batch must be a multiple of micro_batch")
+        return self
+
+    def betas_for(self, algorithm: str) -> list[float | None]:
+        from reteq.algorithms import ALGORITHMS
+
+        if not ALGORITHMS[algorithm].uses_beta:
+            return [None]
+        return list(self.betas.get(algorithm) or [ALGORITHMS[algorithm].default_beta])
+
+
+class EvalConfig(_Strict):
+    metrics: list[Literal["forget", "tofu", "math", "depth"]] = Field(
+        default_factory=lambda: ["forget", "tofu", "math"],
+        description="depth = R/C/U log-probs of the superficial-forgetting experiment (Section 4.3)",
+    )
+    knowledge_stage: str | None = Field("tofu", description="stage whose answers measure TOFU utility")
+    forget_prompts: int = Field(64, gt=0, description="forget-set questions scored for the forget score")
+    knowledge_prompts: int = Field(64, gt=0)
+    math_source: DataSource | None = Field(None, description="held-out math questions (GSM8K test split)")
+    math_questions: int = Field(32, gt=0)
+    math_samples: int = Field(5, gt=0, description="sampled answers per question (paper: 5)")
+    greedy: bool = Field(False, description="greedy decoding instead of sampling (then 1 sample suffices)")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(32, gt=0, description="sequences per scoring / generation batch")
+
+
+class ExecutionConfig(_Strict):
+    """How the sweep runs: Ray Train workers, DeepSpeed, concurrency, tracking."""
+
+    workers: int = Field(1, gt=0, description="Ray Train workers per trial (data parallel)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    max_concurrent_trials: int = Field(1, gt=0)
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); null = plain torch")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or SQLite in work_dir")
+    storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray")
+    tokens_per_gpu_second: float = Field(
+        40_000, gt=0, description="throughput used by `reteq plan` to estimate GPU-hours (measure with bench/)"
+    )
+
+
+class SweepConfig(_Strict):
+    name: str
+    work_dir: str = Field("runs/default", description="checkpoints, MLflow store and report live here")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    models: list[ModelConfig]
+    stages: list[StageConfig]
+    forget_stage: str = "U"
+    orders: OrdersConfig
+    unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    retrain_baselines: bool = Field(False, description="also train the retain stages alone in each order")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepConfig:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: duplicate stage names {names}")
+        if len({m.name for m in self.models}) != len(self.models):
+            raise ValueError("models: duplicate model names")
+        if self.forget_stage not in names:
+            raise ValueError(f"forget_stage: {self.forget_stage!r} is not a declared stage ({', '.join(names)})")
+        for order in self.stage_orders():
+            if sorted(order) != sorted(names):
+                raise ValueError(f"orders: {order} is not a permutation of the declared stages {names}")
+        if self.eval.knowledge_stage is not None and self.eval.knowledge_stage not in names:
+            raise ValueError(f"eval.knowledge_stage: {self.eval.knowledge_stage!r} is not a declared stage")
+        return self
+
+    # ---- derived views --------------------------------------------------------------------------------------
+    def stage(self, name: str) -> StageConfig:
+        return next(s for s in self.stages if s.name == name)
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+    def stage_orders(self) -> list[tuple[str, ...]]:
+        o = self.orders
+        if o.explicit is not None:
+            return [tuple(x) for x in o.explicit]
+        names = [s.name for s in self.stages]
+        if o.all_permutations:
+            return list(itertools.permutations(names))
+        retain = list(o.retain_order or [])
+        out = []
+        for p in o.forget_positions or []:
+            if not 1 <= p <= len(retain) + 1:
+                raise ValueError(f"orders.forget_positions: {p} is outside 1..{len(retain) + 1}")
+            out.append(tuple(retain[: p - 1] + [self.forget_stage] + retain[p - 1 :]))
+        return out
+
+    def retain_stages(self) -> list[str]:
+        return [s.name for s in self.stages if s.name != self.forget_stage]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        else:
+            parts.append(("." if parts else "") + str(x))
+    return "".join(parts) or "(top level)"
+
+
+def _message(err: dict[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    if err.get("type") == "missing":
+        msg = "required field is missing"
+    if err.get("type") in ("float_parsing", "float_type"):
+        msg = f"not a number ({err.get('input')!r})"
+    if err.get("type") == "greater_than":
+        msg = f"must be > {err.get('ctx', {}).get('gt')} (got {err.get('input')!r})"
+    return msg
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep YAML; raise ConfigError with one line per problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"{path}: file does not exist"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: top level must be a mapping"])
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = err["loc"]
+            # model validators report at their model's level; their messages already start with the field
+            prefix = f"{_field_path(loc)}: " if loc else ""
+            lines.append(f"{source}: {prefix}{_message(err)}")
+        raise ConfigError(lines) from None
+    except ValueError as e:  # raised outside pydantic's wrapping (e.g. stage_orders)
+        raise ConfigError([f"{source}: {e}"]) from None
+    return cfg
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)

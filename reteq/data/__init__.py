@@ -1,0 +1,1 @@
+"""Data: sources (synthetic, local, hub) -> chat conversations -> tokens with assistant-only labels -> batches."""

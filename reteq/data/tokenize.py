@@ -1,0 +1,137 @@
+"""Chat conversations -> token ids with labels on assistant tokens only -> length-bucketed batches.
+
+Why offsets: a chat template can put anything around a turn (headers, end tokens, default system prompts).
+We render the conversation once, find each assistant turn's character span by rendering the prefixes, and keep
+the labels of exactly the tokens inside those spans (the turn's text and its end-of-turn marker).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from reteq.data.sources import DataError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    index: int  # position in the stage's dataset (NPO's reference log-probs are looked up by it)
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(render(tokenizer, messages[: i + 1]))
+        if not text.startswith(render(tokenizer, messages[: i + 1])):
+            raise DataError("chat template is not prefix-stable: cannot locate assistant turns")
+        spans.append((start, end))
+    return text, spans
+
+
+def encode_conversation(tokenizer, conv: dict, max_length: int, index: int = 0) -> Example:
+    text, spans = assistant_spans(tokenizer, conv["messages"])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    for t, (a, b) in enumerate(offsets):
+        if b > a and any(s <= a < e for s, e in spans):
+            labels[t] = ids[t]
+    return Example(ids[:max_length], labels[:max_length], index)
+
+
+def encode_dataset(tokenizer, convs: list[dict], max_length: int) -> list[Example]:
+    out = [encode_conversation(tokenizer, c, max_length, i) for i, c in enumerate(convs)]
+    empty = [e.index for e in out if e.n_label_tokens == 0]
+    if empty:
+        raise DataError(f"rows {empty[:5]}: no assistant tokens left after truncation to {max_length}")
+    return out
+
+
+def encode_prompt_target(tokenizer, question: str, target: str) -> tuple[list[int], list[int]]:
+    """Prompt ids (chat-formatted question + generation prompt) and target ids (the bare response text)."""
+    prompt = render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return p_ids, t_ids
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor  # (B,) dataset positions
+    n_tokens: int  # real (non-pad) tokens
+
+    @property
+    def n_label_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     self.index.to(device), self.n_tokens)
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return Batch(ids, mask, labels, torch.tensor([e.index for e in examples]), int(mask.sum()))
+
+
+def padding_fraction(batches: list[Batch]) -> float:
+    total = sum(b.input_ids.numel() for b in batches)
+    real = sum(b.n_tokens for b in batches)
+    return 0.0 if total == 0 else 1.0 - real / total
+
+
+def plan_steps(n_examples: int, epochs: float, global_batch: int, seed: int, steps: int | None = None,
+               ) -> list[list[int]]:
+    """Example indices of each optimizer step: epochs of fresh seeded shuffles, cut into full global batches.
+
+    A trailing partial batch is dropped (every step sees exactly `global_batch` sequences), except that a
+    dataset smaller than one batch is cycled so at least one step exists.
+    """
+    rng = random.Random(seed)
+    want = steps * global_batch if steps is not None else max(global_batch, int(round(n_examples * epochs)))
+    stream: list[int] = []
+    while len(stream) < want:
+        perm = list(range(n_examples))
+        rng.shuffle(perm)
+        stream.extend(perm)
+    stream = stream[:want]
+    n_steps = len(stream) // global_batch
+    return [stream[i * global_batch:(i + 1) * global_batch] for i in range(n_steps)]
+
+
+def micro_batches(examples: list[Example], step_indices: list[int], micro_batch: int, rank: int, world: int,
+                  pad_id: int) -> list[Batch]:
+    """This worker's micro-batches of one step: sorted by length so each micro-batch pads little."""
+    chosen = sorted((examples[i] for i in step_indices), key=lambda e: len(e.input_ids))
+    chunks = [chosen[i:i + micro_batch] for i in range(0, len(chosen), micro_batch)]
+    mine = chunks[rank::world]
+    return [collate(c, pad_id) for c in mine]

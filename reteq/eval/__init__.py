@@ -1,0 +1,1 @@
+"""Evaluation: forget score (label + paraphrases), likelihood utility (TOFU), math accuracy (GSM8K), R/C/U depth."""

@@ -1,0 +1,86 @@
+"""The paper's metrics for one model along unlearning, built once per path and run at every eval step.
+
+forget/label_logp       mean per-token log p("Sorry, I can not assist you" | forget question)
+forget/paraphrase_logp  same, averaged over the 19 paraphrases
+forget/all_logp         mean over the 20 targets;  forget/score = all_logp(0) - all_logp(t)
+utility/tofu_logp       mean per-token log p(knowledge answer | question);  utility/tofu = 1 - |change|
+utility/math_acc        accuracy of sampled answers;  utility/math = acc(t) - acc(0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from reteq import tracking as T
+from reteq.config import EvalConfig
+from reteq.data.tokenize import encode_prompt_target
+from reteq.eval.forget import FORGET_TARGETS
+from reteq.eval.math import accuracy, generate_answers
+from reteq.eval.scoring import score_pairs
+
+
+def _first_turn(conv: dict) -> tuple[str, str]:
+    msgs = conv["messages"]
+    user = next(m["content"] for m in msgs if m["role"] == "user")
+    answer = next(m["content"] for m in msgs if m["role"] == "assistant")
+    return user, answer
+
+
+@dataclass
+class Evaluator:
+    cfg: EvalConfig
+    tokenizer: object
+    forget_questions: list[str] = field(default_factory=list)
+    knowledge_pairs: list[tuple[str, str]] = field(default_factory=list)
+    math_items: list[tuple[str, str]] = field(default_factory=list)
+    seed: int = 0
+
+    @classmethod
+    def build(cls, cfg: EvalConfig, tokenizer, forget_convs: list[dict], knowledge_convs: list[dict] | None,
+              math_items: list[tuple[str, str]] | None, seed: int = 0) -> Evaluator:
+        forget_q = [_first_turn(c)[0] for c in forget_convs[: cfg.forget_prompts]]
+        know = [_first_turn(c) for c in (knowledge_convs or [])[: cfg.knowledge_prompts]]
+        return cls(cfg, tokenizer, forget_q if "forget" in cfg.metrics else [],
+                   know if "tofu" in cfg.metrics else [], (math_items or []) if "math" in cfg.metrics else [], seed)
+
+    def _pairs(self) -> tuple[list, list]:
+        forget = [encode_prompt_target(self.tokenizer, q, t) for q in self.forget_questions for t in FORGET_TARGETS]
+        know = [encode_prompt_target(self.tokenizer, q, a) for q, a in self.knowledge_pairs]
+        return forget, know
+
+    def raw(self, model, device: torch.device, dtype: str = "fp32") -> dict[str, float]:
+        """Absolute metrics of `model` now (no reference to step 0)."""
+        out: dict[str, float] = {}
+        pad = self.tokenizer.pad_token_id
+        forget_pairs, know_pairs = self._pairs()
+        scores = score_pairs(model, forget_pairs + know_pairs, pad_id=pad, batch_size=self.cfg.batch_size,
+                             device=device, dtype=dtype)
+        if forget_pairs:
+            n_t = len(FORGET_TARGETS)
+            f = torch.tensor(scores[: len(forget_pairs)]).view(-1, n_t)
+            out[T.M_FORGET_LABEL] = float(f[:, 0].mean())
+            out[T.M_FORGET_PARAPHRASE] = float(f[:, 1:].mean())
+            out[T.M_FORGET_ALL] = float(f.mean())
+        if know_pairs:
+            out[T.M_TOFU_LOGP] = float(torch.tensor(scores[len(forget_pairs):]).mean())
+        if self.math_items:
+            answers = generate_answers(
+                model, self.tokenizer, [q for q, _ in self.math_items], samples=self.cfg.math_samples,
+                greedy=self.cfg.greedy, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
+                batch_size=self.cfg.batch_size, seed=self.seed, device=device)
+            out[T.M_MATH_ACC] = accuracy(answers, [r for _, r in self.math_items])
+        return out
+
+
+def relative(raw: dict[str, float], raw0: dict[str, float]) -> dict[str, float]:
+    """Add the step-0-relative scores (forget score, utilities) to a raw metric dict."""
+    out = dict(raw)
+    if T.M_FORGET_ALL in raw:
+        out[T.M_FORGET_SCORE] = raw0[T.M_FORGET_ALL] - raw[T.M_FORGET_ALL]
+    if T.M_TOFU_LOGP in raw:
+        out[T.M_TOFU_UTILITY] = 1.0 - abs(raw[T.M_TOFU_LOGP] - raw0[T.M_TOFU_LOGP])
+    if T.M_MATH_ACC in raw:
+        out[T.M_MATH_UTILITY] = raw[T.M_MATH_ACC] - raw0[T.M_MATH_ACC]
+    return out

@@ -1,0 +1,92 @@
+"""Causal LMs by hub id, local path or `builtin:tiny`; LoRA through peft; checkpoints restored onto the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from reteq.config import BUILTIN_TINY, ModelConfig
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; one line naming the model and why."""
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    if cfg.source == BUILTIN_TINY:
+        from reteq.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    path = Path(cfg.source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model {cfg.name}: {path} has no config.json (not a Hugging Face model directory)")
+        return str(path)
+    if cfg.source.startswith(("/", ".", "~")):
+        raise ModelError(f"model {cfg.name}: model path {cfg.source} does not exist")
+    return cfg.source  # a hub id
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    src = resolve_source(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"model {cfg.name}: cannot load tokenizer from {src} ({str(e).splitlines()[0]})") from None
+    if cfg.chat_template_from:
+        sibling = AutoTokenizer.from_pretrained(cfg.chat_template_from, trust_remote_code=cfg.trust_remote_code)
+        tok.chat_template = sibling.chat_template
+    if tok.chat_template is None:
+        raise ModelError(f"model {cfg.name}: tokenizer has no chat template (set chat_template_from)")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, src: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    src = src or resolve_source(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        )
+    except OSError as e:
+        raise ModelError(f"model {cfg.name}: cannot load {src} ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def load_model(cfg: ModelConfig, checkpoint: str | Path | None = None, seed: int = 0, trainable: bool = True):
+    """The base model with its adapter (fresh from `seed`, or restored from a checkpoint) in fp32 weights.
+
+    Weights stay fp32 under every precision policy (bf16 is autocast): the paper trains LoRA in fp32 and
+    keeping master weights in fp32 makes the policies comparable.
+    """
+    from reteq.train.checkpoint import verify_checkpoint
+
+    if cfg.lora is None:  # full finetuning: a checkpoint is a whole HF model directory
+        if checkpoint is not None:
+            verify_checkpoint(checkpoint)
+        return load_base(cfg, str(checkpoint) if checkpoint else None).train(trainable)
+    model = load_base(cfg)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint)
+        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=trainable).train(trainable)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.targets), task_type="CAUSAL_LM")
+        try:
+            peft_model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise ModelError(f"model {cfg.name}: lora.targets: {str(e).splitlines()[0]}") from None
+    return peft_model.train(trainable)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

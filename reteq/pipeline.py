@@ -1,0 +1,179 @@
+"""The work of one unlearning leaf: make sure every stage node of its path exists, then unlearn.
+
+Shared by `reteq run-path` (one process) and each Ray Train worker group of `reteq sweep`. What differs is
+injected: the WorkerContext (rank, DeepSpeed), the Coordinator (who trains a shared node), and Hooks (where
+progress and metrics go: stdout, or MLflow).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from reteq.config import SweepConfig
+from reteq.data.sources import load_conversations, load_math_eval
+from reteq.eval.evaluator import Evaluator
+from reteq.models import load_model, load_tokenizer
+from reteq.sweep.plan import Plan, StageNode, UnlearnLeaf
+from reteq.train.checkpoint import is_complete, save_checkpoint
+from reteq.train.recipes import UnlearnResult, WorkerContext, finetune_stage, unlearn
+
+
+class Hooks:
+    """Progress sinks; the default does nothing. Called on the main worker only."""
+
+    def node_skipped(self, node: StageNode, path: Path) -> None: ...
+    def node_started(self, node: StageNode) -> None: ...
+    def node_step(self, node: StageNode, record) -> None: ...
+    def node_done(self, node: StageNode, path: Path, stats: dict[str, Any]) -> None: ...
+    def leaf_started(self, leaf: UnlearnLeaf) -> None: ...
+    def leaf_step(self, leaf: UnlearnLeaf, record) -> None: ...
+    def leaf_eval(self, leaf: UnlearnLeaf, step: int, metrics: dict[str, float]) -> None: ...
+    def leaf_done(self, leaf: UnlearnLeaf, result: UnlearnResult) -> None: ...
+
+
+class Coordinator:
+    """Decides who trains a node shared by several trials. In one process: whoever asks first."""
+
+    def find(self, key: str, store: CheckpointStore) -> Path | None:
+        return store.path(key) if store.has(key) else None
+
+    def claim(self, key: str) -> bool:
+        return True
+
+    def wait(self, key: str) -> Path:
+        raise RuntimeError(f"node {key} is not available")
+
+    def finish(self, key: str, path: Path | None, error: str | None = None) -> None: ...
+
+
+@dataclass
+class CheckpointStore:
+    root: Path
+
+    def path(self, key: str) -> Path:
+        return Path(self.root) / key
+
+    def has(self, key: str) -> bool:
+        return is_complete(self.path(key), key)
+
+
+@dataclass
+class DataCache:
+    """Stage conversations and eval items, loaded once per process."""
+
+    cfg: SweepConfig
+    _stages: dict[str, list[dict]] = field(default_factory=dict)
+    _math: list | None = None
+
+    def stage(self, name: str) -> list[dict]:
+        if name not in self._stages:
+            self._stages[name] = load_conversations(self.cfg.stage(name).source)
+        return self._stages[name]
+
+    def math_items(self) -> list[tuple[str, str]]:
+        if self._math is None:
+            e = self.cfg.eval
+            self._math = load_math_eval(e.math_source, e.math_questions) if "math" in e.metrics else []
+        return self._math
+
+
+def _broadcast(obj, ctx: WorkerContext):
+    if ctx.world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(ctx: WorkerContext) -> None:
+    if ctx.world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def ensure_node(cfg: SweepConfig, plan: Plan, node: StageNode, ctx: WorkerContext, store: CheckpointStore,
+                data: DataCache, coordinator: Coordinator, hooks: Hooks) -> Path:
+    """The published checkpoint of `node`: found, waited for, or trained here (parents first)."""
+    decision = None
+    if ctx.is_main:
+        found = coordinator.find(node.key, store)
+        decision = ("found", str(found)) if found else ("train", "") if coordinator.claim(node.key) else ("wait", "")
+    action, where = _broadcast(decision, ctx)
+    if action == "found":
+        if ctx.is_main:
+            hooks.node_skipped(node, Path(where))
+        return Path(where)
+    if action == "wait":
+        path = coordinator.wait(node.key) if ctx.is_main else None
+        return Path(_broadcast(str(path) if path else None, ctx))
+    try:
+        parent = ensure_node(cfg, plan, plan.nodes[node.parent], ctx, store, data, coordinator, hooks) \
+            if node.parent else None
+        path = _train_node(cfg, node, parent, ctx, store, data, hooks)
+    except BaseException as e:
+        if ctx.is_main:
+            coordinator.finish(node.key, None, error=f"{type(e).__name__}: {e}")
+        raise
+    if ctx.is_main:
+        coordinator.finish(node.key, path)
+    return path
+
+
+def _train_node(cfg: SweepConfig, node: StageNode, parent: Path | None, ctx: WorkerContext,
+                store: CheckpointStore, data: DataCache, hooks: Hooks) -> Path:
+    mcfg = cfg.model(node.model)
+    tokenizer = load_tokenizer(mcfg)
+    torch.manual_seed(node.seed)
+    model = load_model(mcfg, checkpoint=parent, seed=node.seed).to(ctx.device)
+    if ctx.is_main:
+        hooks.node_started(node)
+    stage_seed = (int(node.key[:8], 16) + node.seed) % (2**31)  # deterministic across processes
+    module, result, stats = finetune_stage(
+        model, tokenizer, cfg.stage(node.stage), data.stage(node.stage), ctx, stage_seed,
+        on_step=(lambda r: hooks.node_step(node, r)) if ctx.is_main else None)
+    if result.collapsed:
+        raise RuntimeError(f"stage {node.stage} of {node.model}: non-finite loss")
+    path = store.path(node.key)
+    if ctx.is_main:
+        meta = {"model": node.model, "prefix": list(node.prefix), "seed": node.seed, "parent": node.parent}
+        save_checkpoint(module, path, node.key, meta)
+        stats = {**stats, "final_loss": result.records[-1].loss if result.records else float("nan"),
+                 "tokens_per_s": _mean_tps(result.records)}
+        hooks.node_done(node, path, stats)
+    _barrier(ctx)
+    return path
+
+
+def _mean_tps(records) -> float:
+    tokens = sum(r.tokens for r in records)
+    secs = sum(r.seconds for r in records)
+    return tokens / secs if secs else float("nan")
+
+
+def run_leaf(cfg: SweepConfig, plan: Plan, leaf: UnlearnLeaf, ctx: WorkerContext, store: CheckpointStore,
+             data: DataCache | None = None, coordinator: Coordinator | None = None,
+             hooks: Hooks | None = None) -> UnlearnResult:
+    data = data or DataCache(cfg)
+    coordinator = coordinator or Coordinator()
+    hooks = hooks or Hooks()
+    path = ensure_node(cfg, plan, plan.nodes[leaf.parent], ctx, store, data, coordinator, hooks)
+    mcfg = cfg.model(leaf.model)
+    tokenizer = load_tokenizer(mcfg)
+    model = load_model(mcfg, checkpoint=path).to(ctx.device)
+    know = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
+    evaluator = Evaluator.build(cfg.eval, tokenizer, data.stage(cfg.forget_stage), know, data.math_items(),
+                                seed=leaf.seed)
+    if ctx.is_main:
+        hooks.leaf_started(leaf)
+    result = unlearn(
+        model, tokenizer, cfg.unlearn, leaf.algorithm, leaf.lr, leaf.beta, data.stage(cfg.forget_stage),
+        evaluator, ctx, seed=leaf.seed,
+        on_eval=(lambda s, m: hooks.leaf_eval(leaf, s, m)) if ctx.is_main else None,
+        on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
+    if ctx.is_main:
+        hooks.leaf_done(leaf, result)
+    return result

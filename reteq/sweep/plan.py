@@ -1,0 +1,128 @@
+"""A validated sweep compiled into a DAG: shared stage nodes and the unlearning leaves hanging off them.
+
+A stage node is one finetuning run: (base model, stage prefix with each stage's data and hyperparameters,
+seed). Its key is a content hash of exactly those, so two orders sharing a prefix (inst>tofu in both
+inst>tofu>U>math and inst>tofu>math>U) share the node, and a rerun finds it again. A leaf is one unlearning
+run: finetuned path x algorithm x lr x beta x seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from reteq.config import SweepConfig
+
+KEY_VERSION = "node-v1"
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageNode:
+    key: str
+    model: str
+    prefix: tuple[str, ...]  # stages trained so far, in order; the last one is what this node trains
+    seed: int
+    parent: str | None  # key of the node it continues from (None: the base model)
+    examples: int  # training sequences this node processes (epochs included)
+    kind: str = "finetune"  # finetune | retrain (a prefix of retain stages only, used as a baseline)
+
+    @property
+    def stage(self) -> str:
+        return self.prefix[-1]
+
+
+@dataclass(frozen=True)
+class UnlearnLeaf:
+    key: str
+    model: str
+    order: tuple[str, ...]
+    p: int  # 1-based position of the forget stage
+    algorithm: str
+    lr: float
+    beta: float | None
+    seed: int
+    parent: str  # the finished path's last stage node
+
+    @property
+    def trial_id(self) -> str:
+        return self.key[:8]
+
+
+@dataclass
+class Plan:
+    nodes: dict[str, StageNode] = field(default_factory=dict)
+    leaves: list[UnlearnLeaf] = field(default_factory=list)
+    stage_runs_without_sharing: int = 0
+
+    def chain(self, key: str) -> list[StageNode]:
+        """The nodes from the base model to `key`, in training order."""
+        out = []
+        k: str | None = key
+        while k is not None:
+            out.append(self.nodes[k])
+            k = self.nodes[k].parent
+        return out[::-1]
+
+    def summary(self) -> dict:
+        return {
+            "stage_nodes": len(self.nodes),
+            "stage_runs_without_sharing": self.stage_runs_without_sharing,
+            "unlearn_runs": len(self.leaves),
+            "trials": len(self.leaves),
+        }
+
+
+def _stage_examples(cfg: SweepConfig, name: str) -> int:
+    s = cfg.stage(name)
+    n = s.source.n or 64 if s.source.kind == "synthetic" else s.source.n
+    if n is None:  # unknown until data is prepared: assume the paper's sizes for the estimate
+        n = {"inst": 4000, "tofu": 4000, "math": 8000, "U": 4500}.get(name, 4000)
+    return int(round(n * s.epochs))
+
+
+def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int) -> str:
+    m = cfg.model(model).model_dump(mode="json")
+    m.pop("name")
+    stages = [cfg.stage(s).model_dump(mode="json") for s in prefix]
+    return _hash([KEY_VERSION, m, stages, seed])
+
+
+def build_plan(cfg: SweepConfig) -> Plan:
+    plan = Plan()
+    orders = cfg.stage_orders()
+    for model in cfg.models:
+        for seed in cfg.seeds:
+            for order in orders:
+                parent = None
+                for i in range(len(order)):
+                    prefix = tuple(order[: i + 1])
+                    key = node_key(cfg, model.name, prefix, seed)
+                    plan.stage_runs_without_sharing += 1
+                    if key not in plan.nodes:
+                        plan.nodes[key] = StageNode(key, model.name, prefix, seed, parent,
+                                                    _stage_examples(cfg, prefix[-1]))
+                    parent = key
+                p = order.index(cfg.forget_stage) + 1
+                for alg in cfg.unlearn.algorithms:
+                    for lr in cfg.unlearn.lrs:
+                        for beta in cfg.unlearn.betas_for(alg):
+                            key = _hash([KEY_VERSION, parent, alg, lr, beta, seed,
+                                         cfg.unlearn.model_dump(mode="json"), cfg.eval.model_dump(mode="json")])
+                            plan.leaves.append(UnlearnLeaf(key, model.name, tuple(order), p, alg, lr, beta, seed,
+                                                           parent))
+    return plan
+
+
+def leaf_to_dict(leaf: UnlearnLeaf) -> dict:
+    d = asdict(leaf)
+    d["order"] = list(leaf.order)
+    return d
+
+
+def leaf_from_dict(d: dict) -> UnlearnLeaf:
+    return UnlearnLeaf(**{**d, "order": tuple(d["order"])})

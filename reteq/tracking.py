@@ -1,0 +1,106 @@
+"""MLflow names in one place: tags, params, metric keys, run names.
+
+Every writer (the one-process command, the Ray sweep, the theory grid) and every reader (the analysis loader,
+the report) imports these constants, so a key is spelled exactly once. Changing a value here changes the
+on-disk schema of past experiments: add keys, never rename them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# ---- tags (strings; what identifies a run) -------------------------------------------------------------------
+TAG_KIND = "reteq.kind"  # one of KIND_*
+TAG_MODEL = "reteq.model"  # the config's model name (not the hub id)
+TAG_ORDER = "reteq.order"  # stage order joined by ORDER_SEP, e.g. "inst>tofu>math>U"
+TAG_P = "reteq.p"  # 1-based position of the forget stage in the order ("" when absent)
+TAG_ALGORITHM = "reteq.algorithm"  # unlearning method name (registry key)
+TAG_LR = "reteq.lr"  # unlearning learning rate, as written by format_float
+TAG_BETA = "reteq.beta"  # NPO / SimNPO beta ("" for GA)
+TAG_SEED = "reteq.seed"
+TAG_SCHEDULER = "reteq.scheduler"  # finetuning schedule of the path (wsd | cosine | constant)
+TAG_NODE_KEY = "reteq.node_key"  # content-addressed key of a stage node or unlearning leaf
+TAG_PARENT_KEY = "reteq.parent_key"  # key of the node this one starts from ("" for the base model)
+TAG_STAGE = "reteq.stage"  # name of the stage a finetune node trains
+TAG_STATUS = "reteq.status"  # one of STATUS_*
+TAG_SWEEP = "reteq.sweep"  # sweep name
+TAG_CHECKPOINT = "reteq.checkpoint"  # local path of the published checkpoint
+TAG_CONFIG_HASH = "reteq.config_hash"
+
+KIND_FINETUNE = "finetune"
+KIND_UNLEARN = "unlearn"
+KIND_RETRAIN = "retrain"
+KIND_THEORY = "theory"
+KIND_SWEEP = "sweep"  # the parent run
+
+STATUS_DONE = "done"
+STATUS_COLLAPSED = "collapsed"  # a non-finite loss stopped unlearning; last finite metrics are kept
+STATUS_FAILED = "failed"
+
+ORDER_SEP = ">"
+
+# ---- metrics (logged per step) --------------------------------------------------------------------------------
+M_TRAIN_LOSS = "train/loss"
+M_TRAIN_LR = "train/lr"
+M_TRAIN_TOKENS_PER_S = "train/tokens_per_s"
+M_TRAIN_PAD_FRAC = "train/padding_fraction"
+M_TRAIN_GRAD_NORM = "train/grad_norm"
+
+M_FORGET_LABEL = "forget/label_logp"  # mean per-token log-prob of the unlearn label on forget questions
+M_FORGET_PARAPHRASE = "forget/paraphrase_logp"  # same, averaged over the 19 paraphrases
+M_FORGET_ALL = "forget/all_logp"  # mean over label + paraphrases
+M_FORGET_SCORE = "forget/score"  # all_logp(step 0) - all_logp(step t); higher = more forgetting
+M_TOFU_LOGP = "utility/tofu_logp"  # mean per-token log-prob of knowledge-stage answers
+M_TOFU_UTILITY = "utility/tofu"  # 1 - |tofu_logp(t) - tofu_logp(0)|
+M_MATH_ACC = "utility/math_acc"  # fraction of sampled answers whose '####' number is right
+M_MATH_UTILITY = "utility/math"  # math_acc(t) - math_acc(0)
+
+M_THEORY_DIVERGENCE = "theory/divergence"  # d(theta_AB(t), theta_BA(t)) on the test set
+M_THEORY_BOUND = "theory/bound"  # the Theorem 3.1 lower bound at t
+M_THEORY_RETRAIN_GAP = "theory/retrain_gap"  # d(theta_u(t), theta_r)
+
+EVAL_METRICS = (
+    M_FORGET_LABEL,
+    M_FORGET_PARAPHRASE,
+    M_FORGET_ALL,
+    M_FORGET_SCORE,
+    M_TOFU_LOGP,
+    M_TOFU_UTILITY,
+    M_MATH_ACC,
+    M_MATH_UTILITY,
+)
+
+# ---- params ----------------------------------------------------------------------------------------------------
+P_STEPS = "steps"
+P_FORGET_STAGE = "forget_stage"
+
+# ---- artifacts -------------------------------------------------------------------------------------------------
+ARTIFACT_CHECKPOINT = "checkpoint"  # artifact sub-folder holding the safetensors files + manifest.json
+ARTIFACT_CONFIG = "config"
+
+
+def format_float(x: float | None) -> str:
+    """A stable, compact spelling of a hyperparameter for tags and keys (1e-05 -> '1e-05')."""
+    return "" if x is None else f"{float(x):.6g}"
+
+
+def order_tag(order: list[str] | tuple[str, ...]) -> str:
+    return ORDER_SEP.join(order)
+
+
+def run_name(kind: str, *parts: str) -> str:
+    return "/".join([kind, *[p for p in parts if p]])
+
+
+def default_tracking_uri(work_dir: str | Path) -> str:
+    """MLFLOW_TRACKING_URI wins; otherwise a SQLite store inside the sweep's work directory."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = Path(work_dir).resolve() / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+def default_artifact_root(work_dir: str | Path) -> str:
+    return (Path(work_dir).resolve() / "mlartifacts").as_uri()

@@ -1,0 +1,92 @@
+"""The one training loop. Finetuning and unlearning differ only in the loss function and the step callback.
+
+A step is a list of this worker's micro-batches; the loss function returns each micro-batch's contribution to
+the *global* step loss (already weighted by its share), so accumulation and data parallelism add up to the
+same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from reteq.data.tokenize import Batch
+from reteq.train.precision import autocast
+
+
+@dataclass
+class Step:
+    """One optimizer step: this worker's micro-batches, plus global sizes that normalise the loss."""
+
+    micro_batches: list[Batch]
+    label_tokens: int  # response tokens in the whole global batch (all workers)
+    sequences: int  # sequences in the whole global batch
+
+
+LossFn = Callable[[torch.nn.Module, Batch, Step], torch.Tensor]
+
+
+@dataclass
+class StepRecord:
+    step: int  # 1-based optimizer step
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int  # real tokens this worker processed in the step
+    padded_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class LoopResult:
+    records: list[StepRecord] = field(default_factory=list)
+    collapsed: bool = False  # a non-finite loss stopped the loop; records hold only finite steps
+    stopped_early: bool = False
+
+
+def _all_reduce_sum(x: float) -> float:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+    return x
+
+
+def train_loop(engine, steps: list[Step], loss_fn: LossFn, *, device: torch.device, dtype: str = "fp32",
+               on_step: Callable[[StepRecord], bool | None] | None = None) -> LoopResult:
+    """Run every step; `on_step` may return True to stop early (e.g. after a collapse seen in evaluation)."""
+    result = LoopResult()
+    engine.model.train()
+    for i, step in enumerate(steps, start=1):
+        start = time.perf_counter()
+        lr = engine.lr
+        step_loss, tokens, padded = 0.0, 0, 0
+        for batch in step.micro_batches:
+            batch = batch.to(device)
+            with autocast(dtype, device):
+                loss = loss_fn(engine.model, batch, step)
+            value = float(loss.detach())
+            if not math.isfinite(_all_reduce_sum(0.0 if math.isfinite(value) else math.inf)):
+                result.collapsed = True
+                return result
+            engine.micro_step(loss)
+            step_loss += value
+            tokens += batch.n_tokens
+            padded += batch.input_ids.numel()
+        grad_norm = engine.optimizer_step()
+        record = StepRecord(i, _all_reduce_sum(step_loss), lr, grad_norm, tokens, padded,
+                            time.perf_counter() - start)
+        result.records.append(record)
+        if on_step is not None and on_step(record):
+            result.stopped_early = True
+            break
+    return result

@@ -1,0 +1,147 @@
+"""The two jobs, each setup -> train (the shared loop) -> result: finetune one stage, unlearn the forget set.
+
+Both run unchanged in one process (`reteq run-path`) and inside Ray Train workers (`reteq sweep`); the
+WorkerContext says which worker this is and whether DeepSpeed drives the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from reteq.algorithms import get_algorithm
+from reteq.config import StageConfig, UnlearnConfig
+from reteq.data.tokenize import Example, encode_dataset, micro_batches, plan_steps
+from reteq.eval.evaluator import Evaluator, relative
+from reteq.train.engine import OptimSpec, build_engine
+from reteq.train.logprobs import sequence_logps, token_logps
+from reteq.train.loop import LoopResult, Step, StepRecord, train_loop
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ds_config: dict[str, Any] | None = None
+    dtype: str = "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int, where: str) -> int:
+    if global_batch % (micro_batch * world):
+        raise ValueError(f"{where}: global_batch {global_batch} is not a multiple of micro_batch {micro_batch} "
+                         f"x workers {world}")
+    return global_batch // (micro_batch * world)
+
+
+def build_steps(examples: list[Example], index_steps: list[list[int]], micro: int, ctx: WorkerContext,
+                pad_id: int) -> list[Step]:
+    steps = []
+    for idx in index_steps:
+        label_tokens = sum(examples[i].n_label_tokens for i in idx)
+        steps.append(Step(micro_batches(examples, idx, micro, ctx.rank, ctx.world, pad_id), label_tokens, len(idx)))
+    return steps
+
+
+def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx: WorkerContext, seed: int,
+                   on_step: Callable[[StepRecord], None] | None = None) -> tuple[torch.nn.Module, LoopResult, dict]:
+    """Train one stage with a fresh optimizer and schedule; token-mean cross-entropy on response tokens."""
+    examples = encode_dataset(tokenizer, convs, stage.max_length)
+    accum = accumulation_steps(stage.global_batch, stage.micro_batch, ctx.world, f"stages.{stage.name}")
+    index_steps = plan_steps(len(examples), stage.epochs, stage.global_batch, seed)
+    steps = build_steps(examples, index_steps, stage.micro_batch, ctx, tokenizer.pad_token_id)
+    spec = OptimSpec(stage.optimizer, stage.lr, len(steps), stage.schedule, stage.warmup_frac, stage.decay_frac,
+                     stage.min_lr_ratio)
+    engine = build_engine(model, spec, ds_config=ctx.ds_config, micro_batch=stage.micro_batch,
+                          accumulation=accum, world=ctx.world)
+
+    def loss_fn(m, batch, step: Step) -> torch.Tensor:
+        logp, _ = token_logps(m, batch.input_ids, batch.attention_mask, batch.labels)
+        return -logp.sum() * ctx.world / step.label_tokens  # x world: engines average gradients over workers
+
+    result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=on_step)
+    padded = sum(b.input_ids.numel() for s in steps for b in s.micro_batches)
+    real = sum(b.n_tokens for s in steps for b in s.micro_batches)
+    stats = {"steps": len(steps), "padding_fraction": 1 - real / max(1, padded), "examples": len(examples)}
+    return engine.module, result, stats
+
+
+@dataclass
+class UnlearnResult:
+    evals: list[tuple[int, dict[str, float]]]  # (step, metrics incl. relative scores), step 0 first
+    loop: LoopResult
+    steps: int
+
+    @property
+    def collapsed(self) -> bool:
+        return self.loop.collapsed
+
+
+@torch.no_grad()
+def reference_logps(model, examples: list[Example], micro: int, pad_id: int, device) -> torch.Tensor:
+    """Summed response log-prob of every forget example under the model before unlearning (NPO's pi_ref)."""
+    from reteq.data.tokenize import collate
+
+    was = model.training
+    model.eval()
+    out = torch.zeros(len(examples), dtype=torch.float64)
+    for s in range(0, len(examples), micro):
+        chunk = examples[s:s + micro]
+        batch = collate(chunk, pad_id).to(device)
+        logp, _ = sequence_logps(model, batch)
+        out[[e.index for e in chunk]] = logp.double().cpu()
+    model.train(was)
+    return out
+
+
+def unlearn(model, tokenizer, cfg: UnlearnConfig, algorithm: str, lr: float, beta: float | None,
+            forget_convs: list[dict], evaluator: Evaluator, ctx: WorkerContext, seed: int,
+            on_eval: Callable[[int, dict[str, float]], None] | None = None,
+            on_step: Callable[[StepRecord], None] | None = None) -> UnlearnResult:
+    """Unlearn the forget set with a local method; evaluate at step 0 and every `eval_every` steps."""
+    alg = get_algorithm(algorithm)
+    examples = encode_dataset(tokenizer, forget_convs, cfg.max_length)
+    accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, ctx.world, "unlearn")
+    index_steps = plan_steps(len(examples), cfg.epochs, cfg.global_batch, seed, cfg.steps)
+    steps = build_steps(examples, index_steps, cfg.micro_batch, ctx, tokenizer.pad_token_id)
+    ref = reference_logps(model, examples, cfg.micro_batch, tokenizer.pad_token_id, ctx.device) \
+        if alg.needs_reference else None
+
+    raw0 = evaluator.raw(model, ctx.device, ctx.dtype)
+    evals = [(0, relative(raw0, raw0))]
+    if on_eval:
+        on_eval(0, evals[0][1])
+
+    spec = OptimSpec(cfg.optimizer, lr, len(steps), cfg.schedule, cfg.warmup_frac)
+    engine = build_engine(model, spec, ds_config=ctx.ds_config, micro_batch=cfg.micro_batch, accumulation=accum,
+                          world=ctx.world)
+
+    def loss_fn(m, batch, step: Step) -> torch.Tensor:
+        logp, _ = sequence_logps(m, batch)
+        r = ref[batch.index.cpu()].to(logp) if ref is not None else None
+        return alg.loss(logp, r, beta) * (len(batch.index) * ctx.world / step.sequences)
+
+    def after_step(record: StepRecord) -> bool:
+        if on_step:
+            on_step(record)
+        if record.step % cfg.eval_every == 0 or record.step == len(steps):
+            metrics = relative(evaluator.raw(engine.module, ctx.device, ctx.dtype), raw0)
+            evals.append((record.step, metrics))
+            if on_eval:
+                on_eval(record.step, metrics)
+            return not all(math.isfinite(v) for v in metrics.values())
+        return False
+
+    loop = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step)
+    if loop.stopped_early:  # evaluation went non-finite: treat as collapse, keep the last finite metrics
+        loop.collapsed = True
+        evals.pop()
+    return UnlearnResult(evals, loop, len(steps))

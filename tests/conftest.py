@@ -1,0 +1,33 @@
+"""Shared fixtures: one local Ray cluster per test session (ray.init costs ~5 s), kept on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (2 CPUs), started once and shared by every test that asks for it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def sqlite_tracking(tmp_path):
+    """A real MLflow SQLite store plus artifact folder in a temp dir; returns (tracking_uri, artifact_root)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, (tmp_path / "mlartifacts").as_uri()
