@@ -1,0 +1,19 @@
+"""Ray Jobs entry point: `python rayjobs/report.py [CONFIG] [--experiment NAME] [--work-dir DIR]` = `reteq report`.
+
+    ray job submit --working-dir . --runtime-env rayjobs/runtime_env.yaml -- \
+        python rayjobs/report.py --experiment NAME --work-dir DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts rayjobs/ (not the repository root) on sys.path; make the checkout importable
+# even where reteq is not pip-installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reteq.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["report", *sys.argv[1:]]))
