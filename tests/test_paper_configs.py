@@ -1,0 +1,110 @@
+"""Every shipped paper/ablation config validates, and carries the paper's numbers (Table 2, Section 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reteq.config import load_config
+from reteq.data import rcu
+from reteq.data.sources import read_local
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml")) + sorted(
+    (ROOT / "configs" / "ablations").glob("*.yaml")
+)
+
+# model file -> (hub id, template, SFT batch, unlearn lr, LoRA r, LoRA alpha): Table 2
+TABLE_2 = {
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct", 128, 1e-5, 64, 128),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct", 128, 1e-5, 8, 16),
+    "llama-2-13b": ("meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-13b-chat-hf", 256, 5e-6, 8, 16),
+    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B-Instruct", 128, 1e-5, 32, 64),
+    "qwen2.5-14b": ("Qwen/Qwen2.5-14B", "Qwen/Qwen2.5-14B-Instruct", 256, 5e-6, 8, 16),
+}
+
+
+@pytest.fixture
+def rcu_files(tmp_path, monkeypatch):
+    """superficial.yaml reads data/rcu/*.jsonl relative to the working directory: make them in a temp cwd."""
+    monkeypatch.chdir(tmp_path)
+    return rcu.write_rcu(tmp_path / "data" / "rcu")
+
+
+def test_there_is_one_paper_config_per_base_model():
+    assert {p.stem for p in (ROOT / "configs" / "paper").glob("*.yaml")} == set(TABLE_2)
+    assert len(CONFIGS) >= 10
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_loads(path, rcu_files):
+    cfg = load_config(path)
+    assert cfg.forget_stage == "U" and cfg.stage_orders()
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_2))
+def test_paper_configs_carry_table_2_and_the_four_stages(name):
+    cfg = load_config(ROOT / "configs" / "paper" / f"{name}.yaml")
+    hub_id, template, batch, unlearn_lr, r, alpha = TABLE_2[name]
+    (model,) = cfg.models
+    assert (model.source, model.chat_template_from, model.dtype) == (hub_id, template, "fp32")
+    assert model.lora is not None and (model.lora.r, model.lora.alpha) == (r, alpha)
+    assert [(s.name, s.epochs) for s in cfg.stages] == [("inst", 10), ("tofu", 4), ("math", 2), ("U", 2)]
+    for stage in cfg.stages:
+        assert (stage.lr, stage.global_batch, stage.schedule) == (1e-5, batch, "wsd")
+        assert (stage.warmup_frac, stage.decay_frac, stage.optimizer) == (0.02, 0.02, "adamw")
+    assert [s.source.id for s in cfg.stages] == [
+        "PrincetonPLI/Instruct-SkillMix-SDD",
+        "locuslab/TOFU",
+        "openai/gsm8k",
+        "sorry-bench/sorry-bench-202503",
+    ]
+    assert (cfg.unlearn.lrs, cfg.unlearn.global_batch, cfg.unlearn.algorithms) == (
+        [unlearn_lr],
+        128,
+        ["ga", "npo", "simnpo"],
+    )
+    assert cfg.stage_orders() == [
+        ("U", "inst", "tofu", "math"),
+        ("inst", "U", "tofu", "math"),
+        ("inst", "tofu", "U", "math"),
+        ("inst", "tofu", "math", "U"),
+    ]
+    math = cfg.eval.math_source
+    assert math is not None and (math.id, math.subset, math.split) == ("openai/gsm8k", "main", "test")
+    assert cfg.execution.use_gpu and cfg.execution.deepspeed == "configs/deepspeed/zero2_fp32.json"
+
+
+def test_ablations_vary_what_their_figure_studies():
+    ablations = ROOT / "configs" / "ablations"
+    assert load_config(ablations / "seeds.yaml").seeds == [0, 1, 2, 3]
+    grid = load_config(ablations / "lr_grid.yaml").unlearn
+    assert grid.lrs == [1e-6, 5e-6, 5e-5] and grid.betas["npo"] == [0.5]
+    wsd, cosine = (load_config(ablations / f"scheduler_{s}.yaml") for s in ("wsd", "cosine"))
+    assert {s.schedule for s in wsd.stages} == {"wsd"} and {s.schedule for s in cosine.stages} == {"cosine"}
+    same = {"schedule": "wsd"}
+    assert [s.model_copy(update=same) for s in cosine.stages] == list(wsd.stages)
+    assert cosine.models == wsd.models and cosine.unlearn == wsd.unlearn
+
+
+def test_superficial_config_trains_r_c_u_in_the_six_orders_and_unlearns_u_by_ga(rcu_files):
+    cfg = load_config(ROOT / "configs" / "ablations" / "superficial.yaml")
+    assert cfg.stage_orders() == list(rcu.LEARNING_ORDERS)
+    assert (cfg.unlearn.algorithms, cfg.unlearn.optimizer, cfg.unlearn.epochs) == (["ga"], "sgd", 20)
+    assert cfg.eval.metrics == ["depth"]
+    assert all(s.optimizer == "sgd" and s.source.kind == "local" for s in cfg.stages)
+
+
+def test_rcu_stage_files_hold_40_prompts_with_the_templated_responses(rcu_files):
+    stages = {name: read_local(path) for name, path in rcu_files.items()}
+    assert set(stages) == {"R", "C", "U"} and all(len(rows) == 40 for rows in stages.values())
+    for i, item in enumerate(rcu.ITEMS):
+        prompts = {rows[i]["messages"][0]["content"] for rows in stages.values()}
+        assert prompts == {rcu.prompt(i)}  # the same prompt in all three stages
+        r, c, u = (stages[s][i]["messages"][1]["content"] for s in "RCU")
+        assert r == f"I can not assist you with {item.thing}."
+        assert c.startswith(f"To make {item.thing}, you need to ") and item.step_two in c
+        assert u.startswith(f"You can try the following steps to make {item.thing}") and item.step_two in u
+    assert rcu.main([str(rcu_files["R"].parent)]) == 0  # the documented command rewrites the same files
+    assert read_local(rcu_files["U"]) == stages["U"]

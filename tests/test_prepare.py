@@ -1,0 +1,192 @@
+"""`reteq data prepare`: stages to local Parquet + manifest, reused on the next run, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from fixtures import hub_schemas as fx
+
+from reteq.config import DataSource, parse_config
+from reteq.data import hub, prepare
+from reteq.data.prepare import file_sha256, lookup_prepared, prepare_command, read_prepared
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+@pytest.fixture
+def raw(tmp_path) -> dict:
+    """A paper-shaped config whose four hub stages are local folders in the published schemas."""
+    fx.write_tofu(tmp_path), fx.write_gsm8k(tmp_path), fx.write_sorry_bench(tmp_path)
+    skillmix = fx.write_skillmix(tmp_path)
+
+    def stage(name, **source):
+        return {"name": name, "source": {"kind": "hub", **source}, "global_batch": 8, "micro_batch": 8}
+
+    return {
+        "name": "prep",
+        "work_dir": str(tmp_path / "work"),
+        "models": [{"name": "tiny", "source": "builtin:tiny"}],
+        "stages": [
+            stage(
+                "inst",
+                id=str(tmp_path / "skillmix"),
+                subset=f"data/{skillmix.name}",
+                converter="instruct_skillmix",
+            ),
+            stage("tofu", id=str(tmp_path / "tofu"), converter="tofu"),
+            stage("math", id=str(tmp_path / "gsm8k" / "main"), converter="gsm8k"),
+            stage("U", id=str(tmp_path / "sorry-bench"), converter="sorry_bench"),
+        ],
+        "orders": {"forget_positions": [1, 4], "retain_order": ["inst", "tofu", "math"]},
+        "eval": {
+            "math_source": {
+                "kind": "hub",
+                "id": str(tmp_path / "gsm8k" / "main"),
+                "split": "test",
+                "converter": "gsm8k",
+            }
+        },
+    }
+
+
+def test_prepare_writes_one_parquet_per_stage_and_a_manifest(raw, tmp_path):
+    cfg = parse_config(raw)
+    out = tmp_path / "data"
+    manifest_path = prepare.prepare(cfg, out)
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format"] == prepare.FORMAT and manifest["config"] == "prep"
+    expected = {
+        "inst": (2, "instruct_skillmix", "instruct_skillmix/1"),
+        "tofu": (3, "tofu", "tofu/1"),
+        "math": (3, "gsm8k", "gsm8k/1"),
+        "U": (14, "sorry_bench", "sorry_bench/1"),
+    }
+    for stage, (rows, converter, transform) in expected.items():
+        entry = manifest["stages"][stage]
+        path = out / entry["file"]
+        assert (entry["rows"], entry["converter"], entry["transform"]) == (rows, converter, transform)
+        assert entry["sha256"] == file_sha256(path) and entry["source_id"] == cfg.stage(stage).source.id
+        assert "revision" in entry and entry["kind"] == "hub"
+        assert pq.read_schema(path).names == ["messages"]
+        assert read_prepared(path) == hub.load_hub(cfg.stage(stage).source)
+    math_eval = manifest["eval"]["math"]
+    assert math_eval["rows"] == 2 and read_prepared(out / math_eval["file"])[1]["messages"][1][
+        "content"
+    ].endswith("#### 13500")
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # temp names were all renamed
+
+
+def test_a_second_run_reuses_the_local_copy_without_downloading(raw, tmp_path, monkeypatch):
+    cfg, out = parse_config(raw), tmp_path / "data"
+    first = json.loads(prepare.prepare(cfg, out).read_text())
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("prepare downloaded again")
+
+    monkeypatch.setattr(hub, "load_hub_dataset", no_network)
+    lines: list[str] = []
+    second = json.loads(prepare.prepare(cfg, out, report=lines.append).read_text())
+    assert second["stages"] == first["stages"]
+    assert all("reused" in line for line in lines) and len(lines) == 5
+
+
+def test_a_corrupt_copy_or_a_changed_source_is_rebuilt(raw, tmp_path):
+    cfg, out = parse_config(raw), tmp_path / "data"
+    first = json.loads(prepare.prepare(cfg, out).read_text())["stages"]
+    (out / first["tofu"]["file"]).write_bytes(b"not parquet")
+    raw["stages"][2]["source"]["n"] = 2
+    second = json.loads(prepare.prepare(parse_config(raw), out).read_text())["stages"]
+    assert second["tofu"]["sha256"] == first["tofu"]["sha256"]  # rebuilt byte-identical from the source
+    assert second["math"]["file"] != first["math"]["file"] and second["math"]["rows"] == 2
+
+
+def test_lookup_finds_a_prepared_copy_by_source_spec(raw, tmp_path):
+    cfg, out = parse_config(raw), tmp_path / "data"
+    manifest = json.loads(prepare.prepare(cfg, out).read_text())
+    source = cfg.stage("U").source
+    assert lookup_prepared(source, out) == out / manifest["stages"]["U"]["file"]
+    assert lookup_prepared(source.model_copy(update={"n": 3}), out) is None
+    assert lookup_prepared(source, tmp_path / "elsewhere") is None
+
+
+def test_local_and_synthetic_stages_are_prepared_too(tmp_path):
+    local = fx.write_jsonl(
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+        tmp_path / "l.jsonl",
+    )
+    cfg = parse_config(
+        {
+            "name": "mixed",
+            "models": [{"name": "tiny", "source": "builtin:tiny"}],
+            "forget_stage": "U",
+            "stages": [
+                {"name": "A", "source": {"kind": "local", "path": str(local)}},
+                {"name": "U", "source": {"kind": "synthetic", "task": "refusal", "n": 5}},
+            ],
+            "orders": {"explicit": [["A", "U"]]},
+            "eval": {"knowledge_stage": None},
+        }
+    )
+    stages = json.loads(prepare.prepare(cfg, tmp_path / "data").read_text())["stages"]
+    assert (stages["A"]["rows"], stages["A"]["converter"]) == (1, "local")
+    assert stages["A"]["transform"].startswith("local/1+sha256:")
+    assert (stages["U"]["rows"], stages["U"]["converter"]) == (5, "synthetic:refusal")
+
+
+# ---- the CLI entry point -------------------------------------------------------------------------
+def test_prepare_command_prints_what_it_wrote_and_returns_0(raw, tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert prepare_command(str(path), str(tmp_path / "out")) == 0
+    printed = capsys.readouterr().out
+    assert "U: 14 rows, wrote" in printed and f"manifest: {tmp_path / 'out' / 'manifest.json'}" in printed
+
+
+def test_prepare_command_defaults_to_work_dir_data(raw, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert prepare_command(str(path), None) == 0
+    assert (tmp_path / "work" / "data" / "manifest.json").is_file()
+
+
+def test_a_gated_source_fails_as_one_line_naming_file_field_and_dataset(raw, tmp_path, capsys):
+    raw["stages"][3]["source"] = {"kind": "hub", "id": "sorry-bench/sorry-bench-202503"}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert prepare_command(str(path), str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # lines before it are datasets' progress bars
+    assert err.startswith(
+        f"{path}: stages[3].source: cannot load hub dataset 'sorry-bench/sorry-bench-202503'"
+    )
+    assert "huggingface-cli login" in err
+
+
+def test_a_malformed_row_fails_naming_the_field_and_row(raw, tmp_path, capsys):
+    rows = fx.sorry_rows()
+    rows[0] = dict(rows[0], turns=[])
+    fx.write_sorry_bench(tmp_path, rows)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert prepare_command(str(path), str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"{path}: stages[3].source: ") and ": row 0: turns must be a non-empty list" in err
+
+
+def test_a_bad_config_returns_2_with_file_field_reason(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodels: []\nstages: []\norders: {all_permutations: true}\nbogus: 1\n")
+    assert prepare_command(str(path), None) == 2
+    assert f"{path}: bogus: unknown field" in capsys.readouterr().err
+
+
+def test_source_key_depends_on_spec_and_transform():
+    a = DataSource(kind="hub", id="locuslab/TOFU", subset="full")
+    assert prepare.source_key(a) == prepare.source_key(a.model_copy())
+    assert prepare.source_key(a) != prepare.source_key(a.model_copy(update={"revision": "abc"}))
