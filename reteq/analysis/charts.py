@@ -230,11 +230,15 @@ def divergence_chart(divergence: pl.DataFrame, metrics: pl.DataFrame) -> alt.Cha
     )
     chart = (
         alt.Chart(df)
-        .mark_line(point=alt.OverlayMarkDef(size=25), strokeWidth=2)
+        .mark_line(strokeWidth=2.5)
         .encode(
             x=STEP_X,
             y=alt.Y("max_gap:Q", title="max gap between orders (log scale)", scale=alt.Scale(type="log")),
-            color=alt.Color("model:N", title="model", legend=alt.Legend(orient="right", labelLimit=260)),
+            color=alt.Color(
+                "model:N",
+                title="model",
+                legend=alt.Legend(orient="right", labelLimit=260, symbolStrokeWidth=3),
+            ),
             strokeDash=alt.StrokeDash(
                 "algo:N",
                 title="algorithm",

@@ -48,36 +48,29 @@ def path_divergence(
     df = metrics.drop_nulls("value").filter(pl.col("value").is_finite())
     if metric_names is not None:
         df = df.filter(pl.col("metric").is_in(list(metric_names)))
-    parts = []
-    for part in df.partition_by([*CELL, "metric"], maintain_order=True):
-        wide = part.pivot(on="order", index="step", values="value", aggregate_function="mean").sort("step")
-        orders = [c for c in wide.columns if c != "step"]
-        if len(orders) < 2:
-            continue
-        values = wide.select(orders).to_numpy().astype(np.float64)
+    index = [*CELL, "metric", "step"]
+    if not df.height:
+        return _empty_divergence(df.schema)
+    # one wide table for all cells at once: a column per order (prefixed so no order can shadow an index name)
+    wide = df.with_columns(order=pl.lit("order:") + pl.col("order").fill_null("?")).pivot(
+        on="order", index=index, values="value", aggregate_function="mean"
+    )
+    orders = [c for c in wide.columns if c not in index]
+    values = wide.select(orders).to_numpy().astype(np.float64)
+    if len(orders) < 2:
+        return _empty_divergence(df.schema)
+    with np.errstate(all="ignore"):
         pair_gaps = np.column_stack(
             [gap(values[:, i], values[:, j]) for i, j in itertools.combinations(range(len(orders)), 2)]
         )
-        with np.errstate(all="ignore"):
-            max_gap = _nan_reduce(np.nanmax, pair_gaps)
-            mean_gap = _nan_reduce(np.nanmean, pair_gaps)
-            spread = _nan_reduce(np.nanmax, values) - _nan_reduce(np.nanmin, values)
-        keys = part.row(0, named=True)
-        parts.append(
-            pl.DataFrame(
-                {
-                    **{c: [keys[c]] * wide.height for c in [*CELL, "metric"]},
-                    "step": wide["step"],
-                    "n_orders": np.isfinite(values).sum(axis=1),
-                    "max_gap": max_gap,
-                    "spread": spread,
-                    "mean_gap": mean_gap,
-                },
-                schema_overrides={c: df.schema[c] for c in [*CELL, "metric"]},
-            )
-        )
-    out = pl.concat(parts) if parts else _empty_divergence(df.schema)
-    return out.filter(pl.col("n_orders") >= 2).with_columns(pl.col("n_orders").cast(pl.Int64))
+        stats = {
+            "n_orders": np.isfinite(values).sum(axis=1).astype(np.int64),
+            "max_gap": _nan_reduce(np.nanmax, pair_gaps),
+            "spread": _nan_reduce(np.nanmax, values) - _nan_reduce(np.nanmin, values),
+            "mean_gap": _nan_reduce(np.nanmean, pair_gaps),
+        }
+    out = wide.select(index).with_columns(**{k: pl.Series(v) for k, v in stats.items()})
+    return out.filter(pl.col("n_orders") >= 2).sort(index, nulls_last=True)
 
 
 def _nan_reduce(fn, a: np.ndarray) -> np.ndarray:
@@ -221,8 +214,9 @@ def seed_summary(metrics: pl.DataFrame, confidence: float = 0.95) -> pl.DataFram
         mean=pl.col("value").mean(),
         std=pl.col("value").std(ddof=1),
     )
-    quantile = [float(student_t.ppf((1 + confidence) / 2, n - 1)) if n >= 2 else None for n in out["n"]]
-    half = pl.lit(pl.Series(quantile, dtype=pl.Float64)) * pl.col("std") / pl.col("n").cast(pl.Float64).sqrt()
+    quantile = {n: float(student_t.ppf((1 + confidence) / 2, n - 1)) for n in out["n"].unique() if n >= 2}
+    t_q = pl.col("n").replace_strict(quantile, default=None, return_dtype=pl.Float64)
+    half = t_q * pl.col("std") / pl.col("n").cast(pl.Float64).sqrt()
     return out.with_columns(ci_low=pl.col("mean") - half, ci_high=pl.col("mean") + half).sort(
         [*SETTING, "p", "metric", "step"], nulls_last=True
     )
