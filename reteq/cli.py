@@ -14,6 +14,9 @@ EXIT_BAD_INPUT = 2
 
 
 def _quiet_env() -> None:
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local cluster keeps all traffic (gloo rendezvous included) on 127.0.0.1; Ray reads this at import.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
                  "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}.items():
         if v:

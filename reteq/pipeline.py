@@ -45,7 +45,7 @@ class Coordinator:
     def claim(self, key: str) -> bool:
         return True
 
-    def wait(self, key: str) -> Path:
+    def wait(self, key: str, store: CheckpointStore) -> Path:
         raise RuntimeError(f"node {key} is not available")
 
     def finish(self, key: str, path: Path | None, error: str | None = None) -> None: ...
@@ -108,7 +108,7 @@ def ensure_node(cfg: SweepConfig, plan: Plan, node: StageNode, ctx: WorkerContex
             hooks.node_skipped(node, Path(where))
         return Path(where)
     if action == "wait":
-        path = coordinator.wait(node.key) if ctx.is_main else None
+        path = coordinator.wait(node.key, store) if ctx.is_main else None
         return Path(_broadcast(str(path) if path else None, ctx))
     try:
         parent = ensure_node(cfg, plan, plan.nodes[node.parent], ctx, store, data, coordinator, hooks) \

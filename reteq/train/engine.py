@@ -83,8 +83,9 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
 
 
 class DeepSpeedEngine:
-    """Loss scaling: the loop already weights each micro-batch by its share of the step, so backward runs with
-    scale_wrt_gas=False; DeepSpeed then averages gradients over workers, which matches a global mean."""
+    """Loss scaling: the loop weights each micro-batch by its share of the *global* step, so the workers'
+    contributions sum to the step loss. DeepSpeed averages gradients over workers, so backward runs on
+    loss x world (and with scale_wrt_gas=False: accumulation is already in the weights)."""
 
     def __init__(self, model: torch.nn.Module, spec: OptimSpec, ds_config: dict[str, Any], micro_batch: int,
                  accumulation: int, world: int):
@@ -103,13 +104,14 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params, config=cfg)
         self.module = self.model.module
         self.zero_stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+        self.world = world
 
     @property
     def lr(self) -> float:
         return float(self.model.get_lr()[0])
 
     def micro_step(self, loss: torch.Tensor) -> None:
-        self.model.backward(loss, scale_wrt_gas=False)
+        self.model.backward(loss * self.world, scale_wrt_gas=False)
         self.model.step()  # DeepSpeed applies the update only at the accumulation boundary
 
     def optimizer_step(self) -> float:

@@ -65,7 +65,7 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
 
     def loss_fn(m, batch, step: Step) -> torch.Tensor:
         logp, _ = token_logps(m, batch.input_ids, batch.attention_mask, batch.labels)
-        return -logp.sum() * ctx.world / step.label_tokens  # x world: engines average gradients over workers
+        return -logp.sum() / step.label_tokens
 
     result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=on_step)
     padded = sum(b.input_ids.numel() for s in steps for b in s.micro_batches)
@@ -127,7 +127,7 @@ def unlearn(model, tokenizer, cfg: UnlearnConfig, algorithm: str, lr: float, bet
     def loss_fn(m, batch, step: Step) -> torch.Tensor:
         logp, _ = sequence_logps(m, batch)
         r = ref[batch.index.cpu()].to(logp) if ref is not None else None
-        return alg.loss(logp, r, beta) * (len(batch.index) * ctx.world / step.sequences)
+        return alg.loss(logp, r, beta) * (len(batch.index) / step.sequences)
 
     def after_step(record: StepRecord) -> bool:
         if on_step:

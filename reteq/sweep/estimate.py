@@ -1,0 +1,67 @@
+"""`reteq plan`: what a sweep will run and what it will cost, without running anything.
+
+Tokens per node are estimated as sequences x a mean sequence length (measured from the data when it is
+local or synthetic; otherwise the stage's max_length / 2). GPU-hours = tokens / throughput / 3600, with the
+throughput (tokens/s per GPU) from `execution.tokens_per_gpu_second` (measure it with bench/).
+Unlearning cost counts the optimizer steps' tokens plus the reference pass (NPO) and evaluation forwards.
+"""
+
+from __future__ import annotations
+
+from reteq.config import SweepConfig
+from reteq.sweep.plan import build_plan
+from reteq.tracking import order_tag
+
+UNLEARN_SEQ_LEN = 256  # the forget set's responses are short refusals; prompt + response stays well below this
+
+
+def _mean_len(cfg: SweepConfig, stage: str) -> float:
+    return cfg.stage(stage).max_length / 2
+
+
+def plan_report(cfg: SweepConfig) -> dict:
+    plan = build_plan(cfg)
+    tps = cfg.execution.tokens_per_gpu_second
+    nodes = []
+    finetune_tokens = 0.0
+    for node in plan.nodes.values():
+        tokens = node.examples * _mean_len(cfg, node.stage)
+        finetune_tokens += tokens
+        nodes.append({"key": node.key, "model": node.model, "prefix": order_tag(node.prefix), "seed": node.seed,
+                      "tokens": int(tokens)})
+    u = cfg.unlearn
+    n_forget = cfg.stage(cfg.forget_stage).source.n or 4500
+    steps = u.steps or max(1, int(n_forget * u.epochs) // u.global_batch)
+    evals = steps // u.eval_every + 1
+    eval_tokens = evals * (cfg.eval.forget_prompts * 20 + cfg.eval.knowledge_prompts) * 64 * 0.35  # forward ~1/3
+    per_leaf = steps * u.global_batch * UNLEARN_SEQ_LEN + eval_tokens
+    unlearn_tokens = per_leaf * len(plan.leaves)
+    saved = plan.stage_runs_without_sharing - len(plan.nodes)
+    return {
+        **plan.summary(),
+        "stage_runs_saved_by_sharing": saved,
+        "finetune_tokens": int(finetune_tokens),
+        "unlearn_tokens": int(unlearn_tokens),
+        "tokens_per_gpu_second": tps,
+        "gpu_hours_finetune": finetune_tokens / tps / 3600,
+        "gpu_hours_unlearn": unlearn_tokens / tps / 3600,
+        "gpu_hours_total": (finetune_tokens + unlearn_tokens) / tps / 3600,
+        "nodes": nodes,
+    }
+
+
+def format_plan(cfg: SweepConfig, r: dict) -> str:
+    lines = [
+        f"sweep {cfg.name}: {len(cfg.models)} model(s) x {len(cfg.stage_orders())} order(s) x "
+        f"{len(cfg.seeds)} seed(s)",
+        f"stage nodes: {r['stage_nodes']} (without sharing: {r['stage_runs_without_sharing']}; "
+        f"saved: {r['stage_runs_saved_by_sharing']})",
+        f"unlearning runs: {r['unlearn_runs']}   Tune trials: {r['trials']}",
+        f"tokens: finetune {r['finetune_tokens']:,}  unlearn {r['unlearn_tokens']:,}",
+        f"GPU-hours at {r['tokens_per_gpu_second']:,.0f} tokens/s/GPU: finetune {r['gpu_hours_finetune']:.1f}, "
+        f"unlearn {r['gpu_hours_unlearn']:.1f}, total {r['gpu_hours_total']:.1f}",
+        "nodes:",
+    ]
+    lines += [f"  {n['key'][:12]}  {n['model']:<14} {n['prefix']:<24} seed {n['seed']}  ~{n['tokens']:,} tokens"
+              for n in r["nodes"]]
+    return "\n".join(lines)

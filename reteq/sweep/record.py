@@ -1,0 +1,183 @@
+"""MLflow as the system of record: the experiment, the parent run, a child run per node, and resume by key.
+
+The driver creates the experiment and the parent run (schema migrations must not race in workers); workers
+log their node's run through `MlflowHooks`. A node is finished when its run carries status=done and its
+checkpoint artifact; a rerun of the same sweep looks those up by `reteq.node_key` and skips them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from reteq import tracking as T
+from reteq.pipeline import Hooks
+from reteq.sweep.plan import StageNode, UnlearnLeaf
+
+
+def client(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: str | None) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_root and not uri.startswith(("http://", "https://", "databricks")):
+        location = f"{artifact_root.rstrip('/')}/{name}"  # a tracking server picks its own artifact store
+    return c.create_experiment(name, artifact_location=location)
+
+
+def _search(c, exp_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
+    """The sweep's parent run: reused by a rerun of the same config, so children stay under one parent."""
+    found = _search(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_SWEEP}' and tags.`{T.TAG_CONFIG_HASH}` = "
+                               f"'{config_hash}'")
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(exp_id, run_name=f"sweep/{sweep_name}",
+                       tags={T.TAG_KIND: T.KIND_SWEEP, T.TAG_SWEEP: sweep_name, T.TAG_CONFIG_HASH: config_hash})
+    return run.info.run_id
+
+
+def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
+    """node key -> {run_id, checkpoint} for finetune/retrain runs that finished and published a checkpoint."""
+    out = {}
+    for r in _search(c, exp_id, f"tags.`{T.TAG_STATUS}` = '{T.STATUS_DONE}'"):
+        if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN):
+            out[r.data.tags[T.TAG_NODE_KEY]] = {"run_id": r.info.run_id,
+                                                "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")}
+    return out
+
+
+def finished_leaves(c, exp_id: str) -> set[str]:
+    keys = set()
+    for r in _search(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_UNLEARN}'"):
+        if r.data.tags.get(T.TAG_STATUS) in (T.STATUS_DONE, T.STATUS_COLLAPSED):
+            keys.add(r.data.tags[T.TAG_NODE_KEY])
+    return keys
+
+
+def node_tags(node: StageNode, sweep: str, scheduler: str) -> dict[str, str]:
+    return {T.TAG_KIND: node.kind, T.TAG_MODEL: node.model, T.TAG_ORDER: T.order_tag(node.prefix),
+            T.TAG_STAGE: node.stage, T.TAG_SEED: str(node.seed), T.TAG_NODE_KEY: node.key,
+            T.TAG_PARENT_KEY: node.parent or "", T.TAG_SWEEP: sweep, T.TAG_SCHEDULER: scheduler}
+
+
+def leaf_tags(leaf: UnlearnLeaf, sweep: str, scheduler: str) -> dict[str, str]:
+    return {T.TAG_KIND: T.KIND_UNLEARN, T.TAG_MODEL: leaf.model, T.TAG_ORDER: T.order_tag(leaf.order),
+            T.TAG_P: str(leaf.p), T.TAG_ALGORITHM: leaf.algorithm, T.TAG_LR: T.format_float(leaf.lr),
+            T.TAG_BETA: T.format_float(leaf.beta), T.TAG_SEED: str(leaf.seed), T.TAG_NODE_KEY: leaf.key,
+            T.TAG_PARENT_KEY: leaf.parent, T.TAG_SWEEP: sweep, T.TAG_SCHEDULER: scheduler}
+
+
+class MlflowHooks(Hooks):
+    """Worker-side logging (main worker only): one child run per node trained or leaf unlearned here."""
+
+    FLUSH_EVERY = 20  # metric rows buffered before one log_batch call
+
+    def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, scheduler_of, echo=print):
+        self.c = client(uri)
+        self.exp_id, self.parent, self.sweep = exp_id, parent_run_id, sweep
+        self.scheduler_of = scheduler_of  # model/order -> schedule name of the path's stages
+        self.echo = echo
+        self.run_ids: dict[str, str] = {}
+        self._buffer: dict[str, list] = {}
+        self.leaf_run_id: str | None = None
+
+    def _start(self, key: str, name: str, tags: dict[str, str]) -> str:
+        run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, "mlflow.parentRunId": self.parent})
+        self.run_ids[key] = run.info.run_id
+        return run.info.run_id
+
+    def _metrics(self, key: str, values: dict[str, float], step: int, flush: bool = False) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = self._buffer.setdefault(key, [])
+        rows.extend(Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v))
+        if flush or len(rows) >= self.FLUSH_EVERY:
+            for i in range(0, len(rows), 1000):
+                self.c.log_batch(self.run_ids[key], metrics=rows[i:i + 1000])
+            rows.clear()
+
+    def _params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.c.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def _end(self, key: str, status: str, tags: dict[str, str] | None = None) -> None:
+        self._metrics(key, {}, 0, flush=True)
+        rid = self.run_ids[key]
+        for k, v in {T.TAG_STATUS: status, **(tags or {})}.items():
+            self.c.set_tag(rid, k, v)
+        self.c.set_terminated(rid, "FINISHED" if status != T.STATUS_FAILED else "FAILED")
+
+    # ---- stage nodes -----------------------------------------------------------------------------------
+    def node_skipped(self, node: StageNode, path: Path) -> None:
+        self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: reusing {path}")
+
+    def node_started(self, node: StageNode) -> None:
+        self._start(node.key, T.run_name(node.kind, node.model, T.order_tag(node.prefix), f"s{node.seed}"),
+                    node_tags(node, self.sweep, self.scheduler_of(node.stage)))
+        self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: training {node.stage}")
+
+    def node_step(self, node: StageNode, r) -> None:
+        self._metrics(node.key, {T.M_TRAIN_LOSS: r.loss, T.M_TRAIN_LR: r.lr, T.M_TRAIN_GRAD_NORM: r.grad_norm,
+                                 T.M_TRAIN_TOKENS_PER_S: r.tokens_per_s}, r.step)
+        self.echo(f"[node {node.key[:8]}] {node.stage} step {r.step} loss {r.loss:.4f} tok/s {r.tokens_per_s:.0f}")
+
+    def node_done(self, node: StageNode, path: Path, stats: dict[str, Any]) -> None:
+        rid = self.run_ids[node.key]
+        self._metrics(node.key, {T.M_TRAIN_PAD_FRAC: stats["padding_fraction"]}, stats["steps"])
+        self._params(rid, {T.P_STEPS: stats["steps"], "examples": stats["examples"], "stage": node.stage})
+        self.c.log_artifacts(rid, str(path), artifact_path=T.ARTIFACT_CHECKPOINT)
+        self._end(node.key, T.STATUS_DONE, {T.TAG_CHECKPOINT: str(path)})
+
+    # ---- unlearning leaves ------------------------------------------------------------------------------
+    def leaf_started(self, leaf: UnlearnLeaf) -> None:
+        self.leaf_run_id = self._start(
+            leaf.key, T.run_name(T.KIND_UNLEARN, leaf.model, f"p{leaf.p}", leaf.algorithm,
+                                 f"lr{T.format_float(leaf.lr)}", f"b{T.format_float(leaf.beta)}" if leaf.beta else "",
+                                 f"s{leaf.seed}"),
+            leaf_tags(leaf, self.sweep, self.scheduler_of(leaf.order[0])))
+        self._params(self.leaf_run_id, {"model": leaf.model, "order": T.order_tag(leaf.order), "p": leaf.p,
+                                        "algorithm": leaf.algorithm, "lr": leaf.lr, "beta": leaf.beta,
+                                        "seed": leaf.seed})
+
+    def leaf_step(self, leaf: UnlearnLeaf, r) -> None:
+        self._metrics(leaf.key, {T.M_TRAIN_LOSS: r.loss, T.M_TRAIN_LR: r.lr, T.M_TRAIN_GRAD_NORM: r.grad_norm},
+                      r.step)
+
+    def leaf_eval(self, leaf: UnlearnLeaf, step: int, metrics: dict[str, float]) -> None:
+        self._metrics(leaf.key, metrics, step, flush=True)
+        shown = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items() if k in
+                          (T.M_FORGET_LABEL, T.M_FORGET_SCORE, T.M_TOFU_UTILITY))
+        self.echo(f"[leaf {leaf.key[:8]}] {leaf.algorithm} p={leaf.p} step {step}: {shown}")
+
+    def leaf_done(self, leaf: UnlearnLeaf, result) -> None:
+        self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
+
+    def fail_open_runs(self, error: str) -> None:
+        for key, rid in self.run_ids.items():
+            run = self.c.get_run(rid)
+            if run.info.status == "RUNNING":
+                self.c.set_tag(rid, T.TAG_STATUS, T.STATUS_FAILED)
+                self.c.set_tag(rid, "reteq.error", error[:4000])
+                self.c.set_terminated(rid, "FAILED")

@@ -1,0 +1,151 @@
+"""The driver side of `reteq sweep`, `reteq report`, `reteq ui` and `reteq demo`.
+
+setup (validate, preflight data and models, MLflow experiment + parent run, find finished work)
+-> run (Ray Tune trials for the leaves not yet done) -> report (where the MLflow UI and report.html are).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from reteq import tracking as T
+from reteq.config import SweepConfig, load_config
+
+
+def _tracking(cfg: SweepConfig, work: Path) -> tuple[str, str | None]:
+    uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
+    return uri, T.default_artifact_root(work)
+
+
+def _init_ray(work: Path) -> bool:
+    """Connect to RAY_ADDRESS (or a job's cluster) if there is one, else start a local cluster on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = {"log_to_driver": True, "include_dashboard": False}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    else:
+        ray.init(_node_ip_address="127.0.0.1", **kwargs)
+    return True
+
+
+def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = True) -> int:
+    from reteq.path import preflight
+    from reteq.pipeline import DataCache
+    from reteq.sweep import record
+    from reteq.sweep.execute import _env, check_resources, run_trials
+    from reteq.sweep.plan import build_plan, leaf_to_dict
+
+    start = time.perf_counter()
+    work = Path(work_dir or cfg.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    plan = build_plan(cfg)
+    preflight(cfg, DataCache(cfg))  # bad data or model paths fail here, before anything trains
+    if cfg.execution.deepspeed and not Path(cfg.execution.deepspeed).exists():
+        raise ValueError(f"execution.deepspeed: {cfg.execution.deepspeed} does not exist")
+    if cfg.execution.workers > 1 and not cfg.execution.deepspeed:
+        raise ValueError("execution.workers > 1 needs execution.deepspeed (data parallelism runs through it)")
+    uri, artifacts = _tracking(cfg, work)
+    exp_id = record.ensure_experiment(uri, cfg.name, artifacts)
+    c = record.client(uri)
+    parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
+    done_nodes = record.finished_nodes(c, exp_id)
+    done_leaves = record.finished_leaves(c, exp_id)
+    todo = [leaf for leaf in plan.leaves if leaf.key not in done_leaves]
+    summary = plan.summary()
+    print(f"sweep {cfg.name}: {summary['stage_nodes']} stage nodes ({summary['stage_runs_without_sharing']} without "
+          f"sharing), {summary['unlearn_runs']} unlearning runs; already done: "
+          f"{sum(k in done_nodes for k in plan.nodes)} nodes, {len(plan.leaves) - len(todo)} runs", flush=True)
+    failed = 0
+    if todo:
+        started_ray = _init_ray(work)
+        try:
+            check_resources(cfg)
+            base = {
+                "config": cfg.model_dump(mode="json"), "config_path": str(cfg.name), "env": _env(),
+                "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+                "checkpoints": str(work / "checkpoints"),
+                "storage_path": cfg.execution.storage_path or str(work / "ray"),
+                "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
+            }
+            grid = run_trials(cfg, [leaf_to_dict(x) for x in todo], base, done_nodes)
+            failed = sum(1 for r in grid if r.error is not None)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    else:
+        print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
+    c.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    print(f"sweep {cfg.name} finished in {time.perf_counter() - start:.0f}s; {failed} failed trials")
+    print(f"MLflow: {uri} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
+    if report:
+        out = _write_report(cfg, uri, work)
+        if out:
+            print(f"report: {out}")
+    return 1 if failed else 0
+
+
+def _write_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None) -> Path | None:
+    from reteq.analysis.report import write_report
+    from reteq.sweep.estimate import format_plan, plan_report
+
+    plan_text = format_plan(cfg, plan_report(cfg)) if cfg is not None else None
+    extra = []
+    try:
+        from reteq.theory.report import theory_section
+
+        theory_uri = T.default_tracking_uri(work.parent / "theory") if (work.parent / "theory").exists() else None
+        if theory_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+            sec = theory_section(theory_uri, "theory")
+            if sec is not None:
+                extra.append(sec)
+    except ImportError:
+        pass
+    return write_report(uri, experiment or cfg.name, work / "report", plan_text=plan_text, extra_sections=extra)
+
+
+def report_command(config_path: str | None, experiment: str | None, work_dir: str | None) -> int:
+    cfg = load_config(config_path) if config_path else None
+    if cfg is None and not experiment:
+        raise ValueError("report: give a sweep config or --experiment NAME")
+    work = Path(work_dir or (cfg.work_dir if cfg else "runs/demo")).resolve()
+    uri = (cfg.execution.tracking_uri if cfg else None) or T.default_tracking_uri(work)
+    out = _write_report(cfg, uri, work, experiment)
+    print(f"report: {out}")
+    return 0
+
+
+def ui_command(work_dir: str, port: int) -> int:
+    work = Path(work_dir).resolve()
+    uri = T.default_tracking_uri(work)
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port)]
+    return subprocess.call(cmd)
+
+
+def demo_command(config: str | None, work_dir: str | None) -> int:
+    """The embedded default end to end: sweep (tiny model, p = 1..4, GA/NPO/SimNPO), theory, report."""
+    from reteq.cli import default_demo_config
+
+    t0 = time.perf_counter()
+    cfg = load_config(config or default_demo_config())
+    work = Path(work_dir or cfg.work_dir).resolve()
+    try:
+        from reteq.theory.grid import theory_command
+
+        theory_command(None, str(work.parent / "theory"), False)
+    except ImportError:
+        pass
+    code = sweep_command(cfg, str(work), report=True)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    print(f"open {work / 'report' / 'report.html'} in a browser; MLflow UI: reteq ui --work-dir {work}")
+    return code
