@@ -175,7 +175,7 @@ class MlflowHooks(Hooks):
         self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
 
     def fail_open_runs(self, error: str) -> None:
-        for key, rid in self.run_ids.items():
+        for rid in self.run_ids.values():
             run = self.c.get_run(rid)
             if run.info.status == "RUNNING":
                 self.c.set_tag(rid, T.TAG_STATUS, T.STATUS_FAILED)

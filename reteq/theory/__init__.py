@@ -16,4 +16,11 @@ from reteq.theory.linear import (
     theorem_quantities,
 )
 
-__all__ = ["Instance", "TheoremQuantities", "bound_check", "make_instance", "re_distance", "theorem_quantities"]
+__all__ = [
+    "Instance",
+    "TheoremQuantities",
+    "bound_check",
+    "make_instance",
+    "re_distance",
+    "theorem_quantities",
+]

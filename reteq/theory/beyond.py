@@ -3,19 +3,19 @@
 (a) K stages: every permutation of K proximal ridge stages gives its own model; the pairwise RE distance
     between every two orders along the same GA unlearning shows path dependence is not a two-stage artefact.
 (b) The exact retrain baseline: one of the stages is the forget set; for each order, theta_r learns the retain
-    stages in the same order without it (retraining is itself path-dependent), and d(theta_u(t), theta_r) tracks
-    how close unlearning gets to Retrain Equivalence; the best and worst orders bracket what a path-oblivious
-    method can promise.
+    stages in the same order without it (retraining is itself path-dependent), and d(theta_u(t), theta_r)
+    tracks how close unlearning gets to Retrain Equivalence; the best and worst orders bracket what a
+    path-oblivious method can promise.
 (c) NPO-like and SimNPO-like rules for squared loss, so GA can be compared with bounded methods. With residual
     r_i = x_i^T theta - y_i, each forget row gets the "log-likelihood" l_i(theta) = -r_i^2 (a Gaussian
     log-likelihood up to constants; its mean is -L_U, so minimising mean(l_i) is exactly the GA of linear.py).
     The LLM losses (reteq.algorithms) then become
-      NPO(beta):    minimise mean_i -(2/beta) log sigmoid(-beta (l_i - l_i^ref)),  l^ref at the start of unlearning
+      NPO(beta):    minimise mean_i -(2/beta) log sigmoid(-beta (l_i - l_i^ref)), l^ref at the start
       SimNPO(beta): minimise mean_i -(2/beta) log sigmoid(-beta l_i)
     whose gradients are GA's with a per-row weight w_i:  theta <- theta + eta (2/k) X_U^T (w * r), where
       GA: w_i = 1,  NPO: w_i = 2 sigmoid(beta (l_i - l_i^ref)),  SimNPO: w_i = 2 sigmoid(beta l_i).
-    NPO equals GA on its first step (w = 1) and both weights vanish as a row's residual grows, which is why they
-    slow down instead of diverging.
+    NPO equals GA on its first step (w = 1) and both weights vanish as a row's residual grows, which is why
+    they slow down instead of diverging.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _sigmoid(x: Array) -> Array:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
 
 
-# ---- (c) unlearning rules ------------------------------------------------------------------------------------------
+# ---- (c) unlearning rules ----------------------------------------------------------------------------------
 def row_weights(rule: str, residual: Array, ref_residual: Array, beta: float | None) -> Array:
     """Per-row weight multiplying the GA gradient (see the module docstring for the derivation)."""
     loglik = -(residual**2)
@@ -51,8 +51,9 @@ def row_weights(rule: str, residual: Array, ref_residual: Array, beta: float | N
     raise ValueError(f"unknown unlearning rule {rule!r} (known: {', '.join(RULES)})")
 
 
-def unlearn_trajectory(theta: Array, X_U: Array, y_U: Array, eta: float, steps: int,
-                       rule: str = "ga", beta: float | None = None) -> Array:
+def unlearn_trajectory(
+    theta: Array, X_U: Array, y_U: Array, eta: float, steps: int, rule: str = "ga", beta: float | None = None
+) -> Array:
     """Rows t = 0..steps of the chosen local rule; 'ga' reproduces linear.ga_trajectory exactly."""
     if rule == "ga":
         return ga_trajectory(theta, X_U, y_U, eta, steps)
@@ -69,7 +70,7 @@ def unlearn_trajectory(theta: Array, X_U: Array, y_U: Array, eta: float, steps: 
     return out
 
 
-# ---- (a) K stages ---------------------------------------------------------------------------------------------------
+# ---- (a) K stages ------------------------------------------------------------------------------------------
 Stage = tuple[Array, Array]
 
 
@@ -93,21 +94,34 @@ def _check_stages(stages: list[Stage]) -> int:
     return d
 
 
-def order_divergence(stages: list[Stage], X_U: Array, y_U: Array, X_test: Array, mu: float, eta: float,
-                     steps: int, rule: str = "ga", beta: float | None = None) -> OrderDivergence:
+def order_divergence(
+    stages: list[Stage],
+    X_U: Array,
+    y_U: Array,
+    X_test: Array,
+    mu: float,
+    eta: float,
+    steps: int,
+    rule: str = "ga",
+    beta: float | None = None,
+) -> OrderDivergence:
     """Learn every permutation of the stages, unlearn each with the same local rule, compare all pairs."""
     d = _check_stages(stages)
     orders = list(itertools.permutations(range(len(stages))))
-    traj = np.stack([
-        unlearn_trajectory(train_path([stages[i] for i in order], mu, d), X_U, y_U, eta, steps, rule, beta)
-        for order in orders
-    ])
+    traj = np.stack(
+        [
+            unlearn_trajectory(
+                train_path([stages[i] for i in order], mu, d), X_U, y_U, eta, steps, rule, beta
+            )
+            for order in orders
+        ]
+    )
     preds = traj @ X_test.T  # (n_orders, steps + 1, m)
     diff = preds[:, None] - preds[None, :]
     return OrderDivergence(orders, traj, (diff**2).mean(axis=-1))
 
 
-# ---- (b) retrain baseline -------------------------------------------------------------------------------------------
+# ---- (b) retrain baseline ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RetrainGaps:
     orders: list[tuple[int, ...]]  # orders of all stages (the forget stage included)
@@ -124,15 +138,25 @@ class RetrainGaps:
         return self.orders[int(np.argmax(self.closest))]
 
 
-def retrain_gaps(stages: list[Stage], forget_index: int, X_test: Array, mu: float, eta: float, steps: int,
-                 orders: list[tuple[int, ...]] | None = None, rule: str = "ga",
-                 beta: float | None = None) -> RetrainGaps:
-    """For each order: learn all stages, unlearn stages[forget_index], compare with the retain-only retrain."""
+def retrain_gaps(
+    stages: list[Stage],
+    forget_index: int,
+    X_test: Array,
+    mu: float,
+    eta: float,
+    steps: int,
+    orders: list[tuple[int, ...]] | None = None,
+    rule: str = "ga",
+    beta: float | None = None,
+) -> RetrainGaps:
+    """For each order: learn all stages, unlearn stages[forget_index], compare with retraining without it."""
     d = _check_stages(stages)
     if not 0 <= forget_index < len(stages):
         raise ValueError(f"forget_index {forget_index} is not a stage index (0..{len(stages) - 1})")
     X_U, y_U = stages[forget_index]
-    orders = list(itertools.permutations(range(len(stages)))) if orders is None else [tuple(o) for o in orders]
+    orders = (
+        list(itertools.permutations(range(len(stages)))) if orders is None else [tuple(o) for o in orders]
+    )
     for order in orders:
         if sorted(order) != list(range(len(stages))):
             raise ValueError(f"order {order} is not a permutation of the {len(stages)} stages")
@@ -145,8 +169,17 @@ def retrain_gaps(stages: list[Stage], forget_index: int, X_test: Array, mu: floa
     return RetrainGaps(orders, gaps, gaps.min(axis=1), gaps.argmin(axis=1))
 
 
-def rule_divergence(theta_a: Array, theta_b: Array, X_U: Array, y_U: Array, X_test: Array, eta: float,
-                    steps: int, rule: str, beta: float | None = None) -> Array:
+def rule_divergence(
+    theta_a: Array,
+    theta_b: Array,
+    X_U: Array,
+    y_U: Array,
+    X_test: Array,
+    eta: float,
+    steps: int,
+    rule: str,
+    beta: float | None = None,
+) -> Array:
     """d between two models unlearned with the same rule, t = 0..steps (GA, NPO-like or SimNPO-like)."""
     a = unlearn_trajectory(theta_a, X_U, y_U, eta, steps, rule, beta)
     b = unlearn_trajectory(theta_b, X_U, y_U, eta, steps, rule, beta)

@@ -5,17 +5,18 @@ the way the paper writes it (float64, `solve`/`lstsq`, never an explicit inverse
 Lemma 3.2 and the bound to rounding error instead of to an optimiser's tolerance.
 
 Setting. theta in R^d; a stage S = (X, y) solves  min ||X theta - y||^2 + mu ||theta - theta_prev||^2, i.e.
-theta = (X^T X + mu I)^-1 (X^T y + mu theta_prev).  theta_AB learns S_A then S_B from theta_0 = 0, theta_BA the
-reverse.  Unlearning is gradient ASCENT on L_U = (1/k)||X_U theta - y_U||^2 with step eta, so
+theta = (X^T X + mu I)^-1 (X^T y + mu theta_prev).  theta_AB learns S_A then S_B from theta_0 = 0,
+theta_BA the reverse.  Unlearning is gradient ASCENT on L_U = (1/k)||X_U theta - y_U||^2 with step eta, so
 Delta_t = theta_AB(t) - theta_BA(t) = (I + M_U)^t Delta_0 with M_U = (2 eta / k) X_U^T X_U (Lemma 3.2).
 
 Assumptions, decided here (and checked by `Instance`):
 - k <= d and X_U has full row rank k, mu > 0, eta > 0 (the theorem's hypotheses).
-- m >= k test rows: the proof needs ||X_test v|| >= sigma_U ||v|| on the row space of X_U, which holds only when
-  X_test P_U has rank k; with m < k the "smallest nonzero singular value" bound is not a theorem, so we refuse.
+- m >= k test rows: the proof needs ||X_test v|| >= sigma_U ||v|| on the row space of X_U, which holds only
+  when X_test P_U has rank k; with m < k the "smallest nonzero singular value" bound is not a theorem, so we
+  refuse.
 - Overparameterization d > n_a + n_b + k is the paper's regime (every stage is interpolable, so the order acts
-  only through the proximal bias) but the bound's proof never uses it: it is reported (`overparameterized`), not
-  required, so the grid may also probe d <= n_a + n_b + k.
+  only through the proximal bias) but the bound's proof never uses it: it is reported (`overparameterized`),
+  not required, so the grid may also probe d <= n_a + n_b + k.
 - Features are drawn N(0, 1/d) so rows have unit norm on average and eta means the same thing for every d
   (the eigenvalues of M_U are about 2 eta / k when d >> k); targets are independent N(0, 1) draws.
 """
@@ -30,7 +31,7 @@ import numpy as np
 Array = np.ndarray
 
 
-# ---- stages ----------------------------------------------------------------------------------------------------
+# ---- stages ------------------------------------------------------------------------------------------------
 def ridge_stage(X: Array, y: Array, mu: float, theta_prev: Array) -> Array:
     """One proximal ridge stage: argmin ||X theta - y||^2 + mu ||theta - theta_prev||^2 (a d x d solve)."""
     d = X.shape[1]
@@ -45,7 +46,7 @@ def train_path(stages: list[tuple[Array, Array]], mu: float, d: int, theta0: Arr
     return theta
 
 
-# ---- unlearning --------------------------------------------------------------------------------------------------
+# ---- unlearning --------------------------------------------------------------------------------------------
 def forget_loss_grad(theta: Array, X_U: Array, y_U: Array) -> Array:
     """Gradient of L_U(theta) = (1/k) ||X_U theta - y_U||^2."""
     return (2.0 / X_U.shape[0]) * X_U.T @ (X_U @ theta - y_U)
@@ -75,7 +76,7 @@ def forget_projector(X_U: Array) -> Array:
     return X_U.T @ np.linalg.solve(X_U @ X_U.T, X_U)
 
 
-# ---- theorem quantities --------------------------------------------------------------------------------------------
+# ---- theorem quantities ------------------------------------------------------------------------------------
 def re_distance(X_test: Array, a: Array, b: Array) -> Array:
     """RE distance (Def. 2.1) for linear predictors: (1/m) ||X_test (a - b)||^2; a, b may be (T, d) stacks."""
     diff = np.atleast_2d(np.asarray(a) - np.asarray(b))
@@ -84,7 +85,7 @@ def re_distance(X_test: Array, a: Array, b: Array) -> Array:
 
 
 def rho_star(delta0: Array, M_U: Array, P_U: Array) -> float:
-    """rho* = <P_U Delta_0, M_U P_U Delta_0> / ||P_U Delta_0||^2: the Rayleigh quotient that sets the growth."""
+    """rho* = <P_U Delta_0, M_U P_U Delta_0> / ||P_U Delta_0||^2, the Rayleigh quotient setting the growth."""
     v = P_U @ delta0
     return float(v @ (M_U @ v) / (v @ v))
 
@@ -105,7 +106,7 @@ def bound_curve(sigma_U: float, pu_delta_norm: float, rho: float, m: int, steps:
 
 
 def onset_step(C0: float, sigma_U: float, pu_delta_norm: float, rho: float) -> int:
-    """t0 = ceil(log(2 C0 / (sigma_U ||P_U Delta_0||)) / log(1 + rho*)); C0 = 0 gives t0 = 0 (bound from t=0)."""
+    """t0 = ceil(log(2 C0 / (sigma_U ||P_U Delta_0||)) / log(1 + rho*)); C0 = 0 gives t0 = 0."""
     if C0 == 0.0:
         return 0
     return int(math.ceil(math.log(2.0 * C0 / (sigma_U * pu_delta_norm)) / math.log1p(rho)))
@@ -130,7 +131,9 @@ def theorem_quantities(delta0: Array, X_U: Array, X_test: Array, eta: float) -> 
     pu = P_U @ delta0
     pu_norm = float(np.linalg.norm(pu))
     if pu_norm == 0.0:
-        raise ValueError("P_U Delta_0 = 0: the two orders agree on the forget row space, Theorem 3.1 is vacuous")
+        raise ValueError(
+            "P_U Delta_0 = 0: the two orders agree on the forget row space, Theorem 3.1 is vacuous"
+        )
     perp_norm = float(np.linalg.norm(delta0 - pu))
     sigma = smallest_nonzero_singular_value(X_test @ P_U)
     C0 = float(np.linalg.norm(X_test, 2)) * perp_norm
@@ -138,7 +141,7 @@ def theorem_quantities(delta0: Array, X_U: Array, X_test: Array, eta: float) -> 
     return TheoremQuantities(rho, sigma, C0, onset_step(C0, sigma, pu_norm, rho), pu_norm, perp_norm)
 
 
-# ---- one random instance -------------------------------------------------------------------------------------------
+# ---- one random instance -----------------------------------------------------------------------------------
 def _check_matrix(name: str, X: Array, rows: int | None, d: int) -> None:
     if X.ndim != 2 or X.shape[1] != d or (rows is not None and X.shape[0] != rows):
         want = f"({rows if rows is not None else 'n'}, {d})"
@@ -149,7 +152,7 @@ def _check_matrix(name: str, X: Array, rows: int | None, d: int) -> None:
 
 @dataclass(frozen=True)
 class Instance:
-    """Two stages, a forget set and a test design: one draw of the Section 3 setting. Validated on creation."""
+    """Two stages, a forget set and a test design: one draw of the Section 3 setting; validated."""
 
     X_A: Array
     y_A: Array
@@ -170,8 +173,14 @@ class Instance:
         if k < 1:
             raise ValueError("the forget set X_U has no rows (need k >= 1)")
         if k > d:
-            raise ValueError(f"k > d: X_U has k={k} rows in d={d} dimensions, so it cannot have full row rank")
-        for name, X, y in (("X_A", self.X_A, self.y_A), ("X_B", self.X_B, self.y_B), ("X_U", self.X_U, self.y_U)):
+            raise ValueError(
+                f"k > d: X_U has k={k} rows in d={d} dimensions, so it cannot have full row rank"
+            )
+        for name, X, y in (
+            ("X_A", self.X_A, self.y_A),
+            ("X_B", self.X_B, self.y_B),
+            ("X_U", self.X_U, self.y_U),
+        ):
             _check_matrix(name, X, None, d)
             if X.shape[0] < 1:
                 raise ValueError(f"{name} has no rows")
@@ -186,10 +195,12 @@ class Instance:
         if rank < k:
             raise ValueError(f"X_U is rank-deficient (rank {rank} < k={k}); Theorem 3.1 needs full row rank")
         if self.X_test.shape[0] < k:
-            raise ValueError(f"m={self.X_test.shape[0]} test rows < k={k}: X_test P_U cannot have rank k, "
-                             "so the sigma_U bound does not apply")
+            raise ValueError(
+                f"m={self.X_test.shape[0]} test rows < k={k}: X_test P_U cannot have rank k, "
+                "so the sigma_U bound does not apply"
+            )
 
-    # sizes ------------------------------------------------------------------------------------------------------
+    # sizes --------------------------------------------------------------------------------------------------
     @property
     def d(self) -> int:
         return self.X_U.shape[1]
@@ -206,14 +217,18 @@ class Instance:
     def overparameterized(self) -> bool:
         return self.d > self.X_A.shape[0] + self.X_B.shape[0] + self.k
 
-    # models ------------------------------------------------------------------------------------------------------
+    # models -------------------------------------------------------------------------------------------------
     @property
     def theta_ab(self) -> Array:
-        return self._cached("ab", lambda: train_path([(self.X_A, self.y_A), (self.X_B, self.y_B)], self.mu, self.d))
+        return self._cached(
+            "ab", lambda: train_path([(self.X_A, self.y_A), (self.X_B, self.y_B)], self.mu, self.d)
+        )
 
     @property
     def theta_ba(self) -> Array:
-        return self._cached("ba", lambda: train_path([(self.X_B, self.y_B), (self.X_A, self.y_A)], self.mu, self.d))
+        return self._cached(
+            "ba", lambda: train_path([(self.X_B, self.y_B), (self.X_A, self.y_A)], self.mu, self.d)
+        )
 
     @property
     def delta0(self) -> Array:
@@ -234,8 +249,10 @@ class Instance:
         return ga_trajectory(theta, self.X_U, self.y_U, self.eta, steps)
 
     def divergence(self, steps: int) -> Array:
-        """d(theta_AB(t), theta_BA(t)) for t = 0..steps, from the two GA trajectories (not the closed form)."""
-        return re_distance(self.X_test, self.unlearn(self.theta_ab, steps), self.unlearn(self.theta_ba, steps))
+        """d(theta_AB(t), theta_BA(t)) for t = 0..steps from the two GA trajectories (no closed form)."""
+        return re_distance(
+            self.X_test, self.unlearn(self.theta_ab, steps), self.unlearn(self.theta_ba, steps)
+        )
 
     def bound(self, steps: int) -> Array:
         q = self.theorem()

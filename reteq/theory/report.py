@@ -26,8 +26,9 @@ QUANTITIES = ["divergence d(theta_AB(t), theta_BA(t))", "Theorem 3.1 lower bound
 def _all_runs(client, experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000, order_by=order_by,
-                                  page_token=token)
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=1000, order_by=order_by, page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -36,11 +37,19 @@ def _all_runs(client, experiment_id: str, filter_string: str, order_by: list[str
 
 def _latest_grid(client, experiment_id: str) -> tuple[Any, list] | None:
     """(parent run, its theory child runs) of the most recent grid that has children, or None."""
-    parents = _all_runs(client, experiment_id, f"tags.`{tk.TAG_KIND}` = '{tk.KIND_SWEEP}'",
-                        order_by=["attributes.start_time DESC"])
+    parents = _all_runs(
+        client,
+        experiment_id,
+        f"tags.`{tk.TAG_KIND}` = '{tk.KIND_SWEEP}'",
+        order_by=["attributes.start_time DESC"],
+    )
     for parent in parents:
-        children = _all_runs(client, experiment_id, f"tags.`{tk.TAG_KIND}` = '{tk.KIND_THEORY}' and "
-                                                    f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        children = _all_runs(
+            client,
+            experiment_id,
+            f"tags.`{tk.TAG_KIND}` = '{tk.KIND_THEORY}' and "
+            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        )
         if children:
             return parent, children
     return None
@@ -51,13 +60,18 @@ def runs_frame(children: list) -> pl.DataFrame:
     rows = []
     for run in children:
         row: dict[str, Any] = {"run_id": run.info.run_id}
-        for key, value in run.data.params.items():
-            row[key] = int(value) if key in INT_PARAMS else float(value)
+        for key in (*g.INSTANCE_PARAMS, tk.P_STEPS):
+            if key in run.data.params:
+                value = run.data.params[key]
+                row[key] = int(value) if key in INT_PARAMS else float(value)
         for key, value in run.data.metrics.items():
             row[key] = float(value)
         rows.append(row)
-    return pl.DataFrame(rows, infer_schema_length=None).with_columns(
-        (2.0 * pl.col(g.M_LOG1P_RHO)).alias("predicted_rate")).sort(CELL_COLUMNS + ["seed"])
+    return (
+        pl.DataFrame(rows, infer_schema_length=None)
+        .with_columns((2.0 * pl.col(g.M_LOG1P_RHO)).alias("predicted_rate"))
+        .sort(CELL_COLUMNS + ["seed"])
+    )
 
 
 def _metric_or_null(frame: pl.DataFrame, key: str) -> pl.Expr:
@@ -66,56 +80,71 @@ def _metric_or_null(frame: pl.DataFrame, key: str) -> pl.Expr:
 
 def cell_table(frame: pl.DataFrame) -> pl.DataFrame:
     """Summary per grid cell: how often the bound held and the typical theorem quantities."""
-    return (frame.group_by(CELL_COLUMNS, maintain_order=True).agg(
-        pl.len().alias("instances"),
-        pl.col(g.M_BOUND_HOLDS).mean().alias("bound_held_share"),
-        (pl.col(g.M_BOUND_CHECKED) > 0).sum().alias("nonvacuous"),
-        pl.col("rho_star").median().alias("median_rho_star"),
-        pl.col("t0").median().alias("median_t0"),
-        _metric_or_null(frame, g.M_MIN_LOG_MARGIN).min().alias("min_log_margin"),
-        _metric_or_null(frame, g.M_GROWTH_RATE).median().alias("median_growth_rate"),
-        pl.col("predicted_rate").median().alias("median_2log1p_rho"),
-        pl.col(g.M_RETRAIN_GAP_MIN).median().alias("median_retrain_gap_min"),
-    ).sort(CELL_COLUMNS))
+    return (
+        frame.group_by(CELL_COLUMNS, maintain_order=True)
+        .agg(
+            pl.len().alias("instances"),
+            pl.col(g.M_BOUND_HOLDS).mean().alias("bound_held_share"),
+            (pl.col(g.M_BOUND_CHECKED) > 0).sum().alias("nonvacuous"),
+            pl.col("rho_star").median().alias("median_rho_star"),
+            pl.col("t0").median().alias("median_t0"),
+            _metric_or_null(frame, g.M_MIN_LOG_MARGIN).min().alias("min_log_margin"),
+            _metric_or_null(frame, g.M_GROWTH_RATE).median().alias("median_growth_rate"),
+            pl.col("predicted_rate").median().alias("median_2log1p_rho"),
+            pl.col(g.M_RETRAIN_GAP_MIN).median().alias("median_retrain_gap_min"),
+        )
+        .sort(CELL_COLUMNS)
+    )
 
 
 def _paragraphs(frame: pl.DataFrame, steps: int) -> list[str]:
     n = frame.height
     held = int(frame[g.M_BOUND_HOLDS].sum())
     checked = int((frame[g.M_BOUND_CHECKED] > 0).sum())
-    out = [f"Theorem 3.1's lower bound held at every step t >= max(t0, 0) on {held} of {n} random instances "
-           f"({held / n:.1%}); on {checked} of them t0 fell inside the {steps}-step horizon, so the check was "
-           f"not vacuous. Median rho* = {frame['rho_star'].median():.3g}, median t0 = {frame['t0'].median():.3g}."]
+    out = [
+        f"Theorem 3.1's lower bound held at every step t >= max(t0, 0) on {held} of {n} random instances "
+        f"({held / n:.1%}); on {checked} of them t0 fell inside the {steps}-step horizon, so the check was "
+        f"not vacuous. Median rho* = {frame['rho_star'].median():.3g}, "
+        f"median t0 = {frame['t0'].median():.3g}."
+    ]
     if g.M_MIN_LOG_MARGIN in frame.columns and frame[g.M_MIN_LOG_MARGIN].drop_nulls().len():
         margin = frame[g.M_MIN_LOG_MARGIN].drop_nulls()
-        out.append(f"The divergence stayed above the bound by a factor of at least {math.exp(margin.min()):.3g} "
-                   f"(median over instances of the smallest factor: {math.exp(margin.median()):.3g}).")
+        out.append(
+            f"The divergence stayed above the bound by a factor of at least {math.exp(margin.min()):.3g} "
+            f"(median over instances of the smallest factor: {math.exp(margin.median()):.3g})."
+        )
     if g.M_GROWTH_RATE in frame.columns:
         fitted = frame.filter(pl.col(g.M_GROWTH_RATE).is_not_null() & pl.col(g.M_GROWTH_RATE).is_not_nan())
         if fitted.height:
             above = int((fitted[g.M_GROWTH_RATE] >= fitted["predicted_rate"]).sum())
             ratio = (fitted[g.M_GROWTH_RATE] / fitted["predicted_rate"]).median()
-            out.append(f"The fitted growth rate of log divergence over the checked steps was at least the "
-                       f"theorem's 2 log(1 + rho*) on {above} of {fitted.height} instances (median ratio "
-                       f"{ratio:.3g}, median R^2 {fitted[g.M_GROWTH_R2].median():.4f}): the divergence between "
-                       "the two learning orders grows exponentially under gradient ascent.")
+            out.append(
+                f"The fitted growth rate of log divergence over the checked steps was at least the "
+                f"theorem's 2 log(1 + rho*) on {above} of {fitted.height} instances (median ratio "
+                f"{ratio:.3g}, median R^2 {fitted[g.M_GROWTH_R2].median():.4f}): the divergence between "
+                "the two learning orders grows exponentially under gradient ascent."
+            )
     closest = {p: f"{g.M_RETRAIN_CLOSEST_P}{p}" for p in (1, 2, 3)}
     if all(c in frame.columns for c in closest.values()):
         by_pos = ", ".join(f"p={p}: {frame[c].median():.3g}" for p, c in closest.items())
         best_alone = frame.select(pl.min_horizontal(list(closest.values()))).to_series()
-        out.append(f"Retrain gap over the six orders of {{A, B, U}} (each compared with its own retrain model, the "
-                   f"retain stages in the same order): stopping every path at one shared step t, the worst order "
-                   f"stays at min_t max_order d(theta_u(t), theta_r) = {frame[g.M_RETRAIN_GAP_MIN].median():.3g} "
-                   f"(median over instances), while the closest single order gets to {best_alone.median():.3g}. "
-                   f"Closest approach by position p of the forget stage (median): {by_pos}.")
+        out.append(
+            f"Retrain gap over the six orders of {{A, B, U}} (each compared with its own retrain model, the "
+            f"retain stages in the same order): stopping every path at one shared step t, the worst order "
+            f"stays at min_t max_order d(theta_u(t), theta_r) = {frame[g.M_RETRAIN_GAP_MIN].median():.3g} "
+            f"(median over instances), while the closest single order gets to {best_alone.median():.3g}. "
+            f"Closest approach by position p of the forget stage (median): {by_pos}."
+        )
     if g.M_NPO_DIVERGENCE in frame.columns:
         final_ga = frame[tk.M_THEORY_DIVERGENCE].median() if tk.M_THEORY_DIVERGENCE in frame.columns else None
         npo, simnpo = frame[g.M_NPO_DIVERGENCE], frame[g.M_SIMNPO_DIVERGENCE]
         ga_text = f"{final_ga:.3g} under GA, " if final_ga is not None else ""
-        out.append(f"At the last step the median divergence was {ga_text}{npo.median():.3g} under the NPO-like rule "
-                   f"and {simnpo.median():.3g} under the SimNPO-like rule: their vanishing weights stop the "
-                   f"exponential growth, yet the two orders still differ on {int((npo > 0).sum())} and "
-                   f"{int((simnpo > 0).sum())} of {n} instances.")
+        out.append(
+            f"At the last step the median divergence was {ga_text}{npo.median():.3g} under the NPO-like rule "
+            f"and {simnpo.median():.3g} under the SimNPO-like rule: their vanishing weights stop the "
+            f"exponential growth, yet the two orders still differ on {int((npo > 0).sum())} and "
+            f"{int((simnpo > 0).sum())} of {n} instances."
+        )
     return out
 
 
@@ -140,16 +169,33 @@ def divergence_chart(client, frame: pl.DataFrame):
         for key, quantity in zip((tk.M_THEORY_DIVERGENCE, tk.M_THEORY_BOUND), QUANTITIES):
             for m in client.get_metric_history(row["run_id"], key):
                 rows.append({"instance": _label(row), "quantity": quantity, "t": m.step, "value": m.value})
+    if not rows:
+        return None
     data = pl.DataFrame(rows).filter(pl.col("value") > 0)
-    return alt.Chart(data).mark_line().encode(
-        x=alt.X("t:Q", title="unlearning step t"),
-        y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="squared prediction distance (log scale)",
-                axis=alt.Axis(format=".0e")),
-        color=alt.Color("instance:N", title="instance"),
-        strokeDash=alt.StrokeDash("quantity:N", title="curve",
-                                  scale=alt.Scale(domain=QUANTITIES, range=[[1, 0], [6, 4]])),
-        tooltip=["instance:N", "quantity:N", "t:Q", "value:Q"],
-    ).properties(title="Divergence between learning orders vs the Theorem 3.1 lower bound", width=520, height=320)
+    return (
+        alt.Chart(data)
+        .mark_line()
+        .encode(
+            x=alt.X("t:Q", title="unlearning step t"),
+            y=alt.Y(
+                "value:Q",
+                scale=alt.Scale(type="log"),
+                title="squared prediction distance (log scale)",
+                axis=alt.Axis(format=".0e"),
+            ),
+            color=alt.Color("instance:N", title="instance"),
+            strokeDash=alt.StrokeDash(
+                "quantity:N",
+                title="curve",
+                legend=alt.Legend(labelLimit=320),
+                scale=alt.Scale(domain=QUANTITIES, range=[[1, 0], [6, 4]]),
+            ),
+            tooltip=["instance:N", "quantity:N", "t:Q", "value:Q"],
+        )
+        .properties(
+            title="Divergence between learning orders vs the Theorem 3.1 lower bound", width=520, height=320
+        )
+    )
 
 
 def growth_chart(frame: pl.DataFrame):
@@ -157,23 +203,35 @@ def growth_chart(frame: pl.DataFrame):
 
     if g.M_GROWTH_RATE not in frame.columns:
         return None
-    data = frame.filter(pl.col(g.M_GROWTH_RATE).is_not_null() & pl.col(g.M_GROWTH_RATE).is_not_nan()).select(
-        "predicted_rate", g.M_GROWTH_RATE, "eta", "k", "d", "seed").rename({g.M_GROWTH_RATE: "growth_rate"})
+    data = (
+        frame.filter(pl.col(g.M_GROWTH_RATE).is_not_null() & pl.col(g.M_GROWTH_RATE).is_not_nan())
+        .select("predicted_rate", g.M_GROWTH_RATE, "eta", "k", "d", "seed")
+        .rename({g.M_GROWTH_RATE: "growth_rate"})
+    )
     if data.height == 0:
         return None
     hi = float(max(data["predicted_rate"].max(), data["growth_rate"].max())) * 1.05
     lo = float(min(data["predicted_rate"].min(), data["growth_rate"].min(), 0.0))
-    line = pl.DataFrame({"x": [lo, hi], "y": [lo, hi], "reference": ["y = x (theorem's rate)"] * 2})
-    points = alt.Chart(data).mark_point(size=40, opacity=0.7, filled=True).encode(
-        x=alt.X("predicted_rate:Q", title="2 log(1 + rho*)  (rate guaranteed by Theorem 3.1)"),
-        y=alt.Y("growth_rate:Q", title="fitted growth rate of log divergence"),
-        color=alt.Color("eta:N", title="eta"),
-        shape=alt.Shape("k:N", title="k"),
-        tooltip=["d:Q", "k:Q", "eta:Q", "seed:Q", "predicted_rate:Q", "growth_rate:Q"],
+    line = pl.DataFrame({"x": [lo, hi], "y": [lo, hi], "reference": ["y = x"] * 2})
+    points = (
+        alt.Chart(data)
+        .mark_point(size=40, opacity=0.7, filled=True)
+        .encode(
+            x=alt.X("predicted_rate:Q", title="2 log(1 + rho*)  (growth rate of the Theorem 3.1 bound)"),
+            y=alt.Y("growth_rate:Q", title="fitted growth rate of log divergence"),
+            color=alt.Color("eta:N", title="eta"),
+            shape=alt.Shape("k:N", title="k"),
+            tooltip=["d:Q", "k:Q", "eta:Q", "seed:Q", "predicted_rate:Q", "growth_rate:Q"],
+        )
     )
-    diagonal = alt.Chart(line).mark_line(color="black", strokeDash=[4, 4]).encode(
-        x="x:Q", y="y:Q", opacity=alt.Opacity("reference:N", title="reference", legend=alt.Legend()))
-    return (points + diagonal).properties(title="Fitted growth rate vs the theorem's rate", width=420, height=360)
+    diagonal = (
+        alt.Chart(line)
+        .mark_line(color="black", strokeDash=[4, 4])
+        .encode(x="x:Q", y="y:Q", opacity=alt.Opacity("reference:N", title="reference", legend=alt.Legend()))
+    )
+    return (points + diagonal).properties(
+        title="Fitted growth rate vs the theorem's rate", width=420, height=360
+    )
 
 
 def theory_section(tracking_uri: str, experiment: str) -> Section | None:
@@ -192,8 +250,10 @@ def theory_section(tracking_uri: str, experiment: str) -> Section | None:
     steps = int(frame["steps"].max()) if "steps" in frame.columns else 0
     section = Section(title=TITLE, paragraphs=_paragraphs(frame, steps))
     section.tables["theory_cells"] = cell_table(frame)
-    section.charts["theory_divergence"] = divergence_chart(client, frame)
-    growth = growth_chart(frame)
-    if growth is not None:
-        section.charts["theory_growth"] = growth
+    for name, chart in (
+        ("theory_divergence", divergence_chart(client, frame)),
+        ("theory_growth", growth_chart(frame)),
+    ):
+        if chart is not None:
+            section.charts[name] = chart
     return section
