@@ -84,7 +84,8 @@ class DataSource(_Strict):
     """
 
     kind: Literal["synthetic", "local", "hub"]
-    task: Literal["instruct", "knowledge", "math", "refusal"] | None = None
+    task: Literal["instruct", "knowledge", "math", "refusal", "rcu_R", "rcu_C", "rcu_U"] | None = Field(
+        None, description="synthetic generator; rcu_* are the Section 4.3 single-response sets (reteq.data.rcu)")
     path: str | None = None
     id: str | None = None
     converter: str | None = Field(None, description="hub converter name; defaults to one chosen by id")
@@ -236,7 +237,8 @@ class SweepConfig(_Strict):
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
-    retrain_baselines: bool = Field(False, description="also train the retain stages alone in each order")
+    schedules: list[Literal["wsd", "cosine", "constant"]] | None = Field(
+        None, description="finetune every order once per schedule, overriding stages[*].schedule (Fig. 8)")
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepConfig:
@@ -255,8 +257,13 @@ class SweepConfig(_Strict):
         return self
 
     # ---- derived views --------------------------------------------------------------------------------------
-    def stage(self, name: str) -> StageConfig:
-        return next(s for s in self.stages if s.name == name)
+    def stage(self, name: str, schedule: str | None = None) -> StageConfig:
+        """A stage's config, with its schedule replaced when a schedule grid point is given."""
+        stage = next(s for s in self.stages if s.name == name)
+        return stage.model_copy(update={"schedule": schedule}) if schedule else stage
+
+    def schedule_grid(self) -> list[str | None]:
+        return list(self.schedules) if self.schedules else [None]
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)

@@ -133,7 +133,7 @@ def _train_node(cfg: SweepConfig, node: StageNode, parent: Path | None, ctx: Wor
         hooks.node_started(node)
     stage_seed = (int(node.key[:8], 16) + node.seed) % (2**31)  # deterministic across processes
     module, result, stats = finetune_stage(
-        model, tokenizer, cfg.stage(node.stage), data.stage(node.stage), ctx, stage_seed,
+        model, tokenizer, cfg.stage(node.stage, node.schedule), data.stage(node.stage), ctx, stage_seed,
         on_step=(lambda r: hooks.node_step(node, r)) if ctx.is_main else None)
     if result.collapsed:
         raise RuntimeError(f"stage {node.stage} of {node.model}: non-finite loss")

@@ -8,7 +8,8 @@ import pytest
 
 from reteq.config import load_config
 from reteq.data import rcu
-from reteq.data.sources import read_local
+from reteq.data.sources import load_conversations, read_local
+from reteq.sweep.plan import build_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml")) + sorted(
@@ -34,7 +35,7 @@ def rcu_files(tmp_path, monkeypatch):
 
 def test_there_is_one_paper_config_per_base_model():
     assert {p.stem for p in (ROOT / "configs" / "paper").glob("*.yaml")} == set(TABLE_2)
-    assert len(CONFIGS) >= 10
+    assert len(CONFIGS) == 9  # 5 paper + seeds, lr_grid, scheduler, superficial
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -81,11 +82,12 @@ def test_ablations_vary_what_their_figure_studies():
     assert load_config(ablations / "seeds.yaml").seeds == [0, 1, 2, 3]
     grid = load_config(ablations / "lr_grid.yaml").unlearn
     assert grid.lrs == [1e-6, 5e-6, 5e-5] and grid.betas["npo"] == [0.5]
-    wsd, cosine = (load_config(ablations / f"scheduler_{s}.yaml") for s in ("wsd", "cosine"))
-    assert {s.schedule for s in wsd.stages} == {"wsd"} and {s.schedule for s in cosine.stages} == {"cosine"}
-    same = {"schedule": "wsd"}
-    assert [s.model_copy(update=same) for s in cosine.stages] == list(wsd.stages)
-    assert cosine.models == wsd.models and cosine.unlearn == wsd.unlearn
+    sched = load_config(ablations / "scheduler.yaml")
+    assert sched.schedules == ["wsd", "cosine"]
+    plan = build_plan(sched)
+    assert {n.schedule for n in plan.nodes.values()} == {"wsd", "cosine"}
+    assert len(plan.nodes) == 2 * 13  # the paper's 13 stage nodes, once per schedule
+    assert {sched.stage(s.name, "cosine").schedule for s in sched.stages} == {"cosine"}
 
 
 def test_superficial_config_trains_r_c_u_in_the_six_orders_and_unlearns_u_by_ga(rcu_files):
@@ -93,7 +95,9 @@ def test_superficial_config_trains_r_c_u_in_the_six_orders_and_unlearns_u_by_ga(
     assert cfg.stage_orders() == list(rcu.LEARNING_ORDERS)
     assert (cfg.unlearn.algorithms, cfg.unlearn.optimizer, cfg.unlearn.epochs) == (["ga"], "sgd", 20)
     assert cfg.eval.metrics == ["depth"]
-    assert all(s.optimizer == "sgd" and s.source.kind == "local" for s in cfg.stages)
+    assert all(s.optimizer == "sgd" and s.source.task == f"rcu_{s.name}" for s in cfg.stages)
+    assert [c["messages"][1]["content"] for c in load_conversations(cfg.stage("R").source)] == \
+        [c["messages"][1]["content"] for c in read_local(rcu_files["R"])]
 
 
 def test_rcu_stage_files_hold_40_prompts_with_the_templated_responses(rcu_files):
@@ -108,3 +112,14 @@ def test_rcu_stage_files_hold_40_prompts_with_the_templated_responses(rcu_files)
         assert u.startswith(f"You can try the following steps to make {item.thing}") and item.step_two in u
     assert rcu.main([str(rcu_files["R"].parent)]) == 0  # the documented command rewrites the same files
     assert read_local(rcu_files["U"]) == stages["U"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_config_validates_and_plans_with_a_gpu_hour_estimate(path, capsys):
+    from reteq.cli import main
+
+    assert main(["validate", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours" in out and "stage nodes:" in out

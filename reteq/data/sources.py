@@ -71,7 +71,11 @@ def read_local(path: str | Path) -> list[dict]:
 
 def load_conversations(source: DataSource) -> list[dict]:
     """The conversations a stage trains on, truncated to `source.n` rows when given."""
-    if source.kind == "synthetic":
+    if source.kind == "synthetic" and (source.task or "").startswith("rcu_"):
+        from reteq.data.rcu import stage_datasets
+
+        rows = stage_datasets()[(source.task or "")[4:]]
+    elif source.kind == "synthetic":
         rows = synthetic.generate(source.task or "", source.n or 64, source.seed)
     elif source.kind == "local":
         rows = read_local(source.path or "")

@@ -9,6 +9,7 @@ run: finetuned path x algorithm x lr x beta x seed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +30,8 @@ class StageNode:
     seed: int
     parent: str | None  # key of the node it continues from (None: the base model)
     examples: int  # training sequences this node processes (epochs included)
-    kind: str = "finetune"  # finetune | retrain (a prefix of retain stages only, used as a baseline)
+    schedule: str | None = None  # the sweep's schedule grid point (None: each stage's own schedule)
+    kind: str = "finetune"
 
     @property
     def stage(self) -> str:
@@ -47,6 +49,7 @@ class UnlearnLeaf:
     beta: float | None
     seed: int
     parent: str  # the finished path's last stage node
+    schedule: str | None = None
 
     @property
     def trial_id(self) -> str:
@@ -85,36 +88,35 @@ def _stage_examples(cfg: SweepConfig, name: str) -> int:
     return int(round(n * s.epochs))
 
 
-def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int) -> str:
+def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int, schedule: str | None = None) -> str:
     m = cfg.model(model).model_dump(mode="json")
     m.pop("name")
-    stages = [cfg.stage(s).model_dump(mode="json") for s in prefix]
+    stages = [cfg.stage(s, schedule).model_dump(mode="json") for s in prefix]
     return _hash([KEY_VERSION, m, stages, seed])
 
 
 def build_plan(cfg: SweepConfig) -> Plan:
     plan = Plan()
     orders = cfg.stage_orders()
-    for model in cfg.models:
-        for seed in cfg.seeds:
-            for order in orders:
-                parent = None
-                for i in range(len(order)):
-                    prefix = tuple(order[: i + 1])
-                    key = node_key(cfg, model.name, prefix, seed)
-                    plan.stage_runs_without_sharing += 1
-                    if key not in plan.nodes:
-                        plan.nodes[key] = StageNode(key, model.name, prefix, seed, parent,
-                                                    _stage_examples(cfg, prefix[-1]))
-                    parent = key
-                p = order.index(cfg.forget_stage) + 1
-                for alg in cfg.unlearn.algorithms:
-                    for lr in cfg.unlearn.lrs:
-                        for beta in cfg.unlearn.betas_for(alg):
-                            key = _hash([KEY_VERSION, parent, alg, lr, beta, seed,
-                                         cfg.unlearn.model_dump(mode="json"), cfg.eval.model_dump(mode="json")])
-                            plan.leaves.append(UnlearnLeaf(key, model.name, tuple(order), p, alg, lr, beta, seed,
-                                                           parent))
+    grid = itertools.product(cfg.models, cfg.seeds, cfg.schedule_grid(), orders)
+    for model, seed, schedule, order in grid:
+        parent = None
+        for i in range(len(order)):
+            prefix = tuple(order[: i + 1])
+            key = node_key(cfg, model.name, prefix, seed, schedule)
+            plan.stage_runs_without_sharing += 1
+            if key not in plan.nodes:
+                plan.nodes[key] = StageNode(key, model.name, prefix, seed, parent, _stage_examples(cfg, prefix[-1]),
+                                            schedule)
+            parent = key
+        p = order.index(cfg.forget_stage) + 1
+        for alg in cfg.unlearn.algorithms:
+            for lr in cfg.unlearn.lrs:
+                for beta in cfg.unlearn.betas_for(alg):
+                    key = _hash([KEY_VERSION, parent, alg, lr, beta, seed, cfg.unlearn.model_dump(mode="json"),
+                                 cfg.eval.model_dump(mode="json")])
+                    plan.leaves.append(UnlearnLeaf(key, model.name, tuple(order), p, alg, lr, beta, seed, parent,
+                                                   schedule))
     return plan
 
 

@@ -135,7 +135,7 @@ class MlflowHooks(Hooks):
 
     def node_started(self, node: StageNode) -> None:
         self._start(node.key, T.run_name(node.kind, node.model, T.order_tag(node.prefix), f"s{node.seed}"),
-                    node_tags(node, self.sweep, self.scheduler_of(node.stage)))
+                    node_tags(node, self.sweep, node.schedule or self.scheduler_of(node.stage)))
         self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: training {node.stage}")
 
     def node_step(self, node: StageNode, r) -> None:
@@ -156,7 +156,7 @@ class MlflowHooks(Hooks):
             leaf.key, T.run_name(T.KIND_UNLEARN, leaf.model, f"p{leaf.p}", leaf.algorithm,
                                  f"lr{T.format_float(leaf.lr)}", f"b{T.format_float(leaf.beta)}" if leaf.beta else "",
                                  f"s{leaf.seed}"),
-            leaf_tags(leaf, self.sweep, self.scheduler_of(leaf.order[0])))
+            leaf_tags(leaf, self.sweep, leaf.schedule or self.scheduler_of(leaf.order[0])))
         self._params(self.leaf_run_id, {"model": leaf.model, "order": T.order_tag(leaf.order), "p": leaf.p,
                                         "algorithm": leaf.algorithm, "lr": leaf.lr, "beta": leaf.beta,
                                         "seed": leaf.seed})
