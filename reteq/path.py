@@ -68,6 +68,7 @@ class PrintHooks(Hooks):
 METRIC_COLUMNS = [
     (T.M_FORGET_LABEL, "label_logp"), (T.M_FORGET_PARAPHRASE, "para_logp"), (T.M_FORGET_SCORE, "forget"),
     (T.M_TOFU_LOGP, "tofu_logp"), (T.M_TOFU_UTILITY, "tofu_util"), (T.M_MATH_ACC, "math_acc"),
+    (T.M_DEPTH_R, "R_logp"), (T.M_DEPTH_C, "C_logp"), (T.M_DEPTH_U, "U_logp"),
 ]
 
 

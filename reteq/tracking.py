@@ -56,6 +56,10 @@ M_TOFU_UTILITY = "utility/tofu"  # 1 - |tofu_logp(t) - tofu_logp(0)|
 M_MATH_ACC = "utility/math_acc"  # fraction of sampled answers whose '####' number is right
 M_MATH_UTILITY = "utility/math"  # math_acc(t) - math_acc(0)
 
+M_DEPTH_R = "depth/R_logp"  # Section 4.3: mean per-token log-prob of the refusal R
+M_DEPTH_C = "depth/C_logp"  # ... of the compliance phrasing C (deep forgetting: C falls with U)
+M_DEPTH_U = "depth/U_logp"  # ... of the unlearned compliance phrasing U
+
 M_THEORY_DIVERGENCE = "theory/divergence"  # d(theta_AB(t), theta_BA(t)) on the test set
 M_THEORY_BOUND = "theory/bound"  # the Theorem 3.1 lower bound at t
 M_THEORY_RETRAIN_GAP = "theory/retrain_gap"  # d(theta_u(t), theta_r)
@@ -69,6 +73,9 @@ EVAL_METRICS = (
     M_TOFU_UTILITY,
     M_MATH_ACC,
     M_MATH_UTILITY,
+    M_DEPTH_R,
+    M_DEPTH_C,
+    M_DEPTH_U,
 )
 
 # ---- params ----------------------------------------------------------------------------------------------------

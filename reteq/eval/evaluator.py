@@ -36,14 +36,21 @@ class Evaluator:
     knowledge_pairs: list[tuple[str, str]] = field(default_factory=list)
     math_items: list[tuple[str, str]] = field(default_factory=list)
     seed: int = 0
+    depth_rows: list[dict[str, str]] = field(default_factory=list)  # Section 4.3: prompt + R/C/U responses
 
     @classmethod
     def build(cls, cfg: EvalConfig, tokenizer, forget_convs: list[dict], knowledge_convs: list[dict] | None,
               math_items: list[tuple[str, str]] | None, seed: int = 0) -> Evaluator:
         forget_q = [_first_turn(c)[0] for c in forget_convs[: cfg.forget_prompts]]
         know = [_first_turn(c) for c in (knowledge_convs or [])[: cfg.knowledge_prompts]]
+        depth = []
+        if "depth" in cfg.metrics:
+            from reteq.data.rcu import rcu_rows
+
+            depth = rcu_rows()
         return cls(cfg, tokenizer, forget_q if "forget" in cfg.metrics else [],
-                   know if "tofu" in cfg.metrics else [], (math_items or []) if "math" in cfg.metrics else [], seed)
+                   know if "tofu" in cfg.metrics else [], (math_items or []) if "math" in cfg.metrics else [], seed,
+                   depth)
 
     def _pairs(self) -> tuple[list, list]:
         forget = [encode_prompt_target(self.tokenizer, q, t) for q in self.forget_questions for t in FORGET_TARGETS]
@@ -65,6 +72,8 @@ class Evaluator:
             out[T.M_FORGET_ALL] = float(f.mean())
         if know_pairs:
             out[T.M_TOFU_LOGP] = float(torch.tensor(scores[len(forget_pairs):]).mean())
+        if self.depth_rows:
+            out.update(self._depth(model, device, dtype))
         if self.math_items:
             answers = generate_answers(
                 model, self.tokenizer, [q for q, _ in self.math_items], samples=self.cfg.math_samples,
@@ -72,6 +81,16 @@ class Evaluator:
                 batch_size=self.cfg.batch_size, seed=self.seed, device=device)
             out[T.M_MATH_ACC] = accuracy(answers, [r for _, r in self.math_items])
         return out
+
+
+    def _depth(self, model, device, dtype) -> dict[str, float]:
+        """Mean per-token log-prob of R, C and U given their shared prompt (superficial vs deep forgetting)."""
+        keys = {"R": T.M_DEPTH_R, "C": T.M_DEPTH_C, "U": T.M_DEPTH_U}
+        pairs = [encode_prompt_target(self.tokenizer, r["prompt"], r[k]) for k in keys for r in self.depth_rows]
+        scores = torch.tensor(score_pairs(model, pairs, pad_id=self.tokenizer.pad_token_id,
+                                          batch_size=self.cfg.batch_size, device=device, dtype=dtype))
+        per = scores.view(len(keys), -1).mean(-1).tolist()
+        return {metric: per[i] for i, metric in enumerate(keys.values())}
 
 
 def relative(raw: dict[str, float], raw0: dict[str, float]) -> dict[str, float]:
