@@ -15,6 +15,8 @@ from pathlib import Path
 from reteq import tracking as T
 from reteq.config import SweepConfig, load_config
 
+THEORY_EXPERIMENT = "theory"  # the default theory grid's experiment name (configs/theory.yaml)
+
 
 def _tracking(cfg: SweepConfig, work: Path) -> tuple[str, str | None]:
     uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
@@ -99,14 +101,12 @@ def _write_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str
 
     plan_text = format_plan(cfg, plan_report(cfg)) if cfg is not None else None
     extra = []
-    try:
+    try:  # the theory grid, when it was run into the same MLflow store (as `reteq demo` does)
         from reteq.theory.report import theory_section
 
-        theory_uri = T.default_tracking_uri(work.parent / "theory") if (work.parent / "theory").exists() else None
-        if theory_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-            sec = theory_section(theory_uri, "theory")
-            if sec is not None:
-                extra.append(sec)
+        section = theory_section(uri, THEORY_EXPERIMENT)
+        if section is not None:
+            extra.append(section)
     except ImportError:
         pass
     return write_report(uri, experiment or cfg.name, work / "report", plan_text=plan_text, extra_sections=extra)
@@ -142,7 +142,7 @@ def demo_command(config: str | None, work_dir: str | None) -> int:
     try:
         from reteq.theory.grid import theory_command
 
-        theory_command(None, str(work.parent / "theory"), False)
+        theory_command(None, str(work), False)  # same MLflow store: one UI, one report
     except ImportError:
         pass
     code = sweep_command(cfg, str(work), report=True)
