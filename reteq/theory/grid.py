@@ -287,6 +287,54 @@ def _ensure_experiment(client, experiment: str, artifact_root: str | None) -> st
     return client.create_experiment(experiment, artifact_location=location)
 
 
+def _start_parent(client, experiment_id: str, cfg: TheoryConfig) -> str:
+    """The parent run (kind sweep); the grid definition goes in as params, not an artifact, so nothing lands
+    in the working directory when there is no artifact root."""
+    from mlflow.entities import Param
+
+    parent = client.create_run(
+        experiment_id,
+        run_name=tk.run_name(tk.KIND_SWEEP, "theory", cfg.name),
+        tags={tk.TAG_KIND: tk.KIND_SWEEP, tk.TAG_SWEEP: cfg.name},
+    )
+    params = [Param(key, json.dumps(value)) for key, value in cfg.model_dump(mode="json").items()]
+    client.log_batch(parent.info.run_id, params=params)
+    return parent.info.run_id
+
+
+def _fit(cfg: TheoryConfig, ctx: dict[str, Any], storage_path: str | None) -> dict[str, int]:
+    """One Tune trial per cell; the summed counts, or an error naming what failed or did not finish."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(_cell_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial})
+    storage = storage_path or str(Path(tempfile.gettempdir()) / "reteq-theory-tune")
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search(cfg.cells())},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            reuse_actors=True,
+            time_budget_s=cfg.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            storage_path=str(Path(storage).resolve()), name=f"theory-{cfg.name}", verbose=0
+        ),
+    )
+    results = tuner.fit()
+    errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} theory trial(s) failed; first: {errors[0]}")
+    unfinished = sum(1 for r in results if "instances" not in (r.metrics or {}))
+    if unfinished or len(results) != len(cfg.cells()):
+        raise RuntimeError(
+            f"{unfinished or len(cfg.cells()) - len(results)} theory trial(s) did not finish "
+            f"within time_budget_s={cfg.time_budget_s}"
+        )
+    return {
+        key: sum(int(r.metrics[key]) for r in results) for key in ("instances", "bound_holds", "nonvacuous")
+    }
+
+
 def run_theory_grid(
     cfg: TheoryConfig,
     tracking_uri: str,
@@ -299,78 +347,38 @@ def run_theory_grid(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import ray
     from mlflow import MlflowClient
-    from ray import tune
 
     started = time.time()
-    client = MlflowClient(tracking_uri)
-    experiment_id = _ensure_experiment(client, experiment, artifact_root)
-    parent = client.create_run(
-        experiment_id,
-        run_name=tk.run_name(tk.KIND_SWEEP, "theory", cfg.name),
-        tags={tk.TAG_KIND: tk.KIND_SWEEP, tk.TAG_SWEEP: cfg.name},
-    )
-    parent_id = parent.info.run_id
-    # the grid definition as parent params, not an artifact: nothing lands in the cwd without artifact_root
-    from mlflow.entities import Param
-
-    client.log_batch(
-        parent_id,
-        params=[Param(key, json.dumps(value)) for key, value in cfg.model_dump(mode="json").items()],
-    )
-    ctx = {
-        "tracking_uri": tracking_uri,
-        "experiment_id": experiment_id,
-        "parent_run_id": parent_id,
-        "sweep": cfg.name,
-        "m": cfg.m,
-        "steps": cfg.steps,
-        "seeds": cfg.seeds,
-        "first_seed": cfg.first_seed,
-    }
-
     we_started_ray = not ray.is_initialized()
     if we_started_ray:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        # "local", not None: None silently joins any Ray instance already running on this machine
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    client, parent_id = MlflowClient(tracking_uri), None
     try:
         total_cpus = ray.cluster_resources().get("CPU", 0)
-        if cfg.cpus_per_trial > total_cpus:
+        if cfg.cpus_per_trial > total_cpus:  # checked before MLflow is touched: bad input leaves no runs
             raise ValueError(
                 f"cpus_per_trial={cfg.cpus_per_trial} exceeds the cluster's {total_cpus} CPUs "
                 "(trials would stay PENDING forever)"
             )
-        trainable = tune.with_resources(
-            tune.with_parameters(_cell_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial}
-        )
-        storage = storage_path or str(Path(tempfile.gettempdir()) / "reteq-theory-tune")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search(cfg.cells())},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=cfg.max_concurrent_trials,
-                reuse_actors=True,
-                time_budget_s=cfg.time_budget_s,
-            ),
-            run_config=tune.RunConfig(
-                storage_path=str(Path(storage).resolve()), name=f"theory-{cfg.name}", verbose=0
-            ),
-        )
-        results = tuner.fit()
-        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
-        if errors:
-            raise RuntimeError(f"{len(errors)} theory trial(s) failed; first: {errors[0]}")
-        unfinished = sum(1 for r in results if "instances" not in (r.metrics or {}))
-        if unfinished or len(results) != len(cfg.cells()):
-            raise RuntimeError(
-                f"{unfinished or len(cfg.cells()) - len(results)} theory trial(s) did not finish "
-                f"within time_budget_s={cfg.time_budget_s}"
-            )
-        counts = {
-            key: sum(int(r.metrics[key]) for r in results)
-            for key in ("instances", "bound_holds", "nonvacuous")
+        experiment_id = _ensure_experiment(client, experiment, artifact_root)
+        parent_id = _start_parent(client, experiment_id, cfg)
+        ctx = {
+            "tracking_uri": tracking_uri,
+            "experiment_id": experiment_id,
+            "parent_run_id": parent_id,
+            "sweep": cfg.name,
+            "m": cfg.m,
+            "steps": cfg.steps,
+            "seeds": cfg.seeds,
+            "first_seed": cfg.first_seed,
         }
+        counts = _fit(cfg, ctx, storage_path)
     except BaseException:
-        client.set_tag(parent_id, tk.TAG_STATUS, tk.STATUS_FAILED)
-        client.set_terminated(parent_id, status="FAILED")
+        if parent_id is not None:
+            client.set_tag(parent_id, tk.TAG_STATUS, tk.STATUS_FAILED)
+            client.set_terminated(parent_id, status="FAILED")
         raise
     finally:
         if we_started_ray:
@@ -403,7 +411,7 @@ def theory_command(config_path: str | None, work_dir: str, as_json: bool) -> int
     """`reteq theory [CONFIG] [--json]`: run the grid into work_dir's MLflow store and print a summary.
 
     Exit codes: 0 the bound held on every instance, 1 it failed somewhere (a bug or a counterexample),
-    2 bad input. With as_json, stdout carries exactly one JSON object (Tune's output goes to stderr)."""
+    2 bad input (config or cluster). With as_json, stdout carries exactly one JSON object (Tune's output goes to stderr)."""
     from reteq.config import ConfigError
 
     try:
@@ -414,8 +422,12 @@ def theory_command(config_path: str | None, work_dir: str, as_json: bool) -> int
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     uri, root = tk.default_tracking_uri(work), tk.default_artifact_root(work)
-    with redirect_stdout(sys.stderr):
-        summary = run_theory_grid(cfg, uri, root, experiment=cfg.name, storage_path=str(work / "ray_results"))
+    try:
+        with redirect_stdout(sys.stderr):
+            summary = run_theory_grid(cfg, uri, root, cfg.name, storage_path=str(work / "ray_results"))
+    except ValueError as e:  # input the config alone cannot rule out, e.g. more CPUs per trial than exist
+        print(f"reteq theory: {e}", file=sys.stderr)
+        return 2
     if as_json:
         print(json.dumps(summary, sort_keys=True))
     else:
