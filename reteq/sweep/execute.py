@@ -19,9 +19,10 @@ TRIAL_CPUS = 0.05  # the trial function only waits on its trainer; Ray refuses 0
 
 
 def _env() -> dict[str, str]:
-    keep = ("RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR",
+    keep = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR",
             "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI", "PYTHONPATH")
     env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # busy small machines start workers slowly
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
     return env

@@ -29,6 +29,7 @@ def _init_ray(work: Path) -> bool:
 
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read by Train controllers
     kwargs = {"log_to_driver": True, "include_dashboard": False}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**{k: v for k, v in kwargs.items() if k != "include_dashboard"})
