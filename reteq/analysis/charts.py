@@ -266,13 +266,64 @@ def divergence_chart(divergence: pl.DataFrame, metrics: pl.DataFrame) -> alt.Cha
     )
 
 
+def figure4(metrics: pl.DataFrame) -> alt.FacetChart | None:
+    """Figure 4: R / C / U log-probs along unlearning U, a panel per learning order (Section 4.3).
+
+    Deep forgetting: C (the other compliance phrasing) falls with U; superficial: only U falls."""
+    keys = {T.M_DEPTH_R: "R (refusal)", T.M_DEPTH_C: "C (compliance)", T.M_DEPTH_U: "U (unlearned)"}
+    df = metrics.filter(pl.col("metric").is_in(list(keys)) & pl.col("value").is_finite())
+    if not df.height:
+        return None
+    df = (df.group_by(["model", "order", "metric", "step"]).agg(pl.col("value").mean())
+          .with_columns(response=pl.col("metric").replace_strict(keys)).sort(["order", "step"]))
+    chart = (
+        alt.Chart(df)
+        .mark_line(point=alt.OverlayMarkDef(size=25), strokeWidth=2)
+        .encode(x=STEP_X, y=alt.Y("value:Q", title="log-prob per token", scale=alt.Scale(zero=False)),
+                color=alt.Color("response:N", title="response", scale=alt.Scale(scheme="set1")),
+                tooltip=["order:N", "response:N", "step:Q", alt.Tooltip("value:Q", format=".4f")])
+        .properties(width=200, height=150)
+        .facet(facet=alt.Facet("order:N", header=_header(), title=None), columns=3)
+    )
+    return _finish(chart, "Figure 4: superficial vs deep forgetting",
+                   "R/C/U log-probs while U is unlearned; one panel per learning order")
+
+
+def figure7(metrics: pl.DataFrame) -> alt.FacetChart | None:
+    """Figure 7: forget quality vs retained utility after the last step, a point per run (panel per lr)."""
+    final = metrics.filter(pl.col("metric").is_in([T.M_FORGET_SCORE, T.M_TOFU_UTILITY]) & pl.col("value").is_finite())
+    if not final.height:
+        return None
+    last = final.filter(pl.col("step") == pl.col("step").max().over(["run_id", "metric"]))
+    wide = last.pivot(on="metric", index=["run_id", "model", "algorithm", "lr", "p"], values="value")
+    if T.M_FORGET_SCORE not in wide.columns or T.M_TOFU_UTILITY not in wide.columns:
+        return None
+    if wide.filter(pl.col("lr") == 5e-5).height:  # the paper's Figure 7 setting
+        wide = wide.filter(pl.col("lr") == 5e-5)
+    wide = _with_labels(wide.rename({T.M_FORGET_SCORE: "forget", T.M_TOFU_UTILITY: "utility"}))
+    chart = (
+        alt.Chart(wide)
+        .mark_point(size=90, filled=True)
+        .encode(x=alt.X("forget:Q", title="forget score (higher = more forgetting)"),
+                y=alt.Y("utility:Q", title="TOFU utility (1 - |change|)", scale=alt.Scale(zero=False)),
+                color=P_COLOR, shape=alt.Shape("algo:N", title="algorithm"),
+                tooltip=["model:N", "algo:N", "p:O", alt.Tooltip("forget:Q", format=".3f"),
+                         alt.Tooltip("utility:Q", format=".3f")])
+        .properties(width=WIDTH, height=HEIGHT)
+        .facet(column=alt.Column("lr_label:N", header=_header()), row=alt.Row("model:N", header=_header(row=True)))
+    )
+    return _finish(chart, "Figure 7: forget quality vs retained utility", "after the last unlearning step")
+
+
 def all_charts(metrics: pl.DataFrame, divergence: pl.DataFrame) -> dict[str, alt.TopLevelMixin]:
     """Every chart that has data, keyed by a file-safe name (the report's order)."""
     charts = {
         "figure1_forget_label": figure1(metrics),
         "figure3_forget_vs_tofu": figure3(metrics),
+        "figure4_depth": figure4(metrics),
         "figure5_seeds": figure5(metrics),
         "figure6_lr_grid": figure6(metrics),
+        "figure7_forget_vs_utility": figure7(metrics),
         "figure8_scheduler": figure8(metrics),
         "divergence_growth": divergence_chart(divergence, metrics),
     }
