@@ -71,8 +71,20 @@ class DataCache:
     _math: list | None = None
 
     def stage(self, name: str) -> list[dict]:
+        """A stage's conversations; a hub source reads its `reteq data prepare` copy when one exists."""
         if name not in self._stages:
-            self._stages[name] = load_conversations(self.cfg.stage(name).source)
+            source = self.cfg.stage(name).source
+            prepared = None
+            if source.kind == "hub":
+                from reteq.data.prepare import lookup_prepared
+
+                prepared = lookup_prepared(source, Path(self.cfg.work_dir) / "data")
+            if prepared is not None:
+                from reteq.data.prepare import read_prepared
+
+                self._stages[name] = read_prepared(prepared)
+            else:
+                self._stages[name] = load_conversations(source)
         return self._stages[name]
 
     def math_items(self) -> list[tuple[str, str]]:

@@ -190,3 +190,18 @@ def test_source_key_depends_on_spec_and_transform():
     a = DataSource(kind="hub", id="locuslab/TOFU", subset="full")
     assert prepare.source_key(a) == prepare.source_key(a.model_copy())
     assert prepare.source_key(a) != prepare.source_key(a.model_copy(update={"revision": "abc"}))
+
+
+def test_a_sweep_reads_the_prepared_copy_instead_of_the_hub(raw, tmp_path, monkeypatch):
+    from reteq.pipeline import DataCache
+
+    cfg = parse_config(raw)
+    prepare.prepare(cfg, tmp_path / "work" / "data")  # the default place: <work_dir>/data
+    expected = {s.name: hub.load_hub(s.source) for s in cfg.stages}
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the sweep went to the hub although a prepared copy exists")
+
+    monkeypatch.setattr(hub, "load_hub_dataset", no_network)
+    cache = DataCache(cfg)
+    assert {s.name: cache.stage(s.name) for s in cfg.stages} == expected

@@ -39,11 +39,9 @@ class PrepareError(ValueError):
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from reteq.train.checkpoint import sha256_file  # one hashing routine for checkpoints and data
+
+    return sha256_file(path)
 
 
 def transform_of(source: DataSource) -> tuple[str, str]:
