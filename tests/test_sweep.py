@@ -52,6 +52,9 @@ def test_sweep_trains_each_node_once_and_resumes(ray_cluster, tmp_path, capsys):
         assert [m.step for m in hist] == [0, 1, 2]
         assert r.data.tags[T.TAG_P] in ("3", "4")
 
+    system = [k for r in finetune + unlearn for k in r.data.metrics if k.startswith("system/")]
+    assert system, "system metrics (CPU, memory) are logged for node runs"
+
     for r in finetune:  # checkpoints logged as artifacts whose manifests verify
         local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
                                                     dst_path=str(tmp_path / "dl" / r.info.run_id))

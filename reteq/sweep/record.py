@@ -87,6 +87,9 @@ def leaf_tags(leaf: UnlearnLeaf, sweep: str, scheduler: str) -> dict[str, str]:
             T.TAG_PARENT_KEY: leaf.parent, T.TAG_SWEEP: sweep, T.TAG_SCHEDULER: scheduler}
 
 
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
 class MlflowHooks(Hooks):
     """Worker-side logging (main worker only): one child run per node trained or leaf unlearned here."""
 
@@ -94,17 +97,32 @@ class MlflowHooks(Hooks):
 
     def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, scheduler_of, echo=print):
         self.c = client(uri)
+        self.uri = uri
         self.exp_id, self.parent, self.sweep = exp_id, parent_run_id, sweep
         self.scheduler_of = scheduler_of  # model/order -> schedule name of the path's stages
         self.echo = echo
         self.run_ids: dict[str, str] = {}
         self._buffer: dict[str, list] = {}
         self.leaf_run_id: str | None = None
+        self._monitors: dict[str, Any] = {}
 
     def _start(self, key: str, name: str, tags: dict[str, str]) -> str:
         run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, "mlflow.parentRunId": self.parent})
         self.run_ids[key] = run.info.run_id
+        self._monitor(key, run.info.run_id)
         return run.info.run_id
+
+    def _monitor(self, key: str, run_id: str) -> None:
+        """CPU / memory / GPU utilisation as MLflow system metrics, where psutil (and pynvml) allow."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                           tracking_uri=self.uri)
+            monitor.start()
+            self._monitors[key] = monitor
+        except Exception as e:  # optional: a platform without psutil still trains and logs
+            self.echo(f"system metrics unavailable: {type(e).__name__}: {e}")
 
     def _metrics(self, key: str, values: dict[str, float], step: int, flush: bool = False) -> None:
         from mlflow.entities import Metric
@@ -124,6 +142,8 @@ class MlflowHooks(Hooks):
 
     def _end(self, key: str, status: str, tags: dict[str, str] | None = None) -> None:
         self._metrics(key, {}, 0, flush=True)
+        if key in self._monitors:
+            self._monitors.pop(key).finish()
         rid = self.run_ids[key]
         for k, v in {T.TAG_STATUS: status, **(tags or {})}.items():
             self.c.set_tag(rid, k, v)
@@ -175,6 +195,9 @@ class MlflowHooks(Hooks):
         self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
 
     def fail_open_runs(self, error: str) -> None:
+        for monitor in self._monitors.values():
+            monitor.finish()
+        self._monitors.clear()
         for rid in self.run_ids.values():
             run = self.c.get_run(rid)
             if run.info.status == "RUNNING":
