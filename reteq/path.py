@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from reteq import tracking as T
 from reteq.config import SweepConfig
 from reteq.data.sources import DataError
 from reteq.pipeline import CheckpointStore, DataCache, Hooks, run_leaf
-from reteq.sweep.plan import UnlearnLeaf, build_plan
+from reteq.sweep.plan import Plan, UnlearnLeaf, build_plan
 from reteq.train.recipes import UnlearnResult, WorkerContext
 
 
@@ -82,14 +83,15 @@ def format_table(result: UnlearnResult) -> str:
     return "\n".join(lines)
 
 
-def choose_leaf(cfg: SweepConfig, model, order, algorithm, lr, beta, seed) -> tuple[UnlearnLeaf, object]:
+def choose_leaf(cfg: SweepConfig, model, order, algorithm, lr, beta, seed) -> tuple[UnlearnLeaf, Plan]:
+    """The leaf the flags name; unset flags take the first value of the config's grid."""
+    from reteq.algorithms import get_algorithm
+
     plan = build_plan(cfg)
     want_order = tuple(order.split(",")) if order else None
     if want_order and sorted(want_order) != sorted(s.name for s in cfg.stages):
         raise BadInput(f"--order: {','.join(want_order)} is not a permutation of the declared stages")
     if algorithm is not None:
-        from reteq.algorithms import get_algorithm
-
         try:
             get_algorithm(algorithm)
         except ValueError as e:
@@ -98,28 +100,15 @@ def choose_leaf(cfg: SweepConfig, model, order, algorithm, lr, beta, seed) -> tu
         raise BadInput(f"--lr: must be > 0 (got {lr})")
     if model is not None and model not in {m.name for m in cfg.models}:
         raise BadInput(f"--model: {model!r} is not a model of this config")
-    base = next(x for x in plan.leaves if (model is None or x.model == model))
-    from dataclasses import replace
-
-    from reteq.sweep.plan import node_key
-
+    base = next(x for x in plan.leaves if model is None or x.model == model)
     m = model or base.model
     s = cfg.seeds[0] if seed is None else seed
     o = want_order or base.order
-    if cfg.forget_stage not in o:
-        raise BadInput(f"--order: the forget stage {cfg.forget_stage} is not in the order")
-    # the path's nodes (the chosen order may be outside the config's grid)
-    from reteq.sweep.plan import StageNode, _stage_examples
-
-    parent = None
-    for i in range(len(o)):
-        key = node_key(cfg, m, tuple(o[: i + 1]), s)
-        plan.nodes.setdefault(key, StageNode(key, m, tuple(o[: i + 1]), s, parent, _stage_examples(cfg, o[i])))
-        parent = key
     alg = algorithm or base.algorithm
-    betas = cfg.unlearn.betas_for(alg)
+    parent = plan.add_path(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
     leaf = replace(base, model=m, order=tuple(o), p=o.index(cfg.forget_stage) + 1, algorithm=alg,
-                   lr=lr or base.lr, beta=beta if beta is not None else betas[0], seed=s, parent=parent)
+                   lr=lr or base.lr, beta=beta if beta is not None else cfg.unlearn.betas_for(alg)[0], seed=s,
+                   parent=parent)
     return leaf, plan
 
 

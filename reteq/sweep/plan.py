@@ -71,6 +71,21 @@ class Plan:
             k = self.nodes[k].parent
         return out[::-1]
 
+    def add_path(self, cfg: SweepConfig, model: str, order: tuple[str, ...], seed: int,
+                 schedule: str | None = None) -> str:
+        """Add the stage nodes of one finetuning path (reusing shared prefixes); return its last node's key."""
+        parent = None
+        for i in range(len(order)):
+            prefix = tuple(order[: i + 1])
+            key = node_key(cfg, model, prefix, seed, schedule)
+            self.stage_runs_without_sharing += 1
+            if key not in self.nodes:
+                self.nodes[key] = StageNode(key, model, prefix, seed, parent, _stage_examples(cfg, prefix[-1]),
+                                            schedule)
+            parent = key
+        assert parent is not None, "an order has at least one stage"
+        return parent
+
     def summary(self) -> dict:
         return {
             "stage_nodes": len(self.nodes),
@@ -100,15 +115,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
     orders = cfg.stage_orders()
     grid = itertools.product(cfg.models, cfg.seeds, cfg.schedule_grid(), orders)
     for model, seed, schedule, order in grid:
-        parent = None
-        for i in range(len(order)):
-            prefix = tuple(order[: i + 1])
-            key = node_key(cfg, model.name, prefix, seed, schedule)
-            plan.stage_runs_without_sharing += 1
-            if key not in plan.nodes:
-                plan.nodes[key] = StageNode(key, model.name, prefix, seed, parent, _stage_examples(cfg, prefix[-1]),
-                                            schedule)
-            parent = key
+        parent = plan.add_path(cfg, model.name, order, seed, schedule)
         p = order.index(cfg.forget_stage) + 1
         for alg in cfg.unlearn.algorithms:
             for lr in cfg.unlearn.lrs:
