@@ -83,9 +83,16 @@ def cmd_demo(args) -> int:
     return demo_command(args.config, args.work_dir)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags are bad input too: one line (`reteq VERB: error: ...`) and exit 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reteq", description=__doc__)
-    sub = p.add_subparsers(dest="verb", required=True)
+    p = OneLineParser(prog="reteq", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     s = sub.add_parser("validate", help="check a sweep config; one line per problem")
     s.add_argument("config")
@@ -126,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_theory)
 
     s = sub.add_parser("data", help="data utilities")
-    dsub = s.add_subparsers(dest="data_verb", required=True)
+    dsub = s.add_subparsers(dest="data_verb", required=True, parser_class=OneLineParser)
     d = dsub.add_parser("prepare", help="materialise every stage to local Parquet with a manifest")
     d.add_argument("config")
     d.add_argument("--out")
