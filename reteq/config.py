@@ -224,6 +224,9 @@ class ExecutionConfig(_Strict):
     tokens_per_gpu_second: float = Field(
         40_000, gt=0, description="throughput used by `reteq plan` to estimate GPU-hours (measure with bench/)"
     )
+    packing: bool = Field(
+        True, description="pack variable-length samples into rows (no cross-sample attention) instead of padding "
+        "them: same losses to float rounding, fewer wasted tokens (docs/performance.md); false = padded batches")
 
 
 class SweepConfig(_Strict):

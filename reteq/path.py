@@ -40,11 +40,11 @@ def preflight(cfg: SweepConfig, data: DataCache) -> None:
 
 
 class PrintHooks(Hooks):
-    def __init__(self, out=sys.stdout):
+    def __init__(self, out=None):  # None: the sys.stdout of the moment (captured or redirected)
         self.out = out
 
     def _p(self, msg: str) -> None:
-        print(msg, file=self.out, flush=True)
+        print(msg, file=self.out or sys.stdout, flush=True)
 
     def node_skipped(self, node, path):
         self._p(f"[stage] {node.model} {'>'.join(node.prefix)}: reusing {path}")
@@ -119,7 +119,7 @@ def run_path_command(cfg: SweepConfig, *, model=None, order=None, algorithm=None
     preflight(cfg, data)
     work = Path(work_dir or cfg.work_dir)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    ctx = WorkerContext(dtype=cfg.model(leaf.model).dtype,
+    ctx = WorkerContext(dtype=cfg.model(leaf.model).dtype, packing=cfg.execution.packing,
                         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
     print(f"path {leaf.model} {'>'.join(leaf.order)} (p={leaf.p}) | {leaf.algorithm} lr={leaf.lr:g} "

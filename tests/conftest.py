@@ -35,3 +35,11 @@ def sqlite_tracking(tmp_path):
     """A real MLflow SQLite store plus artifact folder in a temp dir; returns (tracking_uri, artifact_root)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, (tmp_path / "mlartifacts").as_uri()
+
+
+def pytest_configure(config):
+    # One torch thread in the test process: on 2 shared cores, oversubscribed matmul threads slow the tiny
+    # models' steps by 10-50x (Ray workers set their own thread counts).
+    import torch
+
+    torch.set_num_threads(1)

@@ -12,12 +12,9 @@ from typing import Any
 
 from reteq.config import DataSource
 from reteq.data import synthetic
+from reteq.data.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data file or row that cannot be used; the message is one line naming file and field."""
 
 
 def validate_conversation(row: Any, origin: str, index: int) -> dict:

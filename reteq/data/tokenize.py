@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reteq.data.sources import DataError
+from reteq.data.errors import DataError
 
 IGNORE = -100
 

@@ -78,7 +78,7 @@ class Evaluator:
             answers = generate_answers(
                 model, self.tokenizer, [q for q, _ in self.math_items], samples=self.cfg.math_samples,
                 greedy=self.cfg.greedy, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
-                batch_size=self.cfg.batch_size, seed=self.seed, device=device)
+                batch_size=self.cfg.batch_size, seed=self.seed, device=device, dtype=dtype)
             out[T.M_MATH_ACC] = accuracy(answers, [r for _, r in self.math_items])
         return out
 

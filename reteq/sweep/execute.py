@@ -56,7 +56,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.execution.cpus_per_worker)))
     ds = load_deepspeed_config(config["deepspeed"]) if config["deepspeed"] else None
-    ctx = WorkerContext(rank=rank, world=world, device=device, ds_config=ds, dtype=cfg.model(leaf.model).dtype)
+    ctx = WorkerContext(rank=rank, world=world, device=device, ds_config=ds, dtype=cfg.model(leaf.model).dtype,
+                        packing=cfg.execution.packing)
 
     hooks = None
     coordinator = None

@@ -15,11 +15,13 @@ import torch
 
 from reteq.algorithms import get_algorithm
 from reteq.config import StageConfig, UnlearnConfig
+from reteq.data.packing import layout_for, pack, packed_micro_batches
 from reteq.data.tokenize import Example, encode_dataset, micro_batches, plan_steps
 from reteq.eval.evaluator import Evaluator, relative
 from reteq.train.engine import OptimSpec, build_engine
-from reteq.train.logprobs import sequence_logps, token_logps
+from reteq.train.logprobs import batch_token_logps, sequence_logps
 from reteq.train.loop import LoopResult, Step, StepRecord, train_loop
+from reteq.train.precision import apply_matmul_policy, autocast
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class WorkerContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ds_config: dict[str, Any] | None = None
     dtype: str = "fp32"
+    # [packing hook] pack variable-length samples into rows (reteq.data.packing) instead of padding them;
+    # same losses and gradients to float rounding. Set from `execution.packing` by whoever builds the context.
+    packing: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -43,28 +48,33 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int, where: s
 
 
 def build_steps(examples: list[Example], index_steps: list[list[int]], micro: int, ctx: WorkerContext,
-                pad_id: int) -> list[Step]:
+                pad_id: int, model=None) -> list[Step]:
     steps = []
     for idx in index_steps:
         label_tokens = sum(examples[i].n_label_tokens for i in idx)
-        steps.append(Step(micro_batches(examples, idx, micro, ctx.rank, ctx.world, pad_id), label_tokens, len(idx)))
+        if ctx.packing:  # [packing hook] same number of micro-batches per worker, samples packed into rows
+            mbs = packed_micro_batches(examples, idx, micro, ctx.rank, ctx.world, pad_id, layout_for(model))
+        else:
+            mbs = micro_batches(examples, idx, micro, ctx.rank, ctx.world, pad_id)
+        steps.append(Step(mbs, label_tokens, len(idx)))
     return steps
 
 
 def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx: WorkerContext, seed: int,
                    on_step: Callable[[StepRecord], None] | None = None) -> tuple[torch.nn.Module, LoopResult, dict]:
     """Train one stage with a fresh optimizer and schedule; token-mean cross-entropy on response tokens."""
+    apply_matmul_policy(ctx.dtype)  # [precision hook] TF32 on only under dtype tf32
     examples = encode_dataset(tokenizer, convs, stage.max_length)
     accum = accumulation_steps(stage.global_batch, stage.micro_batch, ctx.world, f"stages.{stage.name}")
     index_steps = plan_steps(len(examples), stage.epochs, stage.global_batch, seed)
-    steps = build_steps(examples, index_steps, stage.micro_batch, ctx, tokenizer.pad_token_id)
+    steps = build_steps(examples, index_steps, stage.micro_batch, ctx, tokenizer.pad_token_id, model)
     spec = OptimSpec(stage.optimizer, stage.lr, len(steps), stage.schedule, stage.warmup_frac, stage.decay_frac,
                      stage.min_lr_ratio)
     engine = build_engine(model, spec, ds_config=ctx.ds_config, micro_batch=stage.micro_batch,
                           accumulation=accum, world=ctx.world)
 
     def loss_fn(m, batch, step: Step) -> torch.Tensor:
-        logp, _ = token_logps(m, batch.input_ids, batch.attention_mask, batch.labels)
+        logp, _ = batch_token_logps(m, batch)  # [packing hook] padded or packed batch
         return -logp.sum() / step.label_tokens
 
     result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=on_step)
@@ -86,7 +96,8 @@ class UnlearnResult:
 
 
 @torch.no_grad()
-def reference_logps(model, examples: list[Example], micro: int, pad_id: int, device) -> torch.Tensor:
+def reference_logps(model, examples: list[Example], micro: int, pad_id: int, device,
+                    packing: bool = False, dtype: str = "fp32") -> torch.Tensor:
     """Summed response log-prob of every forget example under the model before unlearning (NPO's pi_ref)."""
     from reteq.data.tokenize import collate
 
@@ -95,8 +106,10 @@ def reference_logps(model, examples: list[Example], micro: int, pad_id: int, dev
     out = torch.zeros(len(examples), dtype=torch.float64)
     for s in range(0, len(examples), micro):
         chunk = examples[s:s + micro]
-        batch = collate(chunk, pad_id).to(device)
-        logp, _ = sequence_logps(model, batch)
+        # [packing hook] the reference goes through the same path as the training steps
+        batch = (pack(chunk, pad_id, layout=layout_for(model)) if packing else collate(chunk, pad_id)).to(device)
+        with autocast(dtype, device):  # [precision hook] pi_ref under the same policy as the steps
+            logp, _ = sequence_logps(model, batch)
         out[[e.index for e in chunk]] = logp.double().cpu()
     model.train(was)
     return out
@@ -108,11 +121,13 @@ def unlearn(model, tokenizer, cfg: UnlearnConfig, algorithm: str, lr: float, bet
             on_step: Callable[[StepRecord], None] | None = None) -> UnlearnResult:
     """Unlearn the forget set with a local method; evaluate at step 0 and every `eval_every` steps."""
     alg = get_algorithm(algorithm)
+    apply_matmul_policy(ctx.dtype)  # [precision hook]
     examples = encode_dataset(tokenizer, forget_convs, cfg.max_length)
     accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, ctx.world, "unlearn")
     index_steps = plan_steps(len(examples), cfg.epochs, cfg.global_batch, seed, cfg.steps)
-    steps = build_steps(examples, index_steps, cfg.micro_batch, ctx, tokenizer.pad_token_id)
-    ref = reference_logps(model, examples, cfg.micro_batch, tokenizer.pad_token_id, ctx.device) \
+    steps = build_steps(examples, index_steps, cfg.micro_batch, ctx, tokenizer.pad_token_id, model)
+    ref = reference_logps(model, examples, cfg.micro_batch, tokenizer.pad_token_id, ctx.device, ctx.packing,
+                          ctx.dtype) \
         if alg.needs_reference else None
 
     raw0 = evaluator.raw(model, ctx.device, ctx.dtype)

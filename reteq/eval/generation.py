@@ -1,0 +1,79 @@
+"""Batched generation for the math metric: token ids in, new token ids out, many questions x samples per call.
+
+What makes it cheap on a GPU (docs/performance.md): prompts sorted by length and left-padded together;
+`num_return_sequences` for the samples of one question; big batches (decode is memory-bound: a batch of 512
+costs little more per step than a batch of 64); a static KV cache (`cache_implementation="static"`), which
+also lets transformers compile the decode step (`compile=True`; prompt widths are bucketed to a multiple of
+64 then, so a handful of shapes compile). Greedy outputs equal the plain dynamic-cache path's.
+
+Import-light (torch only) for bench/.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reteq.train.precision import autocast
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int] | None,
+                 samples: int = 1, greedy: bool = True, temperature: float = 1.0, max_new_tokens: int = 256,
+                 batch_size: int = 64, seed: int = 0, device: torch.device | None = None,
+                 static_cache: bool | None = None, compile: bool = False, dtype: str = "fp32",
+                 pad_multiple: int | None = None) -> list[list[list[int]]]:
+    """`samples` continuations (1 when greedy) per prompt, as new-token ids (EOS and any padding after it kept).
+
+    batch_size counts sequences per `generate` call (prompts x samples). static_cache None = on for CUDA.
+    Sampling is seeded once (`seed`) in a forked RNG, so every worker draws the same answers.
+    """
+    device = device or next(model.parameters()).device
+    if static_cache is None:
+        static_cache = device.type == "cuda"
+    if pad_multiple is None:
+        pad_multiple = 64 if static_cache and compile else 1
+    per = 1 if greedy else samples
+    per_call = max(1, batch_size // per)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    kwargs = dict(do_sample=not greedy, num_return_sequences=per, max_new_tokens=max_new_tokens,
+                  pad_token_id=pad_id, eos_token_id=eos_id, top_p=None, top_k=None,
+                  temperature=None if greedy else temperature)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
+    kwargs["disable_compile"] = not compile
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(order), per_call):
+            chunk = order[start:start + per_call]
+            width = max(len(prompts[i]) for i in chunk)
+            width = -(-width // pad_multiple) * pad_multiple
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                n = len(prompts[i])
+                ids[r, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
+                mask[r, width - n:] = 1
+            with autocast(dtype, device):
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            new = gen[:, width:].cpu().tolist()
+            for r, i in enumerate(chunk):
+                out[i] = new[r * per:(r + 1) * per]
+    model.train(was_training)
+    return out
+
+
+def count_new_tokens(seqs: list[list[int]], eos_id: int | list[int] | None, pad_id: int) -> int:
+    """Generated tokens up to and including the first EOS (what the model actually had to decode)."""
+    stops = set(eos_id if isinstance(eos_id, list) else [eos_id]) if eos_id is not None else set()
+    total = 0
+    for s in seqs:
+        n = len(s)
+        for k, t in enumerate(s):
+            if t in stops:
+                n = k + 1
+                break
+        total += n
+    return total
