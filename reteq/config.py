@@ -133,10 +133,10 @@ class StageConfig(_Strict):
 class OrdersConfig(_Strict):
     """Which stage orders to compare. Exactly one of the three forms."""
 
-    explicit: list[list[str]] | None = Field(None, description="a list of orders, each a list of stage names")
+    explicit: list[list[str]] | None = Field(None, min_length=1, description="a list of orders, each a list of stage names")
     all_permutations: bool = False
     forget_positions: list[int] | None = Field(
-        None, description="insert the forget stage at these 1-based positions into retain_order (the paper's design)"
+        None, min_length=1, description="insert the forget stage at these 1-based positions into retain_order (the paper's design)"
     )
     retain_order: list[str] | None = Field(None, description="fixed order of the retain stages")
 
@@ -151,8 +151,8 @@ class OrdersConfig(_Strict):
 
 
 class UnlearnConfig(_Strict):
-    algorithms: list[str] = Field(default_factory=lambda: ["ga", "npo", "simnpo"])
-    lrs: list[PositiveFloat] = Field(default_factory=lambda: [1e-5])
+    algorithms: list[str] = Field(default_factory=lambda: ["ga", "npo", "simnpo"], min_length=1)
+    lrs: list[PositiveFloat] = Field(default_factory=lambda: [1e-5], min_length=1)
     betas: dict[str, list[PositiveFloat]] = Field(
         default_factory=lambda: {"npo": [0.5], "simnpo": [1.0]},
         description="beta grid per algorithm (only for algorithms that take one)",
@@ -174,13 +174,18 @@ class UnlearnConfig(_Strict):
             raise ValueError("must be > 0")
         return v
 
-    @model_validator(mode="after")
-    def _algorithms(self) -> UnlearnConfig:
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, names: list[str]) -> list[str]:
         from reteq.algorithms import ALGORITHMS
 
-        for name in self.algorithms:
+        for name in names:
             if name not in ALGORITHMS:
                 raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(ALGORITHMS))})")
+        return names
+
+    @model_validator(mode="after")
+    def _batches(self) -> UnlearnConfig:
         if self.global_batch % self.micro_batch:
             raise ValueError("global_batch must be a multiple of micro_batch")
         return self
@@ -232,9 +237,9 @@ class ExecutionConfig(_Strict):
 class SweepConfig(_Strict):
     name: str
     work_dir: str = Field("runs/default", description="checkpoints, MLflow store and report live here")
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    models: list[ModelConfig]
-    stages: list[StageConfig]
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    models: list[ModelConfig] = Field(min_length=1)
+    stages: list[StageConfig] = Field(min_length=1)
     forget_stage: str = "U"
     orders: OrdersConfig
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)

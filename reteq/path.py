@@ -5,6 +5,7 @@ The debugging path: no Ray, no MLflow; checkpoints still go to work_dir/checkpoi
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -96,8 +97,10 @@ def choose_leaf(cfg: SweepConfig, model, order, algorithm, lr, beta, seed) -> tu
             get_algorithm(algorithm)
         except ValueError as e:
             raise BadInput(f"--algorithm: {e}") from None
-    if lr is not None and not lr > 0:
-        raise BadInput(f"--lr: must be > 0 (got {lr})")
+    if lr is not None and not 0 < lr < math.inf:
+        raise BadInput(f"--lr: must be a finite number > 0 (got {lr})")
+    if beta is not None and not 0 < beta < math.inf:
+        raise BadInput(f"--beta: must be a finite number > 0 (got {beta})")
     if model is not None and model not in {m.name for m in cfg.models}:
         raise BadInput(f"--model: {model!r} is not a model of this config")
     base = next(x for x in plan.leaves if model is None or x.model == model)
@@ -118,7 +121,7 @@ def run_path_command(cfg: SweepConfig, *, model=None, order=None, algorithm=None
     data = DataCache(cfg)
     preflight(cfg, data)
     work = Path(work_dir or cfg.work_dir)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     ctx = WorkerContext(dtype=cfg.model(leaf.model).dtype, packing=cfg.execution.packing,
                         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()

@@ -110,9 +110,13 @@ def ensure_tiny_model() -> Path:
         cfg = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_SHAPE)
         model = LlamaForCausalLM(cfg)
-        with torch.random.fork_rng():
-            torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-            _pretrain(model, tokenizer, synthetic.pretraining_text(PRETRAIN["texts"], seed=0))
+        threads = torch.get_num_threads()
+        try:
+            with torch.random.fork_rng():
+                torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
+                _pretrain(model, tokenizer, synthetic.pretraining_text(PRETRAIN["texts"], seed=0))
+        finally:
+            torch.set_num_threads(threads)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -208,6 +208,7 @@ def test_every_chart_renders_a_png(planted, tmp_path):
         "figure3_forget_vs_tofu",
         "figure5_seeds",
         "figure6_lr_grid",
+        "figure7_forget_vs_utility",
         "figure8_scheduler",
         "divergence_growth",
     }
@@ -241,7 +242,8 @@ def test_every_chart_titles_its_axes_and_legends(planted):
         encodings = list(_encodings(chart.to_dict()))
         assert encodings, name
         for enc in encodings:
-            assert enc["x"]["title"] == "unlearning step", name
+            x_title = "forget score (higher = more forgetting)" if name.startswith("figure7") else "unlearning step"
+            assert enc["x"]["title"] == x_title, name
             assert enc["color"]["title"] in ("p", "model"), name
             if "title" in enc["y"]:  # a layer that shares its y scale may leave the title to the other layer
                 assert enc["y"]["title"], name

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,58 +30,80 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path, monkeypatch):
+def ray_head(tmp_path):
     port, dash = _free_port(), _free_port()
     token = secrets.token_hex(32)  # Ray 2.60 turns token auth on for `ray start`; keep it on, with our token
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).parent / "ray")
+    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths have a length limit
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           "--disable-usage-stats"]
+           "--disable-usage-stats", f"--temp-dir={temp}"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    for _ in range(60):  # the dashboard's job agent answers a few seconds after `ray start`
+        probe = subprocess.run([ray_bin, "job", "list"], env={**env, "RAY_ADDRESS": address},
+                               capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        yield address, env
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-                       capture_output=True, timeout=120)
+        _stop_cluster(temp)  # `ray stop` would also kill the session's shared local cluster
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Terminate exactly this head's processes (found by their --temp-dir) and their children."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp) in c for c in p.info["cmdline"] or [])]
+    procs = set(roots)
+    for p in roots:
+        try:
+            procs.update(p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs), timeout=15)
+    for p in alive:
+        p.kill()
 
 
 def test_submit_tiny_sweep_through_jobs_api(ray_head, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    address, _ = ray_head
+    """Exactly the documented command, `ray job submit --working-dir . --runtime-env ... -- python -m reteq
+    sweep CONFIG`, run as a subprocess (the CLI reads the auth token from its own environment)."""
+    address, env = ray_head
     work = tmp_path / "work"
     cfg = tiny_sweep(work, name="jobs-sweep", positions=(4,), algorithms=("npo",), lrs=(1e-3,), workers=1,
                      concurrent=1, deepspeed="zero0_fp32.json", unlearn_steps=1)
     cfg_path = write(cfg, tmp_path / "sweep.yaml")
     runtime_env = yaml.safe_load((REPO / "rayjobs" / "runtime_env.yaml").read_text())
-    runtime_env["working_dir"] = str(REPO)
     runtime_env.setdefault("env_vars", {}).update(
         {k: os.environ[k] for k in ("RETEQ_CACHE", "HF_HUB_OFFLINE", "DS_ACCELERATOR") if k in os.environ})
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
 
-    deadline = time.time() + 60
-    while True:  # the dashboard's job agent answers a few seconds after `ray start`
-        try:
-            client = JobSubmissionClient(address)
-            break
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(2)
-    job = client.submit_job(entrypoint=f"python -m reteq sweep {cfg_path} --no-report", runtime_env=runtime_env)
-    deadline = time.time() + 600
-    status = client.get_job_status(job)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, "job did not finish within 10 minutes"
-        time.sleep(3)
-        status = client.get_job_status(job)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    job_env = {**env, "RAY_ADDRESS": address}
+    submit = subprocess.run(
+        [ray_bin, "job", "submit", "--submission-id", "reteq-test-job", "--working-dir", ".",
+         "--runtime-env", str(env_file), "--", "python", "-m", "reteq", "sweep", str(cfg_path), "--no-report"],
+        cwd=REPO, env=job_env, capture_output=True, text=True, timeout=900)
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode == 0, logs[-3000:]
     assert "sweep jobs-sweep finished" in logs
+
+    status = subprocess.run([ray_bin, "job", "status", "reteq-test-job"], env=job_env, capture_output=True,
+                            text=True, timeout=120)
+    assert "succeeded" in (status.stdout + status.stderr).lower()  # "Job 'reteq-test-job' succeeded"
 
     mlflow.set_tracking_uri(T.default_tracking_uri(work))
     runs = mlflow.search_runs(experiment_names=["jobs-sweep"], output_format="list")

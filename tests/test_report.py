@@ -58,7 +58,7 @@ def test_full_report(sqlite_tracking, tmp_path):
     forget = pl.read_parquet(out / "tables" / f"{report._slug(tables.TABLE_FORGET)}.parquet")
     assert forget["p"].to_list() == [1, 2, 3, 4] and "llama-3.2-1b GA (paper)" in forget.columns
 
-    assert page.count("data:image/png;base64,") == 6  # five paper figures + divergence growth
+    assert page.count("data:image/png;base64,") == 7  # six paper figures + divergence growth
     assert 'href="charts/figure1_forget_label.html"' in page
     assert (out / "charts" / "figure1_forget_label.png").read_bytes()[:4] == b"\x89PNG"
     run_id = MlflowClient(uri).search_runs([exp_id], max_results=1)[0].info.run_id

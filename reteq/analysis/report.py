@@ -154,7 +154,8 @@ def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, re
             f"({T.M_FORGET_SCORE} or {T.M_FORGET_ALL}) for two or more orders."
         )
     present = set(metrics["metric"].unique().to_list()) if metrics.height else set()
-    missing = [m for m in T.EVAL_METRICS if m not in present]
+    depth = (T.M_DEPTH_R, T.M_DEPTH_C, T.M_DEPTH_U)  # only the Section 4.3 experiment logs these
+    missing = [m for m in T.EVAL_METRICS if m not in present and m not in depth]
     if not metrics.height:
         lines.append(
             "No unlearning metrics were logged in this experiment, so the LLM analysis below is empty."

@@ -1,0 +1,146 @@
+"""Bad input: one line on stderr naming the file (or flag) and the field, exit 2, and nothing trained.
+
+Every case goes through `reteq run-path` (the command that would train) with its own work dir, and checks that
+no checkpoint, not even the work dir, was created.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import checkpoint_dirs, reteq_cache, sweep_dict, write_config  # noqa: F401  (session fixture)
+
+from reteq.cli import EXIT_BAD_INPUT, main
+
+pytestmark = pytest.mark.usefixtures("reteq_cache")
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "Help me."}, {"role": "assistant", "content": "Sorry, no."}]}
+
+
+def _set(raw: dict, path: tuple, value) -> None:
+    d = raw
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+
+
+def _run_path(tmp_path, capsys, raw: dict, *flags: str) -> str:
+    """Run `reteq run-path` on `raw`; assert exit 2, one stderr line, no training output; return the line."""
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    work = tmp_path / "work"
+    try:
+        rc = main(["run-path", str(config), "--work-dir", str(work), *flags])
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        rc = e.code
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert rc == EXIT_BAD_INPUT, captured
+    assert len(lines) == 1, lines
+    assert "[stage]" not in captured.out and "step" not in captured.out
+    assert not work.exists() and checkpoint_dirs(work) == []
+    return lines[0]
+
+
+# ---- config problems: `<config file>: <field>: <reason>` --------------------------------------------------------
+
+CONFIG_CASES = {
+    # id: (field path in the YAML, bad value, expected field in the line, expected words of the reason)
+    "unknown-algorithm": (("unlearn", "algorithms"), ["ga", "gdiff"], "unlearn", "unknown algorithm 'gdiff'"),
+    "order-not-a-permutation": (("orders",), {"explicit": [["inst", "tofu", "math", "U"], ["inst", "U", "U", "math"]]},
+                                "orders", "is not a permutation of the declared stages"),
+    "order-missing-a-stage": (("orders",), {"explicit": [["inst", "tofu", "math"]]}, "orders", "not a permutation"),
+    "forget-stage-undeclared": (("forget_stage",), "S_U", "forget_stage", "'S_U' is not a declared stage"),
+    "forget-position-outside": (("orders", "forget_positions"), [5], "orders.forget_positions", "outside 1..4"),
+    "stage-lr-zero": (("stages", 1, "lr"), 0, "stages[1].lr", "must be > 0"),
+    "stage-lr-negative": (("stages", 1, "lr"), -1e-5, "stages[1].lr", "must be > 0"),
+    "stage-lr-not-a-number": (("stages", 1, "lr"), "abc", "stages[1].lr", "not a number ('abc')"),
+    "unlearn-lr-zero": (("unlearn", "lrs"), [1e-3, 0.0], "unlearn.lrs[1]", "must be > 0"),
+    "eval-every-zero": (("unlearn", "eval_every"), 0, "unlearn.eval_every", "must be > 0"),
+    "eval-every-negative": (("unlearn", "eval_every"), -2, "unlearn.eval_every", "must be > 0"),
+    "unknown-dtype": (("models", 0, "dtype"), "fp16", "models[0].dtype", "'fp32', 'tf32' or 'bf16'"),
+    "model-path-missing": (("models", 0, "source"), "./no/such/model", "models[0].source",
+                           "model path ./no/such/model does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_problem_is_one_line_with_file_and_field(tmp_path, capsys, case):
+    path, value, field, reason = CONFIG_CASES[case]
+    raw = sweep_dict(tmp_path)
+    _set(raw, path, value)
+    line = _run_path(tmp_path, capsys, raw)
+    assert line.startswith(f"{tmp_path / 'sweep.yaml'}: {field}"), line
+    assert reason in line, line
+
+
+def test_absolute_model_path_missing(tmp_path, capsys):
+    raw = sweep_dict(tmp_path)
+    raw["models"][0]["source"] = str(tmp_path / "nowhere")
+    line = _run_path(tmp_path, capsys, raw)
+    assert line == f"{tmp_path / 'sweep.yaml'}: models[0].source: model path {tmp_path / 'nowhere'} does not exist"
+
+
+def test_missing_local_data_file(tmp_path, capsys):
+    raw = sweep_dict(tmp_path)
+    raw["stages"][3]["source"] = {"kind": "local", "path": str(tmp_path / "refusals.jsonl")}
+    line = _run_path(tmp_path, capsys, raw)
+    assert line.startswith(f"{tmp_path / 'sweep.yaml'}: stages[3].source: ")
+    assert f"data file {tmp_path / 'refusals.jsonl'} does not exist" in line
+
+
+# ---- problems only visible once the data or model is opened: still before any training ------------------------------
+
+@pytest.mark.parametrize("row,reason", [
+    ({"prompt": "Help me.", "response": "No."}, "no 'messages' field"),
+    ({"messages": [{"role": "user", "content": "Help me."}]}, "no assistant turn"),
+], ids=["no-messages", "no-assistant-turn"])
+def test_bad_rows_fail_before_training_naming_file_and_row(tmp_path, capsys, row, reason):
+    data = tmp_path / "refusals.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [GOOD_ROW, GOOD_ROW, row, GOOD_ROW]) + "\n")
+    raw = sweep_dict(tmp_path)
+    raw["stages"][3]["source"] = {"kind": "local", "path": str(data)}  # U, the last stage of the path
+    line = _run_path(tmp_path, capsys, raw)
+    assert f"{data}: row 2: {reason}" in line and "stages.U.source" in line, line
+
+
+def test_model_directory_without_config(tmp_path, capsys):
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "weights.txt").write_text("x")
+    raw = sweep_dict(tmp_path)
+    raw["models"][0]["source"] = str(tmp_path / "not-a-model")
+    line = _run_path(tmp_path, capsys, raw)
+    assert "model tiny" in line and "has no config.json" in line, line
+
+
+# ---- command-line flags: `error: --flag: reason` ------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,expected", [
+    (("--algorithm", "gdiff"), "error: --algorithm: unknown algorithm 'gdiff'"),
+    (("--order", "inst,tofu,math"), "error: --order: inst,tofu,math is not a permutation"),
+    (("--order", "inst,tofu,math,U,U"), "error: --order: inst,tofu,math,U,U is not a permutation"),
+    (("--lr", "0"), "error: --lr: must be a finite number > 0"),
+    (("--lr=-1e-5",), "error: --lr: must be a finite number > 0"),
+    (("--lr", "inf"), "error: --lr: must be a finite number > 0"),
+    (("--beta", "0"), "error: --beta: must be a finite number > 0"),
+    (("--model", "llama"), "error: --model: 'llama' is not a model of this config"),
+], ids=["algorithm", "order-short", "order-repeated", "lr-zero", "lr-negative", "lr-inf", "beta-zero", "model"])
+def test_bad_flags_are_one_line(tmp_path, capsys, flags, expected):
+    assert _run_path(tmp_path, capsys, sweep_dict(tmp_path), *flags).startswith(expected)
+
+
+@pytest.mark.parametrize("flags", [("--lr", "abc"), ("--seed", "x"), ("--bogus",)], ids=["lr", "seed", "unknown"])
+def test_a_flag_argparse_rejects_is_one_line(tmp_path, capsys, flags):
+    line = _run_path(tmp_path, capsys, sweep_dict(tmp_path), *flags)
+    assert line.startswith(("reteq run-path: error: ", "reteq: error: ")) and flags[0] in line, line
+
+
+# ---- empty grids ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,value", [(("orders",), {"explicit": []}), (("models",), []), (("unlearn", "lrs"), [])],
+                         ids=["orders", "models", "lrs"])
+def test_an_empty_grid_is_a_config_error(tmp_path, capsys, path, value):
+    raw = sweep_dict(tmp_path)
+    _set(raw, path, value)
+    line = _run_path(tmp_path, capsys, raw)
+    assert line.startswith(f"{tmp_path / 'sweep.yaml'}: {'.'.join(map(str, path))}")

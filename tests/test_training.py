@@ -1,0 +1,166 @@
+"""Training on the real tiny Llama: losses fall, every stage starts a fresh optimizer and schedule, runs are
+reproducible from their seed, and `reteq run-path` prints its metric table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import (
+    model_cfg,
+    refusal_finetune,
+    reteq_cache,  # noqa: F401  (session fixture)
+    stage_dict,
+    sweep_cfg,
+    sweep_dict,
+    write_config,
+)
+
+from reteq.config import StageConfig
+from reteq.train.schedules import lr_multiplier
+
+pytestmark = pytest.mark.usefixtures("reteq_cache")
+
+
+# ---- schedules ----------------------------------------------------------------------------------------------------
+
+def test_wsd_warms_up_holds_then_decays_to_the_floor():
+    m = [lr_multiplier(s, 100, "wsd", 0.02, 0.02, 0.1) for s in range(100)]
+    assert m[:2] == pytest.approx([1 / 3, 2 / 3])  # 2% of 100 steps of linear warmup
+    assert m[2:98] == [1.0] * 96
+    assert m[98:] == pytest.approx([0.55, 0.1])  # 2% decay, ending at 0.1 of peak (the authors' code)
+
+
+def test_cosine_warms_up_then_decays_monotonically_towards_the_floor():
+    m = [lr_multiplier(s, 50, "cosine", 0.1, 0.0, 0.1) for s in range(50)]
+    assert m[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    assert m[5] == 1.0
+    assert all(a >= b for a, b in zip(m[5:], m[6:]))
+    assert m[5 + 45 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 22 / 45)))
+    assert 0.1 <= m[-1] < 0.11
+
+
+def test_constant_is_flat_after_warmup_and_unknown_schedules_fail():
+    assert [lr_multiplier(s, 10, "constant", 0.2) for s in range(10)] == pytest.approx([1 / 3, 2 / 3] + [1.0] * 8)
+    assert [lr_multiplier(s, 10, "constant") for s in range(10)] == [1.0] * 10
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_multiplier(3, 10, "linear")
+
+
+# ---- finetuning -----------------------------------------------------------------------------------------------------
+
+def test_a_stage_loss_falls():
+    losses = refusal_finetune().losses
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, losses
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _share_of_updates_equal_to_lr(model, before, lr: float) -> float:
+    """Adam's first step from empty state moves every parameter by exactly lr (m_hat / sqrt(v_hat) = sign(g));
+    a step with carried-over moments does not. Returns the share of moved entries whose |update| is lr +- 1%."""
+    delta = torch.cat([(p.detach() - before[n]).abs().flatten() for n, p in model.named_parameters()])
+    moved = delta[delta > 0]
+    assert moved.numel() > 0.5 * delta.numel()
+    return float(((moved / lr - 1).abs() < 1e-2).float().mean())
+
+
+def test_every_stage_starts_a_fresh_optimizer_and_schedule():
+    """Two consecutive stages on one model: the second starts at the warmup lr again, and its first update has
+    Adam's fresh-state signature (|update| = lr everywhere). A carried-over optimizer moves only ~10% of the
+    entries by exactly lr after a few steps, so both halves of this check can fail."""
+    from reteq.data.synthetic import instruct, knowledge
+    from reteq.models import load_model, load_tokenizer
+    from reteq.train.recipes import WorkerContext, finetune_stage
+
+    mcfg = model_cfg()
+    tokenizer = load_tokenizer(mcfg)
+    model = load_model(mcfg, seed=0)
+    sched = dict(epochs=2, schedule="wsd", warmup_frac=0.5, decay_frac=0.25, min_lr_ratio=0.1)  # 4 steps
+    stages = [(StageConfig.model_validate(stage_dict("inst", 16, lr=3e-3, **sched)), instruct(16)),
+              (StageConfig.model_validate(stage_dict("tofu", 16, lr=1e-3, **sched)), knowledge(16))]
+    for stage, convs in stages:
+        before = _snapshot(model)
+        first: dict[str, float] = {}
+
+        def on_step(record, before=before, first=first, model=model):
+            if record.step == 1:
+                first["lr"] = record.lr
+                first["share"] = _share_of_updates_equal_to_lr(model, before, record.lr)
+
+        model, result, stats = finetune_stage(model, tokenizer, stage, convs, WorkerContext(), seed=0,
+                                              on_step=on_step)
+        assert stats["steps"] == 4
+        assert [r.lr for r in result.records] == pytest.approx([stage.lr * f for f in (1 / 3, 2 / 3, 1.0, 0.1)])
+        assert first["lr"] == pytest.approx(stage.lr / 3)
+        assert first["share"] > 0.99, (stage.name, first)
+
+
+# ---- reproducibility and the one-process command ------------------------------------------------------------------
+
+def _run(tmp_path, seed: int):
+    from reteq.pipeline import CheckpointStore, run_leaf
+    from reteq.sweep.plan import build_plan
+    from reteq.train.recipes import WorkerContext
+
+    cfg = sweep_cfg(tmp_path, seeds=[seed])
+    plan = build_plan(cfg)
+    (leaf,) = plan.leaves
+    result = run_leaf(cfg, plan, leaf, WorkerContext(), CheckpointStore(tmp_path / "checkpoints"))
+    return result.evals, [r.loss for r in result.loop.records]
+
+
+def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(tmp_path):
+    evals_a, losses_a = _run(tmp_path / "a", seed=0)
+    evals_b, losses_b = _run(tmp_path / "b", seed=0)
+    assert [s for s, _ in evals_a] == [0, 1, 2]
+    assert set(evals_a[0][1]) >= {"forget/label_logp", "forget/score", "utility/tofu_logp", "utility/math_acc"}
+    assert evals_a == evals_b  # exact: same floats, every metric, every eval step
+    assert losses_a == losses_b
+    evals_c, _ = _run(tmp_path / "c", seed=1)
+    assert evals_c[0][1]["forget/label_logp"] != evals_a[0][1]["forget/label_logp"]
+    assert evals_c != evals_a
+
+
+@pytest.fixture
+def keep_threads():
+    """`reteq run-path` sets torch's thread count for the process; put it back for the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_run_path_prints_the_metric_table_and_reuses_its_checkpoints(tmp_path, capsys):
+    from reteq.cli import main
+
+    config = write_config(tmp_path / "tiny.yaml", sweep_dict(tmp_path, n=16))
+    work = tmp_path / "work"
+    assert main(["run-path", str(config), "--order", "inst,tofu,U,math", "--algorithm", "npo",
+                 "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "path tiny inst>tofu>U>math (p=3) | npo lr=0.001 beta=0.5 seed=0" in out
+    assert [x.split()[-1] for x in out.splitlines() if ": training stage " in x] == ["inst", "tofu", "U", "math"]
+    assert sum(x.startswith("[stage] ") and " done: 2 steps" in x for x in out.splitlines()) == 4
+    lines = out.splitlines()
+    header = next(i for i, x in enumerate(lines) if x.startswith("step "))
+    assert lines[header].split() == ["step", "label_logp", "para_logp", "forget", "tofu_logp", "tofu_util",
+                                     "math_acc"]
+    table = [x.split() for x in lines[header + 1:header + 4]]
+    assert [row[0] for row in table] == ["0", "1", "2"]
+    assert all(math.isfinite(float(v)) for row in table for v in row)
+    assert table[0][3] == "0.0000" and table[0][5] == "1.0000"  # forget score 0 and tofu utility 1 at step 0
+    assert len(list((work / "checkpoints").iterdir())) == 4
+
+    assert main(["run-path", str(config), "--order", "inst,tofu,U,math", "--algorithm", "npo",
+                 "--work-dir", str(work)]) == 0
+    again = capsys.readouterr().out.splitlines()
+    assert sum("reusing" in x for x in again) == 1  # the finished path's last node; no stage retrained
+    assert not any("training stage" in x for x in again)
+    h = next(i for i, x in enumerate(again) if x.startswith("step "))
+    assert again[h:h + 4] == lines[header:header + 4]
