@@ -35,34 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
+from common import HEAVY, LORA_TARGETS, SHAPES  # noqa: E402  (bench/common.py: one table of shapes)
+
 from reteq.algorithms import get_algorithm  # noqa: E402
 from reteq.data.tokenize import IGNORE, Example, micro_batches, plan_steps  # noqa: E402
 from reteq.train.engine import OptimSpec, build_engine, load_deepspeed_config  # noqa: E402
 from reteq.train.logprobs import sequence_logps, token_logps  # noqa: E402
 from reteq.train.loop import Step, train_loop  # noqa: E402
 from reteq.train.precision import apply_matmul_policy, autocast  # noqa: E402
-
-HEAVY = ("ray", "mlflow", "polars")
-
-# name -> (config class, dims). The paper's shapes are the published configs of those models.
-SHAPES: dict[str, tuple[str, dict]] = {
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                                   num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
-                                   tie_word_embeddings=True, rope_theta=500000.0)),
-    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                                   num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                                   tie_word_embeddings=True, rope_theta=1000000.0)),
-    "llama-3.1-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                   num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-                                   tie_word_embeddings=False, rope_theta=500000.0)),
-    # reteq's builtin:tiny (reteq/tiny.py) and a small CPU shape
-    "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=192, vocab_size=1024, tie_word_embeddings=True)),
-    "small": ("llama", dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                            intermediate_size=768, vocab_size=8192, tie_word_embeddings=True)),
-}
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 # ---- the model --------------------------------------------------------------------------------------------------
 

@@ -24,16 +24,6 @@ from reteq.train.logprobs import batch_token_logps, block_causal_mask, sequence_
 pytestmark = pytest.mark.usefixtures("reteq_cache")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls: one thread is fastest, and on a shared 2-core machine a second OpenMP thread that has to
-    wait for a busy core made them ~50x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _examples(n: int, seed: int = 0, lo: int = 4, hi: int = 40, vocab: int = 1000) -> list[Example]:
     rng = random.Random(seed)
     out = []

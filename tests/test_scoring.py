@@ -13,16 +13,6 @@ from reteq.eval.scoring import score_pairs, score_pairs_padded
 pytestmark = pytest.mark.usefixtures("reteq_cache")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls: one thread is fastest, and on a shared 2-core machine a second OpenMP thread that has to
-    wait for a busy core made them ~50x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
     from transformers import AutoModelForCausalLM, AutoTokenizer
