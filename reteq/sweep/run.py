@@ -102,15 +102,17 @@ def _write_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str
 
     plan_text = format_plan(cfg, plan_report(cfg)) if cfg is not None else None
     extra = []
+    name = experiment or cfg.name
     try:  # the theory grid, when it was run into the same MLflow store (as `reteq demo` does)
         from reteq.theory.report import theory_section
 
-        section = theory_section(uri, THEORY_EXPERIMENT)
+        # write_report itself adds the section when the report *is* the theory experiment
+        section = theory_section(uri, THEORY_EXPERIMENT) if name != THEORY_EXPERIMENT else None
         if section is not None:
             extra.append(section)
     except ImportError:
         pass
-    return write_report(uri, experiment or cfg.name, work / "report", plan_text=plan_text, extra_sections=extra)
+    return write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra)
 
 
 def report_command(config_path: str | None, experiment: str | None, work_dir: str | None) -> int:
