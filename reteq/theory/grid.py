@@ -33,6 +33,7 @@ import numpy as np
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
 from reteq.theory.beyond import retrain_gaps, rule_divergence
+from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
 from reteq.theory.linear import Instance, bound_check, make_instance
 
 # ---- MLflow keys this module adds (summaries; the per-step keys live in reteq.tracking) --------------------
@@ -58,7 +59,6 @@ M_GRID_NONVACUOUS = "theory/nonvacuous_count"  # parent run: instances with t0 i
 
 INSTANCE_PARAMS = ("d", "n_a", "n_b", "k", "m", "mu", "eta", "seed", "rho_star", "sigma_U", "C0", "t0")
 
-from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: E402,F401  (re-exported)
 
 
 # ---- one instance ------------------------------------------------------------------------------------------
