@@ -19,11 +19,9 @@ Random weights: throughput and memory do not depend on the weights' values, so n
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import random
 import resource
 import statistics
@@ -35,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from common import HEAVY, LORA_TARGETS, SHAPES  # noqa: E402  (bench/common.py: one table of shapes)
+from common import HEAVY, LORA_TARGETS, SHAPES, machine  # noqa: E402  (bench/common.py: one table of shapes)
 
 from reteq.algorithms import get_algorithm  # noqa: E402
 from reteq.data.tokenize import IGNORE, Example, micro_batches, plan_steps  # noqa: E402
@@ -153,38 +151,6 @@ def run_phase(kind: str, model, steps: list[Step], args, device: torch.device, d
     if result.collapsed:
         raise SystemExit(f"{kind}: non-finite loss")
     return summarise(kind, result.records, args.warmup_steps, device)
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    info = {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        info["peft"] = None
-    if "deepspeed" in sys.modules:
-        info["deepspeed"] = sys.modules["deepspeed"].__version__
-    return info
 
 
 def init_single_process_distributed(device: torch.device) -> None:
