@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
+from reteq.data.tokenize import Batch, collate  # noqa: E402  # torch-only: the batches the trainer builds
+
 HEAVY = ("ray", "mlflow", "polars", "pydantic")
 
 # name -> (architecture, dims): the published configs of the paper's models, plus small CPU shapes.
@@ -155,37 +157,8 @@ def chat_examples(n: int, vocab: int, *, median: float = 256, sigma: float = 0.7
     return out
 
 
-@dataclass
-class PaddedBatch:
-    """Same fields and layout as reteq.data.tokenize.Batch (tests/test_packing.py checks they agree)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
-    n_tokens: int
-
-    def to(self, device) -> PaddedBatch:
-        return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                           self.index.to(device), self.n_tokens)
-
-
-def collate(examples, pad_id: int) -> PaddedBatch:
-    """Right-padded batch, as reteq.data.tokenize.collate."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return PaddedBatch(ids, mask, labels, torch.tensor([e.index for e in examples]), int(mask.sum()))
-
-
 def padded_micro_batches(examples, step_indices: list[int], micro_batch: int, rank: int = 0, world: int = 1,
-                         pad_id: int = 0, sort: bool = True) -> list[PaddedBatch]:
+                         pad_id: int = 0, sort: bool = True) -> list[Batch]:
     """As reteq.data.tokenize.micro_batches (length-sorted within the step); sort=False: arrival order."""
     chosen = [examples[i] for i in step_indices]
     if sort:
@@ -293,3 +266,20 @@ def emit(rows: list[dict], header: dict, json_path: str | None, columns: list[st
         Path(json_path).write_text(json.dumps({"machine": header, "rows": rows, "heavy_modules": heavy}, indent=1))
     if heavy and not by_ds:
         raise SystemExit(f"benchmark path imported {heavy}: it must run with torch + transformers + peft only")
+
+
+def init_single_process_distributed(device: torch.device) -> None:
+    """DeepSpeed wants a process group even for one process: a local one-rank group (gloo on CPU)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(k, v)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)

@@ -20,7 +20,6 @@ difference of a sample's summed response log-prob, packed vs padded (8 samples, 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -118,23 +117,6 @@ def run_phase(phase: str, model, examples, plan: list[list[int]], args, mode: st
             "micro_batches_per_step": len(steps[0]), **row_extra}
 
 
-def init_single_process_distributed(device: torch.device) -> None:
-    """DeepSpeed wants a process group even for one process: a local one-rank group."""
-    import socket
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(k, v)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(common.SHAPES), default="small")
@@ -187,7 +169,7 @@ def main(argv=None) -> list[dict]:
         ds_config = None
         if engine == "deepspeed":
             ds_config = load_deepspeed_config(args.deepspeed_config)
-            init_single_process_distributed(device)
+            common.init_single_process_distributed(device)
         for precision in args.precisions.split(","):
             apply_matmul_policy(precision)
             for mode in args.modes.split(","):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import resource
 import statistics
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from common import HEAVY, LORA_TARGETS, SHAPES, machine  # noqa: E402  (bench/common.py: one table of shapes)
+from common import HEAVY, LORA_TARGETS, SHAPES, init_single_process_distributed, machine  # noqa: E402  (bench/common.py: one table of shapes)
 
 from reteq.algorithms import get_algorithm  # noqa: E402
 from reteq.data.tokenize import IGNORE, Example, micro_batches, plan_steps  # noqa: E402
@@ -151,23 +150,6 @@ def run_phase(kind: str, model, steps: list[Step], args, device: torch.device, d
     if result.collapsed:
         raise SystemExit(f"{kind}: non-finite loss")
     return summarise(kind, result.records, args.warmup_steps, device)
-
-
-def init_single_process_distributed(device: torch.device) -> None:
-    """DeepSpeed wants a process group even for one process: a local one-rank group (gloo on CPU)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(k, v)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
