@@ -155,3 +155,14 @@ def refusal_finetune() -> Finetuned:
     module, result, _ = finetune_stage(model, tokenizer, stage, convs, WorkerContext(), seed=0)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     return Finetuned(state, convs, [r.loss for r in result.records], [r.lr for r in result.records])
+
+
+def tiny_base():
+    """The built-in tiny model (fp32, eval mode) and its tokenizer, straight from the cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reteq.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)

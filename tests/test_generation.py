@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import reteq_cache  # noqa: F401  (session fixture)
+from helpers import reteq_cache, tiny_base  # noqa: F401  (reteq_cache: session fixture)
 
 pytestmark = pytest.mark.usefixtures("reteq_cache")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from reteq.data.synthetic import math as math_convs
-    from reteq.tiny import ensure_tiny_model
-
-    path = ensure_tiny_model()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tok = tiny_base()
     questions = [c["messages"][0]["content"] for c in math_convs(7, seed=5)]
     return model, tok, questions
 

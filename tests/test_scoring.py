@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import reteq_cache  # noqa: F401  (session fixture)
+from helpers import reteq_cache, tiny_base  # noqa: F401  (reteq_cache: session fixture)
 
 from reteq.eval.prefix_scoring import build_trees, score_pairs_shared, tree_mask
 from reteq.eval.scoring import score_pairs, score_pairs_padded
@@ -15,16 +15,10 @@ pytestmark = pytest.mark.usefixtures("reteq_cache")
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from reteq.data.synthetic import knowledge, refusal
     from reteq.data.tokenize import encode_prompt_target
     from reteq.eval.forget import FORGET_TARGETS
-    from reteq.tiny import ensure_tiny_model
-
-    path = ensure_tiny_model()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tok = tiny_base()
     questions = [c["messages"][0]["content"] for c in refusal(5, seed=3)]
     forget = [encode_prompt_target(tok, q, t) for q in questions for t in FORGET_TARGETS]
     know = []
