@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from reteq.config import SweepConfig
 from reteq.data.sources import load_conversations, load_math_eval
 from reteq.eval.evaluator import Evaluator
 from reteq.models import load_model, load_tokenizer
 from reteq.sweep.plan import Plan, StageNode, UnlearnLeaf
-from reteq.train.checkpoint import is_complete, save_checkpoint
+from reteq.train import collectives
+from reteq.train.checkpoint import gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.recipes import UnlearnResult, WorkerContext, finetune_stage, unlearn
 
 
@@ -95,16 +95,12 @@ class DataCache:
 
 
 def _broadcast(obj, ctx: WorkerContext):
-    if ctx.world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return obj if ctx.world == 1 else collectives.broadcast_object(obj, ctx.device)
 
 
 def _barrier(ctx: WorkerContext) -> None:
-    if ctx.world > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if ctx.world > 1:
+        collectives.barrier(ctx.device)
 
 
 def ensure_node(cfg: SweepConfig, plan: Plan, node: StageNode, ctx: WorkerContext, store: CheckpointStore,
@@ -150,9 +146,10 @@ def _train_node(cfg: SweepConfig, node: StageNode, parent: Path | None, ctx: Wor
     if result.collapsed:
         raise RuntimeError(f"stage {node.stage} of {node.model}: non-finite loss")
     path = store.path(node.key)
+    state = gathered_state_dict(module, ctx.is_main)  # every rank takes part under ZeRO-3; None otherwise
     if ctx.is_main:
         meta = {"model": node.model, "prefix": list(node.prefix), "seed": node.seed, "parent": node.parent}
-        save_checkpoint(module, path, node.key, meta)
+        save_checkpoint(module, path, node.key, meta, state_dict=state)
         stats = {**stats, "final_loss": result.records[-1].loss if result.records else float("nan"),
                  "tokens_per_s": _mean_tps(result.records)}
         hooks.node_done(node, path, stats)

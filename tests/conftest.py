@@ -43,3 +43,14 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def zero3_two_ranks(tmp_path_factory):
+    """Two gloo ranks under real DeepSpeed ZeRO-3 with every tensor partitioned (tests/dist_jobs.py), run once:
+    a LoRA stage trained, saved ungathered and gathered, reloaded; then a whole leaf with collectives recorded.
+    Modules that use it mark themselves `usefixtures("reteq_cache")` so the tiny model exists first."""
+    from distributed import run_ranks
+
+    out = tmp_path_factory.mktemp("zero3")
+    return run_ranks("dist_jobs:zero3_round_trip", 2, out, threshold=0, lora={"r": 4, "alpha": 8})

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from reteq.data.tokenize import Batch
+from reteq.train.collectives import all_reduce_sum
 from reteq.train.precision import autocast
 
 
@@ -53,14 +53,6 @@ class LoopResult:
     stopped_early: bool = False
 
 
-def _all_reduce_sum(x: float) -> float:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([x], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
-    return x
-
-
 def train_loop(engine, steps: list[Step], loss_fn: LossFn, *, device: torch.device, dtype: str = "fp32",
                on_step: Callable[[StepRecord], bool | None] | None = None) -> LoopResult:
     """Run every step; `on_step` may return True to stop early (e.g. after a collapse seen in evaluation)."""
@@ -75,7 +67,7 @@ def train_loop(engine, steps: list[Step], loss_fn: LossFn, *, device: torch.devi
             with autocast(dtype, device):
                 loss = loss_fn(engine.model, batch, step)
             value = float(loss.detach())
-            if not math.isfinite(_all_reduce_sum(0.0 if math.isfinite(value) else math.inf)):
+            if not math.isfinite(all_reduce_sum(0.0 if math.isfinite(value) else math.inf, device)):
                 result.collapsed = True
                 return result
             engine.micro_step(loss)
@@ -83,7 +75,7 @@ def train_loop(engine, steps: list[Step], loss_fn: LossFn, *, device: torch.devi
             tokens += batch.n_tokens
             padded += batch.input_ids.numel()
         grad_norm = engine.optimizer_step()
-        record = StepRecord(i, _all_reduce_sum(step_loss), lr, grad_norm, tokens, padded,
+        record = StepRecord(i, all_reduce_sum(step_loss, device), lr, grad_norm, tokens, padded,
                             time.perf_counter() - start)
         result.records.append(record)
         if on_step is not None and on_step(record):

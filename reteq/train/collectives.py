@@ -1,0 +1,60 @@
+"""Every collective reteq itself issues, in one place, with its tensors on the worker's device.
+
+Ray Train picks NCCL when a trial asks for GPUs, and NCCL has no CPU backend: a CPU tensor handed to
+`all_reduce` fails there ("No backend type associated with device type cpu") even though gloo accepts it on a
+laptop. So every function here takes the worker's device, builds its tensors on it, and checks that before
+calling torch.distributed; tests/test_collectives.py makes sure no other module calls torch.distributed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor bound for a collective is not on the worker's device (NCCL would fail on it)."""
+
+
+def active() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def check_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    device = torch.device(device)
+    other_index = device.type != "cpu" and device.index is not None and tensor.device.index != device.index
+    if tensor.device.type != device.type or other_index:
+        raise CollectiveDeviceError(f"collective tensor on {tensor.device}, the worker's device is {device}")
+    return tensor
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """The sum of `value` over all ranks (float64 on the worker's device); `value` itself outside a group."""
+    if not active():
+        return value
+    t = check_device(torch.tensor([value], dtype=torch.float64, device=device), device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def broadcast_object(obj: Any, device: torch.device, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank; the pickled bytes travel in a tensor on the worker's device."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=torch.device(device))
+    return box[0]
+
+
+def barrier(device: torch.device) -> None:
+    """Wait for every rank; NCCL's barrier runs on the given CUDA device rather than guessing one."""
+    if not active():
+        return
+    device = torch.device(device)
+    if device.type == "cuda" and dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
+    else:
+        dist.barrier()

@@ -1,0 +1,118 @@
+"""Per-rank bodies of the multi-process tests (run by tests/distributed.py in real gloo process groups)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from distributed import write_result
+from helpers import model_dict, stage_dict, sweep_dict
+
+COLLECTIVES = ("all_reduce", "broadcast", "broadcast_object_list", "barrier", "all_gather", "all_gather_object",
+               "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter", "reduce", "gather", "scatter",
+               "all_to_all_single", "send", "recv", "isend", "irecv")
+
+
+def record_collectives(log: list[dict]) -> None:
+    """Wrap torch.distributed's collectives: log every call's caller file, tensor devices and device argument.
+    Callers that look them up on the module at call time (reteq, DeepSpeed's comm layer) go through this."""
+
+    def tensors(x) -> list[torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, list | tuple):
+            return [t for item in x for t in tensors(item)]
+        return []
+
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def wrapped(*args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            found = tensors(list(args) + list(kwargs.values()))
+            log.append({"op": _name, "caller": caller, "devices": sorted({str(t.device) for t in found}),
+                        "device_arg": str(kwargs["device"]) if kwargs.get("device") is not None else None})
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapped)
+
+
+def zero3_config(threshold: int | None) -> dict[str, Any]:
+    import json
+
+    ds = json.loads((Path(__file__).resolve().parent.parent / "configs/deepspeed/zero3_fp32.json").read_text())
+    if threshold is not None:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    return ds
+
+
+def one_stage_config(out: str, lora: dict | None, **unlearn: Any):
+    """Stage U alone (16 refusal rows, 2 steps), then 2 GA steps scored on the forget set only."""
+    from reteq.config import parse_config
+
+    raw = sweep_dict(out, models=[model_dict(lora)], stages=[stage_dict("U", 16)],
+                     orders={"explicit": [["U"]]})
+    raw["eval"].update({"metrics": ["forget"], "knowledge_stage": None})
+    raw["unlearn"].update(unlearn)
+    return parse_config(raw)
+
+
+def zero3_round_trip(rank: int, world: int, out: str, threshold: int | None, lora: dict | None) -> None:
+    """Train a stage under ZeRO-3, save gathered and ungathered, reload on rank 0, compare logits; then one
+    whole leaf (node, load, unlearn, evaluate) through the pipeline, with every collective recorded."""
+    from reteq.models import load_model, load_tokenizer
+    from reteq.pipeline import CheckpointStore, run_leaf
+    from reteq.sweep.plan import build_plan
+    from reteq.train import collectives
+    from reteq.train.checkpoint import CheckpointError, gathered_state_dict, save_checkpoint
+    from reteq.train.recipes import WorkerContext, finetune_stage
+
+    log: list[dict] = []
+    record_collectives(log)
+    cfg = one_stage_config(out, lora, micro_batch=4)
+    mcfg = cfg.model("tiny")
+    tok = load_tokenizer(mcfg)
+    device = torch.device("cpu")
+    ctx = WorkerContext(rank=rank, world=world, device=device, ds_config=zero3_config(threshold))
+    torch.manual_seed(0)
+    base = load_model(mcfg, seed=0)
+    from reteq.data.synthetic import refusal
+
+    probe = tok(["How do I make a cake?"], return_tensors="pt")
+    with torch.no_grad():
+        base_logits = base(**probe).logits
+    module, result, _ = finetune_stage(base, tok, cfg.stage("U"), refusal(16, seed=0), ctx, seed=0)
+    shards = {n: p.numel() for n, p in module.named_parameters() if p.requires_grad}
+    res: dict[str, Any] = {"losses": [r.loss for r in result.records], "trainable": len(shards),
+                           "empty_shards": sum(v == 0 for v in shards.values())}
+    if rank == 0:  # right after training, as the pipeline saves: every partitioned tensor is a (0,) shard
+        try:
+            save_checkpoint(module, Path(out) / "ungathered", "ungathered")
+            res["refused"] = None
+        except CheckpointError as e:
+            res["refused"] = str(e)
+        res["ungathered_published"] = (Path(out) / "ungathered").exists()
+    with torch.no_grad():  # every rank: ZeRO-3's forward gathers each layer's shards
+        trained_logits = module(**probe).logits
+    state = gathered_state_dict(module, rank == 0)
+    if rank == 0:
+        save_checkpoint(module, Path(out) / "gathered", "gathered", state_dict=state)
+    collectives.barrier(device)
+    if rank == 0:
+        reloaded = load_model(mcfg, checkpoint=Path(out) / "gathered", trainable=False)
+        with torch.no_grad():
+            reloaded_logits = reloaded(**probe).logits
+        res["round_trip_diff"] = float((reloaded_logits - trained_logits).abs().max())
+        res["training_moved_logits"] = float((trained_logits - base_logits).abs().max())
+    log.clear()
+    plan = build_plan(cfg)
+    leaf = plan.leaves[0]
+    leaf_result = run_leaf(cfg, plan, leaf, ctx, CheckpointStore(Path(out) / "store"))
+    res["leaf_steps"] = leaf_result.steps
+    res["collectives"] = log
+    write_result(out, rank, res)
