@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = ("fp32", "tf32", "bf16")
 SCHEDULES = ("wsd", "cosine", "constant")
+ZERO_OPTIMIZERS = ("adamw",)  # reteq optimizers DeepSpeed ZeRO >= 1 accepts (torch AdamW is on its list)
 
 
 class ConfigError(ValueError):
@@ -262,7 +263,29 @@ class SweepConfig(_Strict):
                 raise ValueError(f"orders: {order} is not a permutation of the declared stages {names}")
         if self.eval.knowledge_stage is not None and self.eval.knowledge_stage not in names:
             raise ValueError(f"eval.knowledge_stage: {self.eval.knowledge_stage!r} is not a declared stage")
+        self._optimizers_run_under_zero()
         return self
+
+    def _optimizers_run_under_zero(self) -> None:
+        """DeepSpeed's ZeRO (stage >= 1) asserts at start ("untested ZeRO Optimizer") for any torch optimizer but
+        Adam/AdamW/Adagrad unless the JSON sets zero_allow_untested_optimizer: catch it before anything trains."""
+        path = self.execution.deepspeed
+        if not path or not Path(path).is_file():
+            return  # a missing file is reported by the commands that read it
+        try:
+            ds = json.loads(Path(path).read_text())
+        except json.JSONDecodeError:
+            return
+        stage = int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
+        if stage < 1 or ds.get("zero_allow_untested_optimizer"):
+            return
+        fields = [f"stages[{i}].optimizer" for i, s in enumerate(self.stages) if s.optimizer not in ZERO_OPTIMIZERS]
+        if self.unlearn.optimizer not in ZERO_OPTIMIZERS:
+            fields.append("unlearn.optimizer")
+        if fields:
+            raise ValueError(f"{fields[0]}: sgd is not supported by DeepSpeed ZeRO stage {stage} "
+                             f"(execution.deepspeed: {path}; also {', '.join(fields[1:]) or 'no other field'}); use "
+                             "adamw, a ZeRO stage 0 config, or set zero_allow_untested_optimizer in the JSON")
 
     # ---- derived views --------------------------------------------------------------------------------------
     def stage(self, name: str, schedule: str | None = None) -> StageConfig:

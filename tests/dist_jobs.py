@@ -116,3 +116,32 @@ def zero3_round_trip(rank: int, world: int, out: str, threshold: int | None, lor
     res["leaf_steps"] = leaf_result.steps
     res["collectives"] = log
     write_result(out, rank, res)
+
+
+def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
+    """configs/ablations/superficial.yaml at toy scale (tiny model, 1 epoch of 40 prompts per stage, 5 GA steps)
+    through the pipeline with its own DeepSpeed JSON: SGD for every stage and for unlearning."""
+    import yaml
+
+    from reteq.config import parse_config
+    from reteq.pipeline import CheckpointStore, run_leaf
+    from reteq.sweep.plan import build_plan
+    from reteq.train.engine import load_deepspeed_config
+    from reteq.train.recipes import WorkerContext
+
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["models"] = [model_dict({"r": 4, "alpha": 8})]
+    raw["work_dir"] = out
+    for stage in raw["stages"]:
+        stage.update(epochs=1, lr=0.05)
+    raw["unlearn"].update(epochs=1, eval_every=5)
+    raw["execution"].update(use_gpu=False, cpus_per_worker=1)
+    cfg = parse_config(raw, source=config)
+    plan = build_plan(cfg)
+    leaf = plan.leaves[0]
+    ctx = WorkerContext(rank=rank, world=world, device=torch.device("cpu"),
+                        ds_config=load_deepspeed_config(cfg.execution.deepspeed))
+    result = run_leaf(cfg, plan, leaf, ctx, CheckpointStore(Path(out) / "checkpoints"))
+    write_result(out, rank, {"deepspeed": cfg.execution.deepspeed, "optimizers": [s.optimizer for s in cfg.stages],
+                             "unlearn_optimizer": cfg.unlearn.optimizer, "steps": result.steps,
+                             "evals": result.evals, "collapsed": result.collapsed})
