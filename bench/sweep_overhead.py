@@ -44,10 +44,10 @@ def main() -> None:
 
     import torch
 
+    from reteq.commands.sweep import sweep_command
     from reteq.config import parse_config
     from reteq.pipeline import CheckpointStore, DataCache, run_leaf
-    from reteq.sweep.plan import build_plan
-    from reteq.sweep.run import sweep_command
+    from reteq.plan import build_plan
     from reteq.tiny import ensure_tiny_model
     from reteq.train.recipes import WorkerContext
 

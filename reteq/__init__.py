@@ -1,3 +1,18 @@
-"""reteq: path dependence in machine unlearning, as Ray-distributed sweeps (Yu, He, Goyal, Arora, 2025)."""
+"""reteq: path dependence in machine unlearning, as Ray-distributed sweeps (Yu, He, Goyal, Arora, 2025).
+
+Layers, bottom to top; a module imports only from its own layer or below (tests/test_layers.py checks it,
+and that no import cycle exists inside reteq, function-level imports included):
+
+1. foundation  errors (BadInput), tracking (MLflow names), digest (content hashes), algorithms (losses)
+2. config      the typed sweep config
+3. data        sources, hub converters, prepare, tokenising, packing
+4. compute     models (+ tiny), train (loop, engines, recipes, checkpoints), eval (metrics)
+5. pipeline    plan (the DAG), estimate (`reteq plan`), pipeline (the work of one node / leaf)
+6. execution   sweep/ (Ray Tune + Ray Train, the node registry, MLflow record and store)
+7. measures    analysis.gaps (gap, growth rate) and analysis.section: shared by theory and analysis
+8. theory      Section 3 grid (Ray Tune + MLflow) and its report section
+9. analysis    MLflow -> polars -> tables, charts, report.html
+10. commands    commands/ (one module per verb), cli (argument parsing only), __main__
+"""
 
 __version__ = "0.1.0"

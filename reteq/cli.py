@@ -1,14 +1,15 @@
-"""The `reteq` command: parses arguments and calls one function per verb. Bad input: one line, exit 2."""
+"""The `reteq` command: parses arguments and calls one function per verb (in `reteq.commands`).
+
+Bad input (`reteq.errors.BadInput`, raised anywhere below) is one line per problem on stderr and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
-from reteq.config import ConfigError, load_config
+from reteq.errors import BadInput
 
 EXIT_BAD_INPUT = 2
 
@@ -24,61 +25,58 @@ def _quiet_env() -> None:
 
 
 def cmd_validate(args) -> int:
-    load_config(args.config)
-    print(f"{args.config}: ok")
-    return 0
+    from reteq.commands.plan import validate_command
+
+    return validate_command(args.config)
 
 
 def cmd_plan(args) -> int:
-    from reteq.sweep.estimate import format_plan, plan_report
+    from reteq.commands.plan import plan_command
 
-    cfg = load_config(args.config)
-    report = plan_report(cfg)
-    print(json.dumps(report, indent=2) if args.json else format_plan(cfg, report))
-    return 0
+    return plan_command(args.config, args.json)
 
 
 def cmd_run_path(args) -> int:
-    from reteq.path import run_path_command
+    from reteq.commands.run_path import PathFlags, run_path_command
 
-    cfg = load_config(args.config)
-    return run_path_command(cfg, model=args.model, order=args.order, algorithm=args.algorithm, lr=args.lr,
-                            beta=args.beta, seed=args.seed, work_dir=args.work_dir)
+    flags = PathFlags(model=args.model, order=args.order, algorithm=args.algorithm, lr=args.lr, beta=args.beta,
+                      seed=args.seed)
+    return run_path_command(args.config, flags, work_dir=args.work_dir)
 
 
 def cmd_sweep(args) -> int:
-    from reteq.sweep.run import sweep_command
+    from reteq.commands.sweep import sweep_command
+    from reteq.config import load_config
 
-    cfg = load_config(args.config)
-    return sweep_command(cfg, work_dir=args.work_dir, report=not args.no_report)
+    return sweep_command(load_config(args.config), work_dir=args.work_dir, report=not args.no_report)
 
 
 def cmd_report(args) -> int:
-    from reteq.sweep.run import report_command
+    from reteq.commands.report import report_command
 
-    return report_command(config_path=args.config, experiment=args.experiment, work_dir=args.work_dir)
+    return report_command(config=args.config, experiment=args.experiment, work_dir=args.work_dir)
 
 
 def cmd_theory(args) -> int:
-    from reteq.theory.grid import theory_command
+    from reteq.commands.theory import theory_command
 
     return theory_command(args.config, args.work_dir or "runs/theory", args.json)
 
 
 def cmd_data_prepare(args) -> int:
-    from reteq.data.prepare import prepare_command
+    from reteq.commands.data import prepare_command
 
     return prepare_command(args.config, args.out)
 
 
 def cmd_ui(args) -> int:
-    from reteq.sweep.run import ui_command
+    from reteq.commands.report import ui_command
 
     return ui_command(args.work_dir, args.port)
 
 
 def cmd_demo(args) -> int:
-    from reteq.sweep.run import demo_command
+    from reteq.commands.sweep import demo_command
 
     return demo_command(args.config, args.work_dir)
 
@@ -156,19 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
-        for line in e.lines:
-            print(line, file=sys.stderr)
+    except BadInput as e:  # every bad-input path, hub data included; anything else is a bug: traceback
+        config = str(getattr(args, "config", None) or "")
+        for line in e.lines:  # a line names the config file first, or it is `error: <flag or field>: reason`
+            print(line if config and line.startswith(f"{config}: ") else f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ValueError, FileNotFoundError) as e:
-        from reteq.data.sources import DataError
-        from reteq.models import ModelError
-
-        if isinstance(e, DataError | ModelError | FileNotFoundError) or getattr(e, "bad_input", False):
-            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
-
-
-def default_demo_config() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

@@ -7,7 +7,6 @@ the reason (`ConfigError`), before anything trains.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -17,18 +16,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from reteq.digest import spec_hash
+from reteq.errors import ConfigError
+
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = ("fp32", "tf32", "bf16")
 SCHEDULES = ("wsd", "cosine", "constant")
 ZERO_OPTIMIZERS = ("adamw",)  # reteq optimizers DeepSpeed ZeRO >= 1 accepts (torch AdamW is on its list)
-
-
-class ConfigError(ValueError):
-    """One or more problems with a config file; `lines` holds one `file: field: reason` line per problem."""
-
-    def __init__(self, lines: list[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
 
 
 class _Strict(BaseModel):
@@ -318,7 +312,7 @@ class SweepConfig(_Strict):
         return [s.name for s in self.stages if s.name != self.forget_stage]
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        return spec_hash(self.model_dump(mode="json"), length=12)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -7,10 +7,7 @@ from pathlib import Path
 import torch
 
 from reteq.config import BUILTIN_TINY, ModelConfig
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded; one line naming the model and why."""
+from reteq.errors import ModelError
 
 
 def resolve_source(cfg: ModelConfig) -> str:

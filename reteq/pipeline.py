@@ -15,9 +15,10 @@ import torch
 
 from reteq.config import SweepConfig
 from reteq.data.sources import load_conversations, load_math_eval
+from reteq.errors import DataError
 from reteq.eval.evaluator import Evaluator
-from reteq.models import load_model, load_tokenizer
-from reteq.sweep.plan import Plan, StageNode, UnlearnLeaf
+from reteq.models import load_model, load_tokenizer, resolve_source
+from reteq.plan import Plan, StageNode, UnlearnLeaf
 from reteq.train import collectives
 from reteq.train.checkpoint import gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.recipes import UnlearnResult, WorkerContext, finetune_stage, unlearn
@@ -92,6 +93,21 @@ class DataCache:
             e = self.cfg.eval
             self._math = load_math_eval(e.math_source, e.math_questions) if "math" in e.metrics else []
         return self._math
+
+
+def preflight(cfg: SweepConfig, data: DataCache) -> None:
+    """Everything that can be wrong with the input, checked before any training starts (raises BadInput)."""
+    for m in cfg.models:
+        resolve_source(m)  # raises ModelError for a missing local path
+    for s in cfg.stages:
+        try:
+            data.stage(s.name)
+        except DataError as e:
+            raise DataError(f"stages.{s.name}.source: {e}") from None
+    try:
+        data.math_items()
+    except DataError as e:
+        raise DataError(f"eval.math_source: {e}") from None
 
 
 def _broadcast(obj, ctx: WorkerContext):

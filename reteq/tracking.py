@@ -40,6 +40,8 @@ STATUS_FAILED = "failed"
 
 ORDER_SEP = ">"
 
+THEORY_EXPERIMENT = "theory"  # the default theory grid's experiment (and sweep) name, configs/theory.yaml
+
 # ---- metrics (logged per step) --------------------------------------------------------------------------------
 M_TRAIN_LOSS = "train/loss"
 M_TRAIN_LR = "train/lr"

@@ -67,7 +67,7 @@ def zero3_round_trip(rank: int, world: int, out: str, threshold: int | None, lor
     whole leaf (node, load, unlearn, evaluate) through the pipeline, with every collective recorded."""
     from reteq.models import load_model, load_tokenizer
     from reteq.pipeline import CheckpointStore, run_leaf
-    from reteq.sweep.plan import build_plan
+    from reteq.plan import build_plan
     from reteq.train import collectives
     from reteq.train.checkpoint import CheckpointError, gathered_state_dict, save_checkpoint
     from reteq.train.recipes import WorkerContext, finetune_stage
@@ -125,7 +125,7 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
 
     from reteq.config import parse_config
     from reteq.pipeline import CheckpointStore, run_leaf
-    from reteq.sweep.plan import build_plan
+    from reteq.plan import build_plan
     from reteq.train.engine import load_deepspeed_config
     from reteq.train.recipes import WorkerContext
 

@@ -144,3 +144,51 @@ def test_an_empty_grid_is_a_config_error(tmp_path, capsys, path, value):
     _set(raw, path, value)
     line = _run_path(tmp_path, capsys, raw)
     assert line.startswith(f"{tmp_path / 'sweep.yaml'}: {'.'.join(map(str, path))}")
+
+
+# ---- hub data: gated / unreachable (HF_HUB_OFFLINE=1 makes every hub load fail) or malformed ---------------------
+
+def _cli(capsys, argv: list[str]) -> tuple[int, list[str]]:
+    """Run the CLI; return its exit code and its stderr lines that are reteq's own (not datasets' progress bars)."""
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    return rc, [line for line in captured.err.splitlines() if line.startswith(("error: ", argv[1]))]
+
+
+def test_an_unreachable_hub_dataset_stops_a_sweep_in_one_line_before_ray(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = sweep_dict(tmp_path)
+    raw["stages"][3]["source"] = {"kind": "hub", "id": "sorry-bench/sorry-bench-202503"}
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    work = tmp_path / "work"
+    rc, lines = _cli(capsys, ["sweep", str(config), "--work-dir", str(work), "--no-report"])
+    assert rc == EXIT_BAD_INPUT and len(lines) == 1, lines
+    assert lines[0].startswith("error: stages.U.source: cannot load hub dataset 'sorry-bench/sorry-bench-202503'")
+    assert "huggingface-cli login" in lines[0]
+    assert not work.exists()
+
+
+def test_a_hub_dataset_without_the_published_columns_stops_run_path_in_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "tofu-like" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["q"], "reply": ["a"]}), folder / "train-00000-of-00001.parquet")
+    raw = sweep_dict(tmp_path)
+    raw["stages"][1]["source"] = {"kind": "hub", "id": str(tmp_path / "tofu-like"), "converter": "tofu"}
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    rc, lines = _cli(capsys, ["run-path", str(config), "--work-dir", str(tmp_path / "work")])
+    assert rc == EXIT_BAD_INPUT and len(lines) == 1, lines
+    assert lines[0].startswith("error: stages.tofu.source: ") and "missing column(s) ['question', 'answer']" in lines[0]
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_hub_source_without_a_converter_fails_validate_in_one_line(tmp_path, capsys):
+    raw = sweep_dict(tmp_path)
+    raw["stages"][1]["source"] = {"kind": "hub", "id": "someone/unknown-dataset"}
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    rc, lines = _cli(capsys, ["validate", str(config)])
+    assert rc == EXIT_BAD_INPUT and len(lines) == 1, lines
+    assert lines[0].startswith(f"{config}: stages[1].source: someone/unknown-dataset: no converter is registered")

@@ -10,7 +10,7 @@ from helpers import RETAIN, sweep_dict, write_config
 
 from reteq.cli import main
 from reteq.config import ConfigError, load_config, parse_config
-from reteq.sweep.plan import build_plan
+from reteq.plan import build_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_ORDERS = [

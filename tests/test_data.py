@@ -13,7 +13,8 @@ from helpers import (
 
 from reteq.config import DataSource
 from reteq.data import synthetic
-from reteq.data.sources import DataError, load_conversations, parse_final_number, read_local
+from reteq.data.packing import padding_fraction
+from reteq.data.sources import load_conversations, parse_final_number, read_local
 from reteq.data.tokenize import (
     IGNORE,
     Example,
@@ -21,9 +22,9 @@ from reteq.data.tokenize import (
     encode_conversation,
     encode_dataset,
     micro_batches,
-    padding_fraction,
     plan_steps,
 )
+from reteq.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ import pytest
 from fixtures import hub_schemas as fx
 
 from reteq.config import DataSource
-from reteq.data import gsm8k, hub, refusals
-from reteq.data.hub import HubDataError, MalformedRowError, convert, converter_for, load_hub
+from reteq.data import gsm8k, refusals
+from reteq.data.converters import access_help
+from reteq.data.hub import convert, converter_for, load_hub
 from reteq.data.sources import load_conversations
+from reteq.errors import HubDataError, MalformedRowError
 
 
 @pytest.fixture(autouse=True)
@@ -287,4 +289,4 @@ def test_a_gated_or_unreachable_dataset_is_one_line_naming_it_and_how_to_get_acc
         "reteq data prepare",
     ):
         assert hint in message
-    assert message.endswith(hub.access_help(refusals.SORRY_BENCH_ID))
+    assert message.endswith(access_help(refusals.SORRY_BENCH_ID))

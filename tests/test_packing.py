@@ -11,14 +11,13 @@ import torch
 from helpers import reteq_cache  # noqa: F401  (session fixture)
 
 from reteq.data.packing import (
-    IGNORE,
     balance,
     first_fit_decreasing,
     pack,
     packed_micro_batches,
     padding_fraction,
 )
-from reteq.data.tokenize import Example, collate, micro_batches
+from reteq.data.tokenize import IGNORE, Example, collate, micro_batches
 from reteq.train.logprobs import batch_token_logps, block_causal_mask, sequence_logps, token_logps
 
 pytestmark = pytest.mark.usefixtures("reteq_cache")

@@ -9,7 +9,7 @@ import pytest
 from reteq.config import load_config
 from reteq.data import rcu
 from reteq.data.sources import load_conversations, read_local
-from reteq.sweep.plan import build_plan
+from reteq.plan import build_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml")) + sorted(

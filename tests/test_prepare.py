@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from fixtures import hub_schemas as fx
 
+from reteq.cli import EXIT_BAD_INPUT, main
 from reteq.config import DataSource, parse_config
 from reteq.data import hub, prepare
-from reteq.data.prepare import file_sha256, lookup_prepared, prepare_command, read_prepared
+from reteq.data.prepare import lookup_prepared, read_prepared
+from reteq.digest import sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +75,7 @@ def test_prepare_writes_one_parquet_per_stage_and_a_manifest(raw, tmp_path):
         entry = manifest["stages"][stage]
         path = out / entry["file"]
         assert (entry["rows"], entry["converter"], entry["transform"]) == (rows, converter, transform)
-        assert entry["sha256"] == file_sha256(path) and entry["source_id"] == cfg.stage(stage).source.id
+        assert entry["sha256"] == sha256_file(path) and entry["source_id"] == cfg.stage(stage).source.id
         assert "revision" in entry and entry["kind"] == "hub"
         assert pq.read_schema(path).names == ["messages"]
         assert read_prepared(path) == hub.load_hub(cfg.stage(stage).source)
@@ -140,11 +143,15 @@ def test_local_and_synthetic_stages_are_prepared_too(tmp_path):
     assert (stages["U"]["rows"], stages["U"]["converter"]) == (5, "synthetic:refusal")
 
 
-# ---- the CLI entry point -------------------------------------------------------------------------
+# ---- the CLI entry point: `reteq data prepare`; unavailable or malformed data is bad input (one line, exit 2) ----
+def _prepare(*argv: str) -> int:
+    return main(["data", "prepare", *argv])
+
+
 def test_prepare_command_prints_what_it_wrote_and_returns_0(raw, tmp_path, capsys):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert prepare_command(str(path), str(tmp_path / "out")) == 0
+    assert _prepare(str(path), "--out", str(tmp_path / "out")) == 0
     printed = capsys.readouterr().out
     assert "U: 14 rows, wrote" in printed and f"manifest: {tmp_path / 'out' / 'manifest.json'}" in printed
 
@@ -152,16 +159,20 @@ def test_prepare_command_prints_what_it_wrote_and_returns_0(raw, tmp_path, capsy
 def test_prepare_command_defaults_to_work_dir_data(raw, tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert prepare_command(str(path), None) == 0
+    assert _prepare(str(path)) == 0
     assert (tmp_path / "work" / "data" / "manifest.json").is_file()
+
+
+def _last_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]  # lines before it are datasets' progress bars
 
 
 def test_a_gated_source_fails_as_one_line_naming_file_field_and_dataset(raw, tmp_path, capsys):
     raw["stages"][3]["source"] = {"kind": "hub", "id": "sorry-bench/sorry-bench-202503"}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert prepare_command(str(path), str(tmp_path / "out")) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # lines before it are datasets' progress bars
+    assert _prepare(str(path), "--out", str(tmp_path / "out")) == EXIT_BAD_INPUT
+    err = _last_line(capsys)
     assert err.startswith(
         f"{path}: stages[3].source: cannot load hub dataset 'sorry-bench/sorry-bench-202503'"
     )
@@ -174,15 +185,25 @@ def test_a_malformed_row_fails_naming_the_field_and_row(raw, tmp_path, capsys):
     fx.write_sorry_bench(tmp_path, rows)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert prepare_command(str(path), str(tmp_path / "out")) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert _prepare(str(path), "--out", str(tmp_path / "out")) == EXIT_BAD_INPUT
+    err = _last_line(capsys)
     assert err.startswith(f"{path}: stages[3].source: ") and ": row 0: turns must be a non-empty list" in err
+
+
+def test_a_dataset_missing_the_published_columns_is_one_line(raw, tmp_path, capsys):
+    no_turns = pa.schema([f for f in fx.SORRY_SCHEMA if f.name != "turns"])
+    fx.write_sorry_bench(tmp_path, [{k: v for k, v in r.items() if k != "turns"} for r in fx.sorry_rows()], no_turns)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert _prepare(str(path), "--out", str(tmp_path / "out")) == EXIT_BAD_INPUT
+    err = _last_line(capsys)
+    assert err.startswith(f"{path}: stages[3].source: ") and "missing column(s) ['turns']" in err
 
 
 def test_a_bad_config_returns_2_with_file_field_reason(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nmodels: []\nstages: []\norders: {all_permutations: true}\nbogus: 1\n")
-    assert prepare_command(str(path), None) == 2
+    assert _prepare(str(path)) == EXIT_BAD_INPUT
     assert f"{path}: bogus: unknown field" in capsys.readouterr().err
 
 

@@ -9,9 +9,9 @@ import mlflow
 import pytest
 
 from reteq import tracking as T
+from reteq.commands.sweep import sweep_command
 from reteq.config import parse_config
-from reteq.sweep.plan import build_plan
-from reteq.sweep.run import sweep_command
+from reteq.plan import build_plan
 from reteq.train.checkpoint import verify_checkpoint
 from tests.sweep_configs import tiny_sweep
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from reteq import tracking as tk
+from reteq.cli import EXIT_BAD_INPUT, main
+from reteq.commands.theory import theory_command
 from reteq.config import ConfigError
+from reteq.errors import BadInput
 from reteq.theory import grid as g
-from reteq.theory.grid import TheoryConfig, load_theory_config, run_theory_grid, theory_command
+from reteq.theory.grid import TheoryConfig, load_theory_config, run_theory_grid
 from reteq.theory.report import theory_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -121,7 +124,7 @@ def test_bad_theory_configs_name_the_field(tmp_path):
     assert any("unknown" in line for line in info.value.lines)
     with pytest.raises(ConfigError, match="does not exist"):
         load_theory_config(tmp_path / "missing.yaml")
-    assert theory_command(str(tmp_path / "missing.yaml"), str(tmp_path / "w"), as_json=True) == 2
+    assert main(["theory", str(tmp_path / "missing.yaml"), "--work-dir", str(tmp_path / "w"), "--json"]) == 2
 
 
 @pytest.mark.ray
@@ -133,12 +136,12 @@ def test_unmeetable_resources_fail_before_mlflow_is_touched(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri, artifact_root = sqlite_tracking
     cfg = TheoryConfig(**{**SMALL, "cpus_per_trial": 16})
-    with pytest.raises(ValueError, match="exceeds the cluster"):
+    with pytest.raises(BadInput, match="exceeds the cluster"):
         run_theory_grid(cfg, uri, artifact_root, "theory-fail", storage_path=str(tmp_path / "tune"))
     assert MlflowClient(uri).get_experiment_by_name("theory-fail") is None
     config = tmp_path / "greedy.yaml"
     config.write_text(json.dumps({**SMALL, "cpus_per_trial": 16}))
-    assert theory_command(str(config), str(tmp_path / "work"), as_json=True) == 2
+    assert main(["theory", str(config), "--work-dir", str(tmp_path / "work"), "--json"]) == EXIT_BAD_INPUT
 
 
 @pytest.mark.ray

@@ -105,7 +105,7 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
 
 def _run(tmp_path, seed: int):
     from reteq.pipeline import CheckpointStore, run_leaf
-    from reteq.sweep.plan import build_plan
+    from reteq.plan import build_plan
     from reteq.train.recipes import WorkerContext
 
     cfg = sweep_cfg(tmp_path, seeds=[seed])

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import polars as pl
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
 
 from reteq import tracking as T
+from reteq.sweep.mlflow_store import iter_runs
 
 RUN_COLUMNS = ("model", "order", "p", "algorithm", "lr", "beta", "scheduler", "seed")
 METRIC_COLUMNS = ("run_id", *RUN_COLUMNS, "kind", "status", "step", "metric", "value")
-_PAGE = 1000
 
 _RUN_SCHEMA = {
     "run_id": pl.String,
@@ -77,7 +76,7 @@ def load_runs(tracking_uri: str, experiment: str) -> pl.DataFrame:
     can be numeric columns.
     """
     rows = []
-    for run in _search_all(tracking_uri, experiment_id(tracking_uri, experiment)):
+    for run in iter_runs(MlflowClient(tracking_uri), experiment_id(tracking_uri, experiment)):
         tags = run.data.tags
         row = {col: tags.get(key) or None for col, key in _TAG_COLUMNS.items()}
         row.update(
@@ -88,19 +87,6 @@ def load_runs(tracking_uri: str, experiment: str) -> pl.DataFrame:
         )
         rows.append(row)
     return _typed_runs(rows)
-
-
-def _search_all(tracking_uri: str, exp_id: str):
-    """Every active run of the experiment, page by page."""
-    client, token = MlflowClient(tracking_uri), None
-    while True:
-        page = client.search_runs(
-            [exp_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=_PAGE, page_token=token
-        )
-        yield from page
-        token = page.token
-        if not token:
-            return
 
 
 def _typed_runs(rows: list[dict]) -> pl.DataFrame:
@@ -200,7 +186,7 @@ def _client_histories(tracking_uri: str, exp_id: str, run_ids: set[str], workers
     client = MlflowClient(tracking_uri)
     keys = [
         (run.info.run_id, key)
-        for run in _search_all(tracking_uri, exp_id)
+        for run in iter_runs(MlflowClient(tracking_uri), exp_id)
         if run.info.run_id in run_ids
         for key in run.data.metrics
     ]

@@ -19,19 +19,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from reteq.config import DataSource
-from reteq.data.hub import (
+from reteq.data.converters import (
     Conversation,
     Converter,
-    HubDataError,
-    MalformedRowError,
     chat,
-    convert,
     dataset_label,
     load_hub_dataset,
     register,
     require_columns,
     text_field,
 )
+from reteq.errors import DataError, HubDataError, MalformedRowError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -164,7 +162,7 @@ def eval_pairs(conversations: list[Conversation]) -> list[tuple[str, str]]:
         question = next(m["content"] for m in messages if m["role"] == "user")
         reference = extract_answer(messages[-1]["content"])
         if reference is None:
-            raise ValueError(f"math eval row {i}: the answer has no '#### <number>' line")
+            raise DataError(f"math eval row {i}: the answer has no '#### <number>' line")
         pairs.append((question, reference))
     return pairs
 
@@ -173,4 +171,4 @@ def load_gsm8k_test(source: DataSource | None = None) -> list[tuple[str, str]]:
     """(question, reference number) pairs of the GSM8K test split, or of `source` (`eval.math_source`)."""
     source = source or TEST_SOURCE
     ds = load_hub_dataset(source)
-    return eval_pairs(convert(ds, source.model_copy(update={"converter": source.converter or "gsm8k"})))
+    return eval_pairs(_convert(ds, source, None))  # _convert keeps the first `source.n` rows

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-IGNORE = -100  # == reteq.data.tokenize.IGNORE (not imported: tokenize pulls pydantic in via data.sources)
+from reteq.data.tokenize import IGNORE
 
 # How a packed batch is laid out for an attention implementation:
 #   "rows"   several rows of at most `capacity` tokens, block-diagonal causal 4D mask (sdpa, eager)

@@ -14,34 +14,20 @@ Files and the manifest are written to a temporary name and renamed, so a reader 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reteq.config import ConfigError, DataSource, SweepConfig, load_config
+from reteq.config import DataSource, SweepConfig
+from reteq.digest import sha256_file, spec_hash
+from reteq.errors import BadInput, PrepareError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "reteq-prepared/1"
 LOCAL_VERSION = "local/1"
-
-
-class PrepareError(ValueError):
-    """A stage that could not be prepared: `field` is its place in the config, `reason` one line."""
-
-    def __init__(self, field: str, reason: str):
-        self.field, self.reason = field, " ".join(str(reason).split())
-        super().__init__(f"{field}: {self.reason}")
-
-
-def file_sha256(path: Path) -> str:
-    from reteq.train.checkpoint import sha256_file  # one hashing routine for checkpoints and data
-
-    return sha256_file(path)
 
 
 def transform_of(source: DataSource) -> tuple[str, str]:
@@ -55,14 +41,13 @@ def transform_of(source: DataSource) -> tuple[str, str]:
         from reteq.data import synthetic
 
         return f"synthetic:{source.task}", str(getattr(synthetic, "TRANSFORM_VERSION", "synthetic"))
-    content = file_sha256(Path(source.path or "").expanduser())[:16]
+    content = sha256_file(Path(source.path or "").expanduser())[:16]
     return "local", f"{LOCAL_VERSION}+sha256:{content}"
 
 
 def source_key(source: DataSource) -> str:
     """Content address of a prepared source: its spec plus the transform version."""
-    spec = {"source": source.model_dump(mode="json"), "transform": transform_of(source)[1]}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return spec_hash({"source": source.model_dump(mode="json"), "transform": transform_of(source)[1]})
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -105,7 +90,7 @@ def _valid(entry: dict[str, Any] | None, out_dir: Path) -> Path | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
         return None
     path = out_dir / entry["file"]
-    return path if path.is_file() and file_sha256(path) == entry.get("sha256") else None
+    return path if path.is_file() and sha256_file(path) == entry.get("sha256") else None
 
 
 def lookup_prepared(source: DataSource, data_dir: str | Path) -> Path | None:
@@ -113,7 +98,7 @@ def lookup_prepared(source: DataSource, data_dir: str | Path) -> Path | None:
     data_dir = Path(data_dir)
     try:
         key = source_key(source)
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, BadInput):
         return None
     return _valid(read_manifest(data_dir).get("by_key", {}).get(key), data_dir)
 
@@ -124,7 +109,6 @@ def _safe_label(label: str) -> str:
 
 def _materialise(label: str, field: str, source: DataSource, out_dir: Path, known: dict[str, Any],
                  report: Callable[[str], None]) -> dict[str, Any]:
-    from reteq.data.hub import HubDataError
     from reteq.data.sources import load_conversations
 
     try:
@@ -136,12 +120,12 @@ def _materialise(label: str, field: str, source: DataSource, out_dir: Path, know
             report(f"{label}: {entry['rows']} rows, reused {reused}")
             return entry
         conversations = load_conversations(source)
-    except (HubDataError, ValueError, OSError) as e:
+    except (BadInput, OSError) as e:
         raise PrepareError(field, str(e)) from None
     path = out_dir / f"{_safe_label(label)}-{key[:12]}.parquet"
     write_parquet(conversations, path)
     entry = {
-        "file": path.name, "rows": len(conversations), "sha256": file_sha256(path), "key": key,
+        "file": path.name, "rows": len(conversations), "sha256": sha256_file(path), "key": key,
         "kind": source.kind, "source_id": source.id or source.path or f"synthetic:{source.task}",
         "revision": source.revision, "converter": converter, "transform": transform,
         "source": source.model_dump(mode="json"),
@@ -174,27 +158,3 @@ def prepare(cfg: SweepConfig, out_dir: str | Path, report: Callable[[str], None]
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     _atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
     return path
-
-
-def prepare_command(config_path: str, out_dir: str | None = None) -> int:
-    """`reteq data prepare CONFIG [--out DIR]`: 0 on success, 2 for a bad config, 1 for unavailable data.
-
-    Errors are printed as one line each, `file: field: reason`. The default out_dir is `<work_dir>/data`.
-    """
-    try:
-        cfg = load_config(config_path)
-    except ConfigError as e:
-        for line in e.lines:
-            print(line, file=sys.stderr)
-        return 2
-    target = Path(out_dir) if out_dir else Path(cfg.work_dir) / "data"
-    try:
-        manifest = prepare(cfg, target, report=lambda line: print(line, flush=True))
-    except PrepareError as e:
-        print(f"{config_path}: {e.field}: {e.reason}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{config_path}: data prepare: cannot write {target}: {e}", file=sys.stderr)
-        return 1
-    print(f"manifest: {manifest}")
-    return 0

@@ -17,14 +17,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from reteq.config import DataSource
-from reteq.data.hub import (
-    Conversation,
-    HubDataError,
-    MalformedRowError,
-    dataset_label,
-    register,
-    require_columns,
-)
+from reteq.data.converters import Conversation, dataset_label, register, require_columns
+from reteq.data.synthetic import REFUSAL_PREFIX
+from reteq.errors import HubDataError, MalformedRowError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -34,7 +29,6 @@ log = logging.getLogger("reteq.data")
 SORRY_BENCH_ID = "sorry-bench/sorry-bench-202503"
 SORRY_BENCH_COLUMNS = ("question_id", "category", "turns", "prompt_style")
 _ROW = "__reteq_row__"
-REFUSAL_PREFIX = "Sorry, I can not assist you with this question."
 # The paper drops these prompt styles. "ceasar" is how the authors' script spells caesar; both are dropped.
 DROPPED_STYLES = frozenset({"ascii", "atbash", "caesar", "ceasar", "morse", "misspellings"})
 # The authors' script (data/create_safety_dataset.py) also drops two translations and keeps a 70% split.

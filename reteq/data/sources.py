@@ -12,7 +12,7 @@ from typing import Any
 
 from reteq.config import DataSource
 from reteq.data import synthetic
-from reteq.data.errors import DataError
+from reteq.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-REFUSAL_PREFIX = "Sorry, I can not assist you with this question."
+REFUSAL_PREFIX = "Sorry, I can not assist you with this question."  # the S_U refusal sentence (refusals.py too)
 TRANSFORM_VERSION = "synthetic-v1"
 
 _NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora",

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from reteq.data.errors import DataError
+from reteq.errors import DataError
 
-IGNORE = -100
+IGNORE = -100  # the label of a token that is not a target (prompt, padding); torch's ignore_index
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,6 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return Batch(ids, mask, labels, torch.tensor([e.index for e in examples]), int(mask.sum()))
-
-
-def padding_fraction(batches: list[Batch]) -> float:
-    total = sum(b.input_ids.numel() for b in batches)
-    real = sum(b.n_tokens for b in batches)
-    return 0.0 if total == 0 else 1.0 - real / total
 
 
 def plan_steps(n_examples: int, epochs: float, global_batch: int, seed: int, steps: int | None = None,

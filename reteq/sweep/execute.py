@@ -18,7 +18,8 @@ from reteq.config import SweepConfig
 TRIAL_CPUS = 0.05  # the trial function only waits on its trainer; Ray refuses 0
 
 
-def _env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The driver's environment variables that trial workers need (Ray, HF, DeepSpeed, MLflow), quieted."""
     keep = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR",
             "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI", "PYTHONPATH")
     env = {k: os.environ[k] for k in keep if k in os.environ}
@@ -35,8 +36,8 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from reteq.config import parse_config
     from reteq.pipeline import CheckpointStore, DataCache, run_leaf
+    from reteq.plan import build_plan, leaf_from_dict
     from reteq.sweep.coordinator import RayCoordinator
-    from reteq.sweep.plan import build_plan, leaf_from_dict
     from reteq.sweep.record import MlflowHooks
     from reteq.train.engine import load_deepspeed_config
     from reteq.train.recipes import WorkerContext
@@ -44,7 +45,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     os.environ.update(config["env"])
     ctx_train = ray.train.get_context()
     rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
-    cfg = parse_config(config["config"], source=config["config_path"])
+    cfg = parse_config(config["config"], source=config["config_name"])
     leaf = leaf_from_dict(config["leaf"])
     plan = build_plan(cfg)
     use_gpu = cfg.execution.use_gpu and torch.cuda.is_available()

@@ -14,40 +14,13 @@ from typing import Any
 
 from reteq import tracking as T
 from reteq.pipeline import Hooks
-from reteq.sweep.plan import StageNode, UnlearnLeaf
-
-
-def client(uri: str):
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
-def ensure_experiment(uri: str, name: str, artifact_root: str | None) -> str:
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if artifact_root and not uri.startswith(("http://", "https://", "databricks")):
-        location = f"{artifact_root.rstrip('/')}/{name}"  # a tracking server picks its own artifact store
-    return c.create_experiment(name, artifact_location=location)
-
-
-def _search(c, exp_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = c.search_runs([exp_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+from reteq.plan import StageNode, UnlearnLeaf
+from reteq.sweep.mlflow_store import search_runs, tracking_client
 
 
 def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
     """The sweep's parent run: reused by a rerun of the same config, so children stay under one parent."""
-    found = _search(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_SWEEP}' and tags.`{T.TAG_CONFIG_HASH}` = "
+    found = search_runs(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_SWEEP}' and tags.`{T.TAG_CONFIG_HASH}` = "
                                f"'{config_hash}'")
     if found:
         return found[0].info.run_id
@@ -59,7 +32,7 @@ def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
 def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
     """node key -> {run_id, checkpoint} for finetune/retrain runs that finished and published a checkpoint."""
     out = {}
-    for r in _search(c, exp_id, f"tags.`{T.TAG_STATUS}` = '{T.STATUS_DONE}'"):
+    for r in search_runs(c, exp_id, f"tags.`{T.TAG_STATUS}` = '{T.STATUS_DONE}'"):
         if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN):
             out[r.data.tags[T.TAG_NODE_KEY]] = {"run_id": r.info.run_id,
                                                 "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")}
@@ -68,7 +41,7 @@ def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
 
 def finished_leaves(c, exp_id: str) -> set[str]:
     keys = set()
-    for r in _search(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_UNLEARN}'"):
+    for r in search_runs(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_UNLEARN}'"):
         if r.data.tags.get(T.TAG_STATUS) in (T.STATUS_DONE, T.STATUS_COLLAPSED):
             keys.add(r.data.tags[T.TAG_NODE_KEY])
     return keys
@@ -96,7 +69,7 @@ class MlflowHooks(Hooks):
     FLUSH_EVERY = 20  # metric rows buffered before one log_batch call
 
     def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, scheduler_of, echo=print):
-        self.c = client(uri)
+        self.c = tracking_client(uri)
         self.uri = uri
         self.exp_id, self.parent, self.sweep = exp_id, parent_run_id, sweep
         self.scheduler_of = scheduler_of  # model/order -> schedule name of the path's stages

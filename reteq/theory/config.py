@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from reteq import tracking as tk
+
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -21,7 +23,7 @@ class TheoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(
-        "theory", min_length=1, description="sweep name: the reteq.sweep tag and the Tune run name"
+        tk.THEORY_EXPERIMENT, min_length=1, description="sweep name: the reteq.sweep tag and the Tune run name"
     )
     d: list[PosInt] = Field([40, 80], min_length=1, description="parameter dimensions")
     stage_sizes: list[tuple[PosInt, PosInt]] = Field(
@@ -77,7 +79,7 @@ class TheoryConfig(BaseModel):
 
 def load_theory_config(path: str | Path | None) -> TheoryConfig:
     """YAML file -> TheoryConfig (None: defaults); problems raise reteq.config.ConfigError, one line each."""
-    from reteq.config import ConfigError
+    from reteq.errors import ConfigError
 
     if path is None:
         return TheoryConfig()

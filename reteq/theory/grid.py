@@ -21,10 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,8 @@ import numpy as np
 
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
+from reteq.errors import BadInput
+from reteq.sweep.mlflow_store import ensure_experiment
 from reteq.theory.beyond import retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
 from reteq.theory.linear import Instance, bound_check, make_instance
@@ -186,16 +186,6 @@ def _cell_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 # ---- the grid ----------------------------------------------------------------------------------------------
-def _ensure_experiment(client, experiment: str, artifact_root: str | None) -> str:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        if exp.lifecycle_stage != "active":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    location = f"{artifact_root.rstrip('/')}/{experiment}" if artifact_root else None
-    return client.create_experiment(experiment, artifact_location=location)
-
-
 def _start_parent(client, experiment_id: str, cfg: TheoryConfig) -> str:
     """The parent run (kind sweep); the grid definition goes in as params, not an artifact, so nothing lands
     in the working directory when there is no artifact root."""
@@ -267,11 +257,11 @@ def run_theory_grid(
     try:
         total_cpus = ray.cluster_resources().get("CPU", 0)
         if cfg.cpus_per_trial > total_cpus:  # checked before MLflow is touched: bad input leaves no runs
-            raise ValueError(
+            raise BadInput(
                 f"cpus_per_trial={cfg.cpus_per_trial} exceeds the cluster's {total_cpus} CPUs "
                 "(trials would stay PENDING forever)"
             )
-        experiment_id = _ensure_experiment(client, experiment, artifact_root)
+        experiment_id = ensure_experiment(tracking_uri, experiment, artifact_root)
         parent_id = _start_parent(client, experiment_id, cfg)
         ctx = {
             "tracking_uri": tracking_uri,
@@ -314,40 +304,3 @@ def run_theory_grid(
         "tracking_uri": tracking_uri,
         "wall_s": round(time.time() - started, 2),
     }
-
-
-def theory_command(config_path: str | None, work_dir: str, as_json: bool) -> int:
-    """`reteq theory [CONFIG] [--json]`: run the grid into work_dir's MLflow store and print a summary.
-
-    Exit codes: 0 the bound held on every instance, 1 it failed somewhere (a bug or a counterexample),
-    2 bad input (config or cluster). With as_json, stdout carries exactly one JSON object (Tune's output goes to stderr)."""
-    from reteq.config import ConfigError
-
-    try:
-        cfg = load_theory_config(config_path)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    uri, root = tk.default_tracking_uri(work), tk.default_artifact_root(work)
-    try:
-        with redirect_stdout(sys.stderr):
-            summary = run_theory_grid(cfg, uri, root, cfg.name, storage_path=str(work / "ray_results"))
-    except ValueError as e:  # input the config alone cannot rule out, e.g. more CPUs per trial than exist
-        print(f"reteq theory: {e}", file=sys.stderr)
-        return 2
-    if as_json:
-        print(json.dumps(summary, sort_keys=True))
-    else:
-        share = summary["bound_holds"] / max(summary["instances"], 1)
-        print(
-            f"theory grid '{cfg.name}': {summary['instances']} instances in {summary['cells']} cells, "
-            f"{summary['wall_s']:.1f} s"
-        )
-        print(
-            f"Theorem 3.1 bound held on {summary['bound_holds']}/{summary['instances']} ({share:.1%}); "
-            f"t0 inside the {cfg.steps}-step horizon on {summary['nonvacuous']}"
-        )
-        print(f"MLflow: {uri}  experiment '{summary['experiment']}' (id {summary['experiment_id']})")
-    return 0 if summary["bound_holds"] == summary["instances"] else 1

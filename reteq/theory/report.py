@@ -14,6 +14,7 @@ import polars as pl
 
 from reteq import tracking as tk
 from reteq.analysis.section import Section
+from reteq.sweep.mlflow_store import search_runs
 from reteq.theory import grid as g
 
 TITLE = "Theory: path dependence of gradient-ascent unlearning in linear regression (Section 3)"
@@ -23,28 +24,16 @@ REPRESENTATIVES = 4
 QUANTITIES = ["divergence d(theta_AB(t), theta_BA(t))", "Theorem 3.1 lower bound"]
 
 
-def _all_runs(client, experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], filter_string, max_results=1000, order_by=order_by, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _latest_grid(client, experiment_id: str) -> tuple[Any, list] | None:
     """(parent run, its theory child runs) of the most recent grid that has children, or None."""
-    parents = _all_runs(
+    parents = search_runs(
         client,
         experiment_id,
         f"tags.`{tk.TAG_KIND}` = '{tk.KIND_SWEEP}'",
         order_by=["attributes.start_time DESC"],
     )
     for parent in parents:
-        children = _all_runs(
+        children = search_runs(
             client,
             experiment_id,
             f"tags.`{tk.TAG_KIND}` = '{tk.KIND_THEORY}' and "

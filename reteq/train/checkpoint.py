@@ -9,7 +9,6 @@ never published nor accepted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,19 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from reteq.digest import sha256_file
+from reteq.errors import CheckpointError
+
 MANIFEST = "manifest.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gathered_state_dict(module, is_main: bool) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ import torch
 
 from reteq.algorithms import get_algorithm
 from reteq.config import StageConfig, UnlearnConfig
-from reteq.data.packing import layout_for, pack, packed_micro_batches
+from reteq.data.packing import layout_for, pack, packed_micro_batches, padding_fraction
 from reteq.data.tokenize import Example, encode_dataset, micro_batches, plan_steps
 from reteq.eval.evaluator import Evaluator, relative
 from reteq.train.engine import OptimSpec, build_engine
@@ -78,9 +78,8 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
         return -logp.sum() / step.label_tokens
 
     result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=on_step)
-    padded = sum(b.input_ids.numel() for s in steps for b in s.micro_batches)
-    real = sum(b.n_tokens for s in steps for b in s.micro_batches)
-    stats = {"steps": len(steps), "padding_fraction": 1 - real / max(1, padded), "examples": len(examples)}
+    pad = padding_fraction([b for s in steps for b in s.micro_batches])
+    stats = {"steps": len(steps), "padding_fraction": pad, "examples": len(examples)}
     return engine.module, result, stats
 
 

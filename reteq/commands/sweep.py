@@ -1,4 +1,4 @@
-"""The driver side of `reteq sweep`, `reteq report`, `reteq ui` and `reteq demo`.
+"""`reteq sweep` and `reteq demo`: the driver side of a Ray sweep.
 
 setup (validate, preflight data and models, MLflow experiment + parent run, find finished work)
 -> run (Ray Tune trials for the leaves not yet done) -> report (where the MLflow UI and report.html are).
@@ -7,23 +7,21 @@ setup (validate, preflight data and models, MLflow experiment + parent run, find
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.commands.report import write_sweep_report
 from reteq.config import SweepConfig, load_config
-
-THEORY_EXPERIMENT = "theory"  # the default theory grid's experiment name (configs/theory.yaml)
-
-
-def _tracking(cfg: SweepConfig, work: Path) -> tuple[str, str | None]:
-    uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
-    return uri, T.default_artifact_root(work)
+from reteq.errors import BadInput
 
 
-def _init_ray(work: Path) -> bool:
+def default_demo_config() -> Path:
+    """configs/demo.yaml of this checkout: the embedded default of `reteq demo`."""
+    return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _init_ray() -> bool:
     """Connect to RAY_ADDRESS (or a job's cluster) if there is one, else start a local cluster on 127.0.0.1."""
     import ray
 
@@ -39,24 +37,24 @@ def _init_ray(work: Path) -> bool:
 
 
 def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = True) -> int:
-    from reteq.path import preflight
-    from reteq.pipeline import DataCache
+    from reteq.pipeline import DataCache, preflight
+    from reteq.plan import build_plan, leaf_to_dict
     from reteq.sweep import record
-    from reteq.sweep.execute import _env, check_resources, run_trials
-    from reteq.sweep.plan import build_plan, leaf_to_dict
+    from reteq.sweep.execute import check_resources, run_trials, worker_env
+    from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 
     start = time.perf_counter()
     work = Path(work_dir or cfg.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg)
     preflight(cfg, DataCache(cfg))  # bad data or model paths fail here, before anything trains
     if cfg.execution.deepspeed and not Path(cfg.execution.deepspeed).exists():
-        raise ValueError(f"execution.deepspeed: {cfg.execution.deepspeed} does not exist")
+        raise BadInput(f"execution.deepspeed: {cfg.execution.deepspeed} does not exist")
     if cfg.execution.workers > 1 and not cfg.execution.deepspeed:
-        raise ValueError("execution.workers > 1 needs execution.deepspeed (data parallelism runs through it)")
-    uri, artifacts = _tracking(cfg, work)
-    exp_id = record.ensure_experiment(uri, cfg.name, artifacts)
-    c = record.client(uri)
+        raise BadInput("execution.workers > 1 needs execution.deepspeed (data parallelism runs through it)")
+    work.mkdir(parents=True, exist_ok=True)
+    uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
+    exp_id = ensure_experiment(uri, cfg.name, T.default_artifact_root(work))
+    c = tracking_client(uri)
     parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
     done_nodes = record.finished_nodes(c, exp_id)
     done_leaves = record.finished_leaves(c, exp_id)
@@ -67,11 +65,11 @@ def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = 
           f"{sum(k in done_nodes for k in plan.nodes)} nodes, {len(plan.leaves) - len(todo)} runs", flush=True)
     failed = 0
     if todo:
-        started_ray = _init_ray(work)
+        started_ray = _init_ray()
         try:
             check_resources(cfg)
             base = {
-                "config": cfg.model_dump(mode="json"), "config_path": str(cfg.name), "env": _env(),
+                "config": cfg.model_dump(mode="json"), "config_name": str(cfg.name), "env": worker_env(),
                 "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
                 "checkpoints": str(work / "checkpoints"),
                 "storage_path": cfg.execution.storage_path or str(work / "ray"),
@@ -90,64 +88,20 @@ def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = 
     print(f"sweep {cfg.name} finished in {time.perf_counter() - start:.0f}s; {failed} failed trials")
     print(f"MLflow: {uri} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
     if report:
-        out = _write_report(cfg, uri, work)
+        out = write_sweep_report(cfg, uri, work)
         if out:
             print(f"report: {out}")
     return 1 if failed else 0
 
 
-def _write_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None) -> Path | None:
-    from reteq.analysis.report import write_report
-    from reteq.sweep.estimate import format_plan, plan_report
-
-    plan_text = format_plan(cfg, plan_report(cfg)) if cfg is not None else None
-    extra = []
-    name = experiment or cfg.name
-    try:  # the theory grid, when it was run into the same MLflow store (as `reteq demo` does)
-        from reteq.theory.report import theory_section
-
-        # write_report itself adds the section when the report *is* the theory experiment
-        section = theory_section(uri, THEORY_EXPERIMENT) if name != THEORY_EXPERIMENT else None
-        if section is not None:
-            extra.append(section)
-    except ImportError:
-        pass
-    return write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra)
-
-
-def report_command(config_path: str | None, experiment: str | None, work_dir: str | None) -> int:
-    cfg = load_config(config_path) if config_path else None
-    if cfg is None and not experiment:
-        raise ValueError("report: give a sweep config or --experiment NAME")
-    work = Path(work_dir or (cfg.work_dir if cfg else "runs/demo")).resolve()
-    uri = (cfg.execution.tracking_uri if cfg else None) or T.default_tracking_uri(work)
-    out = _write_report(cfg, uri, work, experiment)
-    print(f"report: {out}")
-    return 0
-
-
-def ui_command(work_dir: str, port: int) -> int:
-    work = Path(work_dir).resolve()
-    uri = T.default_tracking_uri(work)
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
-    return subprocess.call(cmd)
-
-
 def demo_command(config: str | None, work_dir: str | None) -> int:
     """The embedded default end to end: sweep (tiny model, p = 1..4, GA/NPO/SimNPO), theory, report."""
-    from reteq.cli import default_demo_config
+    from reteq.commands.theory import theory_command
 
     t0 = time.perf_counter()
     cfg = load_config(config or default_demo_config())
     work = Path(work_dir or cfg.work_dir).resolve()
-    try:
-        from reteq.theory.grid import theory_command
-
-        theory_command(None, str(work), False)  # same MLflow store: one UI, one report
-    except ImportError:
-        pass
+    theory_command(None, str(work), False)  # same MLflow store: one UI, one report
     code = sweep_command(cfg, str(work), report=True)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     print(f"open {work / 'report' / 'report.html'} in a browser; MLflow UI: reteq ui --work-dir {work}")

@@ -9,35 +9,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from reteq import tracking as T
-from reteq.config import SweepConfig
-from reteq.data.sources import DataError
-from reteq.pipeline import CheckpointStore, DataCache, Hooks, run_leaf
-from reteq.sweep.plan import Plan, UnlearnLeaf, build_plan
+from reteq.config import SweepConfig, load_config
+from reteq.errors import BadInput
+from reteq.pipeline import CheckpointStore, DataCache, Hooks, preflight, run_leaf
+from reteq.plan import Plan, UnlearnLeaf, build_plan
 from reteq.train.recipes import UnlearnResult, WorkerContext
-
-
-class BadInput(ValueError):
-    bad_input = True
-
-
-def preflight(cfg: SweepConfig, data: DataCache) -> None:
-    """Everything that can be wrong with the input, checked before any training starts."""
-    from reteq.models import resolve_source
-
-    for m in cfg.models:
-        resolve_source(m)  # raises ModelError for a missing local path
-    for s in cfg.stages:
-        try:
-            data.stage(s.name)
-        except DataError as e:
-            raise DataError(f"stages.{s.name}.source: {e}") from None
-    data.math_items()
 
 
 class PrintHooks(Hooks):
@@ -84,40 +66,52 @@ def format_table(result: UnlearnResult) -> str:
     return "\n".join(lines)
 
 
-def choose_leaf(cfg: SweepConfig, model, order, algorithm, lr, beta, seed) -> tuple[UnlearnLeaf, Plan]:
+@dataclass(frozen=True)
+class PathFlags:
+    """The leaf `reteq run-path` was asked for; None takes the first value of the config's grid."""
+
+    model: str | None = None
+    order: str | None = None  # comma-separated finetuning order, e.g. "inst,tofu,math,U"
+    algorithm: str | None = None
+    lr: float | None = None
+    beta: float | None = None
+    seed: int | None = None
+
+
+def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     """The leaf the flags name; unset flags take the first value of the config's grid."""
     from reteq.algorithms import get_algorithm
 
     plan = build_plan(cfg)
-    want_order = tuple(order.split(",")) if order else None
+    want_order = tuple(flags.order.split(",")) if flags.order else None
     if want_order and sorted(want_order) != sorted(s.name for s in cfg.stages):
         raise BadInput(f"--order: {','.join(want_order)} is not a permutation of the declared stages")
-    if algorithm is not None:
+    if flags.algorithm is not None:
         try:
-            get_algorithm(algorithm)
+            get_algorithm(flags.algorithm)
         except ValueError as e:
             raise BadInput(f"--algorithm: {e}") from None
-    if lr is not None and not 0 < lr < math.inf:
-        raise BadInput(f"--lr: must be a finite number > 0 (got {lr})")
-    if beta is not None and not 0 < beta < math.inf:
-        raise BadInput(f"--beta: must be a finite number > 0 (got {beta})")
-    if model is not None and model not in {m.name for m in cfg.models}:
-        raise BadInput(f"--model: {model!r} is not a model of this config")
-    base = next(x for x in plan.leaves if model is None or x.model == model)
-    m = model or base.model
-    s = cfg.seeds[0] if seed is None else seed
+    if flags.lr is not None and not 0 < flags.lr < math.inf:
+        raise BadInput(f"--lr: must be a finite number > 0 (got {flags.lr})")
+    if flags.beta is not None and not 0 < flags.beta < math.inf:
+        raise BadInput(f"--beta: must be a finite number > 0 (got {flags.beta})")
+    if flags.model is not None and flags.model not in {m.name for m in cfg.models}:
+        raise BadInput(f"--model: {flags.model!r} is not a model of this config")
+    base = next(x for x in plan.leaves if flags.model is None or x.model == flags.model)
+    m = flags.model or base.model
+    s = cfg.seeds[0] if flags.seed is None else flags.seed
     o = want_order or base.order
-    alg = algorithm or base.algorithm
+    alg = flags.algorithm or base.algorithm
     parent = plan.add_path(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
+    beta = flags.beta if flags.beta is not None else cfg.unlearn.betas_for(alg)[0]
     leaf = replace(base, model=m, order=tuple(o), p=o.index(cfg.forget_stage) + 1, algorithm=alg,
-                   lr=lr or base.lr, beta=beta if beta is not None else cfg.unlearn.betas_for(alg)[0], seed=s,
-                   parent=parent)
+                   lr=flags.lr or base.lr, beta=beta, seed=s, parent=parent)
     return leaf, plan
 
 
-def run_path_command(cfg: SweepConfig, *, model=None, order=None, algorithm=None, lr=None, beta=None, seed=None,
-                     work_dir=None) -> int:
-    leaf, plan = choose_leaf(cfg, model, order, algorithm, lr, beta, seed)
+def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None) -> int:
+    cfg = load_config(config)
+    leaf, plan = choose_leaf(cfg, flags)
     data = DataCache(cfg)
     preflight(cfg, data)
     work = Path(work_dir or cfg.work_dir)

@@ -1,7 +1,7 @@
 """`reteq plan`: what a sweep will run and what it will cost, without running anything.
 
-Tokens per node are estimated as sequences x a mean sequence length (measured from the data when it is
-local or synthetic; otherwise the stage's max_length / 2). GPU-hours = tokens / throughput / 3600, with the
+Tokens per node are estimated as sequences x an assumed mean sequence length of the stage's max_length / 2
+(nothing is read or measured: `reteq plan` must stay instant, even for hub data not yet downloaded). GPU-hours = tokens / throughput / 3600, with the
 throughput (tokens/s per GPU) from `execution.tokens_per_gpu_second` (measure it with bench/).
 Unlearning cost counts the optimizer steps' tokens plus the reference pass (NPO) and evaluation forwards.
 """
@@ -9,13 +9,14 @@ Unlearning cost counts the optimizer steps' tokens plus the reference pass (NPO)
 from __future__ import annotations
 
 from reteq.config import SweepConfig
-from reteq.sweep.plan import build_plan
+from reteq.plan import build_plan
 from reteq.tracking import order_tag
 
 UNLEARN_SEQ_LEN = 256  # the forget set's responses are short refusals; prompt + response stays well below this
 
 
 def _mean_len(cfg: SweepConfig, stage: str) -> float:
+    """The assumed mean tokens per sequence: half the stage's max_length, not a measurement."""
     return cfg.stage(stage).max_length / 2
 
 

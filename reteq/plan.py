@@ -8,18 +8,13 @@ run: finetuned path x algorithm x lr x beta x seed.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from dataclasses import asdict, dataclass, field
 
 from reteq.config import SweepConfig
+from reteq.digest import spec_hash as _hash
 
 KEY_VERSION = "node-v1"
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

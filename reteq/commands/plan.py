@@ -1,0 +1,35 @@
+"""`reteq validate CONFIG` and `reteq plan CONFIG [--json]`: check a sweep, show what it would run and cost."""
+
+from __future__ import annotations
+
+import json
+
+from reteq.config import DataSource, SweepConfig, load_config
+from reteq.data.hub import converter_for
+from reteq.errors import HubDataError
+from reteq.estimate import format_plan, plan_report
+
+
+def _hub_sources(cfg: SweepConfig) -> list[tuple[str, DataSource]]:
+    found = [(f"stages[{i}].source", s.source) for i, s in enumerate(cfg.stages)]
+    found.append(("eval.math_source", cfg.eval.math_source))
+    return [(field, s) for field, s in found if s is not None and s.kind == "hub"]
+
+
+def validate_command(config: str) -> int:
+    """The config (one line per problem) and, offline, that every hub source has a converter."""
+    cfg = load_config(config)
+    for field, source in _hub_sources(cfg):
+        try:
+            converter_for(source)
+        except HubDataError as e:
+            raise HubDataError(f"{config}: {field}: {e}") from None
+    print(f"{config}: ok")
+    return 0
+
+
+def plan_command(config: str, as_json: bool) -> int:
+    cfg = load_config(config)
+    report = plan_report(cfg)
+    print(json.dumps(report, indent=2) if as_json else format_plan(cfg, report))
+    return 0

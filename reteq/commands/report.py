@@ -1,0 +1,45 @@
+"""`reteq report` (MLflow -> polars -> altair -> report.html) and `reteq ui` (the MLflow UI on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from reteq import tracking as T
+from reteq.config import SweepConfig, load_config
+from reteq.errors import BadInput
+
+
+def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None) -> Path:
+    """report.html of a sweep, with the plan and, when it was run into the same store, the theory grid."""
+    from reteq.analysis.report import write_report
+    from reteq.estimate import format_plan, plan_report
+    from reteq.theory.report import theory_section
+
+    plan_text = format_plan(cfg, plan_report(cfg)) if cfg is not None else None
+    name = experiment or cfg.name
+    # write_report itself adds the section when the report *is* the theory experiment
+    section = theory_section(uri, T.THEORY_EXPERIMENT) if name != T.THEORY_EXPERIMENT else None
+    extra = [section] if section is not None else []
+    return write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra)
+
+
+def report_command(config: str | None, experiment: str | None, work_dir: str | None) -> int:
+    cfg = load_config(config) if config else None
+    if cfg is None and not experiment:
+        raise BadInput("report: give a sweep config or --experiment NAME")
+    work = Path(work_dir or (cfg.work_dir if cfg else "runs/demo")).resolve()
+    uri = (cfg.execution.tracking_uri if cfg else None) or T.default_tracking_uri(work)
+    out = write_sweep_report(cfg, uri, work, experiment)
+    print(f"report: {out}")
+    return 0
+
+
+def ui_command(work_dir: str, port: int) -> int:
+    work = Path(work_dir).resolve()
+    uri = T.default_tracking_uri(work)
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port)]
+    return subprocess.call(cmd)
