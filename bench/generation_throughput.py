@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from reteq.eval.generation import generate_ids  # noqa: E402
+from reteq.eval.generation import Decoding, generate_ids  # noqa: E402
 from reteq.train.precision import apply_matmul_policy  # noqa: E402
 
 COLUMNS = ["shape", "precision", "cache", "batch", "new_tok_per_s", "sequences", "seconds", "peak_gib",
@@ -77,14 +78,15 @@ def main(argv=None) -> list[dict]:
     for cfg in args.configs.split(","):
         cache, batch = cfg.split(":")
         static, compile_ = cache.startswith("static"), cache.endswith("+compile")
-        kw = dict(pad_id=0, eos_id=vocab + 7, samples=args.samples, greedy=args.greedy, temperature=1.0,
-                  max_new_tokens=args.new_tokens, batch_size=int(batch), seed=args.seed, device=device,
-                  static_cache=static, compile=compile_, dtype=args.precision)
+        decoding = Decoding(samples=args.samples, greedy=args.greedy, temperature=1.0,
+                            max_new_tokens=args.new_tokens, batch_size=int(batch), seed=args.seed,
+                            static_cache=static, compile=compile_, dtype=args.precision)
+        kw = dict(pad_id=0, eos_id=vocab + 7, device=device)
         # warm-up on one batch (kernels; with compile, the graphs of the common shapes)
-        generate_ids(model, prompts[: max(1, int(batch) // per)], **{**kw, "max_new_tokens": 4})
+        generate_ids(model, prompts[: max(1, int(batch) // per)], decoding=replace(decoding, max_new_tokens=4), **kw)
         common.reset_peak(device)
         with common.Timer(device) as t:
-            out = generate_ids(model, prompts, **kw)
+            out = generate_ids(model, prompts, decoding=decoding, **kw)
         new = sum(len(s) for q in out for s in q)
         if first is None:
             first = out

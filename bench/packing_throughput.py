@@ -102,7 +102,7 @@ def run_phase(phase: str, model, examples, plan: list[list[int]], args, mode: st
                     else:
                         logp, _ = sequence_logps(engine.model, b)
                         r = torch.tensor([ref[int(i)] for i in b.index], device=logp.device).to(logp)
-                        loss = npo.loss(logp, r, args.beta) * (len(b.index) / args.global_batch)
+                        loss = npo.loss(logp, r, {"beta": args.beta}) * (len(b.index) / args.global_batch)
                 engine.micro_step(loss)
             engine.optimizer_step()
         if k >= args.warmup_steps:

@@ -46,7 +46,7 @@ def main() -> None:
 
     from reteq.commands.sweep import sweep_command
     from reteq.config import parse_config
-    from reteq.pipeline import CheckpointStore, DataCache, run_leaf
+    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
     from reteq.plan import build_plan
     from reteq.tiny import ensure_tiny_model
     from reteq.train.recipes import WorkerContext
@@ -64,7 +64,7 @@ def main() -> None:
         torch.set_num_threads(1)
         store, data = CheckpointStore(Path(tmp) / "local" / "checkpoints"), DataCache(cfg)
         for leaf in plan.leaves:
-            run_leaf(cfg, plan, leaf, WorkerContext(), store, data)
+            run_leaf(RunContext(cfg, plan, WorkerContext(), store, data), leaf)
         local = time.perf_counter() - t0
 
         t0 = time.perf_counter()

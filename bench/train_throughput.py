@@ -142,7 +142,7 @@ def run_phase(kind: str, model, steps: list[Step], args, device: torch.device, d
         def loss_fn(m, batch, step):
             logp, _ = sequence_logps(m, batch)
             r = torch.tensor([ref[int(i)] for i in batch.index], device=logp.device).to(logp)
-            return npo.loss(logp, r, args.beta) * (len(batch.index) / step.sequences)
+            return npo.loss(logp, r, {"beta": args.beta}) * (len(batch.index) / step.sequences)
 
     engine = build_engine(model, spec, ds_config=ds_config, micro_batch=args.micro_batch,
                           accumulation=accumulation, world=1)

@@ -1,8 +1,8 @@
 """The work of one unlearning leaf: make sure every stage node of its path exists, then unlearn.
 
 Shared by `reteq run-path` (one process) and each Ray Train worker group of `reteq sweep`. What differs is
-injected: the WorkerContext (rank, DeepSpeed), the Coordinator (who trains a shared node), and Hooks (where
-progress and metrics go: stdout, or MLflow).
+injected through one RunContext: the WorkerContext (rank, DeepSpeed), the Coordinator (who trains a shared
+node), and Hooks (where progress and metrics go: stdout, or MLflow).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from reteq.models import load_model, load_tokenizer, resolve_source
 from reteq.plan import Plan, StageNode, UnlearnLeaf
 from reteq.train import collectives
 from reteq.train.checkpoint import gathered_state_dict, is_complete, save_checkpoint
-from reteq.train.recipes import UnlearnResult, WorkerContext, finetune_stage, unlearn
+from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
 
 
 class Hooks:
@@ -119,12 +119,26 @@ def _barrier(ctx: WorkerContext) -> None:
         collectives.barrier(ctx.device)
 
 
-def ensure_node(cfg: SweepConfig, plan: Plan, node: StageNode, ctx: WorkerContext, store: CheckpointStore,
-                data: DataCache, coordinator: Coordinator, hooks: Hooks) -> Path:
+@dataclass
+class RunContext:
+    """Everything the work of a leaf needs, built once per process (by `reteq run-path`, or by each Ray Train
+    worker of `reteq sweep` from the trial's config) instead of being threaded through every call."""
+
+    cfg: SweepConfig
+    plan: Plan
+    worker: WorkerContext  # rank, world, device, DeepSpeed config, precision, packing
+    store: CheckpointStore
+    data: DataCache
+    coordinator: Coordinator = field(default_factory=Coordinator)
+    hooks: Hooks = field(default_factory=Hooks)
+
+
+def ensure_node(run: RunContext, node: StageNode) -> Path:
     """The published checkpoint of `node`: found, waited for, or trained here (parents first)."""
+    ctx, coordinator, hooks = run.worker, run.coordinator, run.hooks
     decision = None
     if ctx.is_main:
-        found = coordinator.find(node.key, store)
+        found = coordinator.find(node.key, run.store)
         decision = ("found", str(found)) if found else ("train", "") if coordinator.claim(node.key) else ("wait", "")
     action, where = _broadcast(decision, ctx)
     if action == "found":
@@ -132,12 +146,11 @@ def ensure_node(cfg: SweepConfig, plan: Plan, node: StageNode, ctx: WorkerContex
             hooks.node_skipped(node, Path(where))
         return Path(where)
     if action == "wait":
-        path = coordinator.wait(node.key, store) if ctx.is_main else None
+        path = coordinator.wait(node.key, run.store) if ctx.is_main else None
         return Path(_broadcast(str(path) if path else None, ctx))
     try:
-        parent = ensure_node(cfg, plan, plan.nodes[node.parent], ctx, store, data, coordinator, hooks) \
-            if node.parent else None
-        path = _train_node(cfg, node, parent, ctx, store, data, hooks)
+        parent = ensure_node(run, run.plan.nodes[node.parent]) if node.parent else None
+        path = _train_node(run, node, parent)
     except BaseException as e:
         if ctx.is_main:
             coordinator.finish(node.key, None, error=f"{type(e).__name__}: {e}")
@@ -147,8 +160,8 @@ def ensure_node(cfg: SweepConfig, plan: Plan, node: StageNode, ctx: WorkerContex
     return path
 
 
-def _train_node(cfg: SweepConfig, node: StageNode, parent: Path | None, ctx: WorkerContext,
-                store: CheckpointStore, data: DataCache, hooks: Hooks) -> Path:
+def _train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
+    cfg, ctx, hooks = run.cfg, run.worker, run.hooks
     mcfg = cfg.model(node.model)
     tokenizer = load_tokenizer(mcfg)
     torch.manual_seed(node.seed)
@@ -157,11 +170,11 @@ def _train_node(cfg: SweepConfig, node: StageNode, parent: Path | None, ctx: Wor
         hooks.node_started(node)
     stage_seed = (int(node.key[:8], 16) + node.seed) % (2**31)  # deterministic across processes
     module, result, stats = finetune_stage(
-        model, tokenizer, cfg.stage(node.stage, node.schedule), data.stage(node.stage), ctx, stage_seed,
+        model, tokenizer, cfg.stage(node.stage, node.schedule), run.data.stage(node.stage), ctx, stage_seed,
         on_step=(lambda r: hooks.node_step(node, r)) if ctx.is_main else None)
     if result.collapsed:
         raise RuntimeError(f"stage {node.stage} of {node.model}: non-finite loss")
-    path = store.path(node.key)
+    path = run.store.path(node.key)
     state = gathered_state_dict(module, ctx.is_main)  # every rank takes part under ZeRO-3; None otherwise
     if ctx.is_main:
         meta = {"model": node.model, "prefix": list(node.prefix), "seed": node.seed, "parent": node.parent}
@@ -179,13 +192,9 @@ def _mean_tps(records) -> float:
     return tokens / secs if secs else float("nan")
 
 
-def run_leaf(cfg: SweepConfig, plan: Plan, leaf: UnlearnLeaf, ctx: WorkerContext, store: CheckpointStore,
-             data: DataCache | None = None, coordinator: Coordinator | None = None,
-             hooks: Hooks | None = None) -> UnlearnResult:
-    data = data or DataCache(cfg)
-    coordinator = coordinator or Coordinator()
-    hooks = hooks or Hooks()
-    path = ensure_node(cfg, plan, plan.nodes[leaf.parent], ctx, store, data, coordinator, hooks)
+def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:
+    cfg, ctx, data, hooks = run.cfg, run.worker, run.data, run.hooks
+    path = ensure_node(run, run.plan.nodes[leaf.parent])
     mcfg = cfg.model(leaf.model)
     tokenizer = load_tokenizer(mcfg)
     model = load_model(mcfg, checkpoint=path).to(ctx.device)
@@ -194,9 +203,9 @@ def run_leaf(cfg: SweepConfig, plan: Plan, leaf: UnlearnLeaf, ctx: WorkerContext
                                 seed=leaf.seed)
     if ctx.is_main:
         hooks.leaf_started(leaf)
+    job = UnlearnJob(cfg.unlearn, leaf.algorithm, leaf.lr, leaf.params, data.stage(cfg.forget_stage), leaf.seed)
     result = unlearn(
-        model, tokenizer, cfg.unlearn, leaf.algorithm, leaf.lr, leaf.beta, data.stage(cfg.forget_stage),
-        evaluator, ctx, seed=leaf.seed,
+        model, tokenizer, job, evaluator, ctx,
         on_eval=(lambda s, m: hooks.leaf_eval(leaf, s, m)) if ctx.is_main else None,
         on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
     if ctx.is_main:

@@ -41,7 +41,7 @@ class UnlearnLeaf:
     p: int  # 1-based position of the forget stage
     algorithm: str
     lr: float
-    beta: float | None
+    params: dict[str, float]  # the method's knobs by name, e.g. {"beta": 0.5}; {} for GA
     seed: int
     parent: str  # the finished path's last stage node
     schedule: str | None = None
@@ -49,6 +49,11 @@ class UnlearnLeaf:
     @property
     def trial_id(self) -> str:
         return self.key[:8]
+
+    @property
+    def beta(self) -> float | None:
+        """The `beta` knob (NPO, SimNPO), as MLflow's beta tag and param and the sweep's beta axis name it."""
+        return self.params.get("beta")
 
 
 @dataclass
@@ -105,6 +110,13 @@ def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int, s
     return _hash([KEY_VERSION, m, stages, seed])
 
 
+def leaf_key(cfg: SweepConfig, parent: str, algorithm: str, lr: float, params: dict[str, float], seed: int,
+             ) -> str:
+    """Content address of an unlearning run (spelled as before params existed, so old runs still resolve)."""
+    return _hash([KEY_VERSION, parent, algorithm, lr, params.get("beta"), seed, cfg.unlearn.model_dump(mode="json"),
+                  cfg.eval.model_dump(mode="json")])
+
+
 def build_plan(cfg: SweepConfig) -> Plan:
     plan = Plan()
     orders = cfg.stage_orders()
@@ -115,10 +127,9 @@ def build_plan(cfg: SweepConfig) -> Plan:
         for alg in cfg.unlearn.algorithms:
             for lr in cfg.unlearn.lrs:
                 for beta in cfg.unlearn.betas_for(alg):
-                    key = _hash([KEY_VERSION, parent, alg, lr, beta, seed, cfg.unlearn.model_dump(mode="json"),
-                                 cfg.eval.model_dump(mode="json")])
-                    plan.leaves.append(UnlearnLeaf(key, model.name, tuple(order), p, alg, lr, beta, seed, parent,
-                                                   schedule))
+                    params = {} if beta is None else {"beta": beta}
+                    plan.leaves.append(UnlearnLeaf(leaf_key(cfg, parent, alg, lr, params, seed), model.name,
+                                                   tuple(order), p, alg, lr, params, seed, parent, schedule))
     return plan
 
 

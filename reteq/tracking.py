@@ -2,7 +2,7 @@
 
 Every writer (the one-process command, the Ray sweep, the theory grid) and every reader (the analysis loader,
 the report) imports these constants, so a key is spelled exactly once. Changing a value here changes the
-on-disk schema of past experiments: add keys, never rename them.
+on-disk schema of past experiments: add keys; a renamed key keeps its old spelling here, still read.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ TAG_ALGORITHM = "reteq.algorithm"  # unlearning method name (registry key)
 TAG_LR = "reteq.lr"  # unlearning learning rate, as written by format_float
 TAG_BETA = "reteq.beta"  # NPO / SimNPO beta ("" for GA)
 TAG_SEED = "reteq.seed"
-TAG_SCHEDULER = "reteq.scheduler"  # finetuning schedule of the path (wsd | cosine | constant)
-TAG_NODE_KEY = "reteq.node_key"  # content-addressed key of a stage node or unlearning leaf
+TAG_SCHEDULE = "reteq.schedule"  # finetuning schedule of the path (wsd | cosine | constant), as in the config
+TAG_SCHEDULE_BEFORE_RENAME = "reteq.scheduler"  # TAG_SCHEDULE as older runs spell it: read, never written
+TAG_PLAN_KEY = "reteq.node_key"  # the plan's content-addressed key of the stage node or leaf this run records
 TAG_PARENT_KEY = "reteq.parent_key"  # key of the node this one starts from ("" for the base model)
 TAG_STAGE = "reteq.stage"  # name of the stage a finetune node trains
 TAG_STATUS = "reteq.status"  # one of STATUS_*
@@ -65,6 +66,20 @@ M_DEPTH_U = "depth/U_logp"  # ... of the unlearned compliance phrasing U
 M_THEORY_DIVERGENCE = "theory/divergence"  # d(theta_AB(t), theta_BA(t)) on the test set
 M_THEORY_BOUND = "theory/bound"  # the Theorem 3.1 lower bound at t
 M_THEORY_RETRAIN_GAP = "theory/retrain_gap"  # d(theta_u(t), theta_r)
+# theory summaries: per instance (a child run) and per grid (the parent run)
+M_THEORY_BOUND_HOLDS = "theory/bound_holds"  # 1 if the bound held at every checked t >= max(t0, 0), else 0
+M_THEORY_BOUND_CHECKED = "theory/bound_checked_steps"  # steps t in [max(t0, 0), steps] checked (0 = vacuous)
+M_THEORY_MIN_LOG_MARGIN = "theory/min_log_margin"  # min over checked t of log(divergence / bound); >= 0 holds
+M_THEORY_GROWTH_RATE = "theory/growth_rate"  # fitted slope of log divergence over the checked steps
+M_THEORY_GROWTH_R2 = "theory/growth_r2"
+M_THEORY_LOG1P_RHO = "theory/log1p_rho_star"  # log(1 + rho*); the theorem predicts growth_rate >= 2 * this
+M_THEORY_RETRAIN_GAP_MIN = "theory/retrain_gap_min"  # min over t of theory/retrain_gap
+M_THEORY_RETRAIN_CLOSEST_P = "theory/retrain_closest_p"  # + 1|2|3: min over t, orders with S_U at position p
+M_THEORY_NPO_DIVERGENCE = "theory/npo_divergence_final"  # divergence at the last step, NPO-like rule
+M_THEORY_SIMNPO_DIVERGENCE = "theory/simnpo_divergence_final"  # same, SimNPO-like rule
+M_THEORY_GRID_INSTANCES = "theory/instances"  # parent run: instances checked
+M_THEORY_GRID_BOUND_HOLDS = "theory/bound_holds_count"  # parent run: instances where the bound held
+M_THEORY_GRID_NONVACUOUS = "theory/nonvacuous_count"  # parent run: instances with t0 inside the horizon
 
 EVAL_METRICS = (
     M_FORGET_LABEL,

@@ -135,8 +135,8 @@ def write_planted(
                     T.TAG_LR: T.format_float(cell.lr),
                     T.TAG_BETA: T.format_float(cell.beta),
                     T.TAG_SEED: str(cell.seed),
-                    T.TAG_SCHEDULER: cell.scheduler,
-                    T.TAG_NODE_KEY: f"{cell.algorithm}-{cell.lr}-{cell.scheduler}-{cell.seed}-{p}",
+                    T.TAG_SCHEDULE: cell.scheduler,
+                    T.TAG_PLAN_KEY: f"{cell.algorithm}-{cell.lr}-{cell.scheduler}-{cell.seed}-{p}",
                 },
             )
             run = client.create_run(

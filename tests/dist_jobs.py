@@ -66,7 +66,7 @@ def zero3_round_trip(rank: int, world: int, out: str, threshold: int | None, lor
     """Train a stage under ZeRO-3, save gathered and ungathered, reload on rank 0, compare logits; then one
     whole leaf (node, load, unlearn, evaluate) through the pipeline, with every collective recorded."""
     from reteq.models import load_model, load_tokenizer
-    from reteq.pipeline import CheckpointStore, run_leaf
+    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
     from reteq.plan import build_plan
     from reteq.train import collectives
     from reteq.train.checkpoint import CheckpointError, gathered_state_dict, save_checkpoint
@@ -112,7 +112,7 @@ def zero3_round_trip(rank: int, world: int, out: str, threshold: int | None, lor
     log.clear()
     plan = build_plan(cfg)
     leaf = plan.leaves[0]
-    leaf_result = run_leaf(cfg, plan, leaf, ctx, CheckpointStore(Path(out) / "store"))
+    leaf_result = run_leaf(RunContext(cfg, plan, ctx, CheckpointStore(Path(out) / "store"), DataCache(cfg)), leaf)
     res["leaf_steps"] = leaf_result.steps
     res["collectives"] = log
     write_result(out, rank, res)
@@ -124,7 +124,7 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
     import yaml
 
     from reteq.config import parse_config
-    from reteq.pipeline import CheckpointStore, run_leaf
+    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
     from reteq.plan import build_plan
     from reteq.train.engine import load_deepspeed_config
     from reteq.train.recipes import WorkerContext
@@ -141,7 +141,7 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
     leaf = plan.leaves[0]
     ctx = WorkerContext(rank=rank, world=world, device=torch.device("cpu"),
                         ds_config=load_deepspeed_config(cfg.execution.deepspeed))
-    result = run_leaf(cfg, plan, leaf, ctx, CheckpointStore(Path(out) / "checkpoints"))
+    result = run_leaf(RunContext(cfg, plan, ctx, CheckpointStore(Path(out) / "checkpoints"), DataCache(cfg)), leaf)
     write_result(out, rank, {"deepspeed": cfg.execution.deepspeed, "optimizers": [s.optimizer for s in cfg.stages],
                              "unlearn_optimizer": cfg.unlearn.optimizer, "steps": result.steps,
                              "evals": result.evals, "collapsed": result.collapsed})

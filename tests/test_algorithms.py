@@ -33,7 +33,7 @@ def _sigmoid(z: float) -> float:
 def _loss_and_grad(name: str, logp: list[float], ref: list[float] | None, beta: float | None):
     x = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
     r = torch.tensor(ref, dtype=torch.float64) if ref is not None else None
-    loss = get_algorithm(name).loss(x, r, beta)
+    loss = get_algorithm(name).loss(x, r, {} if beta is None else {"beta": beta})
     loss.backward()
     return float(loss.detach()), x.grad.tolist()
 
@@ -93,9 +93,9 @@ def test_losses_stay_finite_far_from_the_reference():
 def test_npo_and_simnpo_need_their_inputs():
     x = torch.tensor(LOGP)
     with pytest.raises(ValueError, match="ref_logp"):
-        get_algorithm("npo").loss(x, None, 0.5)
+        get_algorithm("npo").loss(x, None, {"beta": 0.5})
     with pytest.raises(ValueError, match="beta"):
-        get_algorithm("simnpo").loss(x, None, None)
+        get_algorithm("simnpo").loss(x, None, {})
 
 
 # ---- each method unlearns a refusal the tiny model has learned -------------------------------------------------------
@@ -107,7 +107,7 @@ def test_each_method_lowers_the_unlearn_labels_log_prob(algorithm, beta):
     2 sigmoid(beta log pi) is ~1e-30 at beta=1 (below Adam's eps), so beta=0.05 (weight ~0.06) is used."""
     from reteq.eval.evaluator import Evaluator
     from reteq.models import load_model, load_tokenizer
-    from reteq.train.recipes import WorkerContext, unlearn
+    from reteq.train.recipes import UnlearnJob, WorkerContext, unlearn
 
     ft = refusal_finetune()
     mcfg = model_cfg()
@@ -118,7 +118,8 @@ def test_each_method_lowers_the_unlearn_labels_log_prob(algorithm, beta):
     cfg = UnlearnConfig(algorithms=[algorithm], lrs=[1e-3], steps=2, global_batch=8, micro_batch=8, max_length=96,
                         eval_every=1)
     torch.manual_seed(0)
-    result = unlearn(model, tokenizer, cfg, algorithm, 1e-3, beta, ft.convs, evaluator, WorkerContext(), seed=0)
+    params = {} if beta is None else {"beta": beta}
+    result = unlearn(model, tokenizer, UnlearnJob(cfg, algorithm, 1e-3, params, ft.convs), evaluator, WorkerContext())
     assert not result.collapsed
     assert [s for s, _ in result.evals] == [0, 1, 2]
     before = result.evals[0][1]["forget/label_logp"]

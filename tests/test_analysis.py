@@ -93,6 +93,18 @@ def test_relogged_step_keeps_latest_value_and_unknown_experiment_fails(sqlite_tr
         load.load_runs(uri, "missing")
 
 
+def test_older_runs_tagged_scheduler_still_load_their_schedule(sqlite_tracking):
+    uri, artifacts = sqlite_tracking
+    client = MlflowClient(uri)
+    exp = client.create_experiment("renamed", artifact_location=artifacts)
+    old = client.create_run(exp, tags={T.TAG_KIND: T.KIND_UNLEARN, T.TAG_SCHEDULE_BEFORE_RENAME: "cosine"})
+    new = client.create_run(exp, tags={T.TAG_KIND: T.KIND_UNLEARN, T.TAG_SCHEDULE: "wsd"})
+    runs = load.load_runs(uri, "renamed")
+    by_id = dict(zip(runs["run_id"].to_list(), runs["scheduler"].to_list()))
+    assert by_id == {old.info.run_id: "cosine", new.info.run_id: "wsd"}
+    assert T.TAG_SCHEDULE == "reteq.schedule" and T.TAG_SCHEDULE_BEFORE_RENAME == "reteq.scheduler"
+
+
 def test_growth_rate_recovers_planted_rate(planted):
     _, _, metrics = planted
     div = divergence.path_divergence(metrics, (T.M_FORGET_LABEL,))

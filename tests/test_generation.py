@@ -40,8 +40,10 @@ def test_greedy_answers_equal_the_plain_path(setup, static_cache):
 
     model, tok, questions = setup
     plain = _plain_greedy(model, tok, questions, max_new_tokens=20, batch_size=3)
-    fast = generate_answers(model, tok, questions, samples=5, greedy=True, temperature=1.0, max_new_tokens=20,
-                            batch_size=4, seed=0, device=torch.device("cpu"), static_cache=static_cache)
+    from reteq.eval.generation import Decoding
+
+    decoding = Decoding(samples=5, greedy=True, max_new_tokens=20, batch_size=4, static_cache=static_cache)
+    fast = generate_answers(model, tok, questions, decoding, torch.device("cpu"))
     assert [len(a) for a in fast] == [1] * len(questions)
     assert [a[0] for a in fast] == plain
     assert len(set(plain)) > 1  # different questions really give different answers
@@ -49,30 +51,35 @@ def test_greedy_answers_equal_the_plain_path(setup, static_cache):
 
 def test_static_cache_with_bucketed_prompt_widths_gives_the_same_tokens(setup):
     from reteq.data.tokenize import render
-    from reteq.eval.generation import count_new_tokens, generate_ids
+    from reteq.eval.generation import Decoding, count_new_tokens, generate_ids
 
     model, tok, questions = setup
     ids = [tok(render(tok, [{"role": "user", "content": q}], add_generation_prompt=True),
                add_special_tokens=False)["input_ids"] for q in questions]
-    kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=12, batch_size=7)
-    a = generate_ids(model, ids, static_cache=False, **kw)
-    b = generate_ids(model, ids, static_cache=True, pad_multiple=64, **kw)
+    kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    a = generate_ids(model, ids, decoding=Decoding(max_new_tokens=12, batch_size=7, static_cache=False), **kw)
+    b = generate_ids(model, ids, decoding=Decoding(max_new_tokens=12, batch_size=7, static_cache=True,
+                                                   pad_multiple=64), **kw)
     assert a == b
     assert 0 < count_new_tokens([s for q in a for s in q], tok.eos_token_id, tok.pad_token_id) <= 7 * 12
     assert count_new_tokens([[5, 6, 2, 0, 0]], 2, 0) == 3
 
 
 def test_sampling_is_batched_per_question_and_reproducible(setup):
+    from reteq.eval.generation import Decoding
     from reteq.eval.math import generate_answers
 
     model, tok, questions = setup
-    kw = dict(samples=3, greedy=False, temperature=1.0, max_new_tokens=10, batch_size=9,
-              device=torch.device("cpu"))
-    a = generate_answers(model, tok, questions[:4], seed=1, **kw)
-    b = generate_answers(model, tok, questions[:4], seed=1, **kw)
-    c = generate_answers(model, tok, questions[:4], seed=2, **kw)
+    cpu = torch.device("cpu")
+
+    def sampled(seed: int) -> Decoding:
+        return Decoding(samples=3, greedy=False, temperature=1.0, max_new_tokens=10, batch_size=9, seed=seed)
+
+    a = generate_answers(model, tok, questions[:4], sampled(1), cpu)
+    b = generate_answers(model, tok, questions[:4], sampled(1), cpu)
+    c = generate_answers(model, tok, questions[:4], sampled(2), cpu)
     assert [len(x) for x in a] == [3, 3, 3, 3]
     assert a == b and a != c
     state = torch.random.get_rng_state()
-    generate_answers(model, tok, questions[:1], seed=3, **kw)
+    generate_answers(model, tok, questions[:1], sampled(3), cpu)
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is untouched

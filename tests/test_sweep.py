@@ -38,13 +38,13 @@ def test_sweep_trains_each_node_once_and_resumes(ray_cluster, tmp_path, capsys):
         by_kind.setdefault(r.data.tags.get(T.TAG_KIND), []).append(r)
 
     finetune = by_kind[T.KIND_FINETUNE]
-    keys = [r.data.tags[T.TAG_NODE_KEY] for r in finetune]
+    keys = [r.data.tags[T.TAG_PLAN_KEY] for r in finetune]
     assert sorted(keys) == sorted(plan.nodes), "exactly one finetune run per stage node"
     parent_id = by_kind[T.KIND_SWEEP][0].info.run_id
     assert all(r.data.tags["mlflow.parentRunId"] == parent_id for r in finetune)
 
     unlearn = by_kind[T.KIND_UNLEARN]
-    assert sorted(r.data.tags[T.TAG_NODE_KEY] for r in unlearn) == sorted(x.key for x in plan.leaves)
+    assert sorted(r.data.tags[T.TAG_PLAN_KEY] for r in unlearn) == sorted(x.key for x in plan.leaves)
     client = mlflow.MlflowClient(uri)
     for r in unlearn:
         assert r.data.tags[T.TAG_STATUS] in (T.STATUS_DONE, T.STATUS_COLLAPSED)
@@ -58,10 +58,10 @@ def test_sweep_trains_each_node_once_and_resumes(ray_cluster, tmp_path, capsys):
     for r in finetune:  # checkpoints logged as artifacts whose manifests verify
         local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
                                                     dst_path=str(tmp_path / "dl" / r.info.run_id))
-        manifest = verify_checkpoint(local, r.data.tags[T.TAG_NODE_KEY])
+        manifest = verify_checkpoint(local, r.data.tags[T.TAG_PLAN_KEY])
         assert "model.safetensors" in manifest["files"]
         assert json.loads((tmp_path / "dl" / r.info.run_id / "checkpoint" / "manifest.json").read_text())["key"] \
-            == r.data.tags[T.TAG_NODE_KEY]
+            == r.data.tags[T.TAG_PLAN_KEY]
 
     # rerunning the same command trains nothing
     capsys.readouterr()

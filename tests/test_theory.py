@@ -230,7 +230,7 @@ def test_rules_are_the_registry_losses_with_minus_squared_residual_as_log_likeli
     X, y = torch.tensor(inst.X_U), torch.tensor(inst.y_U)
     ref_logp = -((X @ torch.tensor(inst.theta_ab) - y) ** 2)
     theta = torch.tensor(start, requires_grad=True)
-    loss = get_algorithm(rule).loss(-((X @ theta - y) ** 2), ref_logp, beta)
+    loss = get_algorithm(rule).loss(-((X @ theta - y) ** 2), ref_logp, {} if beta is None else {"beta": beta})
     loss.backward()
     expected = start - inst.eta * theta.grad.numpy()
     # our trajectory's NPO reference is its own start, so restart it from theta_ab and take 4 steps

@@ -56,20 +56,20 @@ def test_grid_logs_every_instance_and_the_report_renders(ray_cluster, sqlite_tra
     (parent,) = _runs(client, exp.experiment_id, tk.KIND_SWEEP)
     assert parent.info.run_id == summary["parent_run_id"] and parent.info.status == "FINISHED"
     assert parent.data.tags[tk.TAG_STATUS] == tk.STATUS_DONE
-    assert parent.data.metrics[g.M_GRID_INSTANCES] == 6
-    assert parent.data.metrics[g.M_GRID_BOUND_HOLDS] == summary["bound_holds"]
+    assert parent.data.metrics[tk.M_THEORY_GRID_INSTANCES] == 6
+    assert parent.data.metrics[tk.M_THEORY_GRID_BOUND_HOLDS] == summary["bound_holds"]
 
     children = _runs(client, exp.experiment_id, tk.KIND_THEORY)
     assert len(children) == 6
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.tags[tk.TAG_SEED] for c in children) == ["0", "0", "1", "1", "2", "2"]
     assert sorted(float(c.data.params["eta"]) for c in children) == [0.5] * 3 + [1.0] * 3
-    assert sum(c.data.metrics[g.M_BOUND_HOLDS] for c in children) == summary["bound_holds"]
+    assert sum(c.data.metrics[tk.M_THEORY_BOUND_HOLDS] for c in children) == summary["bound_holds"]
     for child in children:
         assert child.info.status == "FINISHED"
         assert set(g.INSTANCE_PARAMS) <= set(child.data.params)
         assert float(child.data.params["sigma_U"]) > 0 and float(child.data.params["rho_star"]) > 0
-        for key in (g.M_GROWTH_R2, g.M_LOG1P_RHO, g.M_RETRAIN_GAP_MIN, f"{g.M_RETRAIN_CLOSEST_P}3"):
+        for key in (tk.M_THEORY_GROWTH_R2, tk.M_THEORY_LOG1P_RHO, tk.M_THEORY_RETRAIN_GAP_MIN, f"{tk.M_THEORY_RETRAIN_CLOSEST_P}3"):
             assert key in child.data.metrics
     one = children[0].info.run_id
     for key in (tk.M_THEORY_DIVERGENCE, tk.M_THEORY_BOUND, tk.M_THEORY_RETRAIN_GAP):

@@ -104,14 +104,15 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
 # ---- reproducibility and the one-process command ------------------------------------------------------------------
 
 def _run(tmp_path, seed: int):
-    from reteq.pipeline import CheckpointStore, run_leaf
+    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
     from reteq.plan import build_plan
     from reteq.train.recipes import WorkerContext
 
     cfg = sweep_cfg(tmp_path, seeds=[seed])
     plan = build_plan(cfg)
     (leaf,) = plan.leaves
-    result = run_leaf(cfg, plan, leaf, WorkerContext(), CheckpointStore(tmp_path / "checkpoints"))
+    run = RunContext(cfg, plan, WorkerContext(), CheckpointStore(tmp_path / "checkpoints"), DataCache(cfg))
+    result = run_leaf(run, leaf)
     return result.evals, [r.loss for r in result.loop.records]
 
 

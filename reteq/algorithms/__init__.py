@@ -1,7 +1,8 @@
 """Local unlearning methods: forget-set-only losses over sequence log-probs, one small file each.
 
-A method is a function `loss(batch_logp, ref_logp, beta) -> scalar` where `batch_logp[i]` is the summed
-log-prob of response i under the current model and `ref_logp[i]` the same under the model before unlearning.
+A method is a function `loss(batch_logp, ref_logp, params) -> scalar` where `batch_logp[i]` is the summed
+log-prob of response i under the current model, `ref_logp[i]` the same under the model before unlearning,
+and `params` the method's knobs by name (e.g. {"beta": 0.5}; GA has none).
 Register a new method with `@register(...)` in its own module and import it below.
 """
 

@@ -1,14 +1,17 @@
 """Negative Preference Optimization (Zhang et al., 2024): GA with a reference that bounds the push."""
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
-from reteq.algorithms.base import register
+from reteq.algorithms.base import knob, register
 
 
-@register("npo", uses_beta=True, default_beta=0.5, needs_reference=True)
-def npo(logp: torch.Tensor, ref_logp: torch.Tensor | None, beta: float | None):
+@register("npo", defaults={"beta": 0.5}, needs_reference=True)
+def npo(logp: torch.Tensor, ref_logp: torch.Tensor | None, params: Mapping[str, float]):
     """NPO: minimise E[-(2/beta) log sigmoid(-beta (log pi - log pi_ref))]."""
-    if ref_logp is None or beta is None:
-        raise ValueError("npo needs ref_logp and beta")
+    if ref_logp is None:
+        raise ValueError("npo needs ref_logp")
+    beta = knob(params, "beta", "npo")
     return (-(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp))).mean()

@@ -47,10 +47,10 @@ _TAG_COLUMNS = {
     "algorithm": T.TAG_ALGORITHM,
     "lr": T.TAG_LR,
     "beta": T.TAG_BETA,
-    "scheduler": T.TAG_SCHEDULER,
+    "scheduler": T.TAG_SCHEDULE,
     "seed": T.TAG_SEED,
     "status": T.TAG_STATUS,
-    "node_key": T.TAG_NODE_KEY,
+    "node_key": T.TAG_PLAN_KEY,
 }
 _PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag, not a reteq key
 
@@ -79,6 +79,7 @@ def load_runs(tracking_uri: str, experiment: str) -> pl.DataFrame:
     for run in iter_runs(MlflowClient(tracking_uri), experiment_id(tracking_uri, experiment)):
         tags = run.data.tags
         row = {col: tags.get(key) or None for col, key in _TAG_COLUMNS.items()}
+        row["scheduler"] = row["scheduler"] or tags.get(T.TAG_SCHEDULE_BEFORE_RENAME) or None  # older runs
         row.update(
             run_id=run.info.run_id,
             run_name=run.info.run_name,

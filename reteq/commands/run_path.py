@@ -17,7 +17,7 @@ import torch
 from reteq import tracking as T
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
-from reteq.pipeline import CheckpointStore, DataCache, Hooks, preflight, run_leaf
+from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, preflight, run_leaf
 from reteq.plan import Plan, UnlearnLeaf, build_plan
 from reteq.train.recipes import UnlearnResult, WorkerContext
 
@@ -105,7 +105,7 @@ def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     parent = plan.add_path(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
     beta = flags.beta if flags.beta is not None else cfg.unlearn.betas_for(alg)[0]
     leaf = replace(base, model=m, order=tuple(o), p=o.index(cfg.forget_stage) + 1, algorithm=alg,
-                   lr=flags.lr or base.lr, beta=beta, seed=s, parent=parent)
+                   lr=flags.lr or base.lr, params={} if beta is None else {"beta": beta}, seed=s, parent=parent)
     return leaf, plan
 
 
@@ -121,7 +121,8 @@ def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None)
     start = time.perf_counter()
     print(f"path {leaf.model} {'>'.join(leaf.order)} (p={leaf.p}) | {leaf.algorithm} lr={leaf.lr:g} "
           f"beta={leaf.beta} seed={leaf.seed}", flush=True)
-    result = run_leaf(cfg, plan, leaf, ctx, CheckpointStore(work / "checkpoints"), data, hooks=PrintHooks())
+    run = RunContext(cfg, plan, ctx, CheckpointStore(work / "checkpoints"), data, hooks=PrintHooks())
+    result = run_leaf(run, leaf)
     print(format_table(result))
     print(f"wall time {time.perf_counter() - start:.1f}s")
     return 0

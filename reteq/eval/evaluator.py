@@ -17,6 +17,7 @@ from reteq import tracking as T
 from reteq.config import EvalConfig
 from reteq.data.tokenize import encode_prompt_target
 from reteq.eval.forget import FORGET_TARGETS
+from reteq.eval.generation import Decoding
 from reteq.eval.math import accuracy, generate_answers
 from reteq.eval.scoring import score_pairs
 
@@ -75,10 +76,10 @@ class Evaluator:
         if self.depth_rows:
             out.update(self._depth(model, device, dtype))
         if self.math_items:
-            answers = generate_answers(
-                model, self.tokenizer, [q for q, _ in self.math_items], samples=self.cfg.math_samples,
-                greedy=self.cfg.greedy, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
-                batch_size=self.cfg.batch_size, seed=self.seed, device=device, dtype=dtype)
+            decoding = Decoding(samples=self.cfg.math_samples, greedy=self.cfg.greedy,
+                                temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
+                                batch_size=self.cfg.batch_size, seed=self.seed, dtype=dtype)
+            answers = generate_answers(model, self.tokenizer, [q for q, _ in self.math_items], decoding, device)
             out[T.M_MATH_ACC] = accuracy(answers, [r for _, r in self.math_items])
         return out
 

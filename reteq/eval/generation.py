@@ -11,41 +11,52 @@ Import-light (torch only) for bench/.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from reteq.train.precision import autocast
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode: answers per prompt, greedy or sampled, length, batch size, seed, cache, precision."""
+
+    samples: int = 1  # continuations per prompt (1 when greedy)
+    greedy: bool = True
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 64  # sequences per `generate` call (prompts x samples)
+    seed: int = 0  # sampling is seeded once in a forked RNG, so every worker draws the same answers
+    static_cache: bool | None = None  # None: on for CUDA
+    compile: bool = False
+    dtype: str = "fp32"
+    pad_multiple: int | None = None  # prompt widths rounded up to this; None: 64 with static cache + compile
+
+
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int] | None,
-                 samples: int = 1, greedy: bool = True, temperature: float = 1.0, max_new_tokens: int = 256,
-                 batch_size: int = 64, seed: int = 0, device: torch.device | None = None,
-                 static_cache: bool | None = None, compile: bool = False, dtype: str = "fp32",
-                 pad_multiple: int | None = None) -> list[list[list[int]]]:
-    """`samples` continuations (1 when greedy) per prompt, as new-token ids (EOS and any padding after it kept).
-
-    batch_size counts sequences per `generate` call (prompts x samples). static_cache None = on for CUDA.
-    Sampling is seeded once (`seed`) in a forked RNG, so every worker draws the same answers.
-    """
+                 decoding: Decoding = Decoding(), device: torch.device | None = None) -> list[list[list[int]]]:
+    """`decoding.samples` continuations (1 when greedy) per prompt, as new-token ids (EOS and any padding
+    after it kept)."""
+    d = decoding
     device = device or next(model.parameters()).device
-    if static_cache is None:
-        static_cache = device.type == "cuda"
-    if pad_multiple is None:
-        pad_multiple = 64 if static_cache and compile else 1
-    per = 1 if greedy else samples
-    per_call = max(1, batch_size // per)
+    static_cache = device.type == "cuda" if d.static_cache is None else d.static_cache
+    pad_multiple = d.pad_multiple or (64 if static_cache and d.compile else 1)
+    per = 1 if d.greedy else d.samples
+    per_call = max(1, d.batch_size // per)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out: list[list[list[int]]] = [[] for _ in prompts]
-    kwargs = dict(do_sample=not greedy, num_return_sequences=per, max_new_tokens=max_new_tokens,
+    kwargs = dict(do_sample=not d.greedy, num_return_sequences=per, max_new_tokens=d.max_new_tokens,
                   pad_token_id=pad_id, eos_token_id=eos_id, top_p=None, top_k=None,
-                  temperature=None if greedy else temperature)
+                  temperature=None if d.greedy else d.temperature)
     if static_cache:
         kwargs["cache_implementation"] = "static"
-    kwargs["disable_compile"] = not compile
+    kwargs["disable_compile"] = not d.compile
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+        torch.manual_seed(d.seed)
         for start in range(0, len(order), per_call):
             chunk = order[start:start + per_call]
             width = max(len(prompts[i]) for i in chunk)
@@ -56,7 +67,7 @@ def generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | 
                 n = len(prompts[i])
                 ids[r, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
                 mask[r, width - n:] = 1
-            with autocast(dtype, device):
+            with autocast(d.dtype, device):
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             new = gen[:, width:].cpu().tolist()
             for r, i in enumerate(chunk):

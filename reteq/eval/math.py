@@ -6,22 +6,20 @@ import torch
 
 from reteq.data.sources import parse_final_number
 from reteq.data.tokenize import render
-from reteq.eval.generation import generate_ids
+from reteq.eval.generation import Decoding, generate_ids
 
 
-def generate_answers(model, tokenizer, questions: list[str], *, samples: int, greedy: bool, temperature: float,
-                     max_new_tokens: int, batch_size: int, seed: int, device: torch.device, dtype: str = "fp32",
-                     static_cache: bool | None = None, compile: bool = False) -> list[list[str]]:
-    """`samples` decoded answers per question (identical on every worker for a seed).
+def generate_answers(model, tokenizer, questions: list[str], decoding: Decoding, device: torch.device,
+                     ) -> list[list[str]]:
+    """`decoding.samples` decoded answers per question (identical on every worker for a seed).
 
     Batched across questions and samples by `reteq.eval.generation.generate_ids` (length-sorted left-padded
     batches, `num_return_sequences`, a static KV cache on CUDA unless static_cache=False; compile optional).
     """
     prompts = [render(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    new = generate_ids(model, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, samples=samples,
-                       greedy=greedy, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       seed=seed, device=device, static_cache=static_cache, compile=compile, dtype=dtype)
+    new = generate_ids(model, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=decoding,
+                       device=device)
     return [tokenizer.batch_decode(seqs, skip_special_tokens=True) for seqs in new]
 
 

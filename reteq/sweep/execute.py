@@ -35,7 +35,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import torch
 
     from reteq.config import parse_config
-    from reteq.pipeline import CheckpointStore, DataCache, run_leaf
+    from reteq.pipeline import CheckpointStore, Coordinator, DataCache, Hooks, RunContext, run_leaf
     from reteq.plan import build_plan, leaf_from_dict
     from reteq.sweep.coordinator import RayCoordinator
     from reteq.sweep.record import MlflowHooks
@@ -63,16 +63,17 @@ def worker_loop(config: dict[str, Any]) -> None:
     hooks = None
     coordinator = None
     if rank == 0:
-        def scheduler_of(stage: str) -> str:
+        def schedule_of(stage: str) -> str:
             return cfg.stage(stage).schedule
 
         hooks = MlflowHooks(config["tracking_uri"], config["experiment_id"], config["parent_run_id"], cfg.name,
-                            scheduler_of, echo=lambda m: print(m, flush=True))
+                            schedule_of, echo=lambda m: print(m, flush=True))
         coordinator = RayCoordinator(who=leaf.key, fetch=_fetch_checkpoint(config["tracking_uri"]),
                                      run_ids=hooks.run_ids)
     store = CheckpointStore(Path(config["checkpoints"]))
     try:
-        result = run_leaf(cfg, plan, leaf, ctx, store, DataCache(cfg), coordinator, hooks)
+        run = RunContext(cfg, plan, ctx, store, DataCache(cfg), coordinator or Coordinator(), hooks or Hooks())
+        result = run_leaf(run, leaf)
     except BaseException as e:
         if hooks is not None:
             hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())

@@ -2,7 +2,7 @@
 
 The driver creates the experiment and the parent run (schema migrations must not race in workers); workers
 log their node's run through `MlflowHooks`. A node is finished when its run carries status=done and its
-checkpoint artifact; a rerun of the same sweep looks those up by `reteq.node_key` and skips them.
+checkpoint artifact; a rerun of the same sweep looks those up by their plan key (`tracking.TAG_PLAN_KEY`) and skips them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
     out = {}
     for r in search_runs(c, exp_id, f"tags.`{T.TAG_STATUS}` = '{T.STATUS_DONE}'"):
         if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN):
-            out[r.data.tags[T.TAG_NODE_KEY]] = {"run_id": r.info.run_id,
+            out[r.data.tags[T.TAG_PLAN_KEY]] = {"run_id": r.info.run_id,
                                                 "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")}
     return out
 
@@ -43,21 +43,21 @@ def finished_leaves(c, exp_id: str) -> set[str]:
     keys = set()
     for r in search_runs(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_UNLEARN}'"):
         if r.data.tags.get(T.TAG_STATUS) in (T.STATUS_DONE, T.STATUS_COLLAPSED):
-            keys.add(r.data.tags[T.TAG_NODE_KEY])
+            keys.add(r.data.tags[T.TAG_PLAN_KEY])
     return keys
 
 
-def node_tags(node: StageNode, sweep: str, scheduler: str) -> dict[str, str]:
+def node_tags(node: StageNode, sweep: str, schedule: str) -> dict[str, str]:
     return {T.TAG_KIND: node.kind, T.TAG_MODEL: node.model, T.TAG_ORDER: T.order_tag(node.prefix),
-            T.TAG_STAGE: node.stage, T.TAG_SEED: str(node.seed), T.TAG_NODE_KEY: node.key,
-            T.TAG_PARENT_KEY: node.parent or "", T.TAG_SWEEP: sweep, T.TAG_SCHEDULER: scheduler}
+            T.TAG_STAGE: node.stage, T.TAG_SEED: str(node.seed), T.TAG_PLAN_KEY: node.key,
+            T.TAG_PARENT_KEY: node.parent or "", T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule}
 
 
-def leaf_tags(leaf: UnlearnLeaf, sweep: str, scheduler: str) -> dict[str, str]:
+def leaf_tags(leaf: UnlearnLeaf, sweep: str, schedule: str) -> dict[str, str]:
     return {T.TAG_KIND: T.KIND_UNLEARN, T.TAG_MODEL: leaf.model, T.TAG_ORDER: T.order_tag(leaf.order),
             T.TAG_P: str(leaf.p), T.TAG_ALGORITHM: leaf.algorithm, T.TAG_LR: T.format_float(leaf.lr),
-            T.TAG_BETA: T.format_float(leaf.beta), T.TAG_SEED: str(leaf.seed), T.TAG_NODE_KEY: leaf.key,
-            T.TAG_PARENT_KEY: leaf.parent, T.TAG_SWEEP: sweep, T.TAG_SCHEDULER: scheduler}
+            T.TAG_BETA: T.format_float(leaf.beta), T.TAG_SEED: str(leaf.seed), T.TAG_PLAN_KEY: leaf.key,
+            T.TAG_PARENT_KEY: leaf.parent, T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule}
 
 
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -68,11 +68,11 @@ class MlflowHooks(Hooks):
 
     FLUSH_EVERY = 20  # metric rows buffered before one log_batch call
 
-    def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, scheduler_of, echo=print):
+    def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, schedule_of, echo=print):
         self.c = tracking_client(uri)
         self.uri = uri
         self.exp_id, self.parent, self.sweep = exp_id, parent_run_id, sweep
-        self.scheduler_of = scheduler_of  # model/order -> schedule name of the path's stages
+        self.schedule_of = schedule_of  # model/order -> schedule name of the path's stages
         self.echo = echo
         self.run_ids: dict[str, str] = {}
         self._buffer: dict[str, list] = {}
@@ -128,7 +128,7 @@ class MlflowHooks(Hooks):
 
     def node_started(self, node: StageNode) -> None:
         self._start(node.key, T.run_name(node.kind, node.model, T.order_tag(node.prefix), f"s{node.seed}"),
-                    node_tags(node, self.sweep, node.schedule or self.scheduler_of(node.stage)))
+                    node_tags(node, self.sweep, node.schedule or self.schedule_of(node.stage)))
         self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: training {node.stage}")
 
     def node_step(self, node: StageNode, r) -> None:
@@ -149,7 +149,7 @@ class MlflowHooks(Hooks):
             leaf.key, T.run_name(T.KIND_UNLEARN, leaf.model, f"p{leaf.p}", leaf.algorithm,
                                  f"lr{T.format_float(leaf.lr)}", f"b{T.format_float(leaf.beta)}" if leaf.beta else "",
                                  f"s{leaf.seed}"),
-            leaf_tags(leaf, self.sweep, leaf.schedule or self.scheduler_of(leaf.order[0])))
+            leaf_tags(leaf, self.sweep, leaf.schedule or self.schedule_of(leaf.order[0])))
         self._params(self.leaf_run_id, {"model": leaf.model, "order": T.order_tag(leaf.order), "p": leaf.p,
                                         "algorithm": leaf.algorithm, "lr": leaf.lr, "beta": leaf.beta,
                                         "seed": leaf.seed})

@@ -94,6 +94,7 @@ def _check_stages(stages: list[Stage]) -> int:
     return d
 
 
+# params: the Section 3 quantities by the paper's names (data, mu, eta, steps, rule): a numpy formula, no context
 def order_divergence(
     stages: list[Stage],
     X_U: Array,
@@ -138,6 +139,7 @@ class RetrainGaps:
         return self.orders[int(np.argmax(self.closest))]
 
 
+# params: the Section 3 quantities by the paper's names (data, mu, eta, steps, rule): a numpy formula, no context
 def retrain_gaps(
     stages: list[Stage],
     forget_index: int,
@@ -169,6 +171,7 @@ def retrain_gaps(
     return RetrainGaps(orders, gaps, gaps.min(axis=1), gaps.argmin(axis=1))
 
 
+# params: the Section 3 quantities by the paper's names (data, mu, eta, steps, rule): a numpy formula, no context
 def rule_divergence(
     theta_a: Array,
     theta_b: Array,

@@ -36,27 +36,6 @@ from reteq.theory.beyond import retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
 from reteq.theory.linear import Instance, bound_check, make_instance
 
-# ---- MLflow keys this module adds (summaries; the per-step keys live in reteq.tracking) --------------------
-M_BOUND_HOLDS = "theory/bound_holds"  # 1 if the bound held at every checked t >= max(t0, 0), else 0
-M_BOUND_CHECKED = (
-    "theory/bound_checked_steps"  # how many steps t in [max(t0, 0), steps] were checked (0 = vacuous)
-)
-M_MIN_LOG_MARGIN = (
-    "theory/min_log_margin"  # min over checked t of log(divergence / bound); >= 0 when it holds
-)
-M_GROWTH_RATE = "theory/growth_rate"  # fitted slope of log divergence over the checked steps (analysis.gaps)
-M_GROWTH_R2 = "theory/growth_r2"
-M_LOG1P_RHO = "theory/log1p_rho_star"  # log(1 + rho*); the theorem predicts growth_rate >= 2 * this
-M_RETRAIN_GAP_MIN = (
-    "theory/retrain_gap_min"  # min over t of theory/retrain_gap: best a fixed stopping step does
-)
-M_RETRAIN_CLOSEST_P = "theory/retrain_closest_p"  # + 1|2|3: min over t and orders with S_U at position p
-M_NPO_DIVERGENCE = "theory/npo_divergence_final"  # divergence at the last step under the NPO-like rule
-M_SIMNPO_DIVERGENCE = "theory/simnpo_divergence_final"  # same, SimNPO-like rule
-M_GRID_INSTANCES = "theory/instances"  # parent run: instances checked
-M_GRID_BOUND_HOLDS = "theory/bound_holds_count"  # parent run: instances where the bound held
-M_GRID_NONVACUOUS = "theory/nonvacuous_count"  # parent run: instances with t0 inside the horizon
-
 INSTANCE_PARAMS = ("d", "n_a", "n_b", "k", "m", "mu", "eta", "seed", "rho_star", "sigma_U", "C0", "t0")
 
 
@@ -80,18 +59,18 @@ def evaluate_instance(inst: Instance, steps: int) -> dict[str, Any]:
     retrain_gap = gaps.gaps.max(axis=0)
     positions = np.array([order.index(2) + 1 for order in gaps.orders])
     summary = {
-        M_BOUND_HOLDS: float(holds),
-        M_BOUND_CHECKED: float(checked),
-        M_LOG1P_RHO: math.log1p(q.rho_star),
-        M_RETRAIN_GAP_MIN: float(retrain_gap.min()),
+        tk.M_THEORY_BOUND_HOLDS: float(holds),
+        tk.M_THEORY_BOUND_CHECKED: float(checked),
+        tk.M_THEORY_LOG1P_RHO: math.log1p(q.rho_star),
+        tk.M_THEORY_RETRAIN_GAP_MIN: float(retrain_gap.min()),
     }
     for p in (1, 2, 3):
-        summary[f"{M_RETRAIN_CLOSEST_P}{p}"] = float(gaps.closest[positions == p].min())
+        summary[f"{tk.M_THEORY_RETRAIN_CLOSEST_P}{p}"] = float(gaps.closest[positions == p].min())
     if checked:
-        summary[M_MIN_LOG_MARGIN] = float(np.min(np.log(divergence[start:]) - np.log(bound[start:])))
+        summary[tk.M_THEORY_MIN_LOG_MARGIN] = float(np.min(np.log(divergence[start:]) - np.log(bound[start:])))
     if math.isfinite(growth.rate):
-        summary[M_GROWTH_RATE], summary[M_GROWTH_R2] = growth.rate, growth.r2
-    for key, rule in ((M_NPO_DIVERGENCE, "npo"), (M_SIMNPO_DIVERGENCE, "simnpo")):
+        summary[tk.M_THEORY_GROWTH_RATE], summary[tk.M_THEORY_GROWTH_R2] = growth.rate, growth.r2
+    for key, rule in ((tk.M_THEORY_NPO_DIVERGENCE, "npo"), (tk.M_THEORY_SIMNPO_DIVERGENCE, "simnpo")):
         summary[key] = float(
             rule_divergence(
                 inst.theta_ab, inst.theta_ba, inst.X_U, inst.y_U, inst.X_test, inst.eta, steps, rule
@@ -288,9 +267,9 @@ def run_theory_grid(
     client.log_batch(
         parent_id,
         metrics=[
-            Metric(M_GRID_INSTANCES, counts["instances"], now, 0),
-            Metric(M_GRID_BOUND_HOLDS, counts["bound_holds"], now, 0),
-            Metric(M_GRID_NONVACUOUS, counts["nonvacuous"], now, 0),
+            Metric(tk.M_THEORY_GRID_INSTANCES, counts["instances"], now, 0),
+            Metric(tk.M_THEORY_GRID_BOUND_HOLDS, counts["bound_holds"], now, 0),
+            Metric(tk.M_THEORY_GRID_NONVACUOUS, counts["nonvacuous"], now, 0),
         ],
     )
     client.set_tag(parent_id, tk.TAG_STATUS, tk.STATUS_DONE)

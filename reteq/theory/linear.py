@@ -264,6 +264,7 @@ class Instance:
         return self._cache[key]
 
 
+# params: one instance is exactly the grid cell (d, n_a, n_b, k, m, mu, eta) and a seed, named as in the paper
 def make_instance(d: int, n_a: int, n_b: int, k: int, m: int, mu: float, eta: float, seed: int) -> Instance:
     """Draw X_A, X_B, X_U, X_test with N(0, 1/d) entries and N(0, 1) targets (continuous, so generic)."""
     for name, v in (("d", d), ("n_a", n_a), ("n_b", n_b), ("k", k), ("m", m)):

@@ -58,7 +58,7 @@ def runs_frame(children: list) -> pl.DataFrame:
         rows.append(row)
     return (
         pl.DataFrame(rows, infer_schema_length=None)
-        .with_columns((2.0 * pl.col(g.M_LOG1P_RHO)).alias("predicted_rate"))
+        .with_columns((2.0 * pl.col(tk.M_THEORY_LOG1P_RHO)).alias("predicted_rate"))
         .sort(CELL_COLUMNS + ["seed"])
     )
 
@@ -73,14 +73,14 @@ def cell_table(frame: pl.DataFrame) -> pl.DataFrame:
         frame.group_by(CELL_COLUMNS, maintain_order=True)
         .agg(
             pl.len().alias("instances"),
-            pl.col(g.M_BOUND_HOLDS).mean().alias("bound_held_share"),
-            (pl.col(g.M_BOUND_CHECKED) > 0).sum().alias("nonvacuous"),
+            pl.col(tk.M_THEORY_BOUND_HOLDS).mean().alias("bound_held_share"),
+            (pl.col(tk.M_THEORY_BOUND_CHECKED) > 0).sum().alias("nonvacuous"),
             pl.col("rho_star").median().alias("median_rho_star"),
             pl.col("t0").median().alias("median_t0"),
-            _metric_or_null(frame, g.M_MIN_LOG_MARGIN).min().alias("min_log_margin"),
-            _metric_or_null(frame, g.M_GROWTH_RATE).median().alias("median_growth_rate"),
+            _metric_or_null(frame, tk.M_THEORY_MIN_LOG_MARGIN).min().alias("min_log_margin"),
+            _metric_or_null(frame, tk.M_THEORY_GROWTH_RATE).median().alias("median_growth_rate"),
             pl.col("predicted_rate").median().alias("median_2log1p_rho"),
-            pl.col(g.M_RETRAIN_GAP_MIN).median().alias("median_retrain_gap_min"),
+            pl.col(tk.M_THEORY_RETRAIN_GAP_MIN).median().alias("median_retrain_gap_min"),
         )
         .sort(CELL_COLUMNS)
     )
@@ -88,45 +88,45 @@ def cell_table(frame: pl.DataFrame) -> pl.DataFrame:
 
 def _paragraphs(frame: pl.DataFrame, steps: int) -> list[str]:
     n = frame.height
-    held = int(frame[g.M_BOUND_HOLDS].sum())
-    checked = int((frame[g.M_BOUND_CHECKED] > 0).sum())
+    held = int(frame[tk.M_THEORY_BOUND_HOLDS].sum())
+    checked = int((frame[tk.M_THEORY_BOUND_CHECKED] > 0).sum())
     out = [
         f"Theorem 3.1's lower bound held at every step t >= max(t0, 0) on {held} of {n} random instances "
         f"({held / n:.1%}); on {checked} of them t0 fell inside the {steps}-step horizon, so the check was "
         f"not vacuous. Median rho* = {frame['rho_star'].median():.3g}, "
         f"median t0 = {frame['t0'].median():.3g}."
     ]
-    if g.M_MIN_LOG_MARGIN in frame.columns and frame[g.M_MIN_LOG_MARGIN].drop_nulls().len():
-        margin = frame[g.M_MIN_LOG_MARGIN].drop_nulls()
+    if tk.M_THEORY_MIN_LOG_MARGIN in frame.columns and frame[tk.M_THEORY_MIN_LOG_MARGIN].drop_nulls().len():
+        margin = frame[tk.M_THEORY_MIN_LOG_MARGIN].drop_nulls()
         out.append(
             f"The divergence stayed above the bound by a factor of at least {math.exp(margin.min()):.3g} "
             f"(median over instances of the smallest factor: {math.exp(margin.median()):.3g})."
         )
-    if g.M_GROWTH_RATE in frame.columns:
-        fitted = frame.filter(pl.col(g.M_GROWTH_RATE).is_not_null() & pl.col(g.M_GROWTH_RATE).is_not_nan())
+    if tk.M_THEORY_GROWTH_RATE in frame.columns:
+        fitted = frame.filter(pl.col(tk.M_THEORY_GROWTH_RATE).is_not_null() & pl.col(tk.M_THEORY_GROWTH_RATE).is_not_nan())
         if fitted.height:
-            above = int((fitted[g.M_GROWTH_RATE] >= fitted["predicted_rate"]).sum())
-            ratio = (fitted[g.M_GROWTH_RATE] / fitted["predicted_rate"]).median()
+            above = int((fitted[tk.M_THEORY_GROWTH_RATE] >= fitted["predicted_rate"]).sum())
+            ratio = (fitted[tk.M_THEORY_GROWTH_RATE] / fitted["predicted_rate"]).median()
             out.append(
                 f"The fitted growth rate of log divergence over the checked steps was at least the "
                 f"theorem's 2 log(1 + rho*) on {above} of {fitted.height} instances (median ratio "
-                f"{ratio:.3g}, median R^2 {fitted[g.M_GROWTH_R2].median():.4f}): the divergence between "
+                f"{ratio:.3g}, median R^2 {fitted[tk.M_THEORY_GROWTH_R2].median():.4f}): the divergence between "
                 "the two learning orders grows exponentially under gradient ascent."
             )
-    closest = {p: f"{g.M_RETRAIN_CLOSEST_P}{p}" for p in (1, 2, 3)}
+    closest = {p: f"{tk.M_THEORY_RETRAIN_CLOSEST_P}{p}" for p in (1, 2, 3)}
     if all(c in frame.columns for c in closest.values()):
         by_pos = ", ".join(f"p={p}: {frame[c].median():.3g}" for p, c in closest.items())
         best_alone = frame.select(pl.min_horizontal(list(closest.values()))).to_series()
         out.append(
             f"Retrain gap over the six orders of {{A, B, U}} (each compared with its own retrain model, the "
             f"retain stages in the same order): stopping every path at one shared step t, the worst order "
-            f"stays at min_t max_order d(theta_u(t), theta_r) = {frame[g.M_RETRAIN_GAP_MIN].median():.3g} "
+            f"stays at min_t max_order d(theta_u(t), theta_r) = {frame[tk.M_THEORY_RETRAIN_GAP_MIN].median():.3g} "
             f"(median over instances), while the closest single order gets to {best_alone.median():.3g}. "
             f"Closest approach by position p of the forget stage (median): {by_pos}."
         )
-    if g.M_NPO_DIVERGENCE in frame.columns:
+    if tk.M_THEORY_NPO_DIVERGENCE in frame.columns:
         final_ga = frame[tk.M_THEORY_DIVERGENCE].median() if tk.M_THEORY_DIVERGENCE in frame.columns else None
-        npo, simnpo = frame[g.M_NPO_DIVERGENCE], frame[g.M_SIMNPO_DIVERGENCE]
+        npo, simnpo = frame[tk.M_THEORY_NPO_DIVERGENCE], frame[tk.M_THEORY_SIMNPO_DIVERGENCE]
         ga_text = f"{final_ga:.3g} under GA, " if final_ga is not None else ""
         out.append(
             f"At the last step the median divergence was {ga_text}{npo.median():.3g} under the NPO-like rule "
@@ -190,12 +190,12 @@ def divergence_chart(client, frame: pl.DataFrame):
 def growth_chart(frame: pl.DataFrame):
     import altair as alt
 
-    if g.M_GROWTH_RATE not in frame.columns:
+    if tk.M_THEORY_GROWTH_RATE not in frame.columns:
         return None
     data = (
-        frame.filter(pl.col(g.M_GROWTH_RATE).is_not_null() & pl.col(g.M_GROWTH_RATE).is_not_nan())
-        .select("predicted_rate", g.M_GROWTH_RATE, "eta", "k", "d", "seed")
-        .rename({g.M_GROWTH_RATE: "growth_rate"})
+        frame.filter(pl.col(tk.M_THEORY_GROWTH_RATE).is_not_null() & pl.col(tk.M_THEORY_GROWTH_RATE).is_not_nan())
+        .select("predicted_rate", tk.M_THEORY_GROWTH_RATE, "eta", "k", "d", "seed")
+        .rename({tk.M_THEORY_GROWTH_RATE: "growth_rate"})
     )
     if data.height == 0:
         return None

@@ -7,7 +7,7 @@ WorkerContext says which worker this is and whether DeepSpeed drives the step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,18 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
     return engine.module, result, stats
 
 
+@dataclass(frozen=True)
+class UnlearnJob:
+    """One unlearning run: the forget set, the method with its lr and knobs (e.g. {"beta": 0.5}), the seed."""
+
+    cfg: UnlearnConfig
+    algorithm: str
+    lr: float
+    params: Mapping[str, float]
+    forget: list[dict]  # the forget set's conversations
+    seed: int = 0
+
+
 @dataclass
 class UnlearnResult:
     evals: list[tuple[int, dict[str, float]]]  # (step, metrics incl. relative scores), step 0 first
@@ -114,16 +126,15 @@ def reference_logps(model, examples: list[Example], micro: int, pad_id: int, dev
     return out
 
 
-def unlearn(model, tokenizer, cfg: UnlearnConfig, algorithm: str, lr: float, beta: float | None,
-            forget_convs: list[dict], evaluator: Evaluator, ctx: WorkerContext, seed: int,
+def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: WorkerContext,
             on_eval: Callable[[int, dict[str, float]], None] | None = None,
             on_step: Callable[[StepRecord], None] | None = None) -> UnlearnResult:
     """Unlearn the forget set with a local method; evaluate at step 0 and every `eval_every` steps."""
-    alg = get_algorithm(algorithm)
+    cfg, alg, params = job.cfg, get_algorithm(job.algorithm), dict(job.params)
     apply_matmul_policy(ctx.dtype)  # [precision hook]
-    examples = encode_dataset(tokenizer, forget_convs, cfg.max_length)
+    examples = encode_dataset(tokenizer, job.forget, cfg.max_length)
     accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, ctx.world, "unlearn")
-    index_steps = plan_steps(len(examples), cfg.epochs, cfg.global_batch, seed, cfg.steps)
+    index_steps = plan_steps(len(examples), cfg.epochs, cfg.global_batch, job.seed, cfg.steps)
     steps = build_steps(examples, index_steps, cfg.micro_batch, ctx, tokenizer.pad_token_id, model)
     ref = reference_logps(model, examples, cfg.micro_batch, tokenizer.pad_token_id, ctx.device, ctx.packing,
                           ctx.dtype) \
@@ -134,14 +145,14 @@ def unlearn(model, tokenizer, cfg: UnlearnConfig, algorithm: str, lr: float, bet
     if on_eval:
         on_eval(0, evals[0][1])
 
-    spec = OptimSpec(cfg.optimizer, lr, len(steps), cfg.schedule, cfg.warmup_frac)
+    spec = OptimSpec(cfg.optimizer, job.lr, len(steps), cfg.schedule, cfg.warmup_frac)
     engine = build_engine(model, spec, ds_config=ctx.ds_config, micro_batch=cfg.micro_batch, accumulation=accum,
                           world=ctx.world)
 
     def loss_fn(m, batch, step: Step) -> torch.Tensor:
         logp, _ = sequence_logps(m, batch)
         r = ref[batch.index.cpu()].to(logp) if ref is not None else None
-        return alg.loss(logp, r, beta) * (len(batch.index) / step.sequences)
+        return alg.loss(logp, r, params) * (len(batch.index) / step.sequences)
 
     def after_step(record: StepRecord) -> bool:
         if on_step:
