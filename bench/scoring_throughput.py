@@ -29,12 +29,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from reteq.eval.prefix_scoring import computed_tokens  # noqa: E402
-from reteq.eval.scoring import padded_computed_tokens, score_pairs  # noqa: E402
+from reteq.eval.prefix_scoring import plan  # noqa: E402
+from reteq.eval.scoring import score_pairs  # noqa: E402
 from reteq.train.precision import apply_matmul_policy  # noqa: E402
 
 COLUMNS = ["shape", "precision", "method", "workload", "pairs_per_s", "pair_tok_per_s", "computed_tok_per_s",
            "model_tflops", "seconds", "peak_gib", "speedup", "max_abs_diff"]
+
+
+def computed_tokens(pairs: list[tuple[list[int], list[int]]], batch_size: int = 32, row_tokens: int = 512,
+                    ) -> tuple[int, int]:
+    """(token positions the shared path computes, pads included; of them real tree tokens)."""
+    if not pairs:
+        return 0, 0
+    trees, forwards = plan(pairs, batch_size, row_tokens)
+    return sum(len(rows) * w for rows, w in forwards), sum(t.size for t in trees)
+
+
+def padded_computed_tokens(pairs: list[tuple[list[int], list[int]]], batch_size: int = 32) -> int:
+    """Token positions (padding included) the padded path computes for these pairs."""
+    order = sorted(len(p) + len(t) for p, t in pairs)
+    return sum(len(c) * max(c) for c in (order[s:s + batch_size] for s in range(0, len(order), batch_size)))
 
 
 def workload(args, vocab: int) -> dict[str, list[tuple[list[int], list[int]]]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,7 +20,6 @@ from reteq.errors import ConfigError
 
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = ("fp32", "tf32", "bf16")
-SCHEDULES = ("wsd", "cosine", "constant")
 ZERO_OPTIMIZERS = ("adamw",)  # reteq optimizers DeepSpeed ZeRO >= 1 accepts (torch AdamW is on its list)
 
 
@@ -368,7 +366,3 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
     except ValueError as e:  # raised outside pydantic's wrapping (e.g. stage_orders)
         raise ConfigError([f"{source}: {e}"]) from None
     return cfg
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)

@@ -85,5 +85,3 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path | None = None, seed: int
     return peft_model.train(trainable)
 
 
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

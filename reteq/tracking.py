@@ -97,11 +97,9 @@ EVAL_METRICS = (
 
 # ---- params ----------------------------------------------------------------------------------------------------
 P_STEPS = "steps"
-P_FORGET_STAGE = "forget_stage"
 
 # ---- artifacts -------------------------------------------------------------------------------------------------
 ARTIFACT_CHECKPOINT = "checkpoint"  # artifact sub-folder holding the safetensors files + manifest.json
-ARTIFACT_CONFIG = "config"
 
 
 def format_float(x: float | None) -> str:

@@ -51,7 +51,7 @@ def test_greedy_answers_equal_the_plain_path(setup, static_cache):
 
 def test_static_cache_with_bucketed_prompt_widths_gives_the_same_tokens(setup):
     from reteq.data.tokenize import render
-    from reteq.eval.generation import Decoding, count_new_tokens, generate_ids
+    from reteq.eval.generation import Decoding, generate_ids
 
     model, tok, questions = setup
     ids = [tok(render(tok, [{"role": "user", "content": q}], add_generation_prompt=True),
@@ -61,8 +61,6 @@ def test_static_cache_with_bucketed_prompt_widths_gives_the_same_tokens(setup):
     b = generate_ids(model, ids, decoding=Decoding(max_new_tokens=12, batch_size=7, static_cache=True,
                                                    pad_multiple=64), **kw)
     assert a == b
-    assert 0 < count_new_tokens([s for q in a for s in q], tok.eos_token_id, tok.pad_token_id) <= 7 * 12
-    assert count_new_tokens([[5, 6, 2, 0, 0]], 2, 0) == 3
 
 
 def test_sampling_is_batched_per_question_and_reproducible(setup):

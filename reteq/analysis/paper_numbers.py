@@ -35,15 +35,6 @@ TABLE1_FORGET: dict[str, dict[str, tuple[float, float, float, float]]] = {
     },
 }
 
-# the paper's column headings (L1B, L8B, ...), for readers comparing against the PDF
-PAPER_LABEL = {
-    "llama-3.2-1b": "L1B",
-    "llama-3.1-8b": "L8B",
-    "llama-2-13b": "L13B",
-    "qwen2.5-1.5b": "Q1.5B",
-    "qwen2.5-14b": "Q14B",
-}
-
 ALGORITHM_LABEL = {"ga": "GA", "npo": "NPO", "simnpo": "SimNPO"}
 
 

@@ -194,20 +194,13 @@ def _runs_section(runs: pl.DataFrame, exp_id: str, ui_base: str) -> Section:
 
 
 def _theory_section(tracking_uri: str, experiment: str) -> Section | None:
-    """The theory module's own section, when that module exists (it is built separately)."""
-    title = "Theory (Section 3)"
-    try:
-        from reteq.theory.report import theory_section
-    except ModuleNotFoundError as err:
-        if err.name in ("reteq.theory", "reteq.theory.report"):
-            return None  # not built (yet): nothing to say
-        return Section(title, paragraphs=[f"The theory module could not be imported: {err}"])
-    except ImportError:
-        return None  # the module exists but has no theory_section yet
+    """The theory grid's section when this experiment holds one; a failure there still leaves the report."""
+    from reteq.theory.report import theory_section
+
     try:
         return theory_section(tracking_uri, experiment)
     except Exception as err:  # noqa: BLE001 - the rest of the report is still worth writing
-        return Section(title, paragraphs=[f"The theory section failed: {type(err).__name__}: {err}"])
+        return Section("Theory (Section 3)", paragraphs=[f"The theory section failed: {type(err).__name__}: {err}"])
 
 
 # ---- rendering ------------------------------------------------------------------------------------------

@@ -54,10 +54,6 @@ def converter_for(source: DataSource) -> Converter:
     return registry[name]
 
 
-def transform_version(source: DataSource) -> str:
-    return converter_for(source).version
-
-
 def convert(ds: Dataset, source: DataSource) -> list[Conversation]:
     """Run the converter chosen for `source` on a loaded Dataset; keep the first `source.n` rows if set."""
     conversations = converter_for(source).fn(ds, source)

@@ -74,17 +74,3 @@ def generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | 
                 out[i] = new[r * per:(r + 1) * per]
     model.train(was_training)
     return out
-
-
-def count_new_tokens(seqs: list[list[int]], eos_id: int | list[int] | None, pad_id: int) -> int:
-    """Generated tokens up to and including the first EOS (what the model actually had to decode)."""
-    stops = set(eos_id if isinstance(eos_id, list) else [eos_id]) if eos_id is not None else set()
-    total = 0
-    for s in seqs:
-        n = len(s)
-        for k, t in enumerate(s):
-            if t in stops:
-                n = k + 1
-                break
-        total += n
-    return total

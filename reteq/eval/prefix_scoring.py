@@ -126,15 +126,6 @@ def plan(pairs: list[tuple[list[int], list[int]]], batch_size: int, row_tokens: 
     return trees, forwards
 
 
-def computed_tokens(pairs: list[tuple[list[int], list[int]]], batch_size: int = 32, row_tokens: int = 512,
-                    ) -> tuple[int, int]:
-    """(token positions the shared path computes, pads included; of them real tree tokens)."""
-    if not pairs:
-        return 0, 0
-    trees, forwards = plan(pairs, batch_size, row_tokens)
-    return sum(len(rows) * w for rows, w in forwards), sum(t.size for t in trees)
-
-
 @torch.no_grad()
 def score_pairs_shared(model, pairs: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 32,
                        device: torch.device | None = None, dtype: str = "fp32", row_tokens: int = 512,

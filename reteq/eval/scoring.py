@@ -34,12 +34,6 @@ def score_pairs(model, pairs: list[tuple[list[int], list[int]]], *, pad_id: int,
     return score_pairs_padded(model, pairs, **kw)
 
 
-def padded_computed_tokens(pairs: list[tuple[list[int], list[int]]], batch_size: int = 32) -> int:
-    """Token positions (padding included) the padded path computes for these pairs."""
-    order = sorted(len(p) + len(t) for p, t in pairs)
-    return sum(len(c) * max(c) for c in (order[s:s + batch_size] for s in range(0, len(order), batch_size)))
-
-
 @torch.no_grad()
 def score_pairs_padded(model, pairs: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 32,
                        device: torch.device | None = None, dtype: str = "fp32") -> list[float]:
