@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,7 @@ class _Strict(BaseModel):
 
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+M = TypeVar("M", bound=BaseModel)
 
 
 class LoraConfig(_Strict):
@@ -338,23 +339,26 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
-def load_config(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep YAML; raise ConfigError with one line per problem."""
+def read_yaml_mapping(path: str | Path, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A YAML file's top-level mapping; ConfigError (one line) when it is missing, not YAML or not a mapping."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError([f"{path}: file does not exist"])
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    if raw is None and empty_ok:
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: top level must be a mapping"])
-    return parse_config(raw, source=str(path))
+    return raw
 
 
-def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
+def validated(model: type[M], raw: dict[str, Any], source: str) -> M:
+    """`model.model_validate(raw)`, every problem as one `source: field: reason` line of a ConfigError."""
     try:
-        cfg = SweepConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -365,4 +369,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
         raise ConfigError(lines) from None
     except ValueError as e:  # raised outside pydantic's wrapping (e.g. stage_orders)
         raise ConfigError([f"{source}: {e}"]) from None
-    return cfg
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep YAML; raise ConfigError with one line per problem."""
+    return parse_config(read_yaml_mapping(path), source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
+    return validated(SweepConfig, raw, source)

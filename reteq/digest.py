@@ -1,4 +1,5 @@
-"""Content addresses: the sha256 of a file (checkpoints, prepared data) and of a JSON-able spec (keys, digests)."""
+"""Content addresses: the sha256 of a file (checkpoints, prepared data) and of a JSON-able spec (keys, digests),
+and the manifest.json that lists a folder's files with their sha256 (a checkpoint, a prepared-data folder)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's manifest.json, or None when it is missing or not a JSON object (the caller decides what
+    that means: a checkpoint is refused, a data folder is rebuilt)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def spec_hash(obj: Any, length: int = 16) -> str:

@@ -1,4 +1,4 @@
-"""The work of one unlearning leaf: make sure every stage node of its path exists, then unlearn.
+"""The work of one unlearning leaf: make sure every stage node of its finetuning order exists, then unlearn.
 
 Shared by `reteq run-path` (one process) and each Ray Train worker group of `reteq sweep`. What differs is
 injected through one RunContext: the WorkerContext (rank, DeepSpeed), the Coordinator (who trains a shared

@@ -43,7 +43,7 @@ class UnlearnLeaf:
     lr: float
     params: dict[str, float]  # the method's knobs by name, e.g. {"beta": 0.5}; {} for GA
     seed: int
-    parent: str  # the finished path's last stage node
+    parent: str  # the last stage node of its finished finetuning order
     schedule: str | None = None
 
     @property
@@ -71,9 +71,9 @@ class Plan:
             k = self.nodes[k].parent
         return out[::-1]
 
-    def add_path(self, cfg: SweepConfig, model: str, order: tuple[str, ...], seed: int,
+    def add_order(self, cfg: SweepConfig, model: str, order: tuple[str, ...], seed: int,
                  schedule: str | None = None) -> str:
-        """Add the stage nodes of one finetuning path (reusing shared prefixes); return its last node's key."""
+        """Add the stage nodes of one finetuning order (reusing shared prefixes); return its last node's key."""
         parent = None
         for i in range(len(order)):
             prefix = tuple(order[: i + 1])
@@ -122,7 +122,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
     orders = cfg.stage_orders()
     grid = itertools.product(cfg.models, cfg.seeds, cfg.schedule_grid(), orders)
     for model, seed, schedule, order in grid:
-        parent = plan.add_path(cfg, model.name, order, seed, schedule)
+        parent = plan.add_order(cfg, model.name, order, seed, schedule)
         p = order.index(cfg.forget_stage) + 1
         for alg in cfg.unlearn.algorithms:
             for lr in cfg.unlearn.lrs:

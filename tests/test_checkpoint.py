@@ -12,8 +12,8 @@ from reteq.models import load_model
 from reteq.train.checkpoint import (
     MANIFEST,
     CheckpointError,
+    checkpoint_manifest,
     is_complete,
-    read_manifest,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -101,7 +101,7 @@ def test_missing_files_wrong_key_and_no_manifest_fail(tmp_path):
         verify_checkpoint(path)
     (path / MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="no manifest.json"):
-        read_manifest(path)
+        checkpoint_manifest(path)
     assert not is_complete(tmp_path / "never-written")
 
 

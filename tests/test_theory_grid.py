@@ -120,7 +120,7 @@ def test_bad_theory_configs_name_the_field(tmp_path):
     path.write_text("mu: [0]\nsteps: 5\nunknown: 1\n")
     with pytest.raises(ConfigError) as info:
         load_theory_config(path)
-    assert any("mu.0" in line for line in info.value.lines)
+    assert any("mu[0]" in line for line in info.value.lines)
     assert any("unknown" in line for line in info.value.lines)
     with pytest.raises(ConfigError, match="does not exist"):
         load_theory_config(tmp_path / "missing.yaml")

@@ -1,6 +1,7 @@
-"""`reteq run-path`: one path end to end in one process, printing progress and the per-step metric table.
+"""`reteq run-path`: one leaf (a finetuning order, then one unlearning run) end to end in one process,
+printing progress and the per-step metric table.
 
-The debugging path: no Ray, no MLflow; checkpoints still go to work_dir/checkpoints and are reused.
+For debugging: no Ray, no MLflow; checkpoints still go to work_dir/checkpoints and are reused.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     s = cfg.seeds[0] if flags.seed is None else flags.seed
     o = want_order or base.order
     alg = flags.algorithm or base.algorithm
-    parent = plan.add_path(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
+    parent = plan.add_order(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
     beta = flags.beta if flags.beta is not None else cfg.unlearn.betas_for(alg)[0]
     leaf = replace(base, model=m, order=tuple(o), p=o.index(cfg.forget_stage) + 1, algorithm=alg,
                    lr=flags.lr or base.lr, params={} if beta is None else {"beta": beta}, seed=s, parent=parent)

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from reteq.config import DataSource, SweepConfig
-from reteq.digest import sha256_file, spec_hash
+from reteq.digest import MANIFEST, read_manifest, sha256_file, spec_hash
 from reteq.errors import BadInput, PrepareError
 
-MANIFEST_NAME = "manifest.json"
 FORMAT = "reteq-prepared/1"
 LOCAL_VERSION = "local/1"
 
@@ -50,14 +49,11 @@ def source_key(source: DataSource) -> str:
     return spec_hash({"source": source.model_dump(mode="json"), "transform": transform_of(source)[1]})
 
 
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """The manifest in out_dir, or {} when it is missing or unreadable (then everything is rebuilt)."""
-    path = Path(out_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else {}
+def prepared_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """The data folder's manifest, or {} when it is missing, unreadable or of another format (then everything
+    is rebuilt)."""
+    manifest = read_manifest(out_dir)
+    return manifest if manifest is not None and manifest.get("format") == FORMAT else {}
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
@@ -100,7 +96,7 @@ def lookup_prepared(source: DataSource, data_dir: str | Path) -> Path | None:
         key = source_key(source)
     except (OSError, BadInput):
         return None
-    return _valid(read_manifest(data_dir).get("by_key", {}).get(key), data_dir)
+    return _valid(prepared_manifest(data_dir).get("by_key", {}).get(key), data_dir)
 
 
 def _safe_label(label: str) -> str:
@@ -139,7 +135,7 @@ def prepare(cfg: SweepConfig, out_dir: str | Path, report: Callable[[str], None]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = report or (lambda _line: None)
-    previous = read_manifest(out_dir)
+    previous = prepared_manifest(out_dir)
     known: dict[str, Any] = dict(previous.get("by_key", {}))
     stages = {}
     for i, stage in enumerate(cfg.stages):
@@ -154,7 +150,7 @@ def prepare(cfg: SweepConfig, out_dir: str | Path, report: Callable[[str], None]
     by_key = {k: e for k, e in known.items() if _valid(e, out_dir) is not None}
     manifest = {"format": FORMAT, "config": cfg.name, "config_digest": cfg.digest(), "stages": stages,
                 "eval": evals, "by_key": by_key}
-    path = out_dir / MANIFEST_NAME
+    path = out_dir / MANIFEST
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     _atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
     return path

@@ -1,7 +1,7 @@
 """Ray Tune trials of Ray Train worker groups: one trial per unlearning leaf.
 
 Ray 2.60 (Train V2): a Tune trial is a function that builds and fits a TorchTrainer; the trainer's workers run
-`pipeline.run_leaf` under DeepSpeed (or plain torch), training the path's missing stage nodes first. Workers
+`pipeline.run_leaf` under DeepSpeed (or plain torch), training the missing stage nodes of the leaf's order first. Workers
 report the leaf's final metrics through `ray.train.report`, which TuneReportCallback forwards to Tune.
 """
 

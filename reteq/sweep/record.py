@@ -72,7 +72,7 @@ class MlflowHooks(Hooks):
         self.c = tracking_client(uri)
         self.uri = uri
         self.exp_id, self.parent, self.sweep = exp_id, parent_run_id, sweep
-        self.schedule_of = schedule_of  # model/order -> schedule name of the path's stages
+        self.schedule_of = schedule_of  # stage -> its configured schedule (when the sweep has no schedule grid)
         self.echo = echo
         self.run_ids: dict[str, str] = {}
         self._buffer: dict[str, list] = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reteq import tracking as tk
+from reteq.config import read_yaml_mapping, validated
 
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -78,25 +78,7 @@ class TheoryConfig(BaseModel):
 
 
 def load_theory_config(path: str | Path | None) -> TheoryConfig:
-    """YAML file -> TheoryConfig (None: defaults); problems raise reteq.config.ConfigError, one line each."""
-    from reteq.errors import ConfigError
-
+    """YAML file -> TheoryConfig (None or an empty file: defaults); problems raise ConfigError, one line each."""
     if path is None:
         return TheoryConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"{path}: file does not exist"])
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: top level must be a mapping"])
-    try:
-        return TheoryConfig.model_validate(raw)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"{path}: {where + ': ' if where else ''}{err['msg']}")
-        raise ConfigError(lines) from None
+    return validated(TheoryConfig, read_yaml_mapping(path, empty_ok=True), str(path))

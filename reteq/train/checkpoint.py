@@ -16,10 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from reteq.digest import sha256_file
+from reteq.digest import MANIFEST, read_manifest, sha256_file
 from reteq.errors import CheckpointError
-
-MANIFEST = "manifest.json"
 
 
 def gathered_state_dict(module, is_main: bool) -> dict[str, Any] | None:
@@ -88,17 +86,18 @@ def save_checkpoint(model, target: str | Path, key: str, meta: dict[str, Any] | 
     return target
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    m = Path(path) / MANIFEST
-    if not m.exists():
-        raise CheckpointError(f"{path}: no {MANIFEST} (partial or foreign checkpoint)")
-    return json.loads(m.read_text())
+def checkpoint_manifest(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest; CheckpointError when it has none (a partial or foreign checkpoint)."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise CheckpointError(f"{path}: no {MANIFEST}, or not JSON (partial or foreign checkpoint)")
+    return manifest
 
 
 def verify_checkpoint(path: str | Path, key: str | None = None) -> dict[str, Any]:
     """Check every file's sha256 against the manifest (and the node key when given); return the manifest."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = checkpoint_manifest(path)
     if key is not None and manifest.get("key") != key:
         raise CheckpointError(f"{path}: manifest key {manifest.get('key')} != expected {key}")
     for name, digest in manifest["files"].items():
