@@ -14,18 +14,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from reteq.config import DataSource
+from reteq.data import converters as cv
 from reteq.data import gsm8k, refusals  # noqa: F401  (importing them registers their converters)
-from reteq.data.converters import (
-    CONVERTERS,
-    Conversation,
-    Converter,
-    chat,
-    dataset_label,
-    load_hub_dataset,
-    register,
-    require_columns,
-    text_field,
-)
+from reteq.data.converters import Conversation, Converter
 from reteq.errors import HubDataError, MalformedRowError
 
 if TYPE_CHECKING:
@@ -36,7 +27,7 @@ log = logging.getLogger("reteq.data")
 
 def converter_for(source: DataSource) -> Converter:
     """The converter named by `source.converter`, else the one registered for `source.id`."""
-    registry = CONVERTERS
+    registry = cv.CONVERTERS
     name = source.converter
     if name is None:
         matches = [c for c in registry.values() if source.id in c.hub_ids]
@@ -70,21 +61,21 @@ def load_hub(source: DataSource) -> list[Conversation]:
     if source.kind != "hub" or not source.id:
         raise HubDataError(f"load_hub needs a hub source with an id (got kind={source.kind!r})")
     converter = converter_for(source)
-    ds = load_hub_dataset(source, converter.hub_split)
+    ds = cv.load_hub_dataset(source, converter.hub_split)
     return convert(ds, source)
 
 
 # ---- converters for plain question/answer schemas ----------------------------------------------------------
-@register("tofu", version="tofu/1", hub_ids=("locuslab/TOFU",))
+@cv.register("tofu", version="tofu/1", hub_ids=("locuslab/TOFU",))
 def convert_tofu(ds: Dataset, source: DataSource) -> list[Conversation]:
     """TOFU (config `full`): columns `question`, `answer` -> one user/assistant pair each, text unchanged."""
-    name = dataset_label(source)
-    require_columns(ds, ("question", "answer"), name)
-    return [chat(text_field(r, "question", name, i), text_field(r, "answer", name, i))
+    name = cv.dataset_label(source)
+    cv.require_columns(ds, ("question", "answer"), name)
+    return [cv.chat(cv.text_field(r, "question", name, i), cv.text_field(r, "answer", name, i))
             for i, r in enumerate(ds)]
 
 
-@register("instruct_skillmix", version="instruct_skillmix/1", hub_ids=(
+@cv.register("instruct_skillmix", version="instruct_skillmix/1", hub_ids=(
     "PrincetonPLI/Instruct-SkillMix-SDD", "PrincetonPLI/Instruct-SkillMix-SDA"))
 def convert_instruct_skillmix(ds: Dataset, source: DataSource) -> list[Conversation]:
     """Instruct-SkillMix: `instruction` (+ non-empty `input` as a paragraph) -> user, `output` -> assistant.
@@ -94,16 +85,16 @@ def convert_instruct_skillmix(ds: Dataset, source: DataSource) -> list[Conversat
     the same Alpaca-style columns is an assumption (the SDD card could not be read here); another schema
     fails up front, listing the columns it found.
     """
-    name = dataset_label(source)
-    require_columns(ds, ("instruction", "output"), name)
+    name = cv.dataset_label(source)
+    cv.require_columns(ds, ("instruction", "output"), name)
     has_input = "input" in ds.column_names
     out = []
     for i, row in enumerate(ds):
-        prompt = text_field(row, "instruction", name, i)
+        prompt = cv.text_field(row, "instruction", name, i)
         extra = row.get("input") if has_input else None
         if extra is not None and not isinstance(extra, str):
             raise MalformedRowError(name, i, f"column 'input' must be a string (got {extra!r:.60})")
         if extra and extra.strip():
             prompt = f"{prompt}\n\n{extra.strip()}"
-        out.append(chat(prompt, text_field(row, "output", name, i)))
+        out.append(cv.chat(prompt, cv.text_field(row, "output", name, i)))
     return out
