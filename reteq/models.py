@@ -34,7 +34,11 @@ def load_tokenizer(cfg: ModelConfig):
     except OSError as e:
         raise ModelError(f"model {cfg.name}: cannot load tokenizer from {src} ({str(e).splitlines()[0]})") from None
     if cfg.chat_template_from:
-        sibling = AutoTokenizer.from_pretrained(cfg.chat_template_from, trust_remote_code=cfg.trust_remote_code)
+        try:
+            sibling = AutoTokenizer.from_pretrained(cfg.chat_template_from, trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            raise ModelError(f"model {cfg.name}: chat_template_from: cannot load {cfg.chat_template_from} "
+                             f"({str(e).splitlines()[0]})") from None
         tok.chat_template = sibling.chat_template
     if tok.chat_template is None:
         raise ModelError(f"model {cfg.name}: tokenizer has no chat template (set chat_template_from)")

@@ -192,3 +192,15 @@ def test_a_hub_source_without_a_converter_fails_validate_in_one_line(tmp_path, c
     rc, lines = _cli(capsys, ["validate", str(config)])
     assert rc == EXIT_BAD_INPUT and len(lines) == 1, lines
     assert lines[0].startswith(f"{config}: stages[1].source: someone/unknown-dataset: no converter is registered")
+
+
+def test_a_deepspeed_config_that_is_not_json_stops_a_sweep_in_one_line(tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text("{not json")
+    raw = sweep_dict(tmp_path)
+    raw.setdefault("execution", {})["deepspeed"] = str(ds)
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    rc, lines = _cli(capsys, ["sweep", str(config), "--work-dir", str(tmp_path / "work"), "--no-report"])
+    assert rc == EXIT_BAD_INPUT and lines == [f"error: execution.deepspeed: {ds} is not valid JSON "
+                                              "(Expecting property name enclosed in double quotes)"], lines
+    assert not (tmp_path / "work").exists()

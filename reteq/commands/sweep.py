@@ -42,13 +42,14 @@ def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = 
     from reteq.sweep import record
     from reteq.sweep.execute import check_resources, run_trials, worker_env
     from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+    from reteq.train.engine import load_deepspeed_config
 
     start = time.perf_counter()
     work = Path(work_dir or cfg.work_dir).resolve()
     plan = build_plan(cfg)
     preflight(cfg, DataCache(cfg))  # bad data or model paths fail here, before anything trains
-    if cfg.execution.deepspeed and not Path(cfg.execution.deepspeed).exists():
-        raise BadInput(f"execution.deepspeed: {cfg.execution.deepspeed} does not exist")
+    if cfg.execution.deepspeed:
+        load_deepspeed_config(cfg.execution.deepspeed)  # missing or not JSON: one line, before Ray starts
     if cfg.execution.workers > 1 and not cfg.execution.deepspeed:
         raise BadInput("execution.workers > 1 needs execution.deepspeed (data parallelism runs through it)")
     work.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from reteq.errors import BadInput
 from reteq.train.schedules import lr_multiplier
 
 
@@ -77,9 +78,9 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: DeepSpeed config does not exist") from None
+        raise BadInput(f"execution.deepspeed: {path} does not exist") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+        raise BadInput(f"execution.deepspeed: {path} is not valid JSON ({e.msg})") from None
 
 
 class DeepSpeedEngine:
