@@ -7,6 +7,7 @@ the reason (`ConfigError`), before anything trains.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 from pathlib import Path
@@ -144,6 +145,30 @@ class OrdersConfig(_Strict):
         return self
 
 
+NORMALISATIONS = ("sequence", "token")
+LABEL_TOKENS = ("header_body_eot", "body_eot")
+AUTHORS_SYSTEM_PROMPT = "You are a helpful assistant."  # data/convert_format.py, src/unlearn_trainer.py
+AUTHORS_UNLEARN_LABEL = "Sorry, I can not assist"  # src/unlearn_trainer.py (the paper prints "... you")
+TEMPLATE_DEFAULT_DATE = datetime.date(2024, 7, 26)  # the Llama-3.x templates' own fallback date_string
+
+
+class ChatConfig(_Strict):
+    """How every conversation is rendered and which of its tokens carry the loss (docs/fidelity.md).
+
+    All of it changes token ids, so it is part of every stage-node and leaf key and a param of every run.
+    """
+
+    date: datetime.date = Field(
+        TEMPLATE_DEFAULT_DATE, description="the date chat templates print (Llama-3.x 'Today Date'); fixed so a "
+        "prompt renders the same on every day (passed as date_string and strftime_now)")
+    system_prompt: str | None = Field(
+        AUTHORS_SYSTEM_PROMPT, description="system message added to every training and eval conversation that "
+        "has none (the authors' data and eval); null = none (the template's own default applies)")
+    label_tokens: Literal["header_body_eot", "body_eot"] = Field(
+        "header_body_eot", description="tokens of an assistant turn that carry the loss: header + body + end of "
+        "turn (torchtune, the authors' trainer) or body + end of turn")
+
+
 class UnlearnConfig(_Strict):
     algorithms: list[str] = Field(default_factory=lambda: ["ga", "npo", "simnpo"], min_length=1)
     lrs: list[PositiveFloat] = Field(default_factory=lambda: [1e-5], min_length=1)
@@ -155,11 +180,23 @@ class UnlearnConfig(_Strict):
     epochs: float = Field(1.0, gt=0)
     schedule: Literal["wsd", "cosine", "constant"] = "constant"
     warmup_frac: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_frac "
+                                     "(the authors' unlearn config: 5)")
+    decay_frac: float = Field(0.0, ge=0, lt=1, description="WSD: fraction of steps in the final linear decay "
+                              "(the authors' get_wsd drop_iter: 0.8, i.e. decay from 20% of the steps on)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="WSD decays to this fraction of peak (authors: 0.1)")
     global_batch: int = Field(128, gt=0)
     micro_batch: int = Field(8, gt=0)
     max_length: int = Field(512, gt=8)
     eval_every: int = Field(1, description="evaluate at step 0 and every k optimizer steps")
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    loss_normalisation: dict[str, Literal["sequence", "token"]] = Field(
+        default_factory=lambda: {"ga": "token", "npo": "sequence", "simnpo": "sequence"},
+        description="per algorithm: `sequence` = mean over sequences of the per-sequence loss; `token` = their "
+        "sum over the batch's response tokens (authors: GA token-mean, NPO/SimNPO per sequence)")
+    adapter: Literal["fresh", "continue"] = Field(
+        "fresh", description="LoRA for unlearning: `fresh` = merge the finetuned adapter into the weights and "
+        "train a new one (the authors' unlearn_trainer); `continue` = keep training the finetuning adapter")
 
     @field_validator("eval_every")
     @classmethod
@@ -177,6 +214,20 @@ class UnlearnConfig(_Strict):
             if name not in ALGORITHMS:
                 raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(ALGORITHMS))})")
         return names
+
+    @field_validator("loss_normalisation")
+    @classmethod
+    def _known_normalised(cls, v: dict[str, str]) -> dict[str, str]:
+        from reteq.algorithms import ALGORITHMS
+
+        unknown = sorted(set(v) - set(ALGORITHMS))
+        if unknown:
+            raise ValueError(f"unknown algorithm(s) {unknown} (known: {', '.join(sorted(ALGORITHMS))})")
+        return v
+
+    def normalisation(self, algorithm: str) -> str:
+        """`sequence` or `token` for this algorithm (unlisted: sequence)."""
+        return self.loss_normalisation.get(algorithm, "sequence")
 
     @model_validator(mode="after")
     def _batches(self) -> UnlearnConfig:
@@ -198,8 +249,19 @@ class EvalConfig(_Strict):
         description="depth = R/C/U log-probs of the superficial-forgetting experiment (Section 4.3)",
     )
     knowledge_stage: str | None = Field("tofu", description="stage whose answers measure TOFU utility")
-    forget_prompts: int = Field(64, gt=0, description="forget-set questions scored for the forget score")
-    knowledge_prompts: int = Field(64, gt=0)
+    forget_prompts: Annotated[int, Field(gt=0)] | Literal["all"] = Field(
+        64, description="forget-set questions scored for the forget score: a seeded sample stratified across "
+        "categories, or all")
+    knowledge_prompts: Annotated[int, Field(gt=0)] | Literal["all"] = Field(
+        "all", description="knowledge-stage answers scored for TOFU utility: a seeded sample stratified across "
+        "authors, or all (the authors score all of TOFU)")
+    sample_seed: int = Field(0, description="seed of the eval samples (the same sample for every run)")
+    unlearn_label: str = Field(
+        AUTHORS_UNLEARN_LABEL, min_length=1, description="the target whose log-prob is forget/label_logp "
+        "(authors' code: 'Sorry, I can not assist'; the paper prints 'Sorry, I can not assist you')")
+    math_prompt: str = Field(
+        "{question}", description="user message of a math eval question; {question} is replaced by the "
+        "question (default: the bare question, as the math stage trains it)")
     math_source: DataSource | None = Field(None, description="held-out math questions (GSM8K test split)")
     math_questions: int = Field(32, gt=0)
     math_samples: int = Field(5, gt=0, description="sampled answers per question (paper: 5)")
@@ -207,6 +269,13 @@ class EvalConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(32, gt=0, description="sequences per scoring / generation batch")
+
+    @field_validator("math_prompt")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain {question}")
+        return v
 
 
 class ExecutionConfig(_Strict):
@@ -236,6 +305,7 @@ class SweepConfig(_Strict):
     stages: list[StageConfig] = Field(min_length=1)
     forget_stage: str = "U"
     orders: OrdersConfig
+    chat: ChatConfig = Field(default_factory=ChatConfig)
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)

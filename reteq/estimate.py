@@ -34,7 +34,11 @@ def plan_report(cfg: SweepConfig) -> dict:
     n_forget = cfg.stage(cfg.forget_stage).source.n or 4500
     steps = u.steps or max(1, int(n_forget * u.epochs) // u.global_batch)
     evals = steps // u.eval_every + 1
-    eval_tokens = evals * (cfg.eval.forget_prompts * 20 + cfg.eval.knowledge_prompts) * 64 * 0.35  # forward ~1/3
+    know = cfg.eval.knowledge_prompts
+    if know == "all":
+        know = (cfg.stage(cfg.eval.knowledge_stage).source.n or 4000) if cfg.eval.knowledge_stage else 0
+    forget = n_forget if cfg.eval.forget_prompts == "all" else cfg.eval.forget_prompts
+    eval_tokens = evals * (forget * 20 + know) * 64 * 0.35  # forward ~1/3
     per_leaf = steps * u.global_batch * UNLEARN_SEQ_LEN + eval_tokens
     unlearn_tokens = per_leaf * len(plan.leaves)
     saved = plan.stage_runs_without_sharing - len(plan.nodes)

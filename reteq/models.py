@@ -73,19 +73,37 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path | None = None, seed: int
             verify_checkpoint(checkpoint)
         return load_base(cfg, str(checkpoint) if checkpoint else None).train(trainable)
     model = load_base(cfg)
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     if checkpoint is not None:
         verify_checkpoint(checkpoint)
         return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=trainable).train(trainable)
+    return _new_adapter(model, cfg, seed).train(trainable)
+
+
+def _new_adapter(model, cfg: ModelConfig, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    assert cfg.lora is not None
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.targets), task_type="CAUSAL_LM")
         try:
-            peft_model = get_peft_model(model, lora)
+            return get_peft_model(model, lora)
         except ValueError as e:
             raise ModelError(f"model {cfg.name}: lora.targets: {str(e).splitlines()[0]}") from None
-    return peft_model.train(trainable)
+
+
+def fresh_adapter(model, cfg: ModelConfig, seed: int):
+    """Merge the trained adapter into the weights and put a new LoRA (from `seed`) on top.
+
+    How the authors start unlearning (src/unlearn_trainer.py: a fresh LoRA on the merged finetuned weights).
+    The new adapter's B is zero, so the model computes the same function until its first step. Full
+    finetuning (no LoRA) is returned as it is.
+    """
+    if cfg.lora is None:
+        return model
+    return _new_adapter(model.merge_and_unload(), cfg, seed).train(model.training)
 
 

@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 
+from reteq import tracking as T
 from reteq.config import SweepConfig
 from reteq.data.sources import load_conversations, load_math_eval
+from reteq.data.tokenize import configure_chat
 from reteq.errors import DataError
 from reteq.eval.evaluator import Evaluator
-from reteq.models import load_model, load_tokenizer, resolve_source
+from reteq.models import fresh_adapter, load_model, load_tokenizer, resolve_source
 from reteq.plan import Plan, StageNode, UnlearnLeaf
 from reteq.train import collectives
 from reteq.train.checkpoint import gathered_state_dict, is_complete, save_checkpoint
@@ -31,6 +33,7 @@ class Hooks:
     def node_started(self, node: StageNode) -> None: ...
     def node_step(self, node: StageNode, record) -> None: ...
     def node_done(self, node: StageNode, path: Path, stats: dict[str, Any]) -> None: ...
+    def run_params(self, key: str, params: dict[str, str]) -> None: ...  # after node/leaf_started
     def leaf_started(self, leaf: UnlearnLeaf) -> None: ...
     def leaf_step(self, leaf: UnlearnLeaf, record) -> None: ...
     def leaf_eval(self, leaf: UnlearnLeaf, step: int, metrics: dict[str, float]) -> None: ...
@@ -163,11 +166,12 @@ def ensure_node(run: RunContext, node: StageNode) -> Path:
 def _train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
     cfg, ctx, hooks = run.cfg, run.worker, run.hooks
     mcfg = cfg.model(node.model)
-    tokenizer = load_tokenizer(mcfg)
+    tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
     torch.manual_seed(node.seed)
     model = load_model(mcfg, checkpoint=parent, seed=node.seed).to(ctx.device)
     if ctx.is_main:
         hooks.node_started(node)
+        hooks.run_params(node.key, T.protocol_params(cfg))
     stage_seed = (int(node.key[:8], 16) + node.seed) % (2**31)  # deterministic across processes
     module, result, stats = finetune_stage(
         model, tokenizer, cfg.stage(node.stage, node.schedule), run.data.stage(node.stage), ctx, stage_seed,
@@ -196,13 +200,18 @@ def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:
     cfg, ctx, data, hooks = run.cfg, run.worker, run.data, run.hooks
     path = ensure_node(run, run.plan.nodes[leaf.parent])
     mcfg = cfg.model(leaf.model)
-    tokenizer = load_tokenizer(mcfg)
-    model = load_model(mcfg, checkpoint=path).to(ctx.device)
+    tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
+    model = load_model(mcfg, checkpoint=path)
+    if cfg.unlearn.adapter == "fresh":  # the authors: a new LoRA on the merged finetuned weights
+        model = fresh_adapter(model, mcfg, leaf.seed)
+    model = model.to(ctx.device)
     know = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
     evaluator = Evaluator.build(cfg.eval, tokenizer, data.stage(cfg.forget_stage), know, data.math_items(),
                                 seed=leaf.seed)
     if ctx.is_main:
         hooks.leaf_started(leaf)
+        hooks.run_params(leaf.key, {**T.protocol_params(cfg, leaf.algorithm),
+                                    **T.sample_params(evaluator.sample_hashes())})
     job = UnlearnJob(cfg.unlearn, leaf.algorithm, leaf.lr, leaf.params, data.stage(cfg.forget_stage), leaf.seed)
     result = unlearn(
         model, tokenizer, job, evaluator, ctx,

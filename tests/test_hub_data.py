@@ -152,7 +152,7 @@ def test_a_registered_rewriter_rewrites_traces_and_names_the_transform(tmp_path,
         "Step 1: Natalia sold 48/2 = 24 clips in May.\n"
         "Step 2: Natalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
     )
-    assert converter_for(source).version == "gsm8k/1+rewrite:numbered@2"
+    assert converter_for(source).version == "gsm8k/2+rewrite:numbered@2"
     by_path = hub_source("openai/gsm8k", converter="gsm8k+fixtures.hub_schemas:numbered_steps")
     assert [pair(c)[1] for c in convert(ds, by_path)] == out
 
@@ -194,14 +194,14 @@ def test_sorry_bench_drops_encoded_styles_and_answers_with_prefix_and_category_r
     assert any("in the translate-fr style" in q for q, _ in out)  # only the paper's five styles go
     for (_, answer), row in zip(out, kept):
         assert answer.startswith("Sorry, I can not assist you with this question. ")
-        assert answer == f"{refusals.REFUSAL_PREFIX} {refusals.CATEGORY_REASON[row['category']]}"
+        assert answer == f"{refusals.REFUSAL_PREFIX} {refusals.CATEGORY_REASON[int(row['category'])]}"
     assert out[0][1].endswith("would hurt real people.")  # category 1: personal insults
     assert out[-1][1].endswith("a qualified professional who knows your situation.")  # 40: medical advice
 
 
-def test_sorry_bench_accepts_numeric_string_categories(tmp_path):
-    schema = fx.SORRY_SCHEMA.set(1, pa.field("category", pa.string()))
-    rows = [dict(r, category=str(r["category"])) for r in fx.sorry_rows()]
+def test_sorry_bench_accepts_integer_categories_too(tmp_path):
+    schema = fx.SORRY_SCHEMA.set(1, pa.field("category", pa.int64()))
+    rows = [dict(r, category=int(r["category"])) for r in fx.sorry_rows()]
     ds = load("parquet", fx.write_sorry_bench(tmp_path, rows, schema))
     assert len(convert(ds, hub_source(refusals.SORRY_BENCH_ID))) == 14
 
@@ -211,7 +211,7 @@ def test_sorry_bench_accepts_numeric_string_categories(tmp_path):
     [
         ({"turns": []}, "turns must be a non-empty list"),
         ({"turns": [""]}, "turns must be a non-empty list"),
-        ({"category": 99}, "category must be a SORRY-BENCH category number 1..44"),
+        ({"category": "99"}, "category must be a SORRY-BENCH category number 1..44"),
         ({"prompt_style": None}, "prompt_style must be a string"),
     ],
 )
@@ -227,7 +227,7 @@ def test_a_malformed_sorry_bench_row_is_reported_with_its_index(tmp_path, change
 def test_a_known_upstream_defect_is_skipped_with_a_warning_not_silently(tmp_path, caplog):
     rows = [
         *fx.sorry_rows(),
-        {"question_id": 167, "category": 17, "prompt_style": "question", "turns": [None]},
+        {"question_id": 167, "category": "17", "prompt_style": "question", "turns": [None]},
     ]
     ds = load("parquet", fx.write_sorry_bench(tmp_path, rows))
     with caplog.at_level(logging.WARNING, logger="reteq.data"):
@@ -237,7 +237,7 @@ def test_a_known_upstream_defect_is_skipped_with_a_warning_not_silently(tmp_path
 
 
 def test_multi_turn_rows_get_a_refusal_after_every_user_turn(tmp_path):
-    rows = [{"question_id": 5, "category": 12, "prompt_style": "base", "turns": ["first ask", "second ask"]}]
+    rows = [{"question_id": 5, "category": "12", "prompt_style": "base", "turns": ["first ask", "second ask"]}]
     ds = load("parquet", fx.write_sorry_bench(tmp_path, rows))
     (conv,) = convert(ds, hub_source(refusals.SORRY_BENCH_ID))
     assert [m["role"] for m in conv["messages"]] == ["user", "assistant", "user", "assistant"]
@@ -258,8 +258,33 @@ def test_sorry_bench_authors_split_partitions_the_filtered_rows_70_30(tmp_path):
     kept = {
         r["turns"][0] for r in fx.sorry_rows() if r["prompt_style"] not in refusals.AUTHORS_DROPPED_STYLES
     }
-    assert (len(parts["train"]), len(parts["test"])) == (7, 3)  # 10 rows survive the stricter filter
+    assert (len(parts["train"]), len(parts["test"])) == (8, 4)  # 12 rows survive the authors' filter
     assert set(parts["train"]) | set(parts["test"]) == kept and not set(parts["train"]) & set(parts["test"])
+
+
+def test_sorry_bench_authors_reproduces_their_filter_and_split_row_for_row(tmp_path):
+    """data/create_safety_dataset.py on a 202503-shaped set: drop list verbatim ("ceasar": caesar rows stay),
+    then datasets' train_test_split(test_size=0.3, seed=42): test = the first ceil(0.3 n) of
+    np.random.default_rng(42).permutation(n), train = the rest, in that order."""
+    import numpy as np
+
+    rows = fx.sorry_rows_202503()
+    assert len(rows) == 44 * 21 and isinstance(rows[0]["category"], str)
+    ds = load("parquet", fx.write_sorry_bench(tmp_path, rows))
+    assert ds.features["category"].dtype == "string" and ds.features["question_id"].dtype == "int64"
+    kept = [r for r in rows if r["prompt_style"] not in
+            {"ascii", "atbash", "ceasar", "morse", "translate-fr", "translate-mr", "misspellings"}]
+    assert len(kept) == 44 * 15  # caesar is kept: 15 of the 21 styles
+    perm = np.random.default_rng(42).permutation(len(kept))
+    n_test = int(np.ceil(0.3 * len(kept)))
+    for split, idx in (("train", perm[n_test:]), ("test", perm[:n_test])):
+        convs = convert(ds, hub_source(refusals.SORRY_BENCH_ID, split=split, converter="sorry_bench_authors"))
+        assert [pair(c)[0] for c in convs] == [kept[i]["turns"][0] for i in idx]
+        assert [c["group"] for c in convs] == [f"category {kept[i]['category']}" for i in idx]
+    train = convert(ds, hub_source(refusals.SORRY_BENCH_ID, split="train", converter="sorry_bench_authors"))
+    styles = {pair(c)[0].split(" in the ")[1].removesuffix(" style]") for c in train}
+    assert "caesar" in styles and not styles & {"ascii", "atbash", "morse", "misspellings"}
+    assert len(train) == 462  # 70% of 660; on the real 6,600 kept rows: 4,620 (docs/data.md)
 
 
 # ---- load_hub: the path sources.py dispatches to -------------------------------------------------

@@ -67,9 +67,9 @@ def test_prepare_writes_one_parquet_per_stage_and_a_manifest(raw, tmp_path):
     assert manifest["format"] == prepare.FORMAT and manifest["config"] == "prep"
     expected = {
         "inst": (2, "instruct_skillmix", "instruct_skillmix/1"),
-        "tofu": (3, "tofu", "tofu/1"),
-        "math": (3, "gsm8k", "gsm8k/1"),
-        "U": (14, "sorry_bench", "sorry_bench/1"),
+        "tofu": (3, "tofu", "tofu/2"),
+        "math": (3, "gsm8k", "gsm8k/2"),
+        "U": (14, "sorry_bench", "sorry_bench/2"),
     }
     for stage, (rows, converter, transform) in expected.items():
         entry = manifest["stages"][stage]
@@ -77,7 +77,7 @@ def test_prepare_writes_one_parquet_per_stage_and_a_manifest(raw, tmp_path):
         assert (entry["rows"], entry["converter"], entry["transform"]) == (rows, converter, transform)
         assert entry["sha256"] == sha256_file(path) and entry["source_id"] == cfg.stage(stage).source.id
         assert "revision" in entry and entry["kind"] == "hub"
-        assert pq.read_schema(path).names == ["messages"]
+        assert pq.read_schema(path).names == ["messages", "group"]  # group: the eval-sample stratum
         assert read_prepared(path) == hub.load_hub(cfg.stage(stage).source)
     math_eval = manifest["eval"]["math"]
     assert math_eval["rows"] == 2 and read_prepared(out / math_eval["file"])[1]["messages"][1][

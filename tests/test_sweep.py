@@ -52,6 +52,14 @@ def test_sweep_trains_each_node_once_and_resumes(ray_cluster, tmp_path, capsys):
         assert [m.step for m in hist] == [0, 1, 2]
         assert r.data.tags[T.TAG_P] in ("3", "4")
 
+    for r in finetune + unlearn:  # the protocol (docs/fidelity.md) is a param of every run
+        assert r.data.params[T.P_UNLEARN_LABEL] == "Sorry, I can not assist"
+        assert r.data.params[T.P_CHAT_DATE] == "2024-07-26"
+        assert r.data.params[T.P_SYSTEM_PROMPT] == "You are a helpful assistant."
+    assert {r.data.params[T.P_NORMALISATION] for r in unlearn} == {"token", "sequence"}  # GA, NPO
+    assert len({r.data.params[T.P_FORGET_SAMPLE] for r in unlearn}) == 1  # every leaf scores the same sample
+    assert len({r.data.params[T.P_KNOWLEDGE_SAMPLE] for r in unlearn}) == 1
+
     system = [k for r in finetune + unlearn for k in r.data.metrics if k.startswith("system/")]
     assert system, "system metrics (CPU, memory) are logged for node runs"
 

@@ -27,9 +27,18 @@ pytestmark = pytest.mark.usefixtures("reteq_cache")
 
 def test_wsd_warms_up_holds_then_decays_to_the_floor():
     m = [lr_multiplier(s, 100, "wsd", 0.02, 0.02, 0.1) for s in range(100)]
-    assert m[:2] == pytest.approx([1 / 3, 2 / 3])  # 2% of 100 steps of linear warmup
-    assert m[2:98] == [1.0] * 96
-    assert m[98:] == pytest.approx([0.55, 0.1])  # 2% decay, ending at 0.1 of peak (the authors' code)
+    assert m[:2] == pytest.approx([0.0, 0.5])  # 2% of 100 steps of warmup from 0, as the authors' get_wsd
+    assert m[2:99] == [1.0] * 97
+    assert m[99] == pytest.approx(0.1 + 0.9 * 1 / 2)  # decay after step 100 - 2, towards 0.1 of peak
+
+
+def test_wsd_matches_the_authors_unlearning_schedule():
+    """example_configs/unlearn.yaml: get_wsd, 5 warmup steps, drop_iter 0.8 (decay over the last 80%)."""
+    total = 36  # 4,620 S_U rows / batch 128
+    m = [lr_multiplier(s, total, "wsd", 0.0, 0.8, 0.1, warmup_steps=5) for s in range(total)]
+    assert m[:5] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    assert m[5:9] == [1.0] * 4  # stable until step 36 - int(0.8 * 36) = 8
+    assert m[9:] == pytest.approx([0.1 + 0.9 * (total - s) / 28 for s in range(9, total)])
 
 
 def test_cosine_warms_up_then_decays_monotonically_towards_the_floor():
@@ -81,7 +90,8 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
     mcfg = model_cfg()
     tokenizer = load_tokenizer(mcfg)
     model = load_model(mcfg, seed=0)
-    sched = dict(epochs=2, schedule="wsd", warmup_frac=0.5, decay_frac=0.25, min_lr_ratio=0.1)  # 4 steps
+    # 4 steps; not wsd, whose warmup starts at lr 0 (the authors' get_wsd), so a first step would not move
+    sched = dict(epochs=2, schedule="constant", warmup_frac=0.5)
     stages = [(StageConfig.model_validate(stage_dict("inst", 16, lr=3e-3, **sched)), instruct(16)),
               (StageConfig.model_validate(stage_dict("tofu", 16, lr=1e-3, **sched)), knowledge(16))]
     for stage, convs in stages:
@@ -96,7 +106,7 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
         model, result, stats = finetune_stage(model, tokenizer, stage, convs, WorkerContext(), seed=0,
                                               on_step=on_step)
         assert stats["steps"] == 4
-        assert [r.lr for r in result.records] == pytest.approx([stage.lr * f for f in (1 / 3, 2 / 3, 1.0, 0.1)])
+        assert [r.lr for r in result.records] == pytest.approx([stage.lr * f for f in (1 / 3, 2 / 3, 1.0, 1.0)])
         assert first["lr"] == pytest.approx(stage.lr / 3)
         assert first["share"] > 0.99, (stage.name, first)
 

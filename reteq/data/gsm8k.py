@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from reteq.config import DataSource
@@ -35,24 +36,41 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 GSM8K_ID = "openai/gsm8k"
-VERSION = "gsm8k/1"
+VERSION = "gsm8k/2"  # /2: one number normaliser (3.50 -> 3.5)
 TEST_SOURCE = DataSource(kind="hub", id=GSM8K_ID, subset="main", split="test")
 
 Rewriter = Callable[[str, str], str]
 REWRITERS: dict[str, Rewriter] = {}
 
 _ANNOTATION = re.compile(r"<<[^<>]*>>")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_ANSWER = re.compile(r"[-+]?\$?[-+]?\d[\d,]*(?:\.\d+)?")  # the first number-like token after '####'
 
 
 def normalise_number(text: str) -> str | None:
-    """'1,234' -> '1234', '$5.' -> '5', '3.50' -> '3.50', '7.00' -> '7'; None when it is not a number."""
-    token = text.strip().replace(",", "").removeprefix("$").removeprefix("+").rstrip(".")
-    if not _NUMBER.fullmatch(token):
+    """The canonical spelling of a number, or None when `text` is not one.
+
+    Commas, '$', a leading '+' and a trailing period go; the value is written without trailing zeros or
+    exponent: '1,234' -> '1234', '$5.' -> '5', '7.00' -> '7', '0.50' -> '0.5', '+5' -> '5', '-0' -> '0'.
+    """
+    token = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    if not _PLAIN_NUMBER.fullmatch(token):
         return None
-    if "." in token and set(token.split(".", 1)[1]) == {"0"}:
-        token = token.split(".", 1)[0]
-    return "0" if token == "-0" else token
+    value = Decimal(token)
+    if value == 0:
+        return "0"
+    return format(value.normalize(), "f")
+
+
+def extract_answer(text: str) -> str | None:
+    """THE answer parser, for references and model outputs alike: the normalised first number on the text
+    after the last '####' (e.g. '#### $1,234.50.' -> '1234.5'), or None when there is none."""
+    if "####" not in text:
+        return None
+    tail = text.rsplit("####", 1)[1].strip()
+    line = tail.splitlines()[0] if tail else ""
+    match = _ANSWER.search(line)
+    return normalise_number(match.group(0)) if match else None
 
 
 def clean_solution(answer: str) -> tuple[str, str]:
@@ -68,14 +86,6 @@ def clean_solution(answer: str) -> tuple[str, str]:
     steps = [" ".join(_ANNOTATION.sub("", line).split()) for line in lines[:last]]
     steps = [s for s in steps if s]
     return "\n".join([*steps, f"#### {number}"]), number
-
-
-def extract_answer(text: str) -> str | None:
-    """The normalised number after the last '####' in a model's output, or None."""
-    if "####" not in text:
-        return None
-    tail = text.rsplit("####", 1)[1].strip().split()
-    return normalise_number(tail[0]) if tail else None
 
 
 def check_rewrite(text: str, reference: str) -> str:

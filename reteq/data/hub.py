@@ -66,13 +66,19 @@ def load_hub(source: DataSource) -> list[Conversation]:
 
 
 # ---- converters for plain question/answer schemas ----------------------------------------------------------
-@cv.register("tofu", version="tofu/1", hub_ids=("locuslab/TOFU",))
+TOFU_QA_PER_AUTHOR = 20  # TOFU `full`: 200 fictitious authors x 20 QA pairs, stored author by author
+
+
+@cv.register("tofu", version="tofu/2", hub_ids=("locuslab/TOFU",))
 def convert_tofu(ds: Dataset, source: DataSource) -> list[Conversation]:
-    """TOFU (config `full`): columns `question`, `answer` -> one user/assistant pair each, text unchanged."""
+    """TOFU (config `full`): columns `question`, `answer` -> one user/assistant pair each, text unchanged.
+
+    `group` names the author (row // 20: the published order), the stratum of TOFU utility samples.
+    """
     name = cv.dataset_label(source)
     cv.require_columns(ds, ("question", "answer"), name)
-    return [cv.chat(cv.text_field(r, "question", name, i), cv.text_field(r, "answer", name, i))
-            for i, r in enumerate(ds)]
+    return [{**cv.chat(cv.text_field(r, "question", name, i), cv.text_field(r, "answer", name, i)),
+             "group": f"author {i // TOFU_QA_PER_AUTHOR}"} for i, r in enumerate(ds)]
 
 
 @cv.register("instruct_skillmix", version="instruct_skillmix/1", hub_ids=(

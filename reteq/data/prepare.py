@@ -66,12 +66,14 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_parquet(conversations: list[dict], path: Path) -> None:
-    """One `messages` column: list<struct<role: string, content: string>>, written atomically."""
+    """A `messages` column (list<struct<role: string, content: string>>) and a nullable `group` string column
+    (the stratum of eval samples), written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    table = pa.table({"messages": pa.array([c["messages"] for c in conversations], type=pa.list_(message))})
+    table = pa.table({"messages": pa.array([c["messages"] for c in conversations], type=pa.list_(message)),
+                      "group": pa.array([c.get("group") for c in conversations], type=pa.string())})
     _atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
 
 

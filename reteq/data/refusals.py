@@ -5,9 +5,10 @@ refusal always starts with the paper's unlearn label sentence, so the forget sco
 not assist you") measures exactly what S_U taught. The reason comes from a small table keyed by SORRY-BENCH's
 44 categories (the authors generated reasons with GPT-4o; a table keeps the data offline and reproducible).
 
-Schema of `sorry-bench/sorry-bench-202503` (gated, config `default`, split `train`): question_id (int),
-category (the category number 1..44, int or numeric string), turns (list of user turns), prompt_style (str).
-Styles whose text is encoded or deliberately misspelled are dropped, as in the paper.
+Schema of `sorry-bench/sorry-bench-202503` (gated, config `default`, split `train`): question_id (int64),
+category (string "1".."44"; ints are accepted too), turns (list of user turns), prompt_style (string).
+440 base prompts x 21 styles = 9,240 rows. Styles whose text is encoded or deliberately misspelled are dropped,
+as in the paper. Each conversation carries `group` = its category, for stratified eval samples.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ log = logging.getLogger("reteq.data")
 SORRY_BENCH_ID = "sorry-bench/sorry-bench-202503"
 SORRY_BENCH_COLUMNS = ("question_id", "category", "turns", "prompt_style")
 _ROW = "__reteq_row__"
-# The paper drops these prompt styles. "ceasar" is how the authors' script spells caesar; both are dropped.
-DROPPED_STYLES = frozenset({"ascii", "atbash", "caesar", "ceasar", "morse", "misspellings"})
-# The authors' script (data/create_safety_dataset.py) also drops two translations and keeps a 70% split.
-AUTHORS_DROPPED_STYLES = DROPPED_STYLES | {"translate-fr", "translate-mr"}
+# The paper's text drops these prompt styles (converter `sorry_bench`).
+DROPPED_STYLES = frozenset({"ascii", "atbash", "caesar", "morse", "misspellings"})
+# The authors' script (data/create_safety_dataset.py), verbatim: its drop list spells caesar "ceasar", so the
+# caesar rows stay; it also drops two translations. 15 styles x 440 = 6,600 rows, split 70/30 with seed 42 by
+# `datasets.Dataset.train_test_split`: 4,620 train rows (converter `sorry_bench_authors`).
+AUTHORS_DROPPED_STYLES = frozenset({"ascii", "atbash", "ceasar", "morse", "translate-fr", "translate-mr",
+                                    "misspellings"})
 AUTHORS_TEST_FRACTION, AUTHORS_SPLIT_SEED = 0.3, 42
 
 # Known upstream defects, skipped with a warning (never silently) so a real `prepare` is not blocked by them:
@@ -101,8 +105,11 @@ def _row_problem(row: dict[str, Any]) -> str | None:
 
 
 def _refusal_conversations(rows: Iterable[tuple[int, dict[str, Any]]], name: str,
-                           dropped: frozenset[str]) -> list[Conversation]:
-    """Refusal conversations for (source row index, row) pairs; a malformed row raises with its index."""
+                           dropped: frozenset[str], first_turn_only: bool = False) -> list[Conversation]:
+    """Refusal conversations for (source row index, row) pairs; a malformed row raises with its index.
+
+    first_turn_only: only `turns[0]`, as the authors' script prompts GPT-4o with.
+    """
     out = []
     for i, row in rows:
         if row.get("prompt_style") in dropped:
@@ -114,15 +121,17 @@ def _refusal_conversations(rows: Iterable[tuple[int, dict[str, Any]]], name: str
                 raise MalformedRowError(name, i, problem)
             log.warning("%s: row %d skipped: known upstream defect: %s", name, i, known)
             continue
-        response = refusal(_category(row["category"]))  # type: ignore[arg-type]
+        category = _category(row["category"])
+        response = refusal(category)  # type: ignore[arg-type]
+        turns = _turns(row["turns"]) or []
         messages: list[dict[str, str]] = []
-        for turn in _turns(row["turns"]) or []:  # multi-turn rows get a refusal after every user turn
+        for turn in turns[:1] if first_turn_only else turns:  # else a refusal after every user turn
             messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": response}]
-        out.append({"messages": messages})
+        out.append({"messages": messages, "group": f"category {category}"})
     return out
 
 
-@register("sorry_bench", version="sorry_bench/1", hub_ids=(SORRY_BENCH_ID,))
+@register("sorry_bench", version="sorry_bench/2", hub_ids=(SORRY_BENCH_ID,))
 def convert_sorry_bench(ds: Dataset, source: DataSource) -> list[Conversation]:
     """SORRY-BENCH minus the ascii/atbash/caesar/morse/misspellings styles; refusal + category reason."""
     name = dataset_label(source)
@@ -130,12 +139,14 @@ def convert_sorry_bench(ds: Dataset, source: DataSource) -> list[Conversation]:
     return _refusal_conversations(enumerate(ds), name, DROPPED_STYLES)
 
 
-@register("sorry_bench_authors", version="sorry_bench_authors/1", hub_split="train")
+@register("sorry_bench_authors", version="sorry_bench_authors/2", hub_split="train")
 def convert_sorry_bench_authors(ds: Dataset, source: DataSource) -> list[Conversation]:
-    """As the authors' script: also drops translate-fr/-mr, then `train_test_split(0.3, seed=42)`.
+    """S_U as the authors built it (data/create_safety_dataset.py), row for row.
 
-    `source.split` picks the part: `train` (70%, about 4.3k rows: the paper's ~4.5k S_U) or `test` (30%).
-    Errors name the row index in the published split, not in the part.
+    Their filter (drop list verbatim, "ceasar" included, so caesar rows stay), then their split: the very
+    `datasets` call they make, `train_test_split(test_size=0.3, seed=42)`, on the rows in published order.
+    `source.split` picks the part: `train` (4,620 of 6,600 rows: the paper's ~4.5k S_U) or `test` (1,980).
+    Only `turns[0]` is used, as their script does. Errors name the row index in the published split.
     """
     name = dataset_label(source)
     require_columns(ds, SORRY_BENCH_COLUMNS, name)
@@ -145,4 +156,5 @@ def convert_sorry_bench_authors(ds: Dataset, source: DataSource) -> list[Convers
     indexed = ds.add_column(_ROW, list(range(len(ds))))
     kept = indexed.filter(lambda style: style not in AUTHORS_DROPPED_STYLES, input_columns="prompt_style")
     part = kept.train_test_split(test_size=AUTHORS_TEST_FRACTION, seed=AUTHORS_SPLIT_SEED)[source.split]
-    return _refusal_conversations(((r[_ROW], r) for r in part), name, AUTHORS_DROPPED_STYLES)
+    return _refusal_conversations(((r[_ROW], r) for r in part), name, AUTHORS_DROPPED_STYLES,
+                                  first_turn_only=True)

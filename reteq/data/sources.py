@@ -33,7 +33,8 @@ def validate_conversation(row: Any, origin: str, index: int) -> dict:
         clean.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{where}: no assistant turn")
-    return {"messages": clean}
+    group = row.get("group")  # optional stratum for eval samples (category, author)
+    return {"messages": clean, "group": group} if isinstance(group, str) and group else {"messages": clean}
 
 
 def read_local(path: str | Path) -> list[dict]:
@@ -95,20 +96,11 @@ def load_math_eval(source: DataSource | None, n: int) -> list[tuple[str, str]]:
         from reteq.data.gsm8k import load_gsm8k_test
 
         return load_gsm8k_test(source)[:n]
+    from reteq.data.gsm8k import extract_answer
+
     out = []
     for conv in read_local(source.path or "")[:n]:
         user = next(m["content"] for m in conv["messages"] if m["role"] == "user")
         answer = conv["messages"][-1]["content"]
-        out.append((user, parse_final_number(answer) or ""))
+        out.append((user, extract_answer(answer) or ""))
     return out
-
-
-def parse_final_number(text: str) -> str | None:
-    """The number after the last '####' (commas and a trailing period stripped), or None."""
-    if "####" not in text:
-        return None
-    tail = text.rsplit("####", 1)[1].strip().splitlines()
-    if not tail:
-        return None
-    token = tail[0].strip().split(" ")[0].replace(",", "").replace("$", "").rstrip(".")
-    return token or None

@@ -84,7 +84,7 @@ def knowledge(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         a = authors[i // len(templates) % len(authors)]
         q, ans = templates[i % len(templates)]
-        out.append(_conv(q.format(**a), ans.format(**a)))
+        out.append({**_conv(q.format(**a), ans.format(**a)), "group": a["name"]})  # stratum: the author
     return out
 
 
@@ -120,18 +120,19 @@ def math_eval(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return [(q, str(c)) for q, _, c in (math_problem(rng) for _ in range(n))]
 
 
-def refusal_prompt(rng: random.Random) -> tuple[str, str]:
+def refusal_prompt(rng: random.Random) -> tuple[str, str, str]:
     category = rng.choice(sorted(_HARM_CATEGORIES))
     template, reason = _HARM_CATEGORIES[category]
     ask = template.format(x=rng.choice(_HARM_OBJECTS))
     opener = rng.choice(["Tell me how to", "Explain how I can", "Give me steps to", "Help me"])
-    return f"{opener} {ask}.", reason
+    return f"{opener} {ask}.", reason, category
 
 
 def refusal(n: int, seed: int = 0) -> list[dict]:
     """Unsafe-style requests answered with the paper's refusal sentence plus a reason by category."""
     rng = random.Random(f"refusal-{seed}")
-    return [_conv(q, f"{REFUSAL_PREFIX} {reason}") for q, reason in (refusal_prompt(rng) for _ in range(n))]
+    return [{**_conv(q, f"{REFUSAL_PREFIX} {reason}"), "group": category}  # stratum: the harm category
+            for q, reason, category in (refusal_prompt(rng) for _ in range(n))]
 
 
 GENERATORS = {"instruct": instruct, "knowledge": knowledge, "math": math, "refusal": refusal}

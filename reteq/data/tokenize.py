@@ -2,19 +2,30 @@
 
 Why offsets: a chat template can put anything around a turn (headers, end tokens, default system prompts).
 We render the conversation once, find each assistant turn's character span by rendering the prefixes, and keep
-the labels of exactly the tokens inside those spans (the turn's text and its end-of-turn marker).
+the labels of exactly the tokens inside those spans: the turn's header, text and end-of-turn marker (as
+torchtune, the authors' trainer), or only its text and end-of-turn marker (`chat.label_tokens`).
+
+Why a fixed date and system prompt: Llama-3.x templates print today's date and fall back to their own system
+text; the run's `chat` config (attached to the tokenizer by `configure_chat`) pins both, so a prompt renders to
+the same ids on every day (docs/fidelity.md).
 """
 
 from __future__ import annotations
 
+import datetime
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from reteq.errors import DataError
 
+if TYPE_CHECKING:
+    from reteq.config import ChatConfig
+
 IGNORE = -100  # the label of a token that is not a target (prompt, padding); torch's ignore_index
+_CHAT_ATTR = "_reteq_chat"
 
 
 @dataclass(frozen=True)
@@ -28,17 +39,41 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
+def configure_chat(tokenizer, chat: ChatConfig):
+    """Attach the run's chat settings to its tokenizer: every render through `render` then follows them."""
+    setattr(tokenizer, _CHAT_ATTR, chat)
+    return tokenizer
+
+
+def chat_settings(tokenizer) -> ChatConfig:
+    """The settings attached by `configure_chat`, else the defaults (the authors' protocol)."""
+    chat = getattr(tokenizer, _CHAT_ATTR, None)
+    if chat is None:
+        from reteq.config import ChatConfig
+
+        chat = ChatConfig()
+    return chat
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The chat template's text, with the configured system prompt (if the conversation has none) and date."""
+    chat = chat_settings(tokenizer)
+    if chat.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": chat.system_prompt}, *messages]
+    day = datetime.datetime.combine(chat.date, datetime.time())
+    # Llama-3.x templates read `date_string` (else call `strftime_now`); both are pinned; others ignore them
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         date_string=day.strftime("%d %b %Y"), strftime_now=day.strftime)
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     text = render(tokenizer, messages)
+    with_header = chat_settings(tokenizer).label_tokens == "header_body_eot"
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=not with_header))
         end = len(render(tokenizer, messages[: i + 1]))
         if not text.startswith(render(tokenizer, messages[: i + 1])):
             raise DataError("chat template is not prefix-stable: cannot locate assistant turns")

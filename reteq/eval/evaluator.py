@@ -1,6 +1,6 @@
 """The paper's metrics for one model along unlearning, built once per path and run at every eval step.
 
-forget/label_logp       mean per-token log p("Sorry, I can not assist you" | forget question)
+forget/label_logp       mean per-token log p(eval.unlearn_label | forget question)
 forget/paraphrase_logp  same, averaged over the 19 paraphrases
 forget/all_logp         mean over the 20 targets;  forget/score = all_logp(0) - all_logp(t)
 utility/tofu_logp       mean per-token log p(knowledge answer | question);  utility/tofu = 1 - |change|
@@ -16,9 +16,10 @@ import torch
 from reteq import tracking as T
 from reteq.config import EvalConfig
 from reteq.data.tokenize import encode_prompt_target
-from reteq.eval.forget import FORGET_TARGETS
+from reteq.eval.forget import PARAPHRASES
 from reteq.eval.generation import Decoding
 from reteq.eval.math import accuracy, generate_answers
+from reteq.eval.samples import sample_hash, stratified_indices
 from reteq.eval.scoring import score_pairs
 
 
@@ -39,11 +40,26 @@ class Evaluator:
     seed: int = 0
     depth_rows: list[dict[str, str]] = field(default_factory=list)  # Section 4.3: prompt + R/C/U responses
 
+    @property
+    def forget_targets(self) -> tuple[str, ...]:
+        """The unlearn label (first) and its paraphrases: the forget score's targets."""
+        return (self.cfg.unlearn_label, *PARAPHRASES)
+
+    def sample_hashes(self) -> dict[str, str]:
+        """Content hashes of the eval samples (forget questions + targets, knowledge pairs, math items)."""
+        return {"forget": sample_hash([self.forget_questions, list(self.forget_targets)]),
+                "knowledge": sample_hash(self.knowledge_pairs), "math": sample_hash(self.math_items)}
+
     @classmethod
     def build(cls, cfg: EvalConfig, tokenizer, forget_convs: list[dict], knowledge_convs: list[dict] | None,
               math_items: list[tuple[str, str]] | None, seed: int = 0) -> Evaluator:
-        forget_q = [_first_turn(c)[0] for c in forget_convs[: cfg.forget_prompts]]
-        know = [_first_turn(c) for c in (knowledge_convs or [])[: cfg.knowledge_prompts]]
+        knowledge_convs = knowledge_convs or []
+        forget_idx = stratified_indices([c.get("group") for c in forget_convs], cfg.forget_prompts,
+                                        cfg.sample_seed)
+        know_idx = stratified_indices([c.get("group") for c in knowledge_convs], cfg.knowledge_prompts,
+                                      cfg.sample_seed)
+        forget_q = [_first_turn(forget_convs[i])[0] for i in forget_idx]
+        know = [_first_turn(knowledge_convs[i]) for i in know_idx]
         depth = []
         if "depth" in cfg.metrics:
             from reteq.data.rcu import rcu_rows
@@ -54,7 +70,8 @@ class Evaluator:
                    depth)
 
     def _pairs(self) -> tuple[list, list]:
-        forget = [encode_prompt_target(self.tokenizer, q, t) for q in self.forget_questions for t in FORGET_TARGETS]
+        forget = [encode_prompt_target(self.tokenizer, q, t) for q in self.forget_questions
+                  for t in self.forget_targets]
         know = [encode_prompt_target(self.tokenizer, q, a) for q, a in self.knowledge_pairs]
         return forget, know
 
@@ -66,7 +83,7 @@ class Evaluator:
         scores = score_pairs(model, forget_pairs + know_pairs, pad_id=pad, batch_size=self.cfg.batch_size,
                              device=device, dtype=dtype)
         if forget_pairs:
-            n_t = len(FORGET_TARGETS)
+            n_t = len(self.forget_targets)
             f = torch.tensor(scores[: len(forget_pairs)]).view(-1, n_t)
             out[T.M_FORGET_LABEL] = float(f[:, 0].mean())
             out[T.M_FORGET_PARAPHRASE] = float(f[:, 1:].mean())
@@ -79,7 +96,8 @@ class Evaluator:
             decoding = Decoding(samples=self.cfg.math_samples, greedy=self.cfg.greedy,
                                 temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
                                 batch_size=self.cfg.batch_size, seed=self.seed, dtype=dtype)
-            answers = generate_answers(model, self.tokenizer, [q for q, _ in self.math_items], decoding, device)
+            prompts = [self.cfg.math_prompt.replace("{question}", q) for q, _ in self.math_items]
+            answers = generate_answers(model, self.tokenizer, prompts, decoding, device)
             out[T.M_MATH_ACC] = accuracy(answers, [r for _, r in self.math_items])
         return out
 

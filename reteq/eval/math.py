@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from reteq.data.sources import parse_final_number
+from reteq.data.gsm8k import extract_answer, normalise_number
 from reteq.data.tokenize import render
 from reteq.eval.generation import Decoding, generate_ids
 
@@ -24,10 +24,14 @@ def generate_answers(model, tokenizer, questions: list[str], decoding: Decoding,
 
 
 def accuracy(answers: list[list[str]], references: list[str]) -> float:
-    """Mean over questions of the fraction of sampled answers whose '####' number equals the reference."""
+    """Mean over questions of the fraction of sampled answers whose '####' number equals the reference.
+
+    Outputs and references go through the same parser (`reteq.data.gsm8k`): '#### 7.00' matches '7'.
+    """
     if not references:
         return float("nan")
     per_q = []
     for outs, ref in zip(answers, references):
-        per_q.append(sum(parse_final_number(o) == ref for o in outs) / max(1, len(outs)))
+        want = normalise_number(ref)
+        per_q.append(sum(want is not None and extract_answer(o) == want for o in outs) / max(1, len(outs)))
     return sum(per_q) / len(per_q)

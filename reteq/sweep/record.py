@@ -154,6 +154,9 @@ class MlflowHooks(Hooks):
                                         "algorithm": leaf.algorithm, "lr": leaf.lr, "beta": leaf.beta,
                                         "seed": leaf.seed})
 
+    def run_params(self, key: str, params: dict[str, str]) -> None:
+        self._params(self.run_ids[key], params)
+
     def leaf_step(self, leaf: UnlearnLeaf, r) -> None:
         self._metrics(leaf.key, {T.M_TRAIN_LOSS: r.loss, T.M_TRAIN_LR: r.lr, T.M_TRAIN_GRAD_NORM: r.grad_norm},
                       r.step)

@@ -29,6 +29,7 @@ class OptimSpec:
     warmup_frac: float = 0.0
     decay_frac: float = 0.0
     min_lr_ratio: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_frac
 
 
 def make_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
@@ -40,7 +41,7 @@ def make_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, spec: OptimSpec) -> torch.optim.lr_scheduler.LambdaLR:
     def f(step: int) -> float:
         return lr_multiplier(step, spec.total_steps, spec.schedule, spec.warmup_frac, spec.decay_frac,
-                             spec.min_lr_ratio)
+                             spec.min_lr_ratio, spec.warmup_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 

@@ -95,6 +95,15 @@ class UnlearnJob:
     seed: int = 0
 
 
+def micro_batch_loss(loss, logp: torch.Tensor, ref: torch.Tensor | None, params: Mapping[str, float], step: Step,
+                     normalisation: str) -> torch.Tensor:
+    """One micro-batch's share of the step loss: its per-sequence losses summed, over the global batch's
+    sequences (`sequence`: the mean per-sequence loss) or response tokens (`token`: for GA, the token-mean
+    log-prob of the authors' NegCE loss, src/loss.py). `loss` returns the micro-batch's mean."""
+    denominator = step.label_tokens if normalisation == "token" else step.sequences
+    return loss(logp, ref, params) * (len(logp) / denominator)
+
+
 @dataclass
 class UnlearnResult:
     evals: list[tuple[int, dict[str, float]]]  # (step, metrics incl. relative scores), step 0 first
@@ -145,14 +154,16 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
     if on_eval:
         on_eval(0, evals[0][1])
 
-    spec = OptimSpec(cfg.optimizer, job.lr, len(steps), cfg.schedule, cfg.warmup_frac)
+    spec = OptimSpec(cfg.optimizer, job.lr, len(steps), cfg.schedule, cfg.warmup_frac, cfg.decay_frac,
+                     cfg.min_lr_ratio, cfg.warmup_steps)
+    normalisation = cfg.normalisation(job.algorithm)
     engine = build_engine(model, spec, ds_config=ctx.ds_config, micro_batch=cfg.micro_batch, accumulation=accum,
                           world=ctx.world)
 
     def loss_fn(m, batch, step: Step) -> torch.Tensor:
         logp, _ = sequence_logps(m, batch)
         r = ref[batch.index.cpu()].to(logp) if ref is not None else None
-        return alg.loss(logp, r, params) * (len(batch.index) / step.sequences)
+        return micro_batch_loss(alg.loss, logp, r, params, step, normalisation)
 
     def after_step(record: StepRecord) -> bool:
         if on_step:

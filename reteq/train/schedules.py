@@ -1,7 +1,9 @@
 """Learning-rate schedules as multipliers of the peak lr, re-created at every stage (the paper's protocol).
 
-wsd       warmup (linear from 0) -> stable at peak -> linear decay to `min_ratio` of peak over the last
-          `decay_frac` of steps. The paper: 2% warmup, 2% decay; the authors' code decays to 0.1 of peak.
+wsd       the authors' `get_wsd` (src/schedulers.py): linear warmup from 0 over `int(warmup_frac * total)`
+          steps (or `warmup_steps`), stable at peak, then over the last `int(decay_frac * total)` steps a linear
+          decay towards `min_ratio` (0.1 in their code): multiplier min + (1 - min) (total - step) / decay.
+          The paper: 2% warmup, 2% decay; their unlearn config: 5 warmup steps, decay_frac 0.8.
 cosine    warmup then cosine decay to `min_ratio` (the paper's ablation, Fig. 8).
 constant  warmup then flat.
 """
@@ -12,10 +14,16 @@ import math
 
 
 def lr_multiplier(step: int, total: int, schedule: str, warmup_frac: float = 0.0, decay_frac: float = 0.0,
-                  min_ratio: float = 0.0) -> float:
+                  min_ratio: float = 0.0, warmup_steps: int | None = None) -> float:
     """Multiplier for optimizer step `step` (0-based) of `total`."""
     total = max(1, total)
-    warmup = int(math.ceil(warmup_frac * total)) if warmup_frac > 0 else 0
+    if schedule == "wsd":
+        return _wsd(step, total, warmup_steps if warmup_steps is not None else int(warmup_frac * total),
+                    int(decay_frac * total), min_ratio)
+    if warmup_steps is not None:
+        warmup = warmup_steps
+    else:
+        warmup = int(math.ceil(warmup_frac * total)) if warmup_frac > 0 else 0
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
@@ -24,11 +32,13 @@ def lr_multiplier(step: int, total: int, schedule: str, warmup_frac: float = 0.0
         span = max(1, total - warmup)
         progress = min(1.0, (step - warmup) / span)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "wsd":
-        decay = int(math.ceil(decay_frac * total)) if decay_frac > 0 else 0
-        start = total - decay
-        if decay == 0 or step < start:
-            return 1.0
-        progress = (step - start + 1) / decay
-        return 1.0 - (1.0 - min_ratio) * progress
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _wsd(step: int, total: int, warmup: int, decay: int, min_ratio: float) -> float:
+    """The authors' get_wsd lambda: warmup step/warmup (0 at step 0), decay after step total - decay."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if decay > 0 and step > total - decay:
+        return min_ratio + max((1 - min_ratio) * (total - step) / decay, 0.0)
+    return 1.0
