@@ -13,7 +13,7 @@ from fixtures import hub_schemas as fx
 
 from reteq.cli import EXIT_BAD_INPUT, main
 from reteq.config import DataSource, parse_config
-from reteq.data import hub, prepare
+from reteq.data import converters, hub, prepare
 from reteq.data.prepare import lookup_prepared, read_prepared
 from reteq.digest import sha256_file
 
@@ -93,7 +93,7 @@ def test_a_second_run_reuses_the_local_copy_without_downloading(raw, tmp_path, m
     def no_network(*args, **kwargs):
         raise AssertionError("prepare downloaded again")
 
-    monkeypatch.setattr(hub, "load_hub_dataset", no_network)
+    monkeypatch.setattr(converters, "load_hub_dataset", no_network)  # hub.py calls it through the module
     lines: list[str] = []
     second = json.loads(prepare.prepare(cfg, out, report=lines.append).read_text())
     assert second["stages"] == first["stages"]
@@ -223,6 +223,6 @@ def test_a_sweep_reads_the_prepared_copy_instead_of_the_hub(raw, tmp_path, monke
     def no_network(*args, **kwargs):
         raise AssertionError("the sweep went to the hub although a prepared copy exists")
 
-    monkeypatch.setattr(hub, "load_hub_dataset", no_network)
+    monkeypatch.setattr(converters, "load_hub_dataset", no_network)  # hub.py calls it through the module
     cache = DataCache(cfg)
     assert {s.name: cache.stage(s.name) for s in cfg.stages} == expected
