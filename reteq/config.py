@@ -145,8 +145,6 @@ class OrdersConfig(_Strict):
         return self
 
 
-NORMALISATIONS = ("sequence", "token")
-LABEL_TOKENS = ("header_body_eot", "body_eot")
 AUTHORS_SYSTEM_PROMPT = "You are a helpful assistant."  # data/convert_format.py, src/unlearn_trainer.py
 AUTHORS_UNLEARN_LABEL = "Sorry, I can not assist"  # src/unlearn_trainer.py (the paper prints "... you")
 TEMPLATE_DEFAULT_DATE = datetime.date(2024, 7, 26)  # the Llama-3.x templates' own fallback date_string
@@ -249,10 +247,10 @@ class EvalConfig(_Strict):
         description="depth = R/C/U log-probs of the superficial-forgetting experiment (Section 4.3)",
     )
     knowledge_stage: str | None = Field("tofu", description="stage whose answers measure TOFU utility")
-    forget_prompts: Annotated[int, Field(gt=0)] | Literal["all"] = Field(
+    forget_prompts: int | str = Field(
         64, description="forget-set questions scored for the forget score: a seeded sample stratified across "
         "categories, or all")
-    knowledge_prompts: Annotated[int, Field(gt=0)] | Literal["all"] = Field(
+    knowledge_prompts: int | str = Field(
         "all", description="knowledge-stage answers scored for TOFU utility: a seeded sample stratified across "
         "authors, or all (the authors score all of TOFU)")
     sample_seed: int = Field(0, description="seed of the eval samples (the same sample for every run)")
@@ -269,6 +267,13 @@ class EvalConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(32, gt=0, description="sequences per scoring / generation batch")
+
+    @field_validator("forget_prompts", "knowledge_prompts", mode="before")
+    @classmethod
+    def _sample_size(cls, v: Any) -> int | str:
+        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"must be a number > 0 or 'all' (got {v!r})")
 
     @field_validator("math_prompt")
     @classmethod

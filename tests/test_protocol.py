@@ -165,3 +165,24 @@ def test_eval_samples_span_categories_and_authors_and_are_seeded():
     assert label.sample_hashes()["forget"] != Evaluator.build(EvalConfig(metrics=["forget"]), tok, forget, None,
                                                               None).sample_hashes()["forget"]
     assert stratified_indices([None] * 10, 3, 0) == stratified_indices([None] * 10, 3, 0)  # ungrouped: seeded
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("eval", "forget_prompts", 0, "eval.forget_prompts: must be a number > 0 or 'all' (got 0)"),
+    ("eval", "knowledge_prompts", "most", "eval.knowledge_prompts: must be a number > 0 or 'all' (got 'most')"),
+    ("eval", "math_prompt", "Solve it.", "eval.math_prompt: must contain {question}"),
+    ("unlearn", "loss_normalisation", {"gd": "token"}, "unlearn.loss_normalisation: unknown algorithm(s) ['gd']"),
+    ("chat", "label_tokens", "body", "chat.label_tokens: "),
+])
+def test_a_bad_protocol_field_is_one_line_naming_it(section, field, value, message):
+    from pathlib import Path
+
+    from sweep_configs import tiny_sweep
+
+    from reteq.config import ConfigError
+
+    raw = tiny_sweep(Path("/tmp/reteq-keys"))
+    raw[section] = {**raw.get(section, {}), field: value}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "c.yaml")
+    assert len(err.value.lines) == 1 and err.value.lines[0].startswith(f"c.yaml: {message}"), err.value.lines
