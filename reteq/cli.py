@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_plan)
 
-    s = sub.add_parser("run-path", help="one path end to end in one process (no Ray): the debugging path")
+    s = sub.add_parser("run-path", help="one finetuning order and one unlearning run in one process (no Ray), for debugging")
     s.add_argument("config")
     s.add_argument("--model", help="model name (default: the first)")
     s.add_argument("--order", help="comma-separated stage order, e.g. inst,tofu,math,U (default: the first)")
