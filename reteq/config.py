@@ -267,6 +267,17 @@ class EvalConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(32, gt=0, description="sequences per scoring / generation batch")
+    # ---- retrain equivalence (docs/retrain_equivalence.md) ----
+    retrain: bool = Field(True, description="plan each path's retrain node theta_r (the order without the forget "
+                          "stage) and log re/logp_mse and re/kl against it at every eval step; false = neither")
+    probe_size: int = Field(64, gt=0, description="probe pairs scored at every eval step for the prediction "
+                            "vectors (split evenly over each stage's data, the forget questions and held-out "
+                            "prompts); the per-pair vectors are stored as a Parquet artifact per unlearning run")
+    probe_seed: int = Field(0, description="seed of the probe sample; the same probe set for every run of a sweep")
+    depth_fall: float = Field(0.5, ge=0, description="Section 4.3 label: a response 'falls' when its per-token "
+                              "log-prob drops by at least this much (nats) from step 0 to the last step")
+    depth_margin: float = Field(0.0, ge=0, description="Section 4.3 label: 'below R' means at least this far "
+                                "below the refusal R's final log-prob (nats per token)")
 
     @field_validator("forget_prompts", "knowledge_prompts", mode="before")
     @classmethod

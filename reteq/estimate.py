@@ -41,7 +41,7 @@ def plan_report(cfg: SweepConfig) -> dict:
     eval_tokens = evals * (forget * 20 + know) * 64 * 0.35  # forward ~1/3
     per_leaf = steps * u.global_batch * UNLEARN_SEQ_LEN + eval_tokens
     unlearn_tokens = per_leaf * len(plan.leaves)
-    saved = plan.stage_runs_without_sharing - len(plan.nodes)
+    saved = plan.stage_runs_without_sharing - (len(plan.nodes) - plan.summary()["retrain_only_nodes"])
     return {
         **plan.summary(),
         "stage_runs_saved_by_sharing": saved,
@@ -61,6 +61,8 @@ def format_plan(cfg: SweepConfig, r: dict) -> str:
         f"{len(cfg.seeds)} seed(s)",
         f"stage nodes: {r['stage_nodes']} (without sharing: {r['stage_runs_without_sharing']}; "
         f"saved: {r['stage_runs_saved_by_sharing']})",
+        f"retrain nodes (theta_r): {r['retrain_nodes']} ({r['retrain_nodes_shared']} shared with finetuned paths; "
+        f"{r['retrain_only_nodes']} node(s) trained only for them)",
         f"unlearning runs: {r['unlearn_runs']}   Tune trials: {r['trials']}",
         f"tokens: finetune {r['finetune_tokens']:,}  unlearn {r['unlearn_tokens']:,}",
         f"GPU-hours at {r['tokens_per_gpu_second']:,.0f} tokens/s/GPU: finetune {r['gpu_hours_finetune']:.1f}, "

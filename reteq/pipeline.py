@@ -19,6 +19,7 @@ from reteq.data.sources import load_conversations, load_math_eval
 from reteq.data.tokenize import configure_chat
 from reteq.errors import DataError
 from reteq.eval.evaluator import Evaluator
+from reteq.eval.probe import Probe, probe_pairs
 from reteq.models import fresh_adapter, load_model, load_tokenizer, resolve_source
 from reteq.plan import Plan, StageNode, UnlearnLeaf
 from reteq.train import collectives
@@ -199,24 +200,42 @@ def _mean_tps(records) -> float:
 def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:
     cfg, ctx, data, hooks = run.cfg, run.worker, run.data, run.hooks
     path = ensure_node(run, run.plan.nodes[leaf.parent])
+    retrain = ensure_node(run, run.plan.nodes[leaf.retrain]) if leaf.retrain else None
     mcfg = cfg.model(leaf.model)
     tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
+    know = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
+    evaluator = Evaluator.build(cfg.eval, tokenizer, data.stage(cfg.forget_stage), know, data.math_items(),
+                                seed=leaf.seed)
+    evaluator.probe = build_probe(cfg, tokenizer, data)
+    if retrain is not None:  # theta_r's distributions, once per leaf, before the unlearned model is loaded
+        reference = load_model(mcfg, checkpoint=retrain, trainable=False).to(ctx.device)
+        evaluator.probe.set_reference(reference, ctx.device, ctx.dtype)
+        del reference
     model = load_model(mcfg, checkpoint=path)
     if cfg.unlearn.adapter == "fresh":  # the authors: a new LoRA on the merged finetuned weights
         model = fresh_adapter(model, mcfg, leaf.seed)
     model = model.to(ctx.device)
-    know = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
-    evaluator = Evaluator.build(cfg.eval, tokenizer, data.stage(cfg.forget_stage), know, data.math_items(),
-                                seed=leaf.seed)
     if ctx.is_main:
         hooks.leaf_started(leaf)
         hooks.run_params(leaf.key, {**T.protocol_params(cfg, leaf.algorithm),
-                                    **T.sample_params(evaluator.sample_hashes())})
+                                    **T.sample_params(evaluator.sample_hashes()),
+                                    T.P_PROBE_HASH: evaluator.probe.digest,
+                                    T.P_PROBE_SIZE: str(len(evaluator.probe.triples)),
+                                    T.P_VOCAB_SIZE: str(len(tokenizer))})
     job = UnlearnJob(cfg.unlearn, leaf.algorithm, leaf.lr, leaf.params, data.stage(cfg.forget_stage), leaf.seed)
     result = unlearn(
         model, tokenizer, job, evaluator, ctx,
         on_eval=(lambda s, m: hooks.leaf_eval(leaf, s, m)) if ctx.is_main else None,
         on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
+    result.vectors = evaluator.probe.table({step for step, _ in result.evals})  # a collapsed step's are dropped
     if ctx.is_main:
         hooks.leaf_done(leaf, result)
     return result
+
+
+def build_probe(cfg: SweepConfig, tokenizer, data: DataCache) -> Probe:
+    """The sweep's fixed probe set (same pairs for every run: eval.probe_size, eval.probe_seed)."""
+    stages = {s.name: data.stage(s.name) for s in cfg.stages}
+    triples = probe_pairs(cfg.eval.probe_size, cfg.eval.probe_seed, stages, cfg.forget_stage, data.math_items(),
+                          cfg.eval.unlearn_label)
+    return Probe.build(tokenizer, triples, cfg.eval.batch_size)

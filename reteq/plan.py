@@ -4,12 +4,18 @@ A stage node is one finetuning run: (base model, stage prefix with each stage's 
 seed). Its key is a content hash of exactly those, so two orders sharing a prefix (inst>tofu in both
 inst>tofu>U>math and inst>tofu>math>U) share the node, and a rerun finds it again. A leaf is one unlearning
 run: finetuned path x algorithm x lr x beta x seed.
+
+Retrain nodes (eval.retrain, on by default): each path's theta_r is the same order with the forget stage
+removed, planned through the same `add_order`, so it is content-addressed and shared like any node. When that
+order is also a prefix of a finetuned path (the p-design: inst>tofu>math is the p = 4 path's third node) it IS
+that node, trained once, and keeps kind "finetune" with `retrain_baseline` set; a node that only a retrain path
+needs gets kind "retrain". A leaf names its theta_r in `retrain`; it starts once both nodes are published.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from reteq.config import SweepConfig
 from reteq.digest import spec_hash as _hash
@@ -26,7 +32,8 @@ class StageNode:
     parent: str | None  # key of the node it continues from (None: the base model)
     examples: int  # training sequences this node processes (epochs included)
     schedule: str | None = None  # the sweep's schedule grid point (None: each stage's own schedule)
-    kind: str = "finetune"
+    kind: str = "finetune"  # "retrain" when only retrain paths need the node (see the module docstring)
+    retrain_baseline: bool = False  # some leaf's theta_r is this node
 
     @property
     def stage(self) -> str:
@@ -45,6 +52,7 @@ class UnlearnLeaf:
     seed: int
     parent: str  # the last stage node of its finished finetuning order
     schedule: str | None = None
+    retrain: str | None = None  # key of the retrain node theta_r; must also be published before the leaf starts
 
     @property
     def trial_id(self) -> str:
@@ -61,6 +69,8 @@ class Plan:
     nodes: dict[str, StageNode] = field(default_factory=dict)
     leaves: list[UnlearnLeaf] = field(default_factory=list)
     stage_runs_without_sharing: int = 0
+    finetune_keys: set[str] = field(default_factory=set)  # nodes some finetuned path needs
+    retrain_keys: set[str] = field(default_factory=set)  # nodes that are some path's theta_r
 
     def chain(self, key: str) -> list[StageNode]:
         """The nodes from the base model to `key`, in training order."""
@@ -72,24 +82,48 @@ class Plan:
         return out[::-1]
 
     def add_order(self, cfg: SweepConfig, model: str, order: tuple[str, ...], seed: int,
-                 schedule: str | None = None) -> str:
-        """Add the stage nodes of one finetuning order (reusing shared prefixes); return its last node's key."""
+                  schedule: str | None = None, retrain: bool = False) -> str:
+        """Add the stage nodes of one finetuning order (reusing shared prefixes); return its last node's key.
+
+        retrain=True: the order of a theta_r; its nodes get kind "retrain" unless a finetuned order needs them."""
         parent = None
         for i in range(len(order)):
             prefix = tuple(order[: i + 1])
             key = node_key(cfg, model, prefix, seed, schedule)
-            self.stage_runs_without_sharing += 1
+            self.stage_runs_without_sharing += not retrain  # counts finetuned paths only; see retrain_* in summary
             if key not in self.nodes:
                 self.nodes[key] = StageNode(key, model, prefix, seed, parent, _stage_examples(cfg, prefix[-1]),
                                             schedule)
+            if not retrain:
+                self.finetune_keys.add(key)
+            self._mark(key)
             parent = key
         assert parent is not None, "an order has at least one stage"
+        if retrain:
+            self.retrain_keys.add(parent)
+            self._mark(parent)
         return parent
+
+    def add_retrain(self, cfg: SweepConfig, model: str, order: tuple[str, ...], seed: int,
+                    schedule: str | None = None) -> str | None:
+        """The retrain node of `order` (the order without the forget stage); None when nothing is left."""
+        retain = tuple(s for s in order if s != cfg.forget_stage)
+        return self.add_order(cfg, model, retain, seed, schedule, retrain=True) if retain else None
+
+    def _mark(self, key: str) -> None:
+        node = self.nodes[key]
+        kind = "finetune" if key in self.finetune_keys else "retrain"
+        baseline = key in self.retrain_keys
+        if (node.kind, node.retrain_baseline) != (kind, baseline):
+            self.nodes[key] = replace(node, kind=kind, retrain_baseline=baseline)
 
     def summary(self) -> dict:
         return {
             "stage_nodes": len(self.nodes),
             "stage_runs_without_sharing": self.stage_runs_without_sharing,
+            "retrain_nodes": len(self.retrain_keys),
+            "retrain_nodes_shared": len(self.retrain_keys & self.finetune_keys),
+            "retrain_only_nodes": sum(n.kind == "retrain" for n in self.nodes.values()),
             "unlearn_runs": len(self.leaves),
             "trials": len(self.leaves),
         }
@@ -136,13 +170,15 @@ def build_plan(cfg: SweepConfig) -> Plan:
     grid = itertools.product(cfg.models, cfg.seeds, cfg.schedule_grid(), orders)
     for model, seed, schedule, order in grid:
         parent = plan.add_order(cfg, model.name, order, seed, schedule)
+        retrain = plan.add_retrain(cfg, model.name, order, seed, schedule) if cfg.eval.retrain else None
         p = order.index(cfg.forget_stage) + 1
         for alg in cfg.unlearn.algorithms:
             for lr in cfg.unlearn.lrs:
                 for beta in cfg.unlearn.betas_for(alg):
                     params = {} if beta is None else {"beta": beta}
                     plan.leaves.append(UnlearnLeaf(leaf_key(cfg, parent, alg, lr, params, seed), model.name,
-                                                   tuple(order), p, alg, lr, params, seed, parent, schedule))
+                                                   tuple(order), p, alg, lr, params, seed, parent, schedule,
+                                                   retrain))
     return plan
 
 

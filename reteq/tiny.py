@@ -26,7 +26,7 @@ TINY_SHAPE = dict(  # a ~0.5M-parameter Llama: small enough for CPU tests, big e
 )
 VOCAB_SIZE = 1024
 PRETRAIN = dict(steps=300, batch=32, seq_len=64, lr=3e-3, seed=1234, texts=4000)
-VERSION = "tiny-v1"
+VERSION = "tiny-v2"  # v2: base pretraining sees refusal-style prose (synthetic.refusal_prose)
 
 SPECIAL = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (

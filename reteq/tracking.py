@@ -28,6 +28,8 @@ TAG_STATUS = "reteq.status"  # one of STATUS_*
 TAG_SWEEP = "reteq.sweep"  # sweep name
 TAG_CHECKPOINT = "reteq.checkpoint"  # local path of the published checkpoint
 TAG_CONFIG_HASH = "reteq.config_hash"
+TAG_RETRAIN_KEY = "reteq.retrain_key"  # on an unlearning run: the node key of its retrain baseline theta_r
+TAG_RETRAIN_BASELINE = "reteq.retrain_baseline"  # "true" on a node run that is some path's theta_r (any kind)
 
 KIND_FINETUNE = "finetune"
 KIND_UNLEARN = "unlearn"
@@ -62,6 +64,11 @@ M_MATH_UTILITY = "utility/math"  # math_acc(t) - math_acc(0)
 M_DEPTH_R = "depth/R_logp"  # Section 4.3: mean per-token log-prob of the refusal R
 M_DEPTH_C = "depth/C_logp"  # ... of the compliance phrasing C (deep forgetting: C falls with U)
 M_DEPTH_U = "depth/U_logp"  # ... of the unlearned compliance phrasing U
+
+# Retrain equivalence (Definition 2.1), against the leaf's retrain node theta_r on the fixed probe set
+M_RE_LOGP_MSE = "re/logp_mse"  # mean over probe pairs of (s_u(t) - s_r)^2, s = per-token mean log-prob
+M_RE_KL = "re/kl"  # mean over probe target positions of KL(pi_u(t) || pi_r) (next-token distributions)
+RE_METRICS = (M_RE_LOGP_MSE, M_RE_KL)
 
 M_THEORY_DIVERGENCE = "theory/divergence"  # d(theta_AB(t), theta_BA(t)) on the test set
 M_THEORY_BOUND = "theory/bound"  # the Theorem 3.1 lower bound at t
@@ -126,9 +133,14 @@ def sample_params(hashes: dict[str, str]) -> dict[str, str]:
     """Evaluator.sample_hashes() as MLflow params."""
     names = {"forget": P_FORGET_SAMPLE, "knowledge": P_KNOWLEDGE_SAMPLE, "math": P_MATH_SAMPLE}
     return {names[k]: v for k, v in hashes.items() if k in names}
+P_PROBE_HASH = "re.probe_hash"  # sha256 (16 hex) of the probe set's (source, prompt, target) texts
+P_PROBE_SIZE = "re.probe_size"  # probe pairs scored at every eval step
+P_VOCAB_SIZE = "vocab_size"  # the tokenizer's vocabulary: chance level is log(1 / vocab_size) per token
 
 # ---- artifacts -------------------------------------------------------------------------------------------------
 ARTIFACT_CHECKPOINT = "checkpoint"  # artifact sub-folder holding the safetensors files + manifest.json
+ARTIFACT_PREDICTIONS = "predictions"  # artifact sub-folder holding PREDICTIONS_FILE
+PREDICTIONS_FILE = "predictions.parquet"  # per eval step x probe pair: score, KL to theta_r, token log-probs
 
 
 def format_float(x: float | None) -> str:

@@ -156,22 +156,24 @@ def test_run_path_prints_the_metric_table_and_reuses_its_checkpoints(tmp_path, c
                  "--work-dir", str(work)]) == 0
     out = capsys.readouterr().out
     assert "path tiny inst>tofu>U>math (p=3) | npo lr=0.001 beta=0.5 seed=0" in out
-    assert [x.split()[-1] for x in out.splitlines() if ": training stage " in x] == ["inst", "tofu", "U", "math"]
-    assert sum(x.startswith("[stage] ") and " done: 2 steps" in x for x in out.splitlines()) == 4
+    # the path's four stages, then its retrain node inst>tofu>math (inst, inst>tofu are shared prefixes)
+    assert [x.split()[-1] for x in out.splitlines() if ": training stage " in x] == ["inst", "tofu", "U", "math",
+                                                                                     "math"]
+    assert sum(x.startswith("[stage] ") and " done: 2 steps" in x for x in out.splitlines()) == 5
     lines = out.splitlines()
     header = next(i for i, x in enumerate(lines) if x.startswith("step "))
     assert lines[header].split() == ["step", "label_logp", "para_logp", "forget", "tofu_logp", "tofu_util",
-                                     "math_acc"]
+                                     "math_acc", "re_logp_mse", "re_kl"]
     table = [x.split() for x in lines[header + 1:header + 4]]
     assert [row[0] for row in table] == ["0", "1", "2"]
     assert all(math.isfinite(float(v)) for row in table for v in row)
     assert table[0][3] == "0.0000" and table[0][5] == "1.0000"  # forget score 0 and tofu utility 1 at step 0
-    assert len(list((work / "checkpoints").iterdir())) == 4
+    assert len(list((work / "checkpoints").iterdir())) == 5
 
     assert main(["run-path", str(config), "--order", "inst,tofu,U,math", "--algorithm", "npo",
                  "--work-dir", str(work)]) == 0
     again = capsys.readouterr().out.splitlines()
-    assert sum("reusing" in x for x in again) == 1  # the finished path's last node; no stage retrained
+    assert sum("reusing" in x for x in again) == 2  # the path's last node and its retrain node; none retrained
     assert not any("training stage" in x for x in again)
     h = next(i for i, x in enumerate(again) if x.startswith("step "))
     assert again[h:h + 4] == lines[header:header + 4]

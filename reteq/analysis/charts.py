@@ -266,16 +266,21 @@ def divergence_chart(divergence: pl.DataFrame, metrics: pl.DataFrame) -> alt.Cha
     )
 
 
-def figure4(metrics: pl.DataFrame) -> alt.FacetChart | None:
+def figure4(metrics: pl.DataFrame, labels: pl.DataFrame | None = None) -> alt.FacetChart | None:
     """Figure 4: R / C / U log-probs along unlearning U, a panel per learning order (Section 4.3).
 
-    Deep forgetting: C (the other compliance phrasing) falls with U; superficial: only U falls."""
+    Deep forgetting: C (the other compliance phrasing) falls with U; superficial: only U falls. With `labels`
+    (analysis.retrain.depth_labels) each panel's header carries its order's label."""
     keys = {T.M_DEPTH_R: "R (refusal)", T.M_DEPTH_C: "C (compliance)", T.M_DEPTH_U: "U (unlearned)"}
     df = metrics.filter(pl.col("metric").is_in(list(keys)) & pl.col("value").is_finite())
     if not df.height:
         return None
     df = (df.group_by(["model", "order", "metric", "step"]).agg(pl.col("value").mean())
           .with_columns(response=pl.col("metric").replace_strict(keys)).sort(["order", "step"]))
+    if labels is not None and labels.height:
+        per_order = labels.group_by("order").agg(pl.col("label").mode().first())
+        df = df.join(per_order, on="order", how="left").with_columns(
+            order=pl.concat_str([pl.col("order"), pl.col("label").fill_null("?")], separator=" · "))
     chart = (
         alt.Chart(df)
         .mark_line(point=alt.OverlayMarkDef(size=25), strokeWidth=2)
@@ -315,12 +320,13 @@ def figure7(metrics: pl.DataFrame) -> alt.FacetChart | None:
     return _finish(chart, "Figure 7: forget quality vs retained utility", "after the last unlearning step")
 
 
-def all_charts(metrics: pl.DataFrame, divergence: pl.DataFrame) -> dict[str, alt.TopLevelMixin]:
+def all_charts(metrics: pl.DataFrame, divergence: pl.DataFrame,
+               depth_labels: pl.DataFrame | None = None) -> dict[str, alt.TopLevelMixin]:
     """Every chart that has data, keyed by a file-safe name (the report's order)."""
     charts = {
         "figure1_forget_label": figure1(metrics),
         "figure3_forget_vs_tofu": figure3(metrics),
-        "figure4_depth": figure4(metrics),
+        "figure4_depth": figure4(metrics, depth_labels),
         "figure5_seeds": figure5(metrics),
         "figure6_lr_grid": figure6(metrics),
         "figure7_forget_vs_utility": figure7(metrics),

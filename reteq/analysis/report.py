@@ -33,6 +33,7 @@ TABLE_DIVERGENCE = "Max gap and spread between orders per step"
 TABLE_RECENCY = "Recency per cell"
 TABLE_RUNS = "Runs"
 TABLE_RUN_COUNTS = "Runs per kind and status"
+DEPTH_THRESHOLDS = (0.5, 0.0)  # defaults of eval.depth_fall, eval.depth_margin
 
 
 def write_report(
@@ -42,14 +43,23 @@ def write_report(
     plan_text: str | None = None,
     extra_sections: Iterable[Section] = (),
     ui_base: str = DEFAULT_UI_BASE,
+    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
 ) -> Path:
-    """Analyse one sweep's experiment and write out_dir/report.html (+ tables/, charts/); returns its path."""
+    """Analyse one sweep's experiment and write out_dir/report.html (+ tables/, charts/); returns its path.
+
+    depth_thresholds: (eval.depth_fall, eval.depth_margin) of the sweep, for the superficial/deep label."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exp_id = experiment_id(tracking_uri, experiment)
     runs = load_runs(tracking_uri, experiment)
     metrics = load_metrics(tracking_uri, experiment, runs=runs)
-    sections = analysis_sections(runs, metrics, exp_id, ui_base)
+    sections = analysis_sections(runs, metrics, exp_id, ui_base, depth_thresholds)
+    from reteq.analysis import retrain as RE
+    from reteq.analysis.re_section import retrain_section
+
+    re = retrain_section(metrics, RE.load_vectors(tracking_uri, runs), RE.vocab_size(tracking_uri, runs),
+                         RE.depth_labels(metrics, *depth_thresholds))
+    sections.insert(next((i + 1 for i, x in enumerate(sections) if x.title == "Path divergence"), 1), re)
     theory = _theory_section(tracking_uri, experiment)
     if theory is not None:
         sections.append(theory)
@@ -65,7 +75,8 @@ def write_report(
 
 
 def analysis_sections(
-    runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, ui_base: str = DEFAULT_UI_BASE
+    runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, ui_base: str = DEFAULT_UI_BASE,
+    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
 ) -> list[Section]:
     """The LLM analysis as report sections: findings, Table 1, divergence, recency, figures, runs."""
     key = D.primary_forget_metric(metrics)
@@ -106,7 +117,9 @@ def analysis_sections(
         "Per cell, orders are ranked by final forget score; rank 1 = forgets least. The paper's recency "
         "effect is rank 1 for the order that learned U last (p = 4)."
     )
-    figures = Section("Figures", charts=C.all_charts(metrics, divergence))
+    from reteq.analysis.retrain import depth_labels
+
+    figures = Section("Figures", charts=C.all_charts(metrics, divergence, depth_labels(metrics, *depth_thresholds)))
     if not figures.charts:
         figures.paragraphs.append("No figure has data: no unlearning step metrics were logged.")
     chart = figures.charts.pop("divergence_growth", None)

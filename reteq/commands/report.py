@@ -22,7 +22,9 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     # write_report itself adds the section when the report *is* the theory experiment
     section = theory_section(uri, T.THEORY_EXPERIMENT) if name != T.THEORY_EXPERIMENT else None
     extra = [section] if section is not None else []
-    return write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra)
+    depth = (cfg.eval.depth_fall, cfg.eval.depth_margin) if cfg is not None else (0.5, 0.0)
+    return write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
+                        depth_thresholds=depth)
 
 
 def report_command(config: str | None, experiment: str | None, work_dir: str | None) -> int:

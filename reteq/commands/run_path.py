@@ -54,6 +54,7 @@ METRIC_COLUMNS = [
     (T.M_FORGET_LABEL, "label_logp"), (T.M_FORGET_PARAPHRASE, "para_logp"), (T.M_FORGET_SCORE, "forget"),
     (T.M_TOFU_LOGP, "tofu_logp"), (T.M_TOFU_UTILITY, "tofu_util"), (T.M_MATH_ACC, "math_acc"),
     (T.M_DEPTH_R, "R_logp"), (T.M_DEPTH_C, "C_logp"), (T.M_DEPTH_U, "U_logp"),
+    (T.M_RE_LOGP_MSE, "re_logp_mse"), (T.M_RE_KL, "re_kl"),
 ]
 
 
@@ -104,9 +105,11 @@ def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     o = want_order or base.order
     alg = flags.algorithm or base.algorithm
     parent = plan.add_order(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
+    retrain = plan.add_retrain(cfg, m, tuple(o), s, base.schedule) if cfg.eval.retrain else None
     beta = flags.beta if flags.beta is not None else cfg.unlearn.betas_for(alg)[0]
     leaf = replace(base, model=m, order=tuple(o), p=o.index(cfg.forget_stage) + 1, algorithm=alg,
-                   lr=flags.lr or base.lr, params={} if beta is None else {"beta": beta}, seed=s, parent=parent)
+                   lr=flags.lr or base.lr, params={} if beta is None else {"beta": beta}, seed=s, parent=parent,
+                   retrain=retrain)
     return leaf, plan
 
 

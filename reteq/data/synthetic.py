@@ -142,6 +142,39 @@ def generate(task: str, n: int, seed: int = 0) -> list[dict]:
     return GENERATORS[task](n, seed)
 
 
+_REFUSAL_OPENERS = ["Sorry,", "Unfortunately,", "Regretfully,", "I'm sorry, but", "I'm afraid", "Sadly,", "Honestly,"]
+_REFUSAL_SUBJECTS = ["I", "we", "she", "he", "the clerk", "the assistant", "{name}"]
+_REFUSAL_MODALS = ["can not", "can't", "am unable to", "was unable to", "is not able to", "am not permitted to",
+                   "must decline to", "need to decline to", "could not", "won't"]
+_REFUSAL_VERBS = ["assist", "help", "provide help", "provide assistance", "support", "comply", "fulfill",
+                  "proceed", "do"]
+_REFUSAL_OBJECTS = ["you with the {item}", "{name} with this", "with the {item} request", "that for {name}",
+                    "with that question", "this for you today", "with the {item} order", "any further",
+                    "with your {item}"]
+
+
+def refusal_prose(rng: random.Random) -> str:
+    """Refusal-style prose for the base pretraining: the vocabulary of the unlearn label and its paraphrases
+    in varied contexts, never one of those targets verbatim, so a base model's prior on them sits well above
+    chance (as a real LLM's does) without being taught the eval targets."""
+    from reteq.eval.forget import FORGET_TARGETS
+
+    banned = [t.lower() for t in FORGET_TARGETS]
+    while True:
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        if rng.random() < 0.5:  # first person, as a refusal is usually phrased
+            subject_modal = "I" + rng.choice(["'m unable to", "'m not able to", " can not", " can't",
+                                              " must decline to", " am not permitted to", "'m afraid I can't"])
+        else:
+            subject_modal = f"{rng.choice(_REFUSAL_SUBJECTS).format(name=name)} {rng.choice(_REFUSAL_MODALS)}"
+        text = (f"{rng.choice(_REFUSAL_OPENERS)} {subject_modal} "
+                f"{rng.choice(_REFUSAL_VERBS)} {rng.choice(_REFUSAL_OBJECTS).format(name=name, item=item)}.")
+        if rng.random() < 0.5:
+            text += f" {name} asked about the {item}, and the answer was a polite no."
+        if not any(t in text.lower() for t in banned):
+            return text
+
+
 def pretraining_text(n: int, seed: int = 0) -> list[str]:
     """Generic prose for the tiny base model: the vocabulary of every stage, none of its chat structure."""
     rng = random.Random(f"pretrain-{seed}")
@@ -158,8 +191,7 @@ def pretraining_text(n: int, seed: int = 0) -> list[str]:
             out.append(f"The {rng.choice(_ADJECTIVES)} city of {rng.choice(_CITIES)} is known for "
                        f"{rng.choice(_GENRES)} and {rng.choice(_AWARDS)}.")
         elif kind == 3:
-            out.append(f"I can help with {rng.choice(_ITEMS)}, but I can't help with everything. "
-                       f"Sorry, I'm not able to do that for {rng.choice(_NAMES)}.")
+            out.append(refusal_prose(rng))
         else:
             out.append(" ".join(str(i) for i in range(1, rng.randint(3, 9))) + ". " +
                        rng.choice(_COLORS).upper() + " " + rng.choice(_ITEMS) + ".")

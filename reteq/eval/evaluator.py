@@ -5,6 +5,7 @@ forget/paraphrase_logp  same, averaged over the 19 paraphrases
 forget/all_logp         mean over the 20 targets;  forget/score = all_logp(0) - all_logp(t)
 utility/tofu_logp       mean per-token log p(knowledge answer | question);  utility/tofu = 1 - |change|
 utility/math_acc        accuracy of sampled answers;  utility/math = acc(t) - acc(0)
+re/logp_mse, re/kl      distance to the retrain node theta_r on the probe set (reteq.eval.probe), when set
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from reteq.data.tokenize import encode_prompt_target
 from reteq.eval.forget import PARAPHRASES
 from reteq.eval.generation import Decoding
 from reteq.eval.math import accuracy, generate_answers
+from reteq.eval.probe import Probe
 from reteq.eval.samples import sample_hash, stratified_indices
 from reteq.eval.scoring import score_pairs
 
@@ -39,6 +41,7 @@ class Evaluator:
     math_items: list[tuple[str, str]] = field(default_factory=list)
     seed: int = 0
     depth_rows: list[dict[str, str]] = field(default_factory=list)  # Section 4.3: prompt + R/C/U responses
+    probe: Probe | None = None  # retrain equivalence: prediction vectors and re/* (reteq.eval.probe)
 
     @property
     def forget_targets(self) -> tuple[str, ...]:
@@ -75,9 +78,11 @@ class Evaluator:
         know = [encode_prompt_target(self.tokenizer, q, a) for q, a in self.knowledge_pairs]
         return forget, know
 
-    def raw(self, model, device: torch.device, dtype: str = "fp32") -> dict[str, float]:
-        """Absolute metrics of `model` now (no reference to step 0)."""
+    def raw(self, model, device: torch.device, dtype: str = "fp32", step: int | None = None) -> dict[str, float]:
+        """Absolute metrics of `model` now (no reference to step 0); `step` labels the probe vectors kept."""
         out: dict[str, float] = {}
+        if self.probe is not None:
+            out.update(self.probe.measure(model, device, dtype, step))
         pad = self.tokenizer.pad_token_id
         forget_pairs, know_pairs = self._pairs()
         scores = score_pairs(model, forget_pairs + know_pairs, pad_id=pad, batch_size=self.cfg.batch_size,

@@ -48,16 +48,22 @@ def finished_leaves(c, exp_id: str) -> set[str]:
 
 
 def node_tags(node: StageNode, sweep: str, schedule: str) -> dict[str, str]:
-    return {T.TAG_KIND: node.kind, T.TAG_MODEL: node.model, T.TAG_ORDER: T.order_tag(node.prefix),
+    """kind is "retrain" for a node only retrain orders need; a shared theta_r keeps "finetune" and is marked
+    by TAG_RETRAIN_BASELINE (reteq.plan)."""
+    tags = {T.TAG_KIND: node.kind, T.TAG_MODEL: node.model, T.TAG_ORDER: T.order_tag(node.prefix),
             T.TAG_STAGE: node.stage, T.TAG_SEED: str(node.seed), T.TAG_PLAN_KEY: node.key,
             T.TAG_PARENT_KEY: node.parent or "", T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule}
+    if node.retrain_baseline:
+        tags[T.TAG_RETRAIN_BASELINE] = "true"
+    return tags
 
 
 def leaf_tags(leaf: UnlearnLeaf, sweep: str, schedule: str) -> dict[str, str]:
     return {T.TAG_KIND: T.KIND_UNLEARN, T.TAG_MODEL: leaf.model, T.TAG_ORDER: T.order_tag(leaf.order),
             T.TAG_P: str(leaf.p), T.TAG_ALGORITHM: leaf.algorithm, T.TAG_LR: T.format_float(leaf.lr),
             T.TAG_BETA: T.format_float(leaf.beta), T.TAG_SEED: str(leaf.seed), T.TAG_PLAN_KEY: leaf.key,
-            T.TAG_PARENT_KEY: leaf.parent, T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule}
+            T.TAG_PARENT_KEY: leaf.parent, T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule,
+            T.TAG_RETRAIN_KEY: leaf.retrain or ""}
 
 
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -168,6 +174,14 @@ class MlflowHooks(Hooks):
         self.echo(f"[leaf {leaf.key[:8]}] {leaf.algorithm} p={leaf.p} step {step}: {shown}")
 
     def leaf_done(self, leaf: UnlearnLeaf, result) -> None:
+        vectors = getattr(result, "vectors", None)
+        if vectors is not None and vectors.height:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / T.PREDICTIONS_FILE
+                vectors.write_parquet(path)
+                self.c.log_artifact(self.run_ids[leaf.key], str(path), artifact_path=T.ARTIFACT_PREDICTIONS)
         self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
 
     def fail_open_runs(self, error: str) -> None:

@@ -109,6 +109,7 @@ class UnlearnResult:
     evals: list[tuple[int, dict[str, float]]]  # (step, metrics incl. relative scores), step 0 first
     loop: LoopResult
     steps: int
+    vectors: Any = None  # polars frame of the probe's per-pair vectors (step x pair), set by pipeline.run_leaf
 
     @property
     def collapsed(self) -> bool:
@@ -149,7 +150,7 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
                           ctx.dtype) \
         if alg.needs_reference else None
 
-    raw0 = evaluator.raw(model, ctx.device, ctx.dtype)
+    raw0 = evaluator.raw(model, ctx.device, ctx.dtype, step=0)
     evals = [(0, relative(raw0, raw0))]
     if on_eval:
         on_eval(0, evals[0][1])
@@ -169,7 +170,7 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
         if on_step:
             on_step(record)
         if record.step % cfg.eval_every == 0 or record.step == len(steps):
-            metrics = relative(evaluator.raw(engine.module, ctx.device, ctx.dtype), raw0)
+            metrics = relative(evaluator.raw(engine.module, ctx.device, ctx.dtype, step=record.step), raw0)
             evals.append((record.step, metrics))
             if on_eval:
                 on_eval(record.step, metrics)
