@@ -187,7 +187,7 @@ def test_sweep_trains_a_shared_retrain_node_once_and_logs_re_metrics(tmp_path):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[cfg.name], output_format="list")
     retrain_runs = [r for r in runs if r.data.tags.get(T.TAG_KIND) == T.KIND_RETRAIN]
-    assert [r.data.tags[T.TAG_NODE_KEY] for r in retrain_runs] == [rkey]
+    assert [r.data.tags[T.TAG_PLAN_KEY] for r in retrain_runs] == [rkey]
     assert retrain_runs[0].data.tags[T.TAG_RETRAIN_BASELINE] == "true"
     client = mlflow.MlflowClient(uri)
     unlearn = [r for r in runs if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN]
