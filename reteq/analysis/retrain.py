@@ -19,7 +19,6 @@ import math
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from reteq import tracking as T
@@ -204,8 +203,3 @@ def chance_sentence(metrics: pl.DataFrame, vocab: int | None) -> str | None:
         return None
     return (f"Chance level: log(1/{vocab}) = {chance:.2f} nats per token. Forget-set log-probs before unlearning "
             f"(step 0, mean over runs): " + "; ".join(parts) + ".")
-
-
-def mean_or_nan(values) -> float:
-    a = np.asarray(list(values), dtype=np.float64)
-    return float(np.nanmean(a)) if a.size and np.isfinite(a).any() else math.nan
