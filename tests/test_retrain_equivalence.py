@@ -10,12 +10,12 @@ import mlflow
 import polars as pl
 import pytest
 import torch
+from helpers import RETAIN, reteq_cache, stage_dict, sweep_cfg, sweep_dict, tiny_base  # noqa: F401
 
 from reteq import tracking as T
 from reteq.analysis import retrain as R
 from reteq.config import parse_config
 from reteq.plan import build_plan
-from helpers import RETAIN, reteq_cache, stage_dict, sweep_cfg, sweep_dict, tiny_base  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("reteq_cache")
 PAPER = {"forget_positions": [1, 2, 3, 4], "retain_order": list(RETAIN)}
@@ -36,8 +36,9 @@ def test_the_p_design_retrain_node_is_the_p4_prefix_node(tmp_path):
 
 
 def test_retrain_only_nodes_get_kind_retrain_and_plan_json_counts_them(tmp_path, capsys):
-    from reteq.cli import main
     from helpers import write_config
+
+    from reteq.cli import main
 
     raw = sweep_dict(tmp_path, orders={"forget_positions": [1, 2], "retain_order": list(RETAIN)})
     plan = build_plan(parse_config(raw))
