@@ -12,6 +12,7 @@ import sys
 from reteq.errors import BadInput
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 
 
 def _quiet_env() -> None:
@@ -159,3 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.lines:  # a line names the config file first, or it is `error: <flag or field>: reason`
             print(line if config and line.startswith(f"{config}: ") else f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # a full or read-only disk is one line too (exit 1); anything else keeps its traceback
+        from reteq.commands.resources import describe
+
+        line = str(e) if getattr(e, "resource_error", False) else describe(e)
+        if line is None:
+            raise
+        print(f"error: {line.splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILED

@@ -23,7 +23,7 @@ from reteq.eval.probe import Probe, probe_pairs
 from reteq.models import fresh_adapter, load_model, load_tokenizer, resolve_source
 from reteq.plan import Plan, StageNode, UnlearnLeaf
 from reteq.train import collectives
-from reteq.train.checkpoint import gathered_state_dict, is_complete, save_checkpoint
+from reteq.train.checkpoint import discard, gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
 
 
@@ -64,7 +64,12 @@ class CheckpointStore:
         return Path(self.root) / key
 
     def has(self, key: str) -> bool:
-        return is_complete(self.path(key), key)
+        """True for a complete, verified checkpoint; a corrupt or partial copy is removed (never loaded, never
+        kept), so whatever repairs it (an MLflow artifact, or retraining) publishes into an empty place."""
+        if is_complete(self.path(key), key):
+            return True
+        discard(self.path(key))
+        return False
 
 
 @dataclass
@@ -112,6 +117,26 @@ def preflight(cfg: SweepConfig, data: DataCache) -> None:
         data.math_items()
     except DataError as e:
         raise DataError(f"eval.math_source: {e}") from None
+    check_rows_fit(cfg, data)
+
+
+def check_rows_fit(cfg: SweepConfig, data: DataCache) -> None:
+    """Every training row keeps at least one assistant token after truncation to its max_length: a row whose
+    prompt fills it would train on nothing (an all-ignored batch is a NaN loss hours into a sweep)."""
+    from reteq.data.tokenize import encode_conversation
+
+    for m in cfg.models:
+        tokenizer = load_tokenizer(m)
+        for s in cfg.stages:
+            limits = [(s.max_length, f"stages.{s.name}.max_length")]
+            if s.name == cfg.forget_stage:
+                limits.append((cfg.unlearn.max_length, "unlearn.max_length"))
+            origin = s.source.path or s.source.id or f"synthetic:{s.source.task}"
+            for i, conv in enumerate(data.stage(s.name)):
+                for limit, where in limits:
+                    if encode_conversation(tokenizer, conv, limit, i).n_label_tokens == 0:
+                        raise DataError(f"stages.{s.name}.source: {origin}: row {i}: messages: no assistant token "
+                                        f"fits in {limit} tokens ({where}, model {m.name})")
 
 
 def _broadcast(obj, ctx: WorkerContext):

@@ -21,6 +21,13 @@ from reteq.config import SweepConfig
 from reteq.digest import spec_hash as _hash
 
 KEY_VERSION = "node-v1"
+# Leaf keys, v2 (2026-11-29): a leaf hashes its own unlearning settings, not the grid lists it sits in, so
+# extending a grid reruns nothing that finished. One-time migration: a sweep recorded with v1 leaf keys reruns
+# its unlearning leaves once (stage nodes keep their keys: no finetuning reruns); v1 leaf runs stay in MLflow.
+LEAF_KEY_VERSION = "leaf-v2"
+# UnlearnConfig fields that list grid values, or one value per algorithm of the grid (a leaf's own
+# normalisation is in leaf_protocol), not one leaf's settings
+_GRID_FIELDS = {"algorithms", "lrs", "betas", "loss_normalisation"}
 
 
 @dataclass(frozen=True)
@@ -159,9 +166,12 @@ def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int, s
 
 def leaf_key(cfg: SweepConfig, parent: str, algorithm: str, lr: float, params: dict[str, float], seed: int,
              ) -> str:
-    """Content address of an unlearning run: its settings, the config sections, and its protocol choices."""
-    return _hash([KEY_VERSION, parent, algorithm, lr, params.get("beta"), seed, cfg.unlearn.model_dump(mode="json"),
-                  cfg.eval.model_dump(mode="json"), leaf_protocol(cfg, algorithm)])
+    """What changes a leaf's result: its parent node (model, data, stages, seed), its own algorithm, lr, params
+    and seed, the shared unlearning settings (steps, batch, schedule, max_length...), the eval settings and its
+    protocol choices; not the grid lists (`_GRID_FIELDS`), so a wider grid keeps every finished leaf's key."""
+    settings = cfg.unlearn.model_dump(mode="json", exclude=_GRID_FIELDS)
+    return _hash([LEAF_KEY_VERSION, parent, algorithm, lr, dict(sorted(params.items())), seed, cfg.forget_stage,
+                  settings, cfg.eval.model_dump(mode="json"), leaf_protocol(cfg, algorithm)])
 
 
 def build_plan(cfg: SweepConfig) -> Plan:

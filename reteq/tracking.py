@@ -30,6 +30,11 @@ TAG_CHECKPOINT = "reteq.checkpoint"  # local path of the published checkpoint
 TAG_CONFIG_HASH = "reteq.config_hash"
 TAG_RETRAIN_KEY = "reteq.retrain_key"  # on an unlearning run: the node key of its retrain baseline theta_r
 TAG_RETRAIN_BASELINE = "reteq.retrain_baseline"  # "true" on a node run that is some path's theta_r (any kind)
+TAG_ATTEMPT = "reteq.attempt"  # id of the `reteq sweep` process (one attempt of a sweep) that started the run
+TAG_TRIAL = "reteq.trial"  # key of the leaf whose trial started the run (nodes are trained inside a leaf's trial)
+TAG_ERROR = "reteq.error"  # why a run ended FAILED or KILLED (the exception, or who closed it and why)
+TAG_RECORDED_ON_REUSE = "reteq.recorded_on_reuse"  # "1": record written for a checkpoint found in the store
+TAG_CHILDREN_FAILED = "reteq.children_failed"  # on the parent run: child runs of this attempt that did not finish
 
 KIND_FINETUNE = "finetune"
 KIND_UNLEARN = "unlearn"
@@ -40,6 +45,11 @@ KIND_SWEEP = "sweep"  # the parent run
 STATUS_DONE = "done"
 STATUS_COLLAPSED = "collapsed"  # a non-finite loss stopped unlearning; last finite metrics are kept
 STATUS_FAILED = "failed"
+STATUS_KILLED = "killed"  # its process died (SIGKILL, preemption); closed by the next attempt or its trial
+STATUS_CORRUPT = "corrupt"  # its checkpoint artifact failed sha256; the node was retrained under a new run
+
+# MLflow's own run statuses (RunStatus names): only FINISHED runs are results
+RUN_FINISHED, RUN_FAILED, RUN_KILLED, RUN_RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
 ORDER_SEP = ">"
 
@@ -69,6 +79,7 @@ M_DEPTH_U = "depth/U_logp"  # ... of the unlearned compliance phrasing U
 M_RE_LOGP_MSE = "re/logp_mse"  # mean over probe pairs of (s_u(t) - s_r)^2, s = per-token mean log-prob
 M_RE_KL = "re/kl"  # mean over probe target positions of KL(pi_u(t) || pi_r) (next-token distributions)
 RE_METRICS = (M_RE_LOGP_MSE, M_RE_KL)
+M_CHILDREN_FAILED = "sweep/children_failed"  # on the parent run, logged once per attempt (step 0)
 
 M_THEORY_DIVERGENCE = "theory/divergence"  # d(theta_AB(t), theta_BA(t)) on the test set
 M_THEORY_BOUND = "theory/bound"  # the Theorem 3.1 lower bound at t

@@ -85,6 +85,7 @@ def test_relogged_step_keeps_latest_value_and_unknown_experiment_fails(sqlite_tr
             Metric(T.M_FORGET_SCORE, float("nan"), 1000, 4),
         ],
     )
+    client.set_terminated(run.info.run_id)  # only finished runs are results
     for fast in (True, False):
         m = load.load_metrics(uri, "relog", sqlite_fast_path=fast).sort("step")
         assert m["value"].to_list() == [2.0, None]

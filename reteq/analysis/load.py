@@ -70,15 +70,45 @@ def experiment_id(tracking_uri: str, experiment: str) -> str:
 
 
 def load_runs(tracking_uri: str, experiment: str) -> pl.DataFrame:
-    """One row per active run of the experiment (the sweep parent included), identity tags typed.
+    """One row per counted run of the experiment (the sweep parent included), identity tags typed.
 
     Empty tags ("" for GA's beta, or a tag a writer did not set) become nulls, so `p`, `lr`, `beta` and `seed`
-    can be numeric columns.
+    can be numeric columns. Runs that did not finish, and second finished runs of a key, are left out: see
+    `load_run_record`.
     """
-    rows = []
-    for run in iter_runs(MlflowClient(tracking_uri), experiment_id(tracking_uri, experiment)):
+    return load_run_record(tracking_uri, experiment)[0]
+
+
+_EXCLUDED_SCHEMA = {"run_id": pl.String, "run_name": pl.String, "kind": pl.String, "node_key": pl.String,
+                    "mlflow_status": pl.String, "reason": pl.String}
+
+
+def load_run_record(tracking_uri: str, experiment: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(counted runs, excluded runs with the reason each was left out).
+
+    A result is a run MLflow calls FINISHED, one per node or leaf key (the oldest; a later one is a duplicate).
+    A RUNNING, KILLED or FAILED run ended early: its last metric is an early step, so averaging it in would
+    change the tables. The sweep's parent run is always kept (it holds no results).
+    """
+    rows, excluded, seen = [], [], set()
+    runs = sorted(iter_runs(MlflowClient(tracking_uri), experiment_id(tracking_uri, experiment)),
+                  key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    for run in runs:
         tags = run.data.tags
-        row = {col: tags.get(key) or None for col, key in _TAG_COLUMNS.items()}
+        kind, key, status = tags.get(T.TAG_KIND), tags.get(T.TAG_PLAN_KEY) or None, run.info.status
+        reason = None
+        if kind != T.KIND_SWEEP and status != T.RUN_FINISHED:
+            why = (tags.get(T.TAG_ERROR) or "").splitlines()[:1]
+            reason = f"{status}: did not finish" + (f" ({why[0][:200]})" if why else "")
+        elif kind != T.KIND_SWEEP and key is not None and key in seen:
+            reason = "FINISHED again: a second run of a key that already has a finished run"
+        if reason is not None:
+            excluded.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "kind": kind,
+                             "node_key": key, "mlflow_status": status, "reason": reason})
+            continue
+        if key is not None and kind != T.KIND_SWEEP:
+            seen.add(key)
+        row = {col: tags.get(k) or None for col, k in _TAG_COLUMNS.items()}
         row["scheduler"] = row["scheduler"] or tags.get(T.TAG_SCHEDULE_BEFORE_RENAME) or None  # older runs
         row.update(
             run_id=run.info.run_id,
@@ -87,7 +117,7 @@ def load_runs(tracking_uri: str, experiment: str) -> pl.DataFrame:
             start_time=run.info.start_time,
         )
         rows.append(row)
-    return _typed_runs(rows)
+    return _typed_runs(rows), pl.DataFrame(excluded, schema=_EXCLUDED_SCHEMA, orient="row")
 
 
 def _typed_runs(rows: list[dict]) -> pl.DataFrame:

@@ -21,7 +21,7 @@ from reteq import tracking as T
 from reteq.analysis import charts as C
 from reteq.analysis import divergence as D
 from reteq.analysis import tables as TB
-from reteq.analysis.load import experiment_id, load_metrics, load_runs
+from reteq.analysis.load import experiment_id, load_metrics, load_run_record
 from reteq.analysis.section import Section
 
 DEFAULT_UI_BASE = "http://127.0.0.1:5000"
@@ -33,6 +33,7 @@ TABLE_DIVERGENCE = "Max gap and spread between orders per step"
 TABLE_RECENCY = "Recency per cell"
 TABLE_RUNS = "Runs"
 TABLE_RUN_COUNTS = "Runs per kind and status"
+TABLE_EXCLUDED = "Runs excluded from the analysis, and why"
 DEPTH_THRESHOLDS = (0.5, 0.0)  # defaults of eval.depth_fall, eval.depth_margin
 
 
@@ -51,7 +52,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exp_id = experiment_id(tracking_uri, experiment)
-    runs = load_runs(tracking_uri, experiment)
+    runs, excluded = load_run_record(tracking_uri, experiment)
     metrics = load_metrics(tracking_uri, experiment, runs=runs)
     sections = analysis_sections(runs, metrics, exp_id, ui_base, depth_thresholds)
     from reteq.analysis import retrain as RE
@@ -60,6 +61,9 @@ def write_report(
     re = retrain_section(metrics, RE.load_vectors(tracking_uri, runs), RE.vocab_size(tracking_uri, runs),
                          RE.depth_labels(metrics, *depth_thresholds))
     sections.insert(next((i + 1 for i, x in enumerate(sections) if x.title == "Path divergence"), 1), re)
+    sections[-1].paragraphs.append(_excluded_text(excluded))  # the Runs section
+    if excluded.height:
+        sections[-1].tables[TABLE_EXCLUDED] = excluded
     theory = _theory_section(tracking_uri, experiment)
     if theory is not None:
         sections.append(theory)
@@ -176,6 +180,17 @@ def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, re
     elif missing:
         lines.append("Not logged (the parts that need them are skipped): " + ", ".join(missing) + ".")
     return [" ".join(lines)]
+
+
+def _excluded_text(excluded: pl.DataFrame) -> str:
+    """How many runs the analysis left out, and why (counted per reason)."""
+    if not excluded.height:
+        return "Every run of the experiment finished and counts once: no run was excluded."
+    parts = [f"{row['runs']} {row['reason'].split(':')[0]}" for row in
+             excluded.with_columns(pl.col("reason").str.split(" (").list.first())
+             .group_by("reason").len("runs").sort("reason").iter_rows(named=True)]
+    return (f"{excluded.height} run(s) excluded from every table and figure ({', '.join(parts)}): only one "
+            f"FINISHED run per node or leaf counts; an unfinished run's last metric is an early step.")
 
 
 def _runs_section(runs: pl.DataFrame, exp_id: str, ui_base: str) -> Section:

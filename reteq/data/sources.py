@@ -30,6 +30,8 @@ def validate_conversation(row: Any, origin: str, index: int) -> dict:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{j}] needs role in {ROLES} and string content")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: messages[{j}].content: empty assistant turn")
         clean.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{where}: no assistant turn")
@@ -46,25 +48,57 @@ def read_local(path: str | Path) -> list[dict]:
     try:
         if suffix == ".jsonl":
             rows = []
-            for i, line in enumerate(path.read_text().splitlines()):
+            for i, line in enumerate(_utf8_lines(path)):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
         elif suffix == ".json":
-            rows = json.loads(path.read_text())
+            rows = json.loads("\n".join(_utf8_lines(path)))
             if not isinstance(rows, list):
                 raise DataError(f"{path}: a .json data file must hold a list of rows")
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
+            rows = _parquet_rows(path)
         else:
             raise DataError(f"{path}: unsupported data file type {suffix!r} (use .json, .jsonl or .parquet)")
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg})") from None
     return [validate_conversation(r, str(path), i) for i, r in enumerate(rows)]
+
+
+def _utf8_lines(path: Path) -> list[str]:
+    """The file's lines; invalid UTF-8 is an error naming the line (a .jsonl row) and the byte."""
+    out = []
+    for i, raw in enumerate(path.read_bytes().split(b"\n")):
+        try:
+            out.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: row {i}: invalid UTF-8 at byte {e.start} of the line") from None
+    return out
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file, truncated or corrupt "
+                        f"({str(e).splitlines()[0]})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: row 0: the Parquet file has no rows")
+    try:
+        return table.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException):
+        pass
+    for i in range(table.num_rows):  # find the row that does not decode
+        try:
+            table.slice(i, 1).to_pylist()
+        except (UnicodeDecodeError, pa.ArrowException) as e:
+            raise DataError(f"{path}: row {i}: unreadable ({str(e).splitlines()[0]})") from None
+    raise DataError(f"{path}: unreadable Parquet rows")
 
 
 def load_conversations(source: DataSource) -> list[dict]:

@@ -67,7 +67,9 @@ def worker_loop(config: dict[str, Any]) -> None:
             return cfg.stage(stage).schedule
 
         hooks = MlflowHooks(config["tracking_uri"], config["experiment_id"], config["parent_run_id"], cfg.name,
-                            schedule_of, echo=lambda m: print(m, flush=True))
+                            schedule_of, echo=lambda m: print(m, flush=True), attempt=config.get("attempt", ""),
+                            trial=leaf.key)
+        _close_trial_runs(config, leaf.key, T.STATUS_KILLED, "its worker group died; the trial started a new one")
         coordinator = RayCoordinator(who=leaf.key, fetch=_fetch_checkpoint(config["tracking_uri"]),
                                      run_ids=hooks.run_ids)
     store = CheckpointStore(Path(config["checkpoints"]))
@@ -88,28 +90,22 @@ def _fetch_checkpoint(tracking_uri: str):
     """Download a node's checkpoint artifact into the local store (for workers on another machine)."""
 
     def fetch(key: str, run_id: str, target: Path) -> Path | None:
-        import shutil
-        import tempfile
+        from reteq.sweep.mlflow_store import tracking_client as client
+        from reteq.sweep.repair import fetch_node_checkpoint
 
-        import mlflow
-
-        from reteq.train.checkpoint import is_complete
-
-        mlflow.set_tracking_uri(tracking_uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{key}-", dir=target.parent))
-        try:
-            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
-                                                           dst_path=str(tmp)))
-            if not is_complete(got, key):
-                return None
-            if not target.exists():
-                os.replace(got, target)
-            return target
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return fetch_node_checkpoint(client(tracking_uri), key, run_id, target)
 
     return fetch
+
+
+def _close_trial_runs(base: dict[str, Any], trial: str, status: str, reason: str) -> None:
+    """Runs this trial left RUNNING end with `status` and the reason (a dead worker cannot close its own)."""
+    from reteq.sweep.lifecycle import close_trial_runs
+    from reteq.sweep.mlflow_store import tracking_client as client
+
+    if base.get("attempt"):
+        close_trial_runs(client(base["tracking_uri"]), base["experiment_id"], base["attempt"], trial, status,
+                         reason)
 
 
 def make_trial(base: dict[str, Any], cfg: SweepConfig):
@@ -132,7 +128,12 @@ def make_trial(base: dict[str, Any], cfg: SweepConfig):
                                  callbacks=[TuneReportCallback()],
                                  worker_runtime_env={"env_vars": base["env"]}),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except BaseException as e:
+            _close_trial_runs(base, tune_config["leaf"]["key"], T.STATUS_FAILED,
+                              "".join(traceback.format_exception_only(type(e), e)).strip())
+            raise
 
     return trial
 

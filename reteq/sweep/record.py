@@ -15,6 +15,8 @@ from typing import Any
 from reteq import tracking as T
 from reteq.pipeline import Hooks
 from reteq.plan import StageNode, UnlearnLeaf
+from reteq.sweep.faults import fault
+from reteq.sweep.lifecycle import finish_run, finished_runs, record_reused_node
 from reteq.sweep.mlflow_store import search_runs, tracking_client
 
 
@@ -23,28 +25,34 @@ def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
     found = search_runs(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_SWEEP}' and tags.`{T.TAG_CONFIG_HASH}` = "
                                f"'{config_hash}'")
     if found:
-        return found[0].info.run_id
+        rid = found[0].info.run_id
+        if found[0].info.status != T.RUN_RUNNING:
+            c.update_run(rid, status=T.RUN_RUNNING)  # this attempt runs it again; it ends when the attempt ends
+        return rid
     run = c.create_run(exp_id, run_name=f"sweep/{sweep_name}",
                        tags={T.TAG_KIND: T.KIND_SWEEP, T.TAG_SWEEP: sweep_name, T.TAG_CONFIG_HASH: config_hash})
     return run.info.run_id
 
 
+def _finished(c, exp_id: str) -> list:
+    """Counted runs: MLflow FINISHED and reteq.status done/collapsed, oldest first (the first one per key wins)."""
+    runs = search_runs(c, exp_id, f"attributes.status = '{T.RUN_FINISHED}'")
+    runs = [r for r in runs if r.data.tags.get(T.TAG_STATUS) in (T.STATUS_DONE, T.STATUS_COLLAPSED)]
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
 def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
     """node key -> {run_id, checkpoint} for finetune/retrain runs that finished and published a checkpoint."""
-    out = {}
-    for r in search_runs(c, exp_id, f"tags.`{T.TAG_STATUS}` = '{T.STATUS_DONE}'"):
+    out: dict[str, dict[str, str]] = {}
+    for r in _finished(c, exp_id):
         if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN):
-            out[r.data.tags[T.TAG_PLAN_KEY]] = {"run_id": r.info.run_id,
-                                                "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")}
+            out.setdefault(r.data.tags[T.TAG_PLAN_KEY], {"run_id": r.info.run_id,
+                                                         "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")})
     return out
 
 
 def finished_leaves(c, exp_id: str) -> set[str]:
-    keys = set()
-    for r in search_runs(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_UNLEARN}'"):
-        if r.data.tags.get(T.TAG_STATUS) in (T.STATUS_DONE, T.STATUS_COLLAPSED):
-            keys.add(r.data.tags[T.TAG_PLAN_KEY])
-    return keys
+    return {r.data.tags[T.TAG_PLAN_KEY] for r in _finished(c, exp_id) if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN}
 
 
 def node_tags(node: StageNode, sweep: str, schedule: str) -> dict[str, str]:
@@ -74,7 +82,8 @@ class MlflowHooks(Hooks):
 
     FLUSH_EVERY = 20  # metric rows buffered before one log_batch call
 
-    def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, schedule_of, echo=print):
+    def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, schedule_of, echo=print,
+                 attempt: str = "", trial: str = ""):
         self.c = tracking_client(uri)
         self.uri = uri
         self.exp_id, self.parent, self.sweep = exp_id, parent_run_id, sweep
@@ -84,9 +93,11 @@ class MlflowHooks(Hooks):
         self._buffer: dict[str, list] = {}
         self.leaf_run_id: str | None = None
         self._monitors: dict[str, Any] = {}
+        self.attempt, self.trial = attempt, trial  # who started the runs: closes them if this process dies
 
     def _start(self, key: str, name: str, tags: dict[str, str]) -> str:
-        run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, "mlflow.parentRunId": self.parent})
+        run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, "mlflow.parentRunId": self.parent,
+                                                                  T.TAG_ATTEMPT: self.attempt, T.TAG_TRIAL: self.trial})
         self.run_ids[key] = run.info.run_id
         self._monitor(key, run.info.run_id)
         return run.info.run_id
@@ -123,14 +134,16 @@ class MlflowHooks(Hooks):
         self._metrics(key, {}, 0, flush=True)
         if key in self._monitors:
             self._monitors.pop(key).finish()
-        rid = self.run_ids[key]
-        for k, v in {T.TAG_STATUS: status, **(tags or {})}.items():
-            self.c.set_tag(rid, k, v)
-        self.c.set_terminated(rid, "FINISHED" if status != T.STATUS_FAILED else "FAILED")
+        finish_run(self.c, self.run_ids[key], status, tags=tags)
 
     # ---- stage nodes -----------------------------------------------------------------------------------
     def node_skipped(self, node: StageNode, path: Path) -> None:
         self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: reusing {path}")
+        if not finished_runs(self.c, self.exp_id, node.key):  # published here, then the process died
+            tags = node_tags(node, self.sweep, node.schedule or self.schedule_of(node.stage))
+            rid = record_reused_node(self.c, self.exp_id, self.parent, {**tags, T.TAG_TRIAL: self.trial}, path,
+                                     self.attempt)
+            self.echo(f"[node {node.key[:8]}] had no finished record: recorded as run {rid}")
 
     def node_started(self, node: StageNode) -> None:
         self._start(node.key, T.run_name(node.kind, node.model, T.order_tag(node.prefix), f"s{node.seed}"),
@@ -140,9 +153,11 @@ class MlflowHooks(Hooks):
     def node_step(self, node: StageNode, r) -> None:
         self._metrics(node.key, {T.M_TRAIN_LOSS: r.loss, T.M_TRAIN_LR: r.lr, T.M_TRAIN_GRAD_NORM: r.grad_norm,
                                  T.M_TRAIN_TOKENS_PER_S: r.tokens_per_s}, r.step)
+        fault("node_step")
         self.echo(f"[node {node.key[:8]}] {node.stage} step {r.step} loss {r.loss:.4f} tok/s {r.tokens_per_s:.0f}")
 
     def node_done(self, node: StageNode, path: Path, stats: dict[str, Any]) -> None:
+        fault("node_published")  # the checkpoint is in the store, its record not yet written
         rid = self.run_ids[node.key]
         self._metrics(node.key, {T.M_TRAIN_PAD_FRAC: stats["padding_fraction"]}, stats["steps"])
         self._params(rid, {T.P_STEPS: stats["steps"], "examples": stats["examples"], "stage": node.stage})
@@ -169,6 +184,7 @@ class MlflowHooks(Hooks):
 
     def leaf_eval(self, leaf: UnlearnLeaf, step: int, metrics: dict[str, float]) -> None:
         self._metrics(leaf.key, metrics, step, flush=True)
+        fault("leaf_eval")
         shown = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items() if k in
                           (T.M_FORGET_LABEL, T.M_FORGET_SCORE, T.M_TOFU_UTILITY))
         self.echo(f"[leaf {leaf.key[:8]}] {leaf.algorithm} p={leaf.p} step {step}: {shown}")
@@ -189,8 +205,5 @@ class MlflowHooks(Hooks):
             monitor.finish()
         self._monitors.clear()
         for rid in self.run_ids.values():
-            run = self.c.get_run(rid)
-            if run.info.status == "RUNNING":
-                self.c.set_tag(rid, T.TAG_STATUS, T.STATUS_FAILED)
-                self.c.set_tag(rid, "reteq.error", error[:4000])
-                self.c.set_terminated(rid, "FAILED")
+            if self.c.get_run(rid).info.status == T.RUN_RUNNING:
+                finish_run(self.c, rid, T.STATUS_FAILED, error)

@@ -76,14 +76,33 @@ def save_checkpoint(model, target: str | Path, key: str, meta: dict[str, Any] | 
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"key": key, "files": files, "meta": meta or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if target.exists():  # an identical node finished elsewhere first; keep the published one
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
+        publish(tmp, target, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def publish(tmp: Path, target: Path, key: str) -> Path:
+    """Move the complete checkpoint `tmp` to `target` with one rename. A complete checkpoint already there (an
+    identical node finished elsewhere first) is kept; a corrupt or partial one is replaced, never kept."""
+    if target.exists() and is_complete(target, key):
+        shutil.rmtree(tmp)
+        return target
+    discard(target)
+    os.replace(tmp, target)
+    return target
+
+
+def discard(path: str | Path) -> bool:
+    """Remove a checkpoint folder: first renamed aside (one atomic step, so no reader sees it half deleted)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    aside = Path(tempfile.mkdtemp(prefix=f".discard-{path.name}-", dir=path.parent))
+    os.replace(path, aside / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 def checkpoint_manifest(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,58 @@
+"""Test-only fault injection: die by SIGKILL at a named point of a sweep, as a spot preemption would.
+
+Off unless RETEQ_FAULT is set; the chaos tests set it. Format: `POINT[:N[:WHO]]`:
+- POINT: `node_step` (a stage node's optimizer step was logged), `node_published` (a node's checkpoint is in
+  the store, its MLflow record not yet written), `leaf_eval` (an unlearning eval was logged);
+- N: fire at the N-th time this process reaches POINT (default 1);
+- WHO: `driver` (default: SIGKILL the `reteq sweep` process, RETEQ_DRIVER_PID, then this process) or
+  `worker` (SIGKILL only this process: one Ray Train worker dies).
+RETEQ_FAULT_MARK names a file created when the fault fires; while it exists the fault stays off, so a
+retried worker or a rerun does not die again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV = "RETEQ_FAULT"
+ENV_MARK = "RETEQ_FAULT_MARK"
+ENV_DRIVER = "RETEQ_DRIVER_PID"
+
+_seen: dict[str, int] = {}
+
+
+def env() -> dict[str, str]:
+    """The fault variables to hand to Ray workers (empty when no fault is set)."""
+    return {k: os.environ[k] for k in (ENV, ENV_MARK, ENV_DRIVER) if os.environ.get(k)}
+
+
+def fault(point: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    name, n, who = (spec.split(":") + ["1", "driver"])[:3]
+    if name != point:
+        return
+    _seen[point] = _seen.get(point, 0) + 1
+    if _seen[point] != int(n):
+        return
+    mark = os.environ.get(ENV_MARK)
+    if mark:
+        try:
+            fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, f"{point}:{n}:{who} pid {os.getpid()}\n".encode())
+        os.close(fd)
+    print(f"RETEQ_FAULT: SIGKILL ({who}) at {point} #{n}", flush=True)
+    if who == "driver" and os.environ.get(ENV_DRIVER):
+        os.kill(int(os.environ[ENV_DRIVER]), signal.SIGKILL)
+        time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fired(mark: str | Path) -> bool:
+    return Path(mark).exists()

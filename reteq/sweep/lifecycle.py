@@ -1,0 +1,123 @@
+"""The life of a run in the record: a node or leaf counts once, and a run that did not finish says why.
+
+Only a run MLflow calls FINISHED is a result, and each node or leaf key has at most one. A process that dies
+(spot preemption, SIGKILL, OOM) cannot close its own run, so closing is done by whoever outlives it: the
+trial that saw its worker group die, or the next attempt of the sweep, which holds the work dir's lock and so
+knows every RUNNING run of an earlier attempt is dead. Any scheduler calls these functions; none of them
+trains or waits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from reteq import tracking as T
+from reteq.sweep.mlflow_store import search_runs as search
+
+_COUNTED = (T.STATUS_DONE, T.STATUS_COLLAPSED)
+_MLFLOW_STATUS = {T.STATUS_DONE: T.RUN_FINISHED, T.STATUS_COLLAPSED: T.RUN_FINISHED, T.STATUS_KILLED: T.RUN_KILLED}
+
+
+def new_attempt() -> str:
+    """An id for one `reteq sweep` process: host, pid, start time (what an operator needs to find it)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}/" \
+           f"{uuid.uuid4().hex[:6]}"
+
+
+def finish_run(c, run_id: str, status: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
+    """End a run: its tags first (one batch), then the MLflow status, so a FINISHED run is always complete."""
+    from mlflow.entities import RunTag
+
+    values = {**(tags or {}), T.TAG_STATUS: status}
+    if reason:
+        values[T.TAG_ERROR] = reason[:4000]
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+    c.set_terminated(run_id, _MLFLOW_STATUS.get(status, T.RUN_FAILED))
+
+
+def finished_runs(c, exp_id: str, key: str) -> list:
+    """The FINISHED, counted runs of one node or leaf key, oldest first (there should be at most one)."""
+    runs = search(c, exp_id, f"tags.`{T.TAG_PLAN_KEY}` = '{key}' and attributes.status = '{T.RUN_FINISHED}'")
+    runs = [r for r in runs if r.data.tags.get(T.TAG_STATUS) in _COUNTED]
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def close_stale_runs(c, exp_id: str, sweep: str, attempt: str) -> int:
+    """Close the RUNNING runs that earlier attempts of this sweep left behind; returns how many.
+
+    Call it while holding the work dir's lock: no other live process of this sweep can own them. A run whose
+    reteq.status already says done logged everything before that tag (artifact, metrics), so it is finished
+    rather than killed, unless its key already has a finished run.
+    """
+    closed = 0
+    for r in search(c, exp_id, f"attributes.status = '{T.RUN_RUNNING}' and tags.`{T.TAG_SWEEP}` = '{sweep}'"):
+        tags = r.data.tags
+        if tags.get(T.TAG_ATTEMPT) == attempt or tags.get(T.TAG_KIND) == T.KIND_SWEEP:
+            continue
+        rid, key = r.info.run_id, tags.get(T.TAG_PLAN_KEY, "")
+        if tags.get(T.TAG_STATUS) in _COUNTED and not (key and finished_runs(c, exp_id, key)):
+            c.set_terminated(rid, T.RUN_FINISHED)
+            continue
+        who = tags.get(T.TAG_ATTEMPT) or "an earlier attempt"
+        finish_run(c, rid, T.STATUS_KILLED, f"unfinished: the process of {who} died (closed by {attempt})")
+        closed += 1
+    return closed
+
+
+def close_trial_runs(c, exp_id: str, attempt: str, trial: str, status: str, reason: str) -> int:
+    """Close the RUNNING runs one trial of this attempt started (its worker group died or failed)."""
+    runs = search(c, exp_id, f"attributes.status = '{T.RUN_RUNNING}' and tags.`{T.TAG_ATTEMPT}` = '{attempt}' "
+                             f"and tags.`{T.TAG_TRIAL}` = '{trial}'")
+    for r in runs:
+        finish_run(c, r.info.run_id, status, reason)
+    return len(runs)
+
+
+def close_attempt_runs(c, exp_id: str, attempt: str, reason: str) -> int:
+    """The driver's last word when it fails: every run this attempt left RUNNING ends FAILED."""
+    runs = search(c, exp_id, f"attributes.status = '{T.RUN_RUNNING}' and tags.`{T.TAG_ATTEMPT}` = '{attempt}'")
+    runs = [r for r in runs if r.data.tags.get(T.TAG_KIND) != T.KIND_SWEEP]
+    for r in runs:
+        finish_run(c, r.info.run_id, T.STATUS_FAILED, reason)
+    return len(runs)
+
+
+def record_failed_children(c, exp_id: str, parent_run_id: str, attempt: str) -> int:
+    """Count this attempt's child runs that ended FAILED or KILLED; put the count on the parent run."""
+    from mlflow.entities import Metric, RunTag
+
+    failed = search(c, exp_id, f"tags.`{T.TAG_ATTEMPT}` = '{attempt}' and attributes.status != "
+                               f"'{T.RUN_FINISHED}' and attributes.status != '{T.RUN_RUNNING}'")
+    n = sum(1 for r in failed if r.data.tags.get(T.TAG_KIND) != T.KIND_SWEEP)
+    c.log_batch(parent_run_id, metrics=[Metric(T.M_CHILDREN_FAILED, n, int(time.time() * 1000), 0)],
+                tags=[RunTag(T.TAG_CHILDREN_FAILED, str(n))])
+    return n
+
+
+def record_reused_node(c, exp_id: str, parent_run_id: str, tags: dict[str, str], path: Path,
+                       attempt: str = "") -> str:
+    """Give a checkpoint found complete in the store the record it lacks (params, tags, artifact); returns the
+    FINISHED run of its key (the existing one when there already is one)."""
+    from mlflow.entities import Param
+
+    from reteq.train.checkpoint import checkpoint_manifest
+
+    key = tags[T.TAG_PLAN_KEY]
+    found = finished_runs(c, exp_id, key)
+    if found:
+        return found[0].info.run_id
+    meta = checkpoint_manifest(path).get("meta", {})
+    run = c.create_run(exp_id, run_name=f"{tags.get(T.TAG_KIND, 'node')}/{key[:8]}/recorded",
+                       tags={**tags, T.TAG_ATTEMPT: attempt, T.TAG_RECORDED_ON_REUSE: "1",
+                             "mlflow.parentRunId": parent_run_id})
+    rid = run.info.run_id
+    params = {k: v for k, v in meta.items() if k in ("steps", "examples", "stage", "model", "seed")}
+    params.setdefault("stage", tags.get(T.TAG_STAGE, ""))
+    c.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
+    c.log_artifacts(rid, str(path), artifact_path=T.ARTIFACT_CHECKPOINT)
+    finish_run(c, rid, T.STATUS_DONE, tags={T.TAG_CHECKPOINT: str(path)})
+    return rid

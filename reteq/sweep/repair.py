@@ -1,0 +1,78 @@
+"""Make the local store and the MLflow record agree before a sweep uses them.
+
+A checkpoint in the store whose sha256 fails is removed and replaced by its node's MLflow artifact when that
+verifies; when the artifact is bad too, its run is marked corrupt (so it no longer counts as the node's
+finished run) and the node is retrained. A complete checkpoint without a finished record gets one written
+(a crash between publishing and recording leaves exactly that).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from reteq import tracking as T
+from reteq.sweep.lifecycle import finish_run, finished_runs, record_reused_node
+from reteq.train.checkpoint import discard, is_complete, publish
+
+
+def fetch_node_checkpoint(c, key: str, run_id: str, target: Path) -> Path | None:
+    """Download `run_id`'s checkpoint artifact and publish it at `target` when it verifies for `key`.
+
+    A corrupt copy at `target` is replaced; an artifact that fails verification marks its run corrupt and
+    returns None (the caller retrains the node)."""
+    import mlflow
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{key}-", dir=target.parent))
+    try:
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
+                                                           dst_path=str(tmp), tracking_uri=c.tracking_uri))
+        except Exception as e:  # noqa: BLE001 - a missing artifact is MLflow's own error type
+            mark_corrupt(c, run_id, f"checkpoint artifact unreadable: {type(e).__name__}: {e}")
+            return None
+        if not is_complete(got, key):
+            mark_corrupt(c, run_id, "checkpoint artifact failed sha256 verification")
+            return None
+        return publish(got, target, key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def mark_corrupt(c, run_id: str, reason: str) -> None:
+    """The run's checkpoint cannot be trusted: it stops being the node's finished run (FAILED, status corrupt)."""
+    finish_run(c, run_id, T.STATUS_CORRUPT, f"{reason}; the node is retrained under a new run")
+
+
+def reconcile_nodes(c, exp_id: str, parent_run_id: str, store_root: Path, nodes: dict, tags_of, attempt: str,
+                    needed: set[str], echo=print) -> dict[str, int]:
+    """Repair and record the stage nodes of the local store, before any trial uses them.
+
+    `nodes`: key -> node (plan.nodes); `tags_of(node)`: its MLflow tags; `needed`: the keys a pending leaf
+    uses (only those are hashed, plus any checkpoint without a record). Returns counts per outcome.
+    """
+    counts = {"recorded": 0, "repaired": 0, "retrain": 0}
+    for key, node in nodes.items():
+        path = Path(store_root) / key
+        if not path.exists():
+            continue
+        runs = finished_runs(c, exp_id, key)
+        if runs and key not in needed:
+            continue
+        if is_complete(path, key):
+            if not runs:
+                rid = record_reused_node(c, exp_id, parent_run_id, tags_of(node), path, attempt)
+                echo(f"[node {key[:8]}] checkpoint in the store had no finished record: recorded as run {rid}")
+                counts["recorded"] += 1
+            continue
+        discard(path)
+        if runs and fetch_node_checkpoint(c, key, runs[0].info.run_id, path) is not None:
+            echo(f"[node {key[:8]}] local checkpoint failed sha256: replaced by the artifact of run "
+                 f"{runs[0].info.run_id}")
+            counts["repaired"] += 1
+        else:
+            echo(f"[node {key[:8]}] local checkpoint failed sha256 and no verified artifact exists: retraining")
+            counts["retrain"] += 1
+    return counts
