@@ -31,6 +31,13 @@ from reteq.train.checkpoint import is_complete, save_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it so later tests use their own stores."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 def _exp(uri: str, root: str, name: str = "life") -> tuple[MlflowClient, str]:
     return record.client(uri), record.ensure_experiment(uri, name, root)
 
@@ -73,6 +80,10 @@ def test_stale_runs_closed_and_only_one_finished_run_counts(sqlite_tracking):
     reasons = dict(zip(excluded["run_id"], excluded["reason"], strict=True))
     assert reasons[dead].startswith("KILLED") and reasons[mine].startswith("FAILED: did not finish (ValueError")
     assert reasons[twice].startswith("FINISHED again")
+    from reteq.analysis.report import _excluded_text
+
+    assert _excluded_text(excluded).startswith("3 run(s) excluded from every table and figure (1 FAILED, "
+                                               "1 FINISHED again, 1 KILLED)")
 
 
 def test_work_dir_lock_refuses_a_second_holder_and_takes_over_a_dead_one(tmp_path):
@@ -205,8 +216,7 @@ def _mount_tmpfs(where: Path, options: str) -> None:
 
 @pytest.mark.usefixtures("reteq_cache")
 @pytest.mark.parametrize("case", ["disk-full", "read-only"])
-def test_full_or_read_only_work_dir_is_one_line(tmp_path, capsys, monkeypatch, case):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set by earlier tests' mlflow.set_tracking_uri
+def test_full_or_read_only_work_dir_is_one_line(tmp_path, capsys, case):
     mnt = tmp_path / "mnt"
     _mount_tmpfs(mnt, "size=64k" if case == "disk-full" else "size=1m,ro")
     try:
