@@ -100,6 +100,8 @@ def test_older_runs_tagged_scheduler_still_load_their_schedule(sqlite_tracking):
     exp = client.create_experiment("renamed", artifact_location=artifacts)
     old = client.create_run(exp, tags={T.TAG_KIND: T.KIND_UNLEARN, T.TAG_SCHEDULE_BEFORE_RENAME: "cosine"})
     new = client.create_run(exp, tags={T.TAG_KIND: T.KIND_UNLEARN, T.TAG_SCHEDULE: "wsd"})
+    for run in (old, new):
+        client.set_terminated(run.info.run_id)  # only finished runs are results
     runs = load.load_runs(uri, "renamed")
     by_id = dict(zip(runs["run_id"].to_list(), runs["scheduler"].to_list()))
     assert by_id == {old.info.run_id: "cosine", new.info.run_id: "wsd"}

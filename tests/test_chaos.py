@@ -25,7 +25,7 @@ from reteq import tracking as T
 from reteq.analysis import tables as TB
 from reteq.analysis.load import load_metrics, load_run_record
 from reteq.config import parse_config
-from reteq.sweep.plan import build_plan
+from reteq.plan import build_plan
 from reteq.train.checkpoint import is_complete
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("reteq_cache")]
@@ -132,7 +132,7 @@ def test_sigkill_at_five_points_then_rerun_equals_an_uninterrupted_sweep(tmp_pat
     assert not [r for r in runs if r.info.status == T.RUN_RUNNING]
     keys = [*plan.nodes, *(leaf.key for leaf in plan.leaves)]
     for key in keys:
-        mine = [r for r in runs if r.data.tags.get(T.TAG_NODE_KEY) == key]
+        mine = [r for r in runs if r.data.tags.get(T.TAG_PLAN_KEY) == key]
         finished = [r for r in mine if r.info.status == T.RUN_FINISHED]
         assert len(finished) == 1, (key, [(r.info.status, r.data.tags.get(T.TAG_ERROR)) for r in mine])
         later = [r for r in mine if r.info.start_time > finished[0].info.end_time]
@@ -140,7 +140,7 @@ def test_sigkill_at_five_points_then_rerun_equals_an_uninterrupted_sweep(tmp_pat
         unfinished = [r for r in mine if r.info.status != T.RUN_FINISHED]
         assert all(r.data.tags.get(T.TAG_ERROR) for r in unfinished), "every unfinished run says why"
     recorded = [r for r in runs if r.data.tags.get(T.TAG_RECORDED_ON_REUSE) == "1"]
-    assert len(recorded) == 1 and recorded[0].data.tags[T.TAG_NODE_KEY] in published
+    assert len(recorded) == 1 and recorded[0].data.tags[T.TAG_PLAN_KEY] in published
     base_tables, chaos_tables = _tables(base, "base"), _tables(chaos, "chaos")
     assert base_tables.keys() == chaos_tables.keys() and base_tables["final"].height
     for name, table in base_tables.items():

@@ -22,9 +22,10 @@ from reteq import tracking as T
 from reteq.analysis.load import load_run_record
 from reteq.cli import EXIT_BAD_INPUT, main
 from reteq.config import parse_config
+from reteq.plan import build_plan
 from reteq.sweep import lifecycle, record
 from reteq.sweep.lock import WorkDirBusy, WorkDirLock
-from reteq.sweep.plan import build_plan
+from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.repair import reconcile_nodes
 from reteq.train.checkpoint import is_complete, save_checkpoint
 
@@ -39,11 +40,11 @@ def _no_leaked_tracking_uri(monkeypatch):
 
 
 def _exp(uri: str, root: str, name: str = "life") -> tuple[MlflowClient, str]:
-    return record.client(uri), record.ensure_experiment(uri, name, root)
+    return tracking_client(uri), ensure_experiment(uri, name, root)
 
 
 def _run(c, exp, key: str, kind: str = T.KIND_UNLEARN, attempt: str = "old", **tags) -> str:
-    return c.create_run(exp, tags={T.TAG_KIND: kind, T.TAG_NODE_KEY: key, T.TAG_SWEEP: "life",
+    return c.create_run(exp, tags={T.TAG_KIND: kind, T.TAG_PLAN_KEY: key, T.TAG_SWEEP: "life",
                                    T.TAG_ATTEMPT: attempt, **tags}).info.run_id
 
 
@@ -125,7 +126,7 @@ def test_corrupt_checkpoint_repaired_from_artifact_else_retrained(tmp_path, sqli
     parent = record.parent_run(c, exp, "life", "hash")
     store, key = tmp_path / "checkpoints", "nodekey"
     path = save_checkpoint(load_model(model_cfg(), seed=0), store / key, key, {"stage": "inst"})
-    tags = {T.TAG_KIND: T.KIND_FINETUNE, T.TAG_NODE_KEY: key, T.TAG_SWEEP: "life", T.TAG_STAGE: "inst"}
+    tags = {T.TAG_KIND: T.KIND_FINETUNE, T.TAG_PLAN_KEY: key, T.TAG_SWEEP: "life", T.TAG_STAGE: "inst"}
     node = object()
     seen: list[str] = []
 

@@ -82,6 +82,7 @@ class MlflowHooks(Hooks):
 
     FLUSH_EVERY = 20  # metric rows buffered before one log_batch call
 
+    # params: where runs go (uri, experiment, parent, sweep), how to tag them, echo, and who started them
     def __init__(self, uri: str, exp_id: str, parent_run_id: str, sweep: str, schedule_of, echo=print,
                  attempt: str = "", trial: str = ""):
         self.c = tracking_client(uri)

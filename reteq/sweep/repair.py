@@ -46,6 +46,7 @@ def mark_corrupt(c, run_id: str, reason: str) -> None:
     finish_run(c, run_id, T.STATUS_CORRUPT, f"{reason}; the node is retrained under a new run")
 
 
+# params: record (client, experiment, parent), store, nodes, tagging, attempt, needed keys, echo: all per caller
 def reconcile_nodes(c, exp_id: str, parent_run_id: str, store_root: Path, nodes: dict, tags_of, attempt: str,
                     needed: set[str], echo=print) -> dict[str, int]:
     """Repair and record the stage nodes of the local store, before any trial uses them.
