@@ -33,7 +33,8 @@ def fault(point: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    name, n, who = (spec.split(":") + ["1", "driver"])[:3]
+    parts = spec.split(":")
+    name, n, who = parts[0], (parts[1:2] or ["1"])[0], (parts[2:3] or ["driver"])[0]
     if name != point:
         return
     _seen[point] = _seen.get(point, 0) + 1
