@@ -41,7 +41,19 @@ def _config(tmp_path: Path, name: str, lrs=(1e-3,)) -> Path:
     return write_config(tmp_path / f"{name}-{len(lrs)}.yaml", raw)
 
 
+RAY_START_FAILED = ("during startup", "Timed out waiting for file", "Failed to connect to GCS")
+
+
 def _sweep(config: Path, work: Path, fault: str | None = None, on_lock=None) -> subprocess.CompletedProcess:
+    """`reteq sweep`; started again when Ray itself failed to start (an overloaded machine), before any trial."""
+    for _ in range(3):
+        res = _sweep_once(config, work, fault, on_lock)
+        if "Trial status" in res.stdout + res.stderr or not any(x in res.stderr for x in RAY_START_FAILED):
+            return res
+    return res
+
+
+def _sweep_once(config: Path, work: Path, fault: str | None, on_lock) -> subprocess.CompletedProcess:
     """`reteq sweep` in its own session; whatever of its Ray cluster outlives a SIGKILL is killed after it."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RETEQ_FAULT")}
     env.update(PYTHONPATH=str(REPO), RETEQ_FAULT_MARK=str(work.parent / f"fault-{time.monotonic_ns()}"))
