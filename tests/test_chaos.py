@@ -1,5 +1,5 @@
 """Chaos: `reteq sweep` as an operator runs it (a subprocess with its own local Ray and a real MLflow SQLite store),
-killed by SIGKILL at chosen points (the RETEQ_FAULT hook, reteq/faults.py), then rerun until it finishes.
+killed by SIGKILL at chosen points (the RETEQ_FAULT hook, reteq/sweep/faults.py), then rerun until it finishes.
 
 One path (inst>tofu>math>U, 4 stage nodes, one leaf per lr) keeps it short; the points are: one Ray Train worker
 during a node; the driver during a node, after a node's checkpoint is published but before its record, and during
