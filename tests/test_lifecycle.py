@@ -113,6 +113,11 @@ def test_extending_a_grid_keeps_every_finished_leaf_key(tmp_path):
     raw["unlearn"] = {**raw["unlearn"], "lrs": [1e-3, 3e-3], "algorithms": ["ga", "npo"]}
     after = {leaf.key for leaf in build_plan(parse_config(raw)).leaves}
     assert before < after and len(after) == 4
+    npo = {leaf.key for leaf in build_plan(parse_config(raw)).leaves if leaf.algorithm == "npo"}
+    raw["unlearn"]["loss_normalisation"] = {"ga": "sequence", "npo": "sequence"}  # GA's changes, NPO's does not
+    changed = build_plan(parse_config(raw)).leaves
+    assert {x.key for x in changed if x.algorithm == "npo"} == npo
+    assert not before & {x.key for x in changed if x.algorithm == "ga"}
     raw["unlearn"]["steps"] = 3  # what changes a leaf's result changes its key
     assert not before & {leaf.key for leaf in build_plan(parse_config(raw)).leaves}
 

@@ -84,7 +84,7 @@ def _keys(raw: dict) -> tuple[set[str], set[str]]:
     ("chat", "system_prompt", None, True),
     ("chat", "label_tokens", "body_eot", True),
     ("eval", "unlearn_label", "Sorry, I can not assist you", False),
-    ("unlearn", "loss_normalisation", {"ga": "sequence"}, False),
+    ("unlearn", "loss_normalisation", {"ga": "sequence", "npo": "token"}, False),  # both algorithms' own choice
     ("unlearn", "adapter", "continue", False),
     ("eval", "math_prompt", "Solve: {question}", False),
     ("eval", "forget_prompts", "all", False),
