@@ -7,6 +7,7 @@ node), and Hooks (where progress and metrics go: stdout, or MLflow).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from reteq.eval.probe import Probe, probe_pairs
 from reteq.models import fresh_adapter, load_model, load_tokenizer, resolve_source
 from reteq.plan import Plan, StageNode, UnlearnLeaf
 from reteq.train import collectives
-from reteq.train.checkpoint import discard, gathered_state_dict, is_complete, save_checkpoint
+from reteq.train.checkpoint import CheckpointError, discard, gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
 
 
@@ -58,7 +59,11 @@ class Coordinator:
 
 @dataclass
 class CheckpointStore:
+    """This machine's published checkpoints, by node key. `fetch` (reteq.sweep.delivery) copies a node published
+    elsewhere (another machine, via MLflow) into it; None in one process, where everything is local."""
+
     root: Path
+    fetch: Callable[[str, Path], Path | None] | None = None
 
     def path(self, key: str) -> Path:
         return Path(self.root) / key
@@ -70,6 +75,22 @@ class CheckpointStore:
             return True
         discard(self.path(key))
         return False
+
+    def ensure_local(self, key: str, ctx: WorkerContext) -> Path:
+        """Call on EVERY rank before loading `key`: this node's local rank 0 fetches and verifies a missing
+        checkpoint while the other ranks wait on a barrier; then each rank checks its own copy."""
+        error = None
+        if ctx.local_rank == 0 and not self.has(key):
+            try:
+                if self.fetch is None or self.fetch(key, self.path(key)) is None:
+                    error = "not published anywhere this worker can fetch from"
+            except Exception as e:  # reach the barrier anyway, or the other ranks hang
+                error = f"{type(e).__name__}: {e}"
+        _barrier(ctx)
+        if not self.has(key):
+            raise CheckpointError(f"node {key}: no verified checkpoint in {self.root} on this machine (rank "
+                                  f"{ctx.rank}){': ' + error if error else ''}")
+        return self.path(key)
 
 
 @dataclass
@@ -87,8 +108,10 @@ class DataCache:
             prepared = None
             if source.kind == "hub":
                 from reteq.data.prepare import lookup_prepared
+                from reteq.workdir import data_home, resolve_work_dir
 
-                prepared = lookup_prepared(source, Path(self.cfg.work_dir) / "data")
+                for data_dir in filter(None, (data_home(), resolve_work_dir(self.cfg.work_dir) / "data")):
+                    prepared = prepared or lookup_prepared(source, data_dir)
             if prepared is not None:
                 from reteq.data.prepare import read_prepared
 
@@ -173,10 +196,11 @@ def ensure_node(run: RunContext, node: StageNode) -> Path:
     if action == "found":
         if ctx.is_main:
             hooks.node_skipped(node, Path(where))
-        return Path(where)
+        return run.store.ensure_local(node.key, ctx)
     if action == "wait":
-        path = coordinator.wait(node.key, run.store) if ctx.is_main else None
-        return Path(_broadcast(str(path) if path else None, ctx))
+        if ctx.is_main:
+            coordinator.wait(node.key, run.store)
+        return run.store.ensure_local(node.key, ctx)
     try:
         parent = ensure_node(run, run.plan.nodes[node.parent]) if node.parent else None
         path = _train_node(run, node, parent)
@@ -186,7 +210,7 @@ def ensure_node(run: RunContext, node: StageNode) -> Path:
         raise
     if ctx.is_main:
         coordinator.finish(node.key, path)
-    return path
+    return run.store.ensure_local(node.key, ctx)  # ranks on other machines fetch what the main rank published
 
 
 def _train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:

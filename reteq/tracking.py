@@ -115,6 +115,9 @@ EVAL_METRICS = (
 
 # ---- params ----------------------------------------------------------------------------------------------------
 P_STEPS = "steps"
+# the sweep's parent run: its config's key settings (the whole resolved config is the ARTIFACT_CONFIG file)
+P_SWEEP_PARAMS = ("models", "orders", "algorithms", "lrs", "betas", "seeds", "forget_stage", "workers", "use_gpu",
+                  "deepspeed", "schedules")
 # the protocol (docs/fidelity.md): params of every node and leaf run, from `protocol_params`
 P_CHAT_DATE = "chat.date"  # the fixed date chat templates print
 P_SYSTEM_PROMPT = "chat.system_prompt"  # "" = none
@@ -152,6 +155,8 @@ P_VOCAB_SIZE = "vocab_size"  # the tokenizer's vocabulary: chance level is log(1
 ARTIFACT_CHECKPOINT = "checkpoint"  # artifact sub-folder holding the safetensors files + manifest.json
 ARTIFACT_PREDICTIONS = "predictions"  # artifact sub-folder holding PREDICTIONS_FILE
 PREDICTIONS_FILE = "predictions.parquet"  # per eval step x probe pair: score, KL to theta_r, token log-probs
+ARTIFACT_CONFIG = "config"  # the parent run's resolved sweep config, as ARTIFACT_CONFIG/CONFIG_FILE
+CONFIG_FILE = "sweep.yaml"
 
 
 def format_float(x: float | None) -> str:

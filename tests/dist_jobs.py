@@ -145,3 +145,30 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
     write_result(out, rank, {"deepspeed": cfg.execution.deepspeed, "optimizers": [s.optimizer for s in cfg.stages],
                              "unlearn_optimizer": cfg.unlearn.optimizer, "steps": result.steps,
                              "evals": result.evals, "collapsed": result.collapsed})
+
+
+def two_machine_delivery(rank: int, world: int, out: str, uri: str, experiment_id: str, parent_run: str) -> None:
+    """Each rank plays a machine of its own (local rank 0, its own store): rank 0 trains the stage node and
+    publishes it to MLflow; rank 1 must fetch it from there, verified, before it loads it to unlearn."""
+    import json
+
+    from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, run_leaf
+    from reteq.plan import build_plan
+    from reteq.sweep.delivery import mlflow_fetcher
+    from reteq.sweep.record import MlflowHooks
+    from reteq.train.checkpoint import read_manifest
+    from reteq.train.recipes import WorkerContext
+
+    cfg = one_stage_config(out, {"r": 4, "alpha": 8}, micro_batch=4)
+    plan = build_plan(cfg)
+    leaf = plan.leaves[0]
+    ds = json.loads((Path(__file__).resolve().parent.parent / "configs/deepspeed/zero0_fp32.json").read_text())
+    ctx = WorkerContext(rank=rank, world=world, local_rank=0, device=torch.device("cpu"), ds_config=ds)
+    store = CheckpointStore(Path(out) / f"store-rank{rank}", fetch=mlflow_fetcher(uri, experiment_id))
+    hooks = MlflowHooks(uri, experiment_id, parent_run, cfg.name, lambda s: "constant", echo=lambda m: None) \
+        if rank == 0 else None
+    result = run_leaf(RunContext(cfg, plan, ctx, store, DataCache(cfg), hooks=hooks or Hooks()), leaf)
+    node = leaf.parent
+    write_result(out, rank, {"steps": result.steps, "node": node, "has": store.has(node),
+                             "files": read_manifest(store.path(node))["files"],
+                             "stores": sorted(p.name for p in (Path(out) / f"store-rank{rank}").iterdir())})

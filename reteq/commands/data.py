@@ -7,15 +7,16 @@ from pathlib import Path
 from reteq.config import load_config
 from reteq.data.prepare import prepare
 from reteq.errors import BadInput, PrepareError
+from reteq.workdir import data_home, resolve_work_dir
 
 
 def prepare_command(config: str, out_dir: str | None = None) -> int:
     """0 on success; a bad config, unavailable data or an unwritable folder raise BadInput (`file: field: reason`).
 
-    The default out_dir is `<work_dir>/data`.
+    The default out_dir is $RETEQ_DATA_DIR, else `<work_dir>/data`.
     """
     cfg = load_config(config)
-    target = Path(out_dir) if out_dir else Path(cfg.work_dir) / "data"
+    target = Path(out_dir) if out_dir else data_home() or resolve_work_dir(cfg.work_dir) / "data"
     try:
         manifest = prepare(cfg, target, report=lambda line: print(line, flush=True))
     except PrepareError as e:

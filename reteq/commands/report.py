@@ -9,6 +9,7 @@ from pathlib import Path
 from reteq import tracking as T
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.workdir import resolve_work_dir
 
 
 def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None) -> Path:
@@ -31,7 +32,7 @@ def report_command(config: str | None, experiment: str | None, work_dir: str | N
     cfg = load_config(config) if config else None
     if cfg is None and not experiment:
         raise BadInput("report: give a sweep config or --experiment NAME")
-    work = Path(work_dir or (cfg.work_dir if cfg else "runs/demo")).resolve()
+    work = resolve_work_dir(work_dir or (cfg.work_dir if cfg else "runs/demo"))
     uri = (cfg.execution.tracking_uri if cfg else None) or T.default_tracking_uri(work)
     out = write_sweep_report(cfg, uri, work, experiment)
     print(f"report: {out}")
@@ -39,7 +40,7 @@ def report_command(config: str | None, experiment: str | None, work_dir: str | N
 
 
 def ui_command(work_dir: str, port: int) -> int:
-    work = Path(work_dir).resolve()
+    work = resolve_work_dir(work_dir)
     uri = T.default_tracking_uri(work)
     print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",

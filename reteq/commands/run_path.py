@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -21,6 +20,7 @@ from reteq.errors import BadInput
 from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, preflight, run_leaf
 from reteq.plan import Plan, UnlearnLeaf, build_plan
 from reteq.train.recipes import UnlearnResult, WorkerContext
+from reteq.workdir import resolve_work_dir
 
 
 class PrintHooks(Hooks):
@@ -118,7 +118,7 @@ def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None)
     leaf, plan = choose_leaf(cfg, flags)
     data = DataCache(cfg)
     preflight(cfg, data)
-    work = Path(work_dir or cfg.work_dir)
+    work = resolve_work_dir(work_dir or cfg.work_dir)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     ctx = WorkerContext(dtype=cfg.model(leaf.model).dtype, packing=cfg.execution.packing,
                         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))

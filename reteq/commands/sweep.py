@@ -15,6 +15,7 @@ from reteq import tracking as T
 from reteq.commands.report import write_sweep_report
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.workdir import resolve_work_dir
 
 
 def default_demo_config() -> Path:
@@ -42,7 +43,7 @@ def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = 
     from reteq.sweep.lock import WorkDirLock
 
     plan = _preflight(cfg)  # bad input fails here, before the work dir exists
-    work = Path(work_dir or cfg.work_dir).resolve()
+    work = resolve_work_dir(work_dir or cfg.work_dir)
     with writing("the work dir", work):
         work.mkdir(parents=True, exist_ok=True)
     with writing("the work dir lock", work / "sweep.lock"):
@@ -86,6 +87,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> int:
         c = tracking_client(uri)
         parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
         c.set_tag(parent, T.TAG_ATTEMPT, attempt)
+        record.log_sweep_config(c, parent, cfg)
         closed = lifecycle.close_stale_runs(c, exp_id, cfg.name, attempt)
     if closed:
         print(f"closed {closed} run(s) left RUNNING by an earlier attempt that died (now KILLED)", flush=True)
@@ -165,7 +167,7 @@ def demo_command(config: str | None, work_dir: str | None) -> int:
 
     t0 = time.perf_counter()
     cfg = load_config(config or default_demo_config())
-    work = Path(work_dir or cfg.work_dir).resolve()
+    work = resolve_work_dir(work_dir or cfg.work_dir)
     theory_command(None, str(work), False)  # same MLflow store: one UI, one report
     code = sweep_command(cfg, str(work), report=True)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import redirect_stdout
-from pathlib import Path
 
 from reteq import tracking as tk
 from reteq.theory.grid import load_theory_config, run_theory_grid
+from reteq.workdir import resolve_work_dir
 
 
 def theory_command(config_path: str | None, work_dir: str, as_json: bool) -> int:
@@ -18,7 +18,7 @@ def theory_command(config_path: str | None, work_dir: str, as_json: bool) -> int
     input (config or cluster) raises BadInput (exit 2). With as_json, stdout carries exactly one JSON object
     (Tune's output goes to stderr)."""
     cfg = load_theory_config(config_path)
-    work = Path(work_dir)
+    work = resolve_work_dir(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     uri, root = tk.default_tracking_uri(work), tk.default_artifact_root(work)
     with redirect_stdout(sys.stderr):

@@ -38,6 +38,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     from reteq.pipeline import CheckpointStore, Coordinator, DataCache, Hooks, RunContext, run_leaf
     from reteq.plan import build_plan, leaf_from_dict
     from reteq.sweep.coordinator import RayCoordinator
+    from reteq.sweep.delivery import local_store_root, mlflow_fetcher
     from reteq.sweep.record import MlflowHooks
     from reteq.train.engine import load_deepspeed_config
     from reteq.train.recipes import WorkerContext
@@ -58,7 +59,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.execution.cpus_per_worker)))
     ds = load_deepspeed_config(config["deepspeed"]) if config["deepspeed"] else None
     ctx = WorkerContext(rank=rank, world=world, device=device, ds_config=ds, dtype=cfg.model(leaf.model).dtype,
-                        packing=cfg.execution.packing)
+                        packing=cfg.execution.packing, local_rank=ctx_train.get_local_rank())
+    # this machine's store; nodes published on other machines come from MLflow (reteq.sweep.delivery)
+    store = CheckpointStore(local_store_root(config["checkpoints"]),
+                            fetch=mlflow_fetcher(config["tracking_uri"], config["experiment_id"]))
 
     hooks = None
     coordinator = None
@@ -72,7 +76,6 @@ def worker_loop(config: dict[str, Any]) -> None:
         _close_trial_runs(config, leaf.key, T.STATUS_KILLED, "its worker group died; the trial started a new one")
         coordinator = RayCoordinator(who=leaf.key, fetch=_fetch_checkpoint(config["tracking_uri"]),
                                      run_ids=hooks.run_ids)
-    store = CheckpointStore(Path(config["checkpoints"]))
     try:
         run = RunContext(cfg, plan, ctx, store, DataCache(cfg), coordinator or Coordinator(), hooks or Hooks())
         result = run_leaf(run, leaf)

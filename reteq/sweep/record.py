@@ -41,6 +41,34 @@ def _finished(c, exp_id: str) -> list:
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
+def sweep_params(cfg) -> dict[str, str]:
+    """The parent run's key params (T.P_SWEEP_PARAMS), all derived from the config (its hash names the run)."""
+    u, ex = cfg.unlearn, cfg.execution
+    values = {"models": ",".join(m.name for m in cfg.models),
+              "orders": ";".join(T.order_tag(o) for o in cfg.stage_orders()),
+              "algorithms": ",".join(u.algorithms), "lrs": ",".join(T.format_float(x) for x in u.lrs),
+              "betas": ";".join(f"{a}:{','.join(T.format_float(b) for b in u.betas_for(a) if b is not None)}"
+                                for a in u.algorithms if u.betas_for(a) != [None]),
+              "seeds": ",".join(map(str, cfg.seeds)), "forget_stage": cfg.forget_stage, "workers": str(ex.workers),
+              "use_gpu": str(ex.use_gpu).lower(), "deepspeed": ex.deepspeed or "",
+              "schedules": ",".join(cfg.schedules or [])}
+    return {k: values[k] for k in T.P_SWEEP_PARAMS}
+
+
+def log_sweep_config(c, run_id: str, cfg) -> None:
+    """The parent run carries the resolved config (an artifact) and its key params."""
+    import tempfile
+
+    import yaml
+    from mlflow.entities import Param
+
+    c.log_batch(run_id, params=[Param(k, v) for k, v in sweep_params(cfg).items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / T.CONFIG_FILE
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        c.log_artifact(run_id, str(path), artifact_path=T.ARTIFACT_CONFIG)
+
+
 def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
     """node key -> {run_id, checkpoint} for finetune/retrain runs that finished and published a checkpoint."""
     out: dict[str, dict[str, str]] = {}
@@ -129,7 +157,8 @@ class MlflowHooks(Hooks):
     def _params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        self.c.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        # a value that does not apply (GA's beta) is left out, never logged as the string "None"
+        self.c.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if v is not None])
 
     def _end(self, key: str, status: str, tags: dict[str, str] | None = None) -> None:
         self._metrics(key, {}, 0, flush=True)

@@ -28,6 +28,7 @@ from reteq.train.precision import apply_matmul_policy, autocast
 class WorkerContext:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0  # rank among this machine's workers: local rank 0 fetches checkpoints for its machine
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ds_config: dict[str, Any] | None = None
     dtype: str = "fp32"
