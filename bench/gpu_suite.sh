@@ -18,7 +18,9 @@
 #   6 pack-1b-frozen  bf16 with the LoRA base's Linear weights stored in bf16 (same numbers, less traffic)
 #   7 pack-q1.5b / pack-8b / pack-14b   the other paper shapes, bf16, padded vs packed (8B/14B: frozen bf16)
 #   8 gen-1b-compile  static cache + torch.compile (compile time is excluded from the rate, but not the budget)
-#   9 ds-1b      only with SUITE_DEEPSPEED=1 and deepspeed importable: ZeRO-2 bf16 vs plain, 1B LoRA r64
+#   9 ds-*       reteq's DeepSpeed engine path (DeepSpeedEngine, the shared loop, its collectives on the GPU's
+#                device), whenever deepspeed is importable (carry it: ../shared/STACK.md): ZeRO-2 bf16 vs plain
+#                (1B LoRA r64), ZeRO-3 fp32 weights + bf16 autocast (1B LoRA r64 finetune + unlearn; 8B LoRA r8)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/reteq-gpu-suite}
@@ -92,10 +94,18 @@ run pack-14b 90 bench/packing_throughput.py --shape $M14 --precisions bf16 --fro
   --phases finetune --global-batch $(( GB8 / 2 )) --micro-batch $(( MB8 / 2 )) --steps 2 "${LENS[@]}" "${X[@]}"
 run gen-1b-compile 120 bench/generation_throughput.py --shape $M1 --precision bf16 --samples 5 "${G[@]}" \
   --configs static+compile:$B2 "${X[@]}"
-if [ "${SUITE_DEEPSPEED:-0}" = "1" ] && "$PY" -c "import deepspeed" 2>/dev/null; then
+if "$PY" -c "import deepspeed" 2>/dev/null; then
   run ds-1b 120 bench/packing_throughput.py --shape $M1 --precisions bf16 --engines plain,deepspeed \
     --deepspeed-config configs/deepspeed/zero2_bf16.json --modes packed --phases finetune --global-batch $GB \
     --micro-batch $MB --steps 2 "${LENS[@]}" "${X[@]}"
+  run ds-1b-zero3 120 bench/packing_throughput.py --shape $M1 --precisions bf16 --engines deepspeed \
+    --deepspeed-config configs/deepspeed/zero3_fp32.json --modes packed --phases finetune,unlearn \
+    --global-batch $GB --micro-batch $MB --steps 2 "${LENS[@]}" "${X[@]}"
+  run ds-8b-zero3 120 bench/packing_throughput.py --shape $M8 --precisions bf16 --engines deepspeed \
+    --deepspeed-config configs/deepspeed/zero3_fp32.json --modes packed --phases finetune --global-batch $GB8 \
+    --micro-batch $MB8 --steps 2 "${LENS[@]}" "${X[@]}"
+else
+  echo "=== SKIP ds-1b, ds-1b-zero3, ds-8b-zero3: deepspeed is not importable (carry it: ../shared/STACK.md)" >> "$LOG"
 fi
 echo "=== suite done at $(elapsed)s" >> "$LOG"
 cat "$LOG"

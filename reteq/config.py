@@ -302,12 +302,20 @@ class ExecutionConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     max_concurrent_trials: int = Field(1, gt=0)
+    worker_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="extra Ray resources per worker, e.g. {'accelerator_type:H100': 0.001} "
+        "to pin a GPU type, or a custom node resource to force placement")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); null = plain torch")
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or SQLite in work_dir")
     storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray")
     tokens_per_gpu_second: float = Field(
         40_000, gt=0, description="throughput used by `reteq plan` to estimate GPU-hours (measure with bench/)"
     )
+    placement: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="Ray placement of a trial's workers. STRICT_PACK: all on one node (NVLink, one "
+        "checkpoint fetch; the autoscaler launches a node with enough GPUs). PACK lets Ray's autoscaler spread a "
+        "4-worker trial over four 1-GPU nodes; SPREAD asks for that. Ranks on other nodes fetch checkpoints from "
+        "MLflow (docs/cluster.md, 'Placement')")
     packing: bool = Field(
         True, description="pack variable-length samples into rows (no cross-sample attention) instead of padding "
         "them: same losses to float rounding, fewer wasted tokens (docs/performance.md); false = padded batches")

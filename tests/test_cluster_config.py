@@ -97,9 +97,45 @@ def test_spot_worker_type_uses_instance_market_options(cluster):
     assert spot, "expected an optional spot worker type"
 
 
-def test_workers_can_reach_s3(cluster):
+def test_workers_can_reach_s3_through_their_own_limited_role(cluster):
     for name, t in _worker_types(cluster).items():
-        assert t["node_config"].get("IamInstanceProfile"), f"{name}: workers write Ray storage to S3"
+        profile = t["node_config"].get("IamInstanceProfile", {}).get("Name")
+        assert profile, f"{name}: workers write Ray storage to S3"
+        assert profile != "ray-autoscaler-v1", f"{name}: the head's role (EC2 + S3 full access) is not for workers"
+    head = cluster["available_node_types"][cluster["head_node_type"]]["node_config"]
+    assert head.get("IamInstanceProfile", {}).get("Name") != "reteq-worker"
+
+
+def test_worker_role_in_the_docs_is_limited_to_the_s3_prefix():
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    policy = re.search(r"reteq-worker-s3.*?--policy-document '(\{.*?\})'", docs, re.S)
+    assert policy, "docs/cluster.md must create the reteq-worker role's S3 policy"
+    import json
+
+    statements = json.loads(policy.group(1))["Statement"]
+    resources = [r for s in statements for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])]
+    assert all(r.startswith("arn:aws:s3:::BUCKET") for r in resources), resources
+    assert "*" not in {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert all(r in ("arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/reteq/*") for r in resources), resources
+
+
+def test_token_auth_is_set_up_before_ray_starts(cluster):
+    assert cluster["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts), starts
+    assert _node_env(cluster)["RAY_AUTH_MODE"] == "token"  # every ray CLI on the nodes uses it too
+    assert "test -s ~/.ray/auth_token" in cluster["setup_commands"][0]  # no token: `ray up` stops, never opens
+
+
+def test_nodes_read_prepared_data_fetched_once_from_s3(cluster):
+    env = _node_env(cluster)
+    assert env["RETEQ_DATA_DIR"].endswith("$HOME/reteq-data")  # written as \$HOME: expanded on the node
+    assert any("aws s3 sync" in c and "$RETEQ_S3/data $RETEQ_DATA_DIR" in c for c in cluster["setup_commands"])
+
+
+def test_torch_is_installed_only_where_missing(cluster):
+    [cmd] = [c for c in cluster["setup_commands"] if re.search(r"pip install\b.*\btorch==", c)]
+    assert "import torch" in cmd and "||" in cmd
 
 
 def test_setup_installs_torch_before_reteq(cluster):
@@ -132,9 +168,11 @@ def test_head_runs_mlflow_server_with_postgresql_store_and_s3_artifacts(cluster)
     assert re.search(r"--host 0\.0\.0\.0\b", args) and re.search(r"--port 5000\b", args)
     backend = _expand(re.search(r"--backend-store-uri (\S+)", args).group(1), env)
     artifacts = _expand(re.search(r"--artifacts-destination (\S+)", args).group(1), env)
-    assert backend.startswith("postgresql://"), backend
+    assert backend.startswith("postgresql+psycopg://"), backend  # SQLAlchemy's psycopg 3 driver, named
     assert artifacts.startswith("s3://"), artifacts
-    assert "postgresql" in text and "psycopg2" in text, "PostgreSQL and its driver must be installed on the head"
+    assert "postgresql" in text, "PostgreSQL must be installed on the head"
+    lock = (ROOT / "requirements.lock").read_text()
+    assert re.search(r"^psycopg\[binary\]==", lock, re.M), "the driver comes with requirements.lock on every node"
 
 
 def test_file_mounts_skip_local_venv_and_runs(cluster):

@@ -120,13 +120,14 @@ def make_trial(base: dict[str, Any], cfg: SweepConfig):
         from ray.tune.integration.ray_train import TuneReportCallback
 
         ex = cfg.execution
-        resources = {"CPU": ex.cpus_per_worker}
+        resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources}
         if ex.use_gpu:
             resources["GPU"] = ex.gpus_per_worker
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={**base, "leaf": tune_config["leaf"]},
-            scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
+                                         placement_strategy=ex.placement),
             run_config=RunConfig(name=f"leaf-{tune_config['leaf']['key'][:12]}", storage_path=base["storage_path"],
                                  callbacks=[TuneReportCallback()],
                                  worker_runtime_env={"env_vars": base["env"]}),

@@ -1,0 +1,174 @@
+"""The head's MLflow server, started from cluster.yaml's own ExecStart line, on a real PostgreSQL, with a tiny sweep
+(real local Ray, 2 DeepSpeed workers) logged through it.
+
+PostgreSQL is Debian's package (initdb/pg_ctl from /usr/lib/postgresql/*/bin), run in a temp dir on 127.0.0.1 by
+the `postgres` user when the test runs as root (initdb refuses root). `.ci/run` installs the package; the test is
+skipped, saying why, only where those binaries are absent.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import shutil
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from helpers import reteq_cache  # noqa: F401
+
+from reteq import tracking as T
+from reteq.config import parse_config
+from reteq.sweep.run import sweep_command
+from tests.sweep_configs import REPO, tiny_sweep
+
+pytestmark = pytest.mark.ray
+
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command_line() -> str:
+    """The `mlflow server` ExecStart line of the systemd unit that cluster.yaml's head_setup_commands write."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    lines = [line.strip() for cmd in cluster["head_setup_commands"] for line in cmd.splitlines()
+             if line.strip().startswith("ExecStart=")]
+    assert len(lines) == 1, lines
+    return lines[0].removeprefix("ExecStart=")
+
+
+def cluster_env_value(name: str) -> str:
+    """A variable's value as cluster.yaml's setup_commands write it to ~/reteq.env."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for cmd in cluster["setup_commands"]:
+        for line in cmd.splitlines():
+            if line.strip().startswith(f"export {name}="):
+                return line.strip().removeprefix(f"export {name}=").split()[0]
+    raise AssertionError(f"cluster.yaml sets no {name}")
+
+
+class Postgres:
+    """A throwaway PostgreSQL on 127.0.0.1:port with role and database `mlflow` (trust auth on loopback)."""
+
+    def __init__(self):
+        self.bin = Path(PG_BIN[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="reteq-pg-", dir="/tmp"))
+        self.port = _free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses root: run the server as Debian's postgres user
+            shutil.chown(self.dir, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    def run(self, *args: str) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=300, cwd="/tmp")
+
+    def start(self) -> Postgres:
+        data = self.dir / "data"
+        self.run(str(self.bin / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8")
+        self.run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "-t", "120",
+                 "-o", f"-h 127.0.0.1 -p {self.port} -k {self.dir}", "start")
+        self.run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mlflow", "mlflow")
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres():
+    if not PG_BIN:
+        pytest.skip("PostgreSQL binaries absent (no /usr/lib/postgresql/*/bin/initdb): `apt-get install postgresql`, "
+                    "as .ci/run does")
+    pg = Postgres().start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def mlflow_server(postgres, tmp_path):
+    """cluster.yaml's ExecStart line with the head's variables filled in for this machine: the venv's bin for
+    $HOME/venv/bin, this PostgreSQL in the URI shape cluster.yaml uses, a local folder for $RETEQ_S3, and
+    127.0.0.1 plus a free port for the head's 0.0.0.0:5000."""
+    line = server_command_line()
+    port = _free_port()
+    assert "--host 0.0.0.0 --port 5000" in line, line
+    line = line.replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")
+    line = line.replace("$HOME/venv/bin/", f"{Path(sys.executable).parent}/")
+    db = cluster_env_value("RETEQ_MLFLOW_DB").replace("@127.0.0.1:5432/", f"@127.0.0.1:{postgres.port}/")
+    assert db.startswith("postgresql+psycopg://"), db  # the driver requirements.lock installs
+    artifacts = tmp_path / "s3"
+    cmd = shlex.split(string.Template(line).substitute(RETEQ_MLFLOW_DB=db, RETEQ_S3=artifacts.as_uri()))
+    log = open(tmp_path / "mlflow-server.log", "w")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "MLflow server did not answer within 300 s"
+            time.sleep(2)
+        yield uri, artifacts
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+        log.close()
+
+
+def test_cluster_server_command_names_an_installed_driver():
+    import sqlalchemy
+
+    db = cluster_env_value("RETEQ_MLFLOW_DB")
+    engine = sqlalchemy.create_engine(db)  # resolves (imports) the driver without connecting
+    assert engine.dialect.driver == "psycopg"
+    assert "$RETEQ_MLFLOW_DB" in server_command_line()
+
+
+@pytest.mark.usefixtures("reteq_cache")
+def test_tiny_sweep_logs_to_the_cluster_server_on_postgres(ray_cluster, mlflow_server, tmp_path):
+    uri, artifacts = mlflow_server
+    raw = tiny_sweep(tmp_path / "work", name="pg-sweep", positions=(4,), algorithms=("ga",), lrs=(1e-3,),
+                     workers=2, concurrent=1, unlearn_steps=1)
+    raw["execution"]["tracking_uri"] = uri
+    cfg = parse_config(raw)
+    assert sweep_command(cfg, report=False) == 0
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["pg-sweep"], output_format="list")
+    kinds = sorted(r.data.tags.get(T.TAG_KIND) for r in runs)
+    assert kinds.count(T.KIND_FINETUNE) == 4 and kinds.count(T.KIND_UNLEARN) == 1 and T.KIND_SWEEP in kinds
+    parent = next(r for r in runs if r.data.tags.get(T.TAG_KIND) == T.KIND_SWEEP)
+    assert parent.data.params["algorithms"] == "ga" and "None" not in parent.data.params.values()
+    published = list(artifacts.rglob("manifest.json"))  # checkpoints went through the server to its store
+    assert len(published) == 4
+    assert not list((tmp_path / "work").glob("mlflow.db"))  # nothing fell back to a local SQLite store
+
