@@ -118,7 +118,9 @@ def mlflow_server(postgres, tmp_path):
     artifacts = tmp_path / "s3"
     cmd = shlex.split(string.Template(line).substitute(RETEQ_MLFLOW_DB=db, RETEQ_S3=artifacts.as_uri()))
     log = open(tmp_path / "mlflow-server.log", "w")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # the environment, not the command: uvicorn kills a worker that misses a 5 s health ping, which a loaded
+    # 2-core test machine does (an endless restart loop); a head node has the cores to answer
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"}
     env.pop("MLFLOW_TRACKING_URI", None)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
