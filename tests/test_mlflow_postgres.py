@@ -27,8 +27,8 @@ import yaml
 from helpers import reteq_cache  # noqa: F401
 
 from reteq import tracking as T
+from reteq.commands.sweep import sweep_command
 from reteq.config import parse_config
-from reteq.sweep.run import sweep_command
 from tests.sweep_configs import REPO, tiny_sweep
 
 pytestmark = pytest.mark.ray

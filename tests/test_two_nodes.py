@@ -19,7 +19,7 @@ import pytest
 
 from reteq import tracking as T
 from reteq.config import parse_config
-from reteq.sweep.plan import build_plan
+from reteq.plan import build_plan
 from tests.sweep_configs import tiny_sweep, write
 from tests.test_jobs import _free_port, _stop_cluster
 
