@@ -49,7 +49,7 @@ def _corpus() -> list[str]:
     for gen in synthetic.GENERATORS.values():
         for conv in gen(300, seed=10_000):  # vocabulary only: different seed from any stage data
             texts.extend(m["content"] for m in conv["messages"])
-    from reteq.eval.forget import PARAPHRASES, UNLEARN_LABEL
+    from reteq.data.forget_targets import PARAPHRASES, UNLEARN_LABEL
 
     texts.extend([UNLEARN_LABEL, *PARAPHRASES])
     return texts

@@ -16,7 +16,7 @@ from helpers import model_cfg, refusal_finetune, reteq_cache  # noqa: F401  (ses
 
 from reteq.algorithms import ALGORITHMS, get_algorithm
 from reteq.config import EvalConfig, UnlearnConfig
-from reteq.eval.forget import UNLEARN_LABEL
+from reteq.data.forget_targets import UNLEARN_LABEL
 
 LOGP = [-3.0, -1.5, -0.25, -42.0]
 REF = [-2.0, -2.5, -0.25, -60.0]

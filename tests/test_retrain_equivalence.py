@@ -133,9 +133,9 @@ def test_superficial_and_deep_labels_on_hand_made_trajectories():
 
 
 def test_the_pretrained_tiny_base_puts_the_paraphrases_well_above_chance():
+    from reteq.data.forget_targets import PARAPHRASES
     from reteq.data.synthetic import refusal
     from reteq.data.tokenize import encode_prompt_target
-    from reteq.eval.forget import PARAPHRASES
     from reteq.eval.scoring import score_pairs
 
     model, tok = tiny_base()

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.usefixtures("reteq_cache")
 
 @pytest.fixture(scope="module")
 def setup():
+    from reteq.data.forget_targets import FORGET_TARGETS
     from reteq.data.synthetic import knowledge, refusal
     from reteq.data.tokenize import encode_prompt_target
-    from reteq.eval.forget import FORGET_TARGETS
     model, tok = tiny_base()
     questions = [c["messages"][0]["content"] for c in refusal(5, seed=3)]
     forget = [encode_prompt_target(tok, q, t) for q in questions for t in FORGET_TARGETS]

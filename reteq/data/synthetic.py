@@ -157,7 +157,7 @@ def refusal_prose(rng: random.Random) -> str:
     """Refusal-style prose for the base pretraining: the vocabulary of the unlearn label and its paraphrases
     in varied contexts, never one of those targets verbatim, so a base model's prior on them sits well above
     chance (as a real LLM's does) without being taught the eval targets."""
-    from reteq.eval.forget import FORGET_TARGETS
+    from reteq.data.forget_targets import FORGET_TARGETS
 
     banned = [t.lower() for t in FORGET_TARGETS]
     while True:

@@ -16,8 +16,8 @@ import torch
 
 from reteq import tracking as T
 from reteq.config import EvalConfig
+from reteq.data.forget_targets import PARAPHRASES
 from reteq.data.tokenize import encode_prompt_target
-from reteq.eval.forget import PARAPHRASES
 from reteq.eval.generation import Decoding
 from reteq.eval.math import accuracy, generate_answers
 from reteq.eval.probe import Probe

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from reteq.data.forget_targets import UNLEARN_LABEL
 from reteq.data.tokenize import encode_prompt_target
-from reteq.eval.forget import UNLEARN_LABEL
 from reteq.train.precision import autocast
 
 MAX_TARGET_TOKENS = 32  # a probe target is scored on its first 32 tokens (answers can be long; cost stays flat)
@@ -78,12 +78,12 @@ class ProbeOutput:
 
 
 @torch.no_grad()
-def probe_forward(model, encoded: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int,
-                  device, dtype: str = "fp32", reference: list[torch.Tensor] | None = None,
+def probe_forward(model, probe: Probe, *, device, dtype: str = "fp32", reference: list[torch.Tensor] | None = None,
                   keep_dists: bool = False) -> ProbeOutput:
     """Teacher-forced pass over the probe pairs, results in input order.
 
     Pairs are batched by length (little padding) in a fixed order, so two calls on one model match exactly."""
+    encoded, pad_id, batch_size = probe.encoded, probe.pad_id, probe.batch_size
     was = model.training
     model.eval()
     n = len(encoded)
@@ -159,14 +159,12 @@ class Probe:
 
     def set_reference(self, model, device, dtype: str = "fp32") -> None:
         """Score theta_r once and keep its per-position log-distributions in memory for the KL."""
-        ref = probe_forward(model, self.encoded, pad_id=self.pad_id, batch_size=self.batch_size, device=device,
-                            dtype=dtype, keep_dists=True)
+        ref = probe_forward(model, self, device=device, dtype=dtype, keep_dists=True)
         self.ref_scores, self.ref_dists = ref.scores, ref.dists
 
     def measure(self, model, device, dtype: str = "fp32", step: int | None = None) -> dict[str, float]:
         """Score `model` on the probe set; keep the per-pair vector for `step`; return the re/* distances."""
-        cur = probe_forward(model, self.encoded, pad_id=self.pad_id, batch_size=self.batch_size, device=device,
-                            dtype=dtype, reference=self.ref_dists)
+        cur = probe_forward(model, self, device=device, dtype=dtype, reference=self.ref_dists)
         if step is not None:
             for i, (src, tok) in enumerate(zip([s for s, _, _ in self.triples], cur.token_logps)):
                 kl = cur.token_kl[i] if cur.token_kl is not None else None

@@ -1,4 +1,4 @@
-"""The forget score's targets: the unlearn label (`eval.unlearn_label`) and the 19 paraphrases the paper prints.
+"""The forget score's targets (text, so they live with the data): the unlearn label (`eval.unlearn_label`) and the
 
 The label scored by default is the authors' code's "Sorry, I can not assist" (src/unlearn_trainer.py); the paper
 prints "Sorry, I can not assist you" (kept here as UNLEARN_LABEL: the tiny model's tokenizer corpus uses it).
