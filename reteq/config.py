@@ -305,6 +305,10 @@ class ExecutionConfig(_Strict):
     worker_resources: dict[str, PositiveFloat] = Field(
         default_factory=dict, description="extra Ray resources per worker, e.g. {'accelerator_type:H100': 0.001} "
         "to pin a GPU type, or a custom node resource to force placement")
+    max_failures: int = Field(
+        2, ge=0, description="retries of a stage node or unlearning trial whose worker died or whose machine was "
+        "preempted (Ray task max_retries, Ray Train and Ray Tune FailureConfig); after that its branch fails, "
+        "named, and the rest of the sweep finishes")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); null = plain torch")
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or SQLite in work_dir")
     storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray")

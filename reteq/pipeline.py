@@ -1,8 +1,9 @@
-"""The work of one unlearning leaf: make sure every stage node of its finetuning order exists, then unlearn.
+"""The work of a stage node (finetune one stage) and of an unlearning leaf (unlearn from a published node).
 
-Shared by `reteq run-path` (one process) and each Ray Train worker group of `reteq sweep`. What differs is
-injected through one RunContext: the WorkerContext (rank, DeepSpeed), the Coordinator (who trains a shared
-node), and Hooks (where progress and metrics go: stdout, or MLflow).
+Shared by `reteq run-path` (one process: `run_leaf` trains the order's missing nodes in turn, then unlearns) and
+`reteq sweep` (each node its own Ray task, each leaf its own Tune trial: `train_node`, `unlearn_leaf`). What
+differs is injected through one RunContext: the WorkerContext (rank, DeepSpeed) and Hooks (where progress and
+metrics go: stdout, or MLflow).
 """
 
 from __future__ import annotations
@@ -40,21 +41,6 @@ class Hooks:
     def leaf_step(self, leaf: UnlearnLeaf, record) -> None: ...
     def leaf_eval(self, leaf: UnlearnLeaf, step: int, metrics: dict[str, float]) -> None: ...
     def leaf_done(self, leaf: UnlearnLeaf, result: UnlearnResult) -> None: ...
-
-
-class Coordinator:
-    """Decides who trains a node shared by several trials. In one process: whoever asks first."""
-
-    def find(self, key: str, store: CheckpointStore) -> Path | None:
-        return store.path(key) if store.has(key) else None
-
-    def claim(self, key: str) -> bool:
-        return True
-
-    def wait(self, key: str, store: CheckpointStore) -> Path:
-        raise RuntimeError(f"node {key} is not available")
-
-    def finish(self, key: str, path: Path | None, error: str | None = None) -> None: ...
 
 
 @dataclass
@@ -162,10 +148,6 @@ def check_rows_fit(cfg: SweepConfig, data: DataCache) -> None:
                                         f"fits in {limit} tokens ({where}, model {m.name})")
 
 
-def _broadcast(obj, ctx: WorkerContext):
-    return obj if ctx.world == 1 else collectives.broadcast_object(obj, ctx.device)
-
-
 def _barrier(ctx: WorkerContext) -> None:
     if ctx.world > 1:
         collectives.barrier(ctx.device)
@@ -173,47 +155,35 @@ def _barrier(ctx: WorkerContext) -> None:
 
 @dataclass
 class RunContext:
-    """Everything the work of a leaf needs, built once per process (by `reteq run-path`, or by each Ray Train
-    worker of `reteq sweep` from the trial's config) instead of being threaded through every call."""
+    """Everything the work of a node or leaf needs, built once per process (by `reteq run-path`, or in each Ray
+    task, Tune trial or Train worker of `reteq sweep`) instead of being threaded through every call."""
 
     cfg: SweepConfig
     plan: Plan
     worker: WorkerContext  # rank, world, device, DeepSpeed config, precision, packing
     store: CheckpointStore
     data: DataCache
-    coordinator: Coordinator = field(default_factory=Coordinator)
     hooks: Hooks = field(default_factory=Hooks)
 
 
-def ensure_node(run: RunContext, node: StageNode) -> Path:
-    """The published checkpoint of `node`: found, waited for, or trained here (parents first)."""
-    ctx, coordinator, hooks = run.worker, run.coordinator, run.hooks
-    decision = None
-    if ctx.is_main:
-        found = coordinator.find(node.key, run.store)
-        decision = ("found", str(found)) if found else ("train", "") if coordinator.claim(node.key) else ("wait", "")
-    action, where = _broadcast(decision, ctx)
-    if action == "found":
-        if ctx.is_main:
-            hooks.node_skipped(node, Path(where))
-        return run.store.ensure_local(node.key, ctx)
-    if action == "wait":
-        if ctx.is_main:
-            coordinator.wait(node.key, run.store)
-        return run.store.ensure_local(node.key, ctx)
-    try:
-        parent = ensure_node(run, run.plan.nodes[node.parent]) if node.parent else None
-        path = _train_node(run, node, parent)
-    except BaseException as e:
-        if ctx.is_main:
-            coordinator.finish(node.key, None, error=f"{type(e).__name__}: {e}")
-        raise
-    if ctx.is_main:
-        coordinator.finish(node.key, path)
-    return run.store.ensure_local(node.key, ctx)  # ranks on other machines fetch what the main rank published
+def ensure_chain(run: RunContext, key: str) -> Path:
+    """One process: the published checkpoint of node `key`, training its missing ancestors first, in order.
+
+    The sweep does not come here: there every node is its own Ray task (reteq.sweep.nodes)."""
+    parent = None
+    for node in run.plan.chain(key):
+        if run.store.has(node.key):
+            if run.worker.is_main:
+                run.hooks.node_skipped(node, run.store.path(node.key))
+            parent = run.store.path(node.key)
+        else:
+            parent = train_node(run, node, parent)
+    assert parent is not None
+    return parent
 
 
-def _train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
+def train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
+    """Train one stage node from its parent's checkpoint (None: the base model) and publish its checkpoint."""
     cfg, ctx, hooks = run.cfg, run.worker, run.hooks
     mcfg = cfg.model(node.model)
     tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
@@ -246,10 +216,12 @@ def _mean_tps(records) -> float:
     return tokens / secs if secs else float("nan")
 
 
-def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:
+def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path | None = None,
+                 report: Callable[[int, dict[str, float]], None] | None = None) -> UnlearnResult:
+    """Unlearn the forget set from the parent node's checkpoint (`retrain`: theta_r's, the probe's reference).
+    `report(step, metrics)` runs on every rank at every evaluation (Ray Train's report is a collective); hooks
+    run on the main worker only."""
     cfg, ctx, data, hooks = run.cfg, run.worker, run.data, run.hooks
-    path = ensure_node(run, run.plan.nodes[leaf.parent])
-    retrain = ensure_node(run, run.plan.nodes[leaf.retrain]) if leaf.retrain else None
     mcfg = cfg.model(leaf.model)
     tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
     know = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
@@ -260,7 +232,7 @@ def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:
         reference = load_model(mcfg, checkpoint=retrain, trainable=False).to(ctx.device)
         evaluator.probe.set_reference(reference, ctx.device, ctx.dtype)
         del reference
-    model = load_model(mcfg, checkpoint=path)
+    model = load_model(mcfg, checkpoint=parent)
     if cfg.unlearn.adapter == "fresh":  # the authors: a new LoRA on the merged finetuned weights
         model = fresh_adapter(model, mcfg, leaf.seed)
     model = model.to(ctx.device)
@@ -271,15 +243,27 @@ def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:
                                     T.P_PROBE_HASH: evaluator.probe.digest,
                                     T.P_PROBE_SIZE: str(len(evaluator.probe.triples)),
                                     T.P_VOCAB_SIZE: str(len(tokenizer))})
+
+    def on_eval(step: int, metrics: dict[str, float]) -> None:
+        if ctx.is_main:
+            hooks.leaf_eval(leaf, step, metrics)
+        if report is not None:
+            report(step, metrics)
+
     job = UnlearnJob(cfg.unlearn, leaf.algorithm, leaf.lr, leaf.params, data.stage(cfg.forget_stage), leaf.seed)
-    result = unlearn(
-        model, tokenizer, job, evaluator, ctx,
-        on_eval=(lambda s, m: hooks.leaf_eval(leaf, s, m)) if ctx.is_main else None,
-        on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
+    result = unlearn(model, tokenizer, job, evaluator, ctx, on_eval=on_eval,
+                     on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
     result.vectors = evaluator.probe.table({step for step, _ in result.evals})  # a collapsed step's are dropped
     if ctx.is_main:
         hooks.leaf_done(leaf, result)
     return result
+
+
+def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:
+    """One process (`reteq run-path`, the overhead benchmark): the order's missing nodes, then the leaf."""
+    parent = ensure_chain(run, leaf.parent)
+    retrain = ensure_chain(run, leaf.retrain) if leaf.retrain else None
+    return unlearn_leaf(run, leaf, parent, retrain)
 
 
 def build_probe(cfg: SweepConfig, tokenizer, data: DataCache) -> Probe:

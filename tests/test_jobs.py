@@ -1,5 +1,6 @@
 """`ray job submit` path: a real Ray head (`ray start --head` on 127.0.0.1), a tiny sweep submitted through
-the Jobs API with rayjobs/runtime_env.yaml, waited on until SUCCEEDED, its runs found in MLflow."""
+the Jobs API with rayjobs/runtime_env.yaml, waited on until SUCCEEDED, its runs found in MLflow; the driver's
+output is the scheduler's own lines, not the workers'."""
 
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def test_submit_tiny_sweep_through_jobs_api(ray_head, tmp_path):
     logs = submit.stdout + submit.stderr
     assert submit.returncode == 0, logs[-3000:]
     assert "sweep jobs-sweep finished" in logs
+    assert "[node 4/4]" in logs and "[leaf 1/1]" in logs  # one line per node and leaf from the driver
+    for noise in ("(raylet)", "PreemptionWatcher", "PlacementGroupCleaner"):  # worker output stays in Ray's logs
+        assert noise not in logs
 
     status = subprocess.run([ray_bin, "job", "status", "reteq-test-job"], env=job_env, capture_output=True,
                             text=True, timeout=120)

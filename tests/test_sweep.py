@@ -1,17 +1,23 @@
-"""The distributed sweep on a real local Ray cluster: Ray Tune trials of 2 Ray Train workers under DeepSpeed
-(CPU, gloo), recorded in a real MLflow SQLite store, resumed by node key."""
+"""The distributed sweep on a real local Ray cluster, recorded in a real MLflow SQLite store: stage nodes as Ray
+tasks chained by object refs, leaves as Ray Tune trials over named axes, Ray's own retries, resume by key."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from reteq import tracking as T
-from reteq.commands.sweep import sweep_command
+from reteq.commands.sweep import run_sweep
 from reteq.config import parse_config
 from reteq.plan import build_plan
+from reteq.sweep.leaves import leaf_of
 from reteq.train.checkpoint import verify_checkpoint
 from tests.sweep_configs import tiny_sweep
 
@@ -23,57 +29,149 @@ def _runs(uri: str, exp: str):
     return mlflow.search_runs(experiment_names=[exp], output_format="list", max_results=10_000)
 
 
-def test_sweep_trains_each_node_once_and_resumes(ray_cluster, tmp_path, capsys):
-    raw = tiny_sweep(tmp_path / "work")
-    cfg = parse_config(raw)
+def _by_kind(runs) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in runs:
+        out.setdefault(r.data.tags.get(T.TAG_KIND), []).append(r)
+    return out
+
+
+def _finished_per_node(runs) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in _by_kind(runs).get(T.KIND_FINETUNE, []):
+        if r.info.status == "FINISHED" and r.data.tags.get(T.TAG_STATUS) == T.STATUS_DONE:
+            counts[r.data.tags[T.TAG_NODE_KEY]] = counts.get(r.data.tags[T.TAG_NODE_KEY], 0) + 1
+    return counts
+
+
+def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys):
+    """One CPU worker, ZeRO-0: nodes and leaves run in their task / trial process."""
+    cfg = parse_config(tiny_sweep(tmp_path / "work", lrs=(1e-3,), workers=1, deepspeed="zero0_fp32.json"))
     plan = build_plan(cfg)
     assert plan.summary()["stage_nodes"] == 6 and plan.summary()["stage_runs_without_sharing"] == 8
-    assert len(plan.leaves) == 8  # 2 orders x 2 algorithms x 2 lrs
+    assert len(plan.leaves) == 4  # 2 orders x 2 algorithms
 
-    assert sweep_command(cfg, report=False) == 0
+    outcome = run_sweep(cfg, report=False)
+    assert outcome.code == 0
+    out = capsys.readouterr().out
+    assert out.count("[node ") == 6 and out.count("[leaf ") == 4, out  # one line per node and per leaf
     uri = T.default_tracking_uri(tmp_path / "work")
     runs = _runs(uri, cfg.name)
-    by_kind: dict[str, list] = {}
-    for r in runs:
-        by_kind.setdefault(r.data.tags.get(T.TAG_KIND), []).append(r)
-
-    finetune = by_kind[T.KIND_FINETUNE]
-    keys = [r.data.tags[T.TAG_PLAN_KEY] for r in finetune]
-    assert sorted(keys) == sorted(plan.nodes), "exactly one finetune run per stage node"
+    by_kind = _by_kind(runs)
+    assert _finished_per_node(runs) == {k: 1 for k in plan.nodes}, "each stage node trained exactly once"
     parent_id = by_kind[T.KIND_SWEEP][0].info.run_id
-    assert all(r.data.tags["mlflow.parentRunId"] == parent_id for r in finetune)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent_id for r in by_kind[T.KIND_FINETUNE])
 
     unlearn = by_kind[T.KIND_UNLEARN]
-    assert sorted(r.data.tags[T.TAG_PLAN_KEY] for r in unlearn) == sorted(x.key for x in plan.leaves)
+    assert sorted(r.data.tags[T.TAG_NODE_KEY] for r in unlearn) == sorted(x.key for x in plan.leaves)
     client = mlflow.MlflowClient(uri)
     for r in unlearn:
         assert r.data.tags[T.TAG_STATUS] in (T.STATUS_DONE, T.STATUS_COLLAPSED)
-        hist = client.get_metric_history(r.info.run_id, T.M_FORGET_LABEL)
-        assert [m.step for m in hist] == [0, 1, 2]
-        assert r.data.tags[T.TAG_P] in ("3", "4")
-
-    for r in finetune + unlearn:  # the protocol (docs/fidelity.md) is a param of every run
+        assert [m.step for m in client.get_metric_history(r.info.run_id, T.M_FORGET_LABEL)] == [0, 1, 2]
+    for r in by_kind[T.KIND_FINETUNE] + unlearn:  # the protocol (docs/fidelity.md) is a param of every run
         assert r.data.params[T.P_UNLEARN_LABEL] == "Sorry, I can not assist"
         assert r.data.params[T.P_CHAT_DATE] == "2024-07-26"
         assert r.data.params[T.P_SYSTEM_PROMPT] == "You are a helpful assistant."
     assert {r.data.params[T.P_NORMALISATION] for r in unlearn} == {"token", "sequence"}  # GA, NPO
     assert len({r.data.params[T.P_FORGET_SAMPLE] for r in unlearn}) == 1  # every leaf scores the same sample
     assert len({r.data.params[T.P_KNOWLEDGE_SAMPLE] for r in unlearn}) == 1
-
-    system = [k for r in finetune + unlearn for k in r.data.metrics if k.startswith("system/")]
-    assert system, "system metrics (CPU, memory) are logged for node runs"
-
-    for r in finetune:  # checkpoints logged as artifacts whose manifests verify
+    assert [k for r in runs for k in r.data.metrics if k.startswith("system/")], "system metrics are logged"
+    for r in by_kind[T.KIND_FINETUNE]:  # checkpoints logged as artifacts whose manifests verify
         local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
                                                     dst_path=str(tmp_path / "dl" / r.info.run_id))
-        manifest = verify_checkpoint(local, r.data.tags[T.TAG_PLAN_KEY])
-        assert "model.safetensors" in manifest["files"]
-        assert json.loads((tmp_path / "dl" / r.info.run_id / "checkpoint" / "manifest.json").read_text())["key"] \
-            == r.data.tags[T.TAG_PLAN_KEY]
+        assert "model.safetensors" in verify_checkpoint(local, r.data.tags[T.TAG_NODE_KEY])["files"]
+
+    # Tune sees the axes, and got the eval metrics at every eval step (3 reports: steps 0, 1, 2)
+    df = outcome.dag.results.get_dataframe()
+    for axis in ("model", "order", "algorithm", "lr", "beta", "seed", "schedule"):
+        assert f"config/{axis}" in df.columns
+    assert sorted(df["config/algorithm"]) == ["ga", "ga", "npo", "npo"]
+    assert set(df["config/order"]) == {"inst>tofu>U>math", "inst>tofu>math>U"}
+    assert (df["training_iteration"] == 3).all() and (df["step"] == 2).all() and "forget" in df.columns
+
+    # no trial started before its parent node was published (its MLflow run FINISHED with status done)
+    published = {r.data.tags[T.TAG_NODE_KEY]: r.info.end_time / 1000 for r in by_kind[T.KIND_FINETUNE]}
+    for _, row in df.iterrows():
+        axes = {k[len("config/"):]: None if v != v else v for k, v in row.items() if k.startswith("config/")}
+        leaf = leaf_of(plan, axes)  # (pandas reads GA's beta None back as NaN, which is not equal to itself)
+        assert row["trial_started"] >= published[leaf.parent], (leaf.order, row["trial_started"])
 
     # rerunning the same command trains nothing
-    capsys.readouterr()
-    assert sweep_command(cfg, report=False) == 0
-    out = capsys.readouterr().out
-    assert "nothing to do" in out
+    assert run_sweep(cfg, report=False).code == 0
+    assert "nothing to do" in capsys.readouterr().out
     assert len(_runs(uri, cfg.name)) == len(runs)
+
+
+def _kill_first_pid(pid_file: Path, killed: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        if pid_file.exists():
+            try:
+                pid = json.loads(pid_file.read_text())["pid"]
+            except (ValueError, KeyError):  # caught mid-write
+                time.sleep(0.01)
+                continue
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.01)
+
+
+def test_killed_node_worker_is_retried(ray_cluster, tmp_path, monkeypatch):
+    """SIGKILL the worker process training a stage node: Ray re-runs the node's task, the sweep finishes and
+    every node is trained (FINISHED, status done) exactly once."""
+    cfg = parse_config(tiny_sweep(tmp_path / "work", name="kill-sweep", positions=(4,), algorithms=("ga",),
+                                  lrs=(1e-3,), workers=1, concurrent=1, deepspeed="zero0_fp32.json"))
+    plan = build_plan(cfg)
+    victim = next(n for n in plan.nodes.values() if n.prefix == ("inst", "tofu"))
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("RETEQ_PID_DIR", str(pids))
+    killed: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_first_pid, args=(pids / f"{victim.key}.pid", killed, stop), daemon=True)
+    watcher.start()
+    try:
+        outcome = run_sweep(cfg, report=False)
+    finally:
+        stop.set()
+    assert killed, "the node's worker was killed"
+    assert json.loads((pids / f"{victim.key}.pid").read_text())["pid"] != killed[0], "the node ran again"
+    assert outcome.code == 0
+    runs = _runs(T.default_tracking_uri(tmp_path / "work"), cfg.name)
+    assert _finished_per_node(runs) == {k: 1 for k in plan.nodes}
+    assert [r.data.tags[T.TAG_STATUS] for r in _by_kind(runs)[T.KIND_UNLEARN]] in ([T.STATUS_DONE],
+                                                                                   [T.STATUS_COLLAPSED])
+
+
+def test_failing_node_ends_its_branch_and_the_sweep(ray_cluster, tmp_path, monkeypatch, capsys):
+    """A node that always fails: the sweep ends by itself, non-zero, naming the node; the leaves below it never
+    start, while the independent branch (the other order) finishes."""
+    cfg = parse_config(tiny_sweep(tmp_path / "work", name="fail-sweep", algorithms=("ga",), lrs=(1e-3,),
+                                  workers=1, deepspeed="zero0_fp32.json"))
+    plan = build_plan(cfg)
+    bad = next(n for n in plan.nodes.values() if n.prefix == ("inst", "tofu", "U"))
+    monkeypatch.setenv("RETEQ_FAULT_NODE", "inst>tofu>U")
+    outcome = run_sweep(cfg, report=False)
+    out = capsys.readouterr().out
+    assert outcome.code == 1
+    assert list(outcome.dag.failed_nodes) == [bad.key]
+    assert f"node {bad.key[:8]} tiny inst>tofu>U failed" in out and "fault injected" in out
+    runs = _runs(T.default_tracking_uri(tmp_path / "work"), cfg.name)
+    leaves = _by_kind(runs)[T.KIND_UNLEARN]
+    assert [r.data.tags[T.TAG_ORDER] for r in leaves] == ["inst>tofu>math>U"]  # the other branch finished
+    assert leaves[0].data.tags[T.TAG_STATUS] in (T.STATUS_DONE, T.STATUS_COLLAPSED)
+    assert len(outcome.dag.skipped_leaves) == 1
+    trained = {r.data.tags[T.TAG_ORDER] for r in _by_kind(runs)[T.KIND_FINETUNE] if r.info.status == "FINISHED"}
+    assert trained == {"inst", "inst>tofu", "inst>tofu>math", "inst>tofu>math>U"}
+
+
+def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_path):
+    """Two workers under DeepSpeed ZeRO-2: each node and leaf is one TorchTrainer; Tune still gets every eval."""
+    cfg = parse_config(tiny_sweep(tmp_path / "work", name="ds-sweep", retain=("inst",), positions=(2,),
+                                  algorithms=("npo",), lrs=(1e-3,), workers=2, concurrent=1))
+    plan = build_plan(cfg)
+    outcome = run_sweep(cfg, report=False)
+    assert outcome.code == 0
+    runs = _runs(T.default_tracking_uri(tmp_path / "work"), cfg.name)
+    assert _finished_per_node(runs) == {k: 1 for k in plan.nodes}
+    df = outcome.dag.results.get_dataframe()
+    assert list(df["config/algorithm"]) == ["npo"] and list(df["training_iteration"]) == [3]

@@ -1,7 +1,7 @@
 """`reteq sweep` and `reteq demo`: the driver side of a Ray sweep.
 
 setup (validate, preflight data and models, MLflow experiment + parent run, find finished work)
--> run (Ray Tune trials for the leaves not yet done) -> report (where the MLflow UI and report.html are).
+-> run (the missing stage nodes as Ray tasks, the leaves not yet done as Tune trials) -> report (where the MLflow UI and report.html are).
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from reteq import tracking as T
 from reteq.commands.report import write_sweep_report
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.sweep.execute import DagOutcome
 from reteq.workdir import resolve_work_dir
 
 
@@ -24,21 +26,50 @@ def default_demo_config() -> Path:
 
 
 def _init_ray() -> bool:
-    """Connect to RAY_ADDRESS (or a job's cluster) if there is one, else start a local cluster on 127.0.0.1."""
+    """Connect to RAY_ADDRESS (a cluster, or the job's own under `ray job submit`) when set; otherwise start a
+    NEW local cluster on 127.0.0.1 (address="local": never attach to some other `ray start` on this machine).
+
+    Workers' stdout/stderr stay in Ray's log files (log_to_driver=False): the console gets Tune's table and one
+    line per node and leaf, without raylet / PreemptionWatcher / PlacementGroupCleaner warnings or each worker
+    line twice. Where the logs are is printed once."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read by Train controllers
-    kwargs = {"log_to_driver": True, "include_dashboard": False}
+    kwargs = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+        ray.init(**kwargs)
     else:
-        ray.init(_node_ip_address="127.0.0.1", **kwargs)
+        # a new local cluster turns token auth on by itself and says so at WARNING level: not the user's concern
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+    print(f"Ray logs (workers, nodes, trials): {_ray_log_dir()}", flush=True)
     return True
 
 
+def _ray_log_dir() -> str:
+    try:
+        from ray._private.worker import global_worker
+
+        return global_worker.node.get_logs_dir_path()
+    except Exception:  # a client connection has no local node: the logs are on the head
+        return "on the Ray head node (ray job logs / the dashboard)"
+
+
+@dataclass
+class SweepOutcome:
+    code: int  # 0: every node and leaf finished; 1: some failed (named on the console)
+    dag: DagOutcome | None = None  # None when nothing was left to run
+
+
 def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = True) -> int:
+    return run_sweep(cfg, work_dir, report).code
+
+
+def run_sweep(cfg: SweepConfig, work_dir: str | None = None, report: bool = True) -> SweepOutcome:
     from reteq.commands.resources import writing
     from reteq.sweep.lock import WorkDirLock
 
@@ -68,14 +99,14 @@ def _preflight(cfg: SweepConfig):
     return plan
 
 
-def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> int:
+def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutcome:
     """The sweep itself, run while this process holds the work dir: every RUNNING run of an earlier attempt is
     dead, so it is closed first; the local store is repaired and recorded before any trial uses it."""
     from reteq.commands.resources import writing
-    from reteq.plan import leaf_to_dict
     from reteq.sweep import faults, lifecycle, record
-    from reteq.sweep.execute import check_resources, run_trials, worker_env
+    from reteq.sweep.execute import check_resources, run_dag, worker_env
     from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+    from reteq.sweep.nodes import leaf_dependencies
     from reteq.sweep.repair import reconcile_nodes
 
     start = time.perf_counter()
@@ -91,11 +122,11 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> int:
         closed = lifecycle.close_stale_runs(c, exp_id, cfg.name, attempt)
     if closed:
         print(f"closed {closed} run(s) left RUNNING by an earlier attempt that died (now KILLED)", flush=True)
-    failed = 0
+    dag = None
     try:
         done_leaves = record.finished_leaves(c, exp_id)
         todo = [leaf for leaf in plan.leaves if leaf.key not in done_leaves]
-        needed = {n.key for leaf in todo for n in plan.chain(leaf.parent)}
+        needed = {n.key for leaf in todo for dep in leaf_dependencies(leaf) for n in plan.chain(dep)}
         reconcile_nodes(c, exp_id, parent, work / "checkpoints", plan.nodes,
                         lambda n: record.node_tags(n, cfg.name, n.schedule or cfg.stage(n.stage).schedule),
                         attempt, needed, echo=lambda m: print(m, flush=True))
@@ -111,17 +142,15 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> int:
             try:
                 check_resources(cfg)
                 base = {
-                    "config": cfg.model_dump(mode="json"), "config_name": str(cfg.name),
+                    "config": cfg.model_dump(mode="json"), "config_name": str(cfg.name), "digest": cfg.digest(),
                     "env": {**worker_env(), **faults.env()}, "attempt": attempt,
                     "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
                     "checkpoints": str(work / "checkpoints"),
                     "storage_path": cfg.execution.storage_path or str(work / "ray"),
                     "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
                 }
-                grid = run_trials(cfg, [leaf_to_dict(x) for x in todo], base, done_nodes)
-                errors = [r.error for r in grid if r.error is not None]
-                failed = len(errors)
-                _print_resource_errors(errors)
+                dag = run_dag(cfg, plan, todo, base, done_nodes)
+                _print_resource_errors([r.error for r in dag.results if r.error is not None])
             finally:
                 if started_ray:
                     import ray
@@ -141,16 +170,30 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> int:
     with writing("the MLflow store", store):
         lifecycle.close_attempt_runs(c, exp_id, attempt, "its trial ended without closing it")
         children = lifecycle.record_failed_children(c, exp_id, parent, attempt)
-        c.set_terminated(parent, "FAILED" if failed else "FINISHED")
-    print(f"sweep {cfg.name} finished in {time.perf_counter() - start:.0f}s; {failed} failed trials, "
-          f"{children} failed or killed runs")
+        ok = dag is None or dag.ok
+        c.set_terminated(parent, "FINISHED" if ok else "FAILED")
+    print(f"sweep {cfg.name} finished in {time.perf_counter() - start:.0f}s; {children} failed or killed runs"
+          + ("" if ok else "; FAILED:"))
+    if not ok:
+        _print_failures(plan, dag)
     print(f"MLflow: {uri} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
     if report:
         with writing("the report", work / "report"):
             out = write_sweep_report(cfg, uri, work)
         if out:
             print(f"report: {out}")
-    return 1 if failed else 0
+    return SweepOutcome(0 if ok else 1, dag)
+
+
+def _print_failures(plan, dag: DagOutcome) -> None:
+    for key, msg in dag.failed_nodes.items():
+        node = plan.nodes.get(key)
+        what = f"{node.model} {T.order_tag(node.prefix)}" if node else ""
+        print(f"  node {key[:8]} {what} failed: {msg}")
+    if dag.skipped_leaves:
+        print(f"  {len(dag.skipped_leaves)} unlearning run(s) skipped below the failed node(s)")
+    if dag.failed_leaves:
+        print(f"  {dag.failed_leaves} unlearning trial(s) failed after Ray Tune's retries")
 
 
 def _print_resource_errors(errors: list) -> None:

@@ -1,27 +1,35 @@
-"""Ray Tune trials of Ray Train worker groups: one trial per unlearning leaf.
+"""Execute the plan as the DAG it is: stage nodes as Ray tasks chained by object refs, leaves as Tune trials.
 
-Ray 2.60 (Train V2): a Tune trial is a function that builds and fits a TorchTrainer; the trainer's workers run
-`pipeline.run_leaf` under DeepSpeed (or plain torch), training the missing stage nodes of the leaf's order first. Workers
-report the leaf's final metrics through `ray.train.report`, which TuneReportCallback forwards to Tune.
+Why this shape (issue 11): the plan is static, so every missing node is submitted up front
+(`nodes.submit_nodes`) and Ray itself starts a node when its parent's ref resolves; nothing waits holding a
+CPU or GPU, and no registry actor or polling is needed (an earlier design had trials train their path's nodes
+and wait on each other through a registry actor: waiters held their resources and hung when an owner died).
+Failures travel through the same refs: a node that fails after its retries fails exactly the tasks and leaves
+below it. Leaves are Tune trials over named axes, handed out by `dag.DagSearcher` only once their nodes are
+published; Tune keeps its table, its `FailureConfig(max_failures)` retries and its ResultGrid. Ray tasks
+rather than long-lived actors for nodes: a task's retry is Ray's (a dead worker process re-runs the task), its
+result is an object ref other tasks can depend on, and it holds nothing once done.
+
+One CPU worker with ZeRO-0 (the demo, the tests) runs each node and leaf in its task / trial process with
+plain torch: a TorchTrainer's worker group, process group and `import deepspeed` cost 14-24 s per run on 2
+cores, more than a demo node's training (docs/benchmarks.md). Multi-worker and GPU runs keep one TorchTrainer
+(DeepSpeed) per node and per leaf, with Train's FailureConfig.
 """
 
 from __future__ import annotations
 
 import os
-import traceback
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from reteq import tracking as T
 from reteq.config import SweepConfig
-
-TRIAL_CPUS = 0.05  # the trial function only waits on its trainer; Ray refuses 0
 
 
 def worker_env() -> dict[str, str]:
-    """The driver's environment variables that trial workers need (Ray, HF, DeepSpeed, MLflow), quieted."""
-    keep = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR",
-            "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI", "PYTHONPATH")
+    """Variables every task, trial and Train worker needs (applied in the process: no per-task runtime_env)."""
+    keep = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE",
+            "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI",
+            "PYTHONPATH", "RETEQ_PID_DIR", "RETEQ_FAULT_NODE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # busy small machines start workers slowly
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -29,152 +37,79 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker of a trial."""
-    import ray.train
-    import torch
+@dataclass
+class DagOutcome:
+    results: Any = None  # Tune's ResultGrid (None when no leaf was left to run)
+    failed_nodes: dict[str, str] = field(default_factory=dict)  # key of the node that failed -> error
+    skipped_leaves: list[str] = field(default_factory=list)  # leaf keys never started: a node they need failed
+    failed_leaves: int = 0  # trials that errored after Tune's retries
+    node_infos: dict[str, dict] = field(default_factory=dict)  # key -> {path, run_id, started, published}
 
-    from reteq.config import parse_config
-    from reteq.pipeline import CheckpointStore, Coordinator, DataCache, Hooks, RunContext, run_leaf
-    from reteq.plan import build_plan, leaf_from_dict
-    from reteq.sweep.coordinator import RayCoordinator
-    from reteq.sweep.delivery import local_store_root, mlflow_fetcher
-    from reteq.sweep.record import MlflowHooks
-    from reteq.train.engine import load_deepspeed_config
-    from reteq.train.recipes import WorkerContext
-
-    os.environ.update(config["env"])
-    ctx_train = ray.train.get_context()
-    rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
-    cfg = parse_config(config["config"], source=config["config_name"])
-    leaf = leaf_from_dict(config["leaf"])
-    plan = build_plan(cfg)
-    use_gpu = cfg.execution.use_gpu and torch.cuda.is_available()
-    if use_gpu:
-        from ray.train.torch import get_device
-
-        device = get_device()
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, int(cfg.execution.cpus_per_worker)))
-    ds = load_deepspeed_config(config["deepspeed"]) if config["deepspeed"] else None
-    ctx = WorkerContext(rank=rank, world=world, device=device, ds_config=ds, dtype=cfg.model(leaf.model).dtype,
-                        packing=cfg.execution.packing, local_rank=ctx_train.get_local_rank())
-    # this machine's store; nodes published on other machines come from MLflow (reteq.sweep.delivery)
-    store = CheckpointStore(local_store_root(config["checkpoints"]),
-                            fetch=mlflow_fetcher(config["tracking_uri"], config["experiment_id"]))
-
-    hooks = None
-    coordinator = None
-    if rank == 0:
-        def schedule_of(stage: str) -> str:
-            return cfg.stage(stage).schedule
-
-        hooks = MlflowHooks(config["tracking_uri"], config["experiment_id"], config["parent_run_id"], cfg.name,
-                            schedule_of, echo=lambda m: print(m, flush=True), attempt=config.get("attempt", ""),
-                            trial=leaf.key)
-        _close_trial_runs(config, leaf.key, T.STATUS_KILLED, "its worker group died; the trial started a new one")
-        coordinator = RayCoordinator(who=leaf.key, fetch=_fetch_checkpoint(config["tracking_uri"]),
-                                     run_ids=hooks.run_ids)
-    try:
-        run = RunContext(cfg, plan, ctx, store, DataCache(cfg), coordinator or Coordinator(), hooks or Hooks())
-        result = run_leaf(run, leaf)
-    except BaseException as e:
-        if hooks is not None:
-            hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
-        raise
-    final = result.evals[-1][1] if result.evals else {}
-    metrics = {k.replace("/", "_"): v for k, v in final.items()}
-    metrics.update({"collapsed": float(result.collapsed), "steps": result.steps})
-    ray.train.report(metrics)
+    @property
+    def ok(self) -> bool:
+        return not (self.failed_nodes or self.skipped_leaves or self.failed_leaves)
 
 
-def _fetch_checkpoint(tracking_uri: str):
-    """Download a node's checkpoint artifact into the local store (for workers on another machine)."""
-
-    def fetch(key: str, run_id: str, target: Path) -> Path | None:
-        from reteq.sweep.mlflow_store import tracking_client as client
-        from reteq.sweep.repair import fetch_node_checkpoint
-
-        return fetch_node_checkpoint(client(tracking_uri), key, run_id, target)
-
-    return fetch
-
-
-def _close_trial_runs(base: dict[str, Any], trial: str, status: str, reason: str) -> None:
-    """Runs this trial left RUNNING end with `status` and the reason (a dead worker cannot close its own)."""
-    from reteq.sweep.lifecycle import close_trial_runs
-    from reteq.sweep.mlflow_store import tracking_client as client
-
-    if base.get("attempt"):
-        close_trial_runs(client(base["tracking_uri"]), base["experiment_id"], base["attempt"], trial, status,
-                         reason)
-
-
-def make_trial(base: dict[str, Any], cfg: SweepConfig):
-    """The Tune trial function: build a TorchTrainer for this leaf and fit it."""
-
-    def trial(tune_config: dict[str, Any]) -> None:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        ex = cfg.execution
-        resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources}
-        if ex.use_gpu:
-            resources["GPU"] = ex.gpus_per_worker
-        trainer = TorchTrainer(
-            worker_loop,
-            train_loop_config={**base, "leaf": tune_config["leaf"]},
-            scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
-                                         placement_strategy=ex.placement),
-            run_config=RunConfig(name=f"leaf-{tune_config['leaf']['key'][:12]}", storage_path=base["storage_path"],
-                                 callbacks=[TuneReportCallback()],
-                                 worker_runtime_env={"env_vars": base["env"]}),
-        )
-        try:
-            trainer.fit()
-        except BaseException as e:
-            _close_trial_runs(base, tune_config["leaf"]["key"], T.STATUS_FAILED,
-                              "".join(traceback.format_exception_only(type(e), e)).strip())
-            raise
-
-    return trial
-
-
-def run_trials(cfg: SweepConfig, leaves: list[dict], base: dict[str, Any], finished_nodes: dict) -> Any:
-    """Start the node registry, run every leaf as a Tune trial, return the ResultGrid."""
+def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes: dict[str, dict]) -> DagOutcome:
+    """Submit the missing nodes, run the leaves in `todo` as Tune trials, return what happened."""
     import ray
     from ray import tune
 
-    from reteq.sweep.coordinator import ACTOR_NAME, NodeRegistry
+    from reteq.sweep import worker
+    from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
+    from reteq.sweep.leaves import leaf_trial, trial_resources
+    from reteq.sweep.nodes import needed_nodes, submit_nodes
 
-    registry = NodeRegistry.options(name=ACTOR_NAME, lifetime=None, get_if_exists=False).remote(finished_nodes)
-    try:
-        trainable = tune.with_resources(make_trial(base, cfg), {"cpu": TRIAL_CPUS})
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"leaf": tune.grid_search(leaves)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.execution.max_concurrent_trials,
-                                        reuse_actors=False),
-            run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=base["storage_path"], verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        return tuner.fit()
-    finally:
-        ray.kill(registry)
+    keys = needed_nodes(plan, todo)
+    base_ref = ray.put(base)
+    refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes)
+    watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
+    searcher = DagSearcher(todo, watch)
+    in_proc = worker.in_process(cfg, worker.deepspeed_config(base))
+    trainable = tune.with_resources(tune.with_parameters(leaf_trial, base=base, parents=refs),
+                                    trial_resources(cfg, in_proc))
+    ex = cfg.execution
+    space = {k: tune.choice(vals) for k, vals in _axis_values(todo).items()}  # names the axes for Tune's table
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),
+                                    max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=in_proc),
+        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=base["storage_path"], verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=ex.max_failures),
+                                  callbacks=[ConsoleLines(watch, len(todo))]),
+    )
+    grid = tuner.fit()
+    ray.wait(list(refs.values()), num_returns=len(refs))  # every node a leaf needed resolved before it ran
+    watch.poll(force=True)
+    roots = {root: msg for root, msg in watch.failed.values()}
+    return DagOutcome(results=grid, failed_nodes=roots, skipped_leaves=list(searcher.skipped),
+                      failed_leaves=sum(1 for r in grid if r.error is not None), node_infos=watch.published)
+
+
+def _axis_values(leaves: list) -> dict[str, list]:
+    from reteq.sweep.leaves import AXES, axes
+
+    out: dict[str, list] = {k: [] for k in AXES}
+    for leaf in leaves:
+        for k, v in axes(leaf).items():
+            if v not in out[k]:
+                out[k].append(v)
+    return out
 
 
 def check_resources(cfg: SweepConfig) -> None:
-    """Fail fast when a trial can never be scheduled (Ray would leave it PENDING forever)."""
+    """Fail fast when a node or trial can never be scheduled (Ray would leave it PENDING forever)."""
     import ray
+
+    from reteq.sweep.leaves import TRIAL_DRIVER_CPUS
 
     total = ray.cluster_resources()
     ex = cfg.execution
-    need_cpu = ex.workers * ex.cpus_per_worker + TRIAL_CPUS
+    need_cpu = ex.workers * ex.cpus_per_worker + (0 if ex.workers == 1 and not ex.use_gpu else TRIAL_DRIVER_CPUS)
     if not ex.use_gpu and total.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"execution: a trial needs {need_cpu:g} CPUs ({ex.workers} workers x "
-                           f"{ex.cpus_per_worker:g} + trial), the cluster has {total.get('CPU', 0):g}")
+        raise RuntimeError(f"execution: a node or trial needs {need_cpu:g} CPUs ({ex.workers} workers x "
+                           f"{ex.cpus_per_worker:g}), the cluster has {total.get('CPU', 0):g}")
     if ex.use_gpu and total.get("GPU", 0) < ex.workers * ex.gpus_per_worker and not _autoscaling():
         raise RuntimeError(f"execution: a trial needs {ex.workers * ex.gpus_per_worker:g} GPUs, the cluster has "
                            f"{total.get('GPU', 0):g} (and no autoscaler)")

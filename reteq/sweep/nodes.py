@@ -1,0 +1,154 @@
+"""Stage nodes as Ray tasks whose dependencies are object refs.
+
+Every missing node is submitted up front as `node_task.remote(base, key, parent_ref)`. Ray holds a task until
+its argument refs resolve, so a node starts as soon as its parent is published, as many at once as resources
+allow, and holds nothing while it waits. A task returns its published checkpoint ({key, path, run_id,
+published}); that return value is the ref its children and leaves depend on. A failure flows the same way:
+Ray stores the error in the node's ref and every dependent task fails with it without running, so a failed
+node ends exactly its branch and the driver reads, from the refs, which node failed.
+
+Two ways to train a node, chosen by `worker.in_process`:
+- one CPU worker, ZeRO-0 (or no DeepSpeed): the task trains the node itself with plain torch. A dead worker
+  process is retried by Ray (`max_retries = execution.max_failures`); an exception in training is not retried.
+- otherwise the task drives one TorchTrainer (DeepSpeed workers) with Train's
+  `FailureConfig(max_failures=execution.max_failures)`: a dead worker or a preempted machine restarts the
+  worker group, which trains the node again from its parent.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import ray
+
+from reteq import tracking as T
+from reteq.sweep.worker import NodeFailed
+
+TRAINER_DRIVER_CPUS = 0.05  # a task that only drives a TorchTrainer; its workers ask for the real resources
+
+
+def _describe(node) -> str:
+    return f"node {node.key[:8]} ({node.model} {T.order_tag(node.prefix)})"
+
+
+def _train_here(base: dict[str, Any], key: str, parent: dict | None, r=None) -> dict[str, Any]:
+    """Train node `key` in this process (a rank of a worker group, or the whole node when in process)."""
+    from reteq.pipeline import Hooks, RunContext, train_node
+    from reteq.sweep import worker
+
+    started = time.time()
+    r = r or worker.Rank()
+    cfg, plan, data = worker.state(base)
+    node = plan.nodes[key]
+    if r.rank == 0:
+        worker.test_hooks(node)
+    hooks = worker.mlflow_hooks(base, cfg, key) if r.rank == 0 else Hooks()
+    try:
+        ctx = worker.worker_context(cfg, node.model, r)
+        run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
+        parent_path = run.store.ensure_local(parent["key"], ctx) if parent else None
+        path = train_node(run, node, parent_path)
+    except BaseException as e:
+        if r.rank == 0:
+            hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
+        raise
+    return {"key": key, "path": str(path), "run_id": getattr(hooks, "run_ids", {}).get(key, ""),
+            "started": started, "published": time.time()}
+
+
+def node_worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker of a multi-worker / GPU node."""
+    import ray.train
+
+    from reteq.sweep import worker
+
+    base = config["base"]
+    worker.state(base)
+    c = ray.train.get_context()
+    r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(base), c.get_local_rank())
+    info = _train_here(base, config["key"], config["parent"], r)
+    ray.train.report(info)
+
+
+def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg) -> dict[str, Any]:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ex = cfg.execution
+    resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
+    trainer = TorchTrainer(
+        node_worker_loop,
+        train_loop_config={"base": base, "key": key, "parent": parent},
+        scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=ex.placement),
+        run_config=RunConfig(name=f"node-{key[:12]}", storage_path=base["storage_path"],
+                             failure_config=FailureConfig(max_failures=ex.max_failures),
+                             worker_runtime_env={"env_vars": base["env"]}),
+    )
+    started = time.time()
+    m = trainer.fit().metrics or {}
+    return {"key": key, "path": m.get("path", ""), "run_id": m.get("run_id", ""), "started": started,
+            "published": m.get("published", time.time())}
+
+
+@ray.remote
+def node_task(base: dict[str, Any], key: str, parent: dict | None) -> dict[str, Any]:
+    """One stage node, started by Ray once `parent` (the parent node's published checkpoint) exists."""
+    from reteq.sweep import worker
+
+    cfg, plan, _ = worker.state(base)
+    node = plan.nodes[key]
+    try:
+        if worker.in_process(cfg, worker.deepspeed_config(base)):
+            return _train_here(base, key, parent)
+        return _train_with_trainer(base, key, parent, cfg)
+    except NodeFailed:
+        raise
+    except Exception as e:
+        raise NodeFailed(key, f"{_describe(node)} failed: {type(e).__name__}: {e}") from e
+
+
+def needed_nodes(plan, leaves) -> list[str]:
+    """Every node some leaf depends on (its parent, a retrain node where it has one) and their ancestors, each
+    once, parents before children."""
+    out: dict[str, None] = {}
+    for leaf in leaves:
+        for dep in leaf_dependencies(leaf):
+            for node in plan.chain(dep):
+                out.setdefault(node.key, None)
+    return list(out)
+
+
+def leaf_dependencies(leaf) -> list[str]:
+    """The nodes that must be published before a leaf starts: its parent, and its retrain node if it has one."""
+    retrain = getattr(leaf, "retrain", None)
+    return [leaf.parent] + ([retrain] if retrain else [])
+
+
+def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """key -> object ref of the node's published checkpoint: `ray.put` for nodes already in MLflow, a task for
+    the rest (submitted parents first, so each task names its parent's ref)."""
+    from reteq.sweep import worker
+
+    refs: dict[str, Any] = {}
+    inproc = worker.in_process(cfg, _ds(cfg))
+    ex = cfg.execution
+    opts = {"num_cpus": ex.cpus_per_worker if inproc else TRAINER_DRIVER_CPUS, "max_retries": ex.max_failures,
+            "retry_exceptions": False}
+    for key in keys:
+        node = plan.nodes[key]
+        if key in done:
+            refs[key] = ray.put({"key": key, "path": done[key].get("checkpoint", ""),
+                                 "run_id": done[key].get("run_id", ""), "published": 0.0})
+            continue
+        parent = refs[node.parent] if node.parent else None
+        refs[key] = node_task.options(name=f"node-{T.order_tag(node.prefix)}", **opts).remote(base_ref, key, parent)
+    return refs
+
+
+def _ds(cfg):
+    from reteq.train.engine import load_deepspeed_config
+
+    return load_deepspeed_config(cfg.execution.deepspeed) if cfg.execution.deepspeed else None

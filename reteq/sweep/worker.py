@@ -1,0 +1,130 @@
+"""What every Ray process of a sweep shares: the parsed config, the worker context, the parent checkpoint.
+
+A node task or a leaf trial receives `base` (the sweep's settings, one dict put in the object store once) and
+builds its state from it. Ray reuses worker processes (and Tune reuses trial actors), so the parsed config,
+plan and data are cached per process: the second task in a process pays nothing for them.
+
+Test hooks (environment variables, read in the task; for fault-injection tests only, never set them in a run):
+  RETEQ_PID_DIR=DIR        each node task (or a node's rank-0 Train worker) writes DIR/<node key>.pid at start
+  RETEQ_FAULT_NODE=ORDER   the node whose stage prefix is ORDER (e.g. "inst>U") raises, every attempt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reteq import tracking as T
+
+_CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
+
+
+class NodeFailed(RuntimeError):
+    """A stage node could not be trained; `key` names it (and leaves below it report it)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def state(base: dict[str, Any]):
+    """(cfg, plan, data) for this sweep, parsed once per process."""
+    os.environ.update(base["env"])
+    digest = base["digest"]
+    if digest not in _CACHE:
+        from reteq.config import parse_config
+        from reteq.pipeline import DataCache
+        from reteq.plan import build_plan
+
+        cfg = parse_config(base["config"], source=base["config_name"])
+        _CACHE.clear()
+        _CACHE[digest] = (cfg, build_plan(cfg), DataCache(cfg))
+    return _CACHE[digest]
+
+
+def deepspeed_config(base: dict[str, Any]) -> dict[str, Any] | None:
+    from reteq.train.engine import load_deepspeed_config
+
+    return load_deepspeed_config(base["deepspeed"]) if base["deepspeed"] else None
+
+
+def in_process(cfg, ds: dict[str, Any] | None) -> bool:
+    """True when one CPU worker and a DeepSpeed config with nothing to do (ZeRO-0, fp32, no clipping): the
+    work then runs in the task or trial itself with plain torch, the same arithmetic without a worker group,
+    a process group or `import deepspeed`. Multi-worker and GPU work keeps Ray Train + DeepSpeed."""
+    ex = cfg.execution
+    if ex.workers != 1 or ex.use_gpu:
+        return False
+    if ds is None:
+        return True
+    zero = int(ds.get("zero_optimization", {}).get("stage", 0))
+    half = any(ds.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
+    return zero == 0 and not half and not float(ds.get("gradient_clipping", 0) or 0)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Which worker of a group this process is (the defaults: the only one, plain torch)."""
+
+    rank: int = 0
+    world: int = 1
+    ds: dict[str, Any] | None = None  # DeepSpeed config; None: plain torch
+    local_rank: int = 0  # rank on this machine (its rank 0 fetches checkpoints for the others)
+
+
+def worker_context(cfg, model: str, r: Rank):
+    import torch
+
+    from reteq.train.recipes import WorkerContext
+
+    if cfg.execution.use_gpu and torch.cuda.is_available():
+        from ray.train.torch import get_device
+
+        device = get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(cfg.execution.cpus_per_worker)))
+    return WorkerContext(rank=r.rank, world=r.world, device=device, ds_config=r.ds, dtype=cfg.model(model).dtype,
+                         packing=cfg.execution.packing, local_rank=r.local_rank)
+
+
+def mlflow_hooks(base: dict[str, Any], cfg, key: str):
+    """MLflow hooks for the node or leaf `key`; runs an earlier try of it left RUNNING (its process died and
+    Ray or Tune retried it) are closed KILLED first, so one FINISHED run per key remains."""
+    from reteq.sweep.lifecycle import close_trial_runs
+    from reteq.sweep.record import MlflowHooks
+
+    hooks = MlflowHooks(base["tracking_uri"], base["experiment_id"], base["parent_run_id"], cfg.name,
+                        lambda stage: cfg.stage(stage).schedule, echo=lambda m: print(m, flush=True),
+                        attempt=base.get("attempt", ""), trial=key)
+    if base.get("attempt"):
+        close_trial_runs(hooks.c, base["experiment_id"], base["attempt"], key, T.STATUS_KILLED,
+                         "its process died; Ray retried it")
+    return hooks
+
+
+def store(base: dict[str, Any]):
+    """This machine's checkpoint store; a node published on another machine is fetched from MLflow
+    (reteq.sweep.delivery) by `ensure_local`, which every rank calls before loading it."""
+    from reteq.pipeline import CheckpointStore
+    from reteq.sweep.delivery import local_store_root, mlflow_fetcher
+
+    return CheckpointStore(local_store_root(base["checkpoints"]),
+                           fetch=mlflow_fetcher(base["tracking_uri"], base["experiment_id"]))
+
+
+def test_hooks(node) -> None:
+    """The fault-injection hooks described in the module docstring."""
+    pid_dir = os.environ.get("RETEQ_PID_DIR")
+    if pid_dir:
+        Path(pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(pid_dir) / f"{node.key}.pid").write_text(json.dumps({"pid": os.getpid()}))
+    if os.environ.get("RETEQ_FAULT_NODE") == T.order_tag(node.prefix):
+        raise RuntimeError(f"fault injected by RETEQ_FAULT_NODE into {T.order_tag(node.prefix)}")
