@@ -170,14 +170,16 @@ def ensure_chain(run: RunContext, key: str) -> Path:
     """One process: the published checkpoint of node `key`, training its missing ancestors first, in order.
 
     The sweep does not come here: there every node is its own Ray task (reteq.sweep.nodes)."""
-    parent = None
-    for node in run.plan.chain(key):
-        if run.store.has(node.key):
+    chain = run.plan.chain(key)
+    parent, todo = None, chain
+    for i in range(len(chain) - 1, -1, -1):  # the deepest published node; everything above it is not needed
+        if run.store.has(chain[i].key):
+            parent, todo = run.store.path(chain[i].key), chain[i + 1:]
             if run.worker.is_main:
-                run.hooks.node_skipped(node, run.store.path(node.key))
-            parent = run.store.path(node.key)
-        else:
-            parent = train_node(run, node, parent)
+                run.hooks.node_skipped(chain[i], parent)
+            break
+    for node in todo:
+        parent = train_node(run, node, parent)
     assert parent is not None
     return parent
 

@@ -40,7 +40,7 @@ def _finished_per_node(runs) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in _by_kind(runs).get(T.KIND_FINETUNE, []):
         if r.info.status == "FINISHED" and r.data.tags.get(T.TAG_STATUS) == T.STATUS_DONE:
-            counts[r.data.tags[T.TAG_NODE_KEY]] = counts.get(r.data.tags[T.TAG_NODE_KEY], 0) + 1
+            counts[r.data.tags[T.TAG_PLAN_KEY]] = counts.get(r.data.tags[T.TAG_PLAN_KEY], 0) + 1
     return counts
 
 
@@ -63,7 +63,7 @@ def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys):
     assert all(r.data.tags["mlflow.parentRunId"] == parent_id for r in by_kind[T.KIND_FINETUNE])
 
     unlearn = by_kind[T.KIND_UNLEARN]
-    assert sorted(r.data.tags[T.TAG_NODE_KEY] for r in unlearn) == sorted(x.key for x in plan.leaves)
+    assert sorted(r.data.tags[T.TAG_PLAN_KEY] for r in unlearn) == sorted(x.key for x in plan.leaves)
     client = mlflow.MlflowClient(uri)
     for r in unlearn:
         assert r.data.tags[T.TAG_STATUS] in (T.STATUS_DONE, T.STATUS_COLLAPSED)
@@ -79,7 +79,7 @@ def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys):
     for r in by_kind[T.KIND_FINETUNE]:  # checkpoints logged as artifacts whose manifests verify
         local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
                                                     dst_path=str(tmp_path / "dl" / r.info.run_id))
-        assert "model.safetensors" in verify_checkpoint(local, r.data.tags[T.TAG_NODE_KEY])["files"]
+        assert "model.safetensors" in verify_checkpoint(local, r.data.tags[T.TAG_PLAN_KEY])["files"]
 
     # Tune sees the axes, and got the eval metrics at every eval step (3 reports: steps 0, 1, 2)
     df = outcome.dag.results.get_dataframe()
@@ -90,7 +90,7 @@ def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys):
     assert (df["training_iteration"] == 3).all() and (df["step"] == 2).all() and "forget" in df.columns
 
     # no trial started before its parent node was published (its MLflow run FINISHED with status done)
-    published = {r.data.tags[T.TAG_NODE_KEY]: r.info.end_time / 1000 for r in by_kind[T.KIND_FINETUNE]}
+    published = {r.data.tags[T.TAG_PLAN_KEY]: r.info.end_time / 1000 for r in by_kind[T.KIND_FINETUNE]}
     for _, row in df.iterrows():
         axes = {k[len("config/"):]: None if v != v else v for k, v in row.items() if k.startswith("config/")}
         leaf = leaf_of(plan, axes)  # (pandas reads GA's beta None back as NaN, which is not equal to itself)
