@@ -29,7 +29,7 @@ def local_store_root(default: str | Path) -> Path:
 def find_node_run(client, experiment_id: str, key: str) -> str | None:
     """The run id of a finished node (status done) with this key, or None."""
     runs = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`{T.TAG_NODE_KEY}` = '{key}' and "
+                              filter_string=f"tags.`{T.TAG_PLAN_KEY}` = '{key}' and "
                                             f"tags.`{T.TAG_STATUS}` = '{T.STATUS_DONE}'")
     return runs[0].info.run_id if runs else None
 
