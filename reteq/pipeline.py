@@ -148,6 +148,10 @@ def check_rows_fit(cfg: SweepConfig, data: DataCache) -> None:
                                         f"fits in {limit} tokens ({where}, model {m.name})")
 
 
+def _broadcast(obj, ctx: WorkerContext):
+    return obj if ctx.world == 1 else collectives.broadcast_object(obj, ctx.device)
+
+
 def _barrier(ctx: WorkerContext) -> None:
     if ctx.world > 1:
         collectives.barrier(ctx.device)
@@ -167,18 +171,21 @@ class RunContext:
 
 
 def ensure_chain(run: RunContext, key: str) -> Path:
-    """One process: the published checkpoint of node `key`, training its missing ancestors first, in order.
+    """One process or one worker group: the checkpoint of node `key`, training its missing ancestors first, in
+    order, from the deepest published one (the main rank decides; a rank on another machine fetches it).
 
     The sweep does not come here: there every node is its own Ray task (reteq.sweep.nodes)."""
-    chain = run.plan.chain(key)
-    parent, todo = None, chain
-    for i in range(len(chain) - 1, -1, -1):  # the deepest published node; everything above it is not needed
-        if run.store.has(chain[i].key):
-            parent, todo = run.store.path(chain[i].key), chain[i + 1:]
-            if run.worker.is_main:
-                run.hooks.node_skipped(chain[i], parent)
-            break
-    for node in todo:
+    ctx, chain = run.worker, run.plan.chain(key)
+    found = None
+    if ctx.is_main:
+        found = next((i for i in range(len(chain) - 1, -1, -1) if run.store.has(chain[i].key)), -1)
+    found = _broadcast(found, ctx)
+    parent = None
+    if found >= 0:
+        if ctx.is_main:
+            run.hooks.node_skipped(chain[found], run.store.path(chain[found].key))
+        parent = run.store.ensure_local(chain[found].key, ctx)
+    for node in chain[found + 1:]:
         parent = train_node(run, node, parent)
     assert parent is not None
     return parent
@@ -208,8 +215,7 @@ def train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
         stats = {**stats, "final_loss": result.records[-1].loss if result.records else float("nan"),
                  "tokens_per_s": _mean_tps(result.records)}
         hooks.node_done(node, path, stats)
-    _barrier(ctx)
-    return path
+    return run.store.ensure_local(node.key, ctx)  # a barrier; ranks on other machines fetch what main published
 
 
 def _mean_tps(records) -> float:

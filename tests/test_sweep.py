@@ -75,7 +75,9 @@ def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys):
     assert {r.data.params[T.P_NORMALISATION] for r in unlearn} == {"token", "sequence"}  # GA, NPO
     assert len({r.data.params[T.P_FORGET_SAMPLE] for r in unlearn}) == 1  # every leaf scores the same sample
     assert len({r.data.params[T.P_KNOWLEDGE_SAMPLE] for r in unlearn}) == 1
-    assert [k for r in runs for k in r.data.metrics if k.startswith("system/")], "system metrics are logged"
+    long_runs = [r for r in by_kind[T.KIND_FINETUNE] + unlearn if r.info.end_time - r.info.start_time > 5000]
+    for r in long_runs:  # MLflow samples system metrics every 2 s: a run of a second or two may have none
+        assert any(k.startswith("system/") for k in r.data.metrics), "system metrics are logged"
     for r in by_kind[T.KIND_FINETUNE]:  # checkpoints logged as artifacts whose manifests verify
         local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
                                                     dst_path=str(tmp_path / "dl" / r.info.run_id))
