@@ -109,7 +109,7 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
         assert [r.lr for r in result.records] == pytest.approx([stage.lr * f for f in (1 / 3, 2 / 3, 1.0, 1.0)])
         assert first["lr"] == pytest.approx(stage.lr / 3)
         # entries whose gradient is exactly 0 (embedding rows of tokens absent from the batch) do not move: the
-        # tiny base v2's larger vocabulary use leaves ~1.6% of them; a carried-over optimizer moves only ~10%
+        # tiny base leaves ~1.6% of them here; a carried-over optimizer moves only ~10%
         assert first["share"] > 0.95, (stage.name, first)
 
 
