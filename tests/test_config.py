@@ -9,7 +9,8 @@ import pytest
 from helpers import RETAIN, sweep_dict, write_config
 
 from reteq.cli import main
-from reteq.config import ConfigError, load_config, parse_config
+from reteq.config import load_config, parse_config
+from reteq.errors import ConfigError
 from reteq.plan import build_plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -179,7 +179,7 @@ def test_a_bad_protocol_field_is_one_line_naming_it(section, field, value, messa
 
     from sweep_configs import tiny_sweep
 
-    from reteq.config import ConfigError
+    from reteq.errors import ConfigError
 
     raw = tiny_sweep(Path("/tmp/reteq-keys"))
     raw[section] = {**raw.get(section, {}), field: value}

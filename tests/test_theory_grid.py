@@ -11,8 +11,7 @@ import pytest
 from reteq import tracking as tk
 from reteq.cli import EXIT_BAD_INPUT, main
 from reteq.commands.theory import theory_command
-from reteq.config import ConfigError
-from reteq.errors import BadInput
+from reteq.errors import BadInput, ConfigError
 from reteq.theory import grid as g
 from reteq.theory.grid import TheoryConfig, load_theory_config, run_theory_grid
 from reteq.theory.report import theory_section

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reteq import tracking as tk
-from reteq.config import read_yaml_mapping, validated
+from reteq.config_files import read_yaml_mapping, validated
 
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
