@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -17,6 +13,7 @@ from reteq import tracking as T
 from reteq.commands.sweep import run_sweep
 from reteq.config import parse_config
 from reteq.plan import build_plan
+from reteq.sweep import faults
 from reteq.sweep.leaves import leaf_of
 from reteq.train.checkpoint import verify_checkpoint
 from tests.sweep_configs import tiny_sweep
@@ -104,44 +101,32 @@ def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys):
     assert len(_runs(uri, cfg.name)) == len(runs)
 
 
-def _kill_first_pid(pid_file: Path, killed: list, stop: threading.Event) -> None:
-    while not stop.is_set():
-        if pid_file.exists():
-            try:
-                pid = json.loads(pid_file.read_text())["pid"]
-            except (ValueError, KeyError):  # caught mid-write
-                time.sleep(0.01)
-                continue
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
-        time.sleep(0.01)
-
-
 def test_killed_node_worker_is_retried(ray_cluster, tmp_path, monkeypatch):
-    """SIGKILL the worker process training a stage node: Ray re-runs the node's task, the sweep finishes and
-    every node is trained (FINISHED, status done) exactly once."""
+    """SIGKILL the worker process training a stage node, mid-node (its first optimizer step logged, the RETEQ_FAULT
+    hook): Ray re-runs the node's task, the sweep finishes, every node is trained (FINISHED, status done) exactly
+    once, and the killed attempt's run is KILLED with the reason, not left RUNNING."""
     cfg = parse_config(tiny_sweep(tmp_path / "work", name="kill-sweep", positions=(4,), algorithms=("ga",),
                                   lrs=(1e-3,), workers=1, concurrent=1, deepspeed="zero0_fp32.json"))
     plan = build_plan(cfg)
-    victim = next(n for n in plan.nodes.values() if n.prefix == ("inst", "tofu"))
-    pids = tmp_path / "pids"
+    victim = next(n for n in plan.nodes.values() if n.parent is None)  # the first node to log a step
+    pids, mark = tmp_path / "pids", tmp_path / "fault-fired"
     monkeypatch.setenv("RETEQ_PID_DIR", str(pids))
-    killed: list[int] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=_kill_first_pid, args=(pids / f"{victim.key}.pid", killed, stop), daemon=True)
-    watcher.start()
-    try:
-        outcome = run_sweep(cfg, report=False)
-    finally:
-        stop.set()
-    assert killed, "the node's worker was killed"
-    assert json.loads((pids / f"{victim.key}.pid").read_text())["pid"] != killed[0], "the node ran again"
+    monkeypatch.setenv(faults.ENV, "node_step:1:worker")
+    monkeypatch.setenv(faults.ENV_MARK, str(mark))  # fires once: the retried task does not die again
+    monkeypatch.setenv(faults.ENV_DRIVER, str(os.getpid()))  # run_sweep sets it; monkeypatch takes it back
+    outcome = run_sweep(cfg, report=False)
+    killed = int(mark.read_text().split(" pid ")[1])
+    assert json.loads((pids / f"{victim.key}.pid").read_text())["pid"] != killed, "the node ran again"
     assert outcome.code == 0
     runs = _runs(T.default_tracking_uri(tmp_path / "work"), cfg.name)
     assert _finished_per_node(runs) == {k: 1 for k in plan.nodes}
     assert [r.data.tags[T.TAG_STATUS] for r in _by_kind(runs)[T.KIND_UNLEARN]] in ([T.STATUS_DONE],
                                                                                    [T.STATUS_COLLAPSED])
+    assert not [r for r in runs if r.info.status == T.RUN_RUNNING], "no run is left RUNNING"
+    (dead,) = [r for r in runs if r.info.status != T.RUN_FINISHED]
+    assert dead.info.status == T.RUN_KILLED and dead.data.tags[T.TAG_PLAN_KEY] == victim.key
+    assert dead.data.tags[T.TAG_STATUS] == T.STATUS_KILLED and "its process died" in dead.data.tags[T.TAG_ERROR]
+    assert _by_kind(runs)[T.KIND_SWEEP][0].data.tags[T.TAG_CHILDREN_FAILED] == "1"
 
 
 def test_failing_node_ends_its_branch_and_the_sweep(ray_cluster, tmp_path, monkeypatch, capsys):

@@ -79,10 +79,21 @@ def run_sweep(cfg: SweepConfig, work_dir: str | None = None, report: bool = True
         work.mkdir(parents=True, exist_ok=True)
     with writing("the work dir lock", work / "sweep.lock"):
         lock = WorkDirLock(work).acquire()  # a second sweep on this work dir stops here (exit 2)
+    uri_before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         return _sweep_locked(cfg, plan, work, report)
     finally:
         lock.release()
+        _restore_tracking_uri(uri_before)
+
+
+def _restore_tracking_uri(before: str | None) -> None:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which `default_tracking_uri` obeys: put it back, so
+    a later sweep in this process with another work dir records into its own store, not this one's."""
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
 
 
 def _preflight(cfg: SweepConfig):
@@ -179,6 +190,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
     print(f"MLflow: {uri} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
     if report:
         with writing("the report", work / "report"):
+            faults.fault("report")  # every run is closed; only the report is left to write
             out = write_sweep_report(cfg, uri, work)
         if out:
             print(f"report: {out}")

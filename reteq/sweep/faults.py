@@ -2,7 +2,8 @@
 
 Off unless RETEQ_FAULT is set; the chaos tests set it. Format: `POINT[:N[:WHO]]`:
 - POINT: `node_step` (a stage node's optimizer step was logged), `node_published` (a node's checkpoint is in
-  the store, its MLflow record not yet written), `leaf_eval` (an unlearning eval was logged);
+  the store, its MLflow record not yet written), `leaf_eval` (an unlearning eval was logged), `report` (the
+  driver closed every run and is about to write the report);
 - N: fire at the N-th time this process reaches POINT (default 1);
 - WHO: `driver` (default: SIGKILL the `reteq sweep` process, RETEQ_DRIVER_PID, then this process) or
   `worker` (SIGKILL only this process: one Ray Train worker dies).
