@@ -1,11 +1,13 @@
-"""Chaos: `reteq sweep` as an operator runs it (a subprocess with its own local Ray and a real MLflow SQLite store),
-killed by SIGKILL at chosen points (the RETEQ_FAULT hook, reteq/sweep/faults.py) and rerun until it finishes.
+"""Chaos: `reteq sweep` as an operator runs it (a subprocess, a driver of the session's Ray cluster as under
+`ray job submit`, recording into a real MLflow SQLite store), killed by SIGKILL at chosen points (the RETEQ_FAULT
+hook, reteq/sweep/faults.py) and rerun until it finishes.
 
 One path (inst>tofu>U: 3 stage nodes, one GA leaf) keeps it short. The driver dies at four points: during a
 node's training, after a node's checkpoint is published but before its MLflow record, during a leaf's
-unlearning, and during the report. Each rerun takes over the dead driver's work-dir lock and closes the runs it
-left RUNNING. Afterwards the record must be what an uninterrupted sweep of the same config writes: one FINISHED
-run per key, nothing RUNNING, nothing finished trained twice, and the report's tables equal (bitwise: seeded).
+unlearning, and at the report. Each rerun takes over the dead driver's work-dir lock and closes the runs it
+left RUNNING (the reruns that need no SIGKILL run in this process: no interpreter or Ray job to start).
+Afterwards the record must be what an uninterrupted sweep of the same config writes: one FINISHED run per key,
+nothing RUNNING, nothing finished trained twice, and the report's tables equal (bitwise: every step is seeded).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from helpers import reteq_cache  # noqa: F401  (session fixture)
 from mlflow import MlflowClient
 
 from reteq import tracking as T
+from reteq.cli import EXIT_BAD_INPUT, main
 from reteq.commands.sweep import run_sweep
 from reteq.config import parse_config
 from reteq.plan import build_plan
@@ -52,19 +55,21 @@ def _config(work: Path) -> dict:
                       lrs=(1e-3,), workers=1, concurrent=1, deepspeed="zero0_fp32.json")
 
 
-def _sweep(config: Path, work: Path, fault: str, ray_address: str) -> tuple[subprocess.CompletedProcess, str]:
+def _sweep(config: Path, work: Path, fault: str, ray_address: str, while_running=None,
+           ) -> tuple[subprocess.CompletedProcess, str]:
     """`reteq sweep` killed at `fault`; started again when Ray itself failed to start (an overloaded machine).
     Returns the process and what the fault hook wrote when it fired (host process, point, pid)."""
     for i in range(3):
         mark = work.parent / f"fault-{fault.replace(':', '-')}-{i}"
-        res = _sweep_once(config, work, fault, mark, ray_address)
+        res = _sweep_once(config, work, fault, mark, ray_address, while_running)
         fired = mark.read_text() if mark.exists() else ""
         if fired or not any(x in res.stderr for x in RAY_START_FAILED):
             return res, fired
     return res, fired
 
 
-def _sweep_once(config: Path, work: Path, fault: str, mark: Path, ray_address: str) -> subprocess.CompletedProcess:
+def _sweep_once(config: Path, work: Path, fault: str, mark: Path, ray_address: str, while_running,
+                ) -> subprocess.CompletedProcess:
     """`reteq sweep` in its own session, a driver of the session's Ray cluster (as under `ray job submit`: the
     cluster outlives the driver, and Ray ends a dead driver's tasks and trials)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RETEQ_DRIVER_PID")}
@@ -72,6 +77,8 @@ def _sweep_once(config: Path, work: Path, fault: str, mark: Path, ray_address: s
     p = subprocess.Popen([sys.executable, "-m", "reteq", "sweep", str(config), "--work-dir", str(work)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
+        if while_running is not None:
+            while_running(p)
         out, err = p.communicate(timeout=TIMEOUT_S)
     finally:
         try:
@@ -80,6 +87,26 @@ def _sweep_once(config: Path, work: Path, fault: str, mark: Path, ray_address: s
             pass
         p.wait()
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _second_sweep_refused(config: Path, work: Path, capsys):
+    """While a sweep holds the work dir, a second `reteq sweep` on it exits 2 with one line naming the holder."""
+
+    def check(first: subprocess.Popen) -> None:
+        lock, deadline = work / "sweep.lock", time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and f'"pid": {first.pid},' not in _text(lock):
+            time.sleep(0.2)
+        capsys.readouterr()
+        assert main(["sweep", str(config), "--work-dir", str(work)]) == EXIT_BAD_INPUT
+        err = [x for x in capsys.readouterr().err.splitlines() if " INFO mlflow." not in x]
+        assert first.poll() is None, "the first sweep ended before the second one was refused"
+        assert len(err) == 1 and f"work dir is in use by another reteq sweep (pid {first.pid} on " in err[0], err
+
+    return check
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def _runs(work: Path) -> list:
@@ -102,25 +129,31 @@ def test_driver_killed_at_four_points_then_rerun_equals_an_uninterrupted_sweep(r
     plan = build_plan(parse_config(raw))
     assert len(plan.nodes) == 3 and len(plan.leaves) == 1
     (leaf,) = plan.leaves
-
     address = ray_cluster.get_runtime_context().gcs_address
-    for fault in KILL_POINTS:
-        t0 = time.perf_counter()
-        res, fired = _sweep(config, chaos, fault, address)
-        print(f"chaos: killed at {fault} after {time.perf_counter() - t0:.0f}s", file=sys.__stderr__)
+
+    def killed(fault: str, while_running=None) -> str:
+        res, fired = _sweep(config, chaos, fault, address, while_running)
         assert res.returncode == -signal.SIGKILL, (fault, res.returncode, res.stdout[-3000:], res.stderr[-3000:])
         assert fired.startswith(f"{fault.split(':')[0]}:"), (fault, fired)  # the hook fired, and it killed
-        if fault == "leaf_eval:2":
-            published = {k for k in plan.nodes if is_complete(chaos / "checkpoints" / k, k)}
-            assert published == set(plan.nodes), "every node was published before the leaf started"
-        if fault != KILL_POINTS[0]:  # the rerun found the dead driver's runs RUNNING and closed them
-            assert "left RUNNING by an earlier attempt that died (now KILLED)" in res.stdout, (fault, res.stdout)
-    assert "already done: 3 nodes, 0 runs" in res.stdout  # the report kill: no node was trained again
+        return res.stdout
 
-    # the last rerun: everything is recorded, it takes over the lock and writes the report
-    assert run_sweep(parse_config(raw), str(chaos)).code == 0
+    # 1-3: the driver dies during a node, after a node's publish (before its record), during unlearning
+    killed("node_step")
+    out = killed("node_published")
+    assert "closed 1 run(s) left RUNNING by an earlier attempt that died (now KILLED)" in out, out
+    out = killed("leaf_eval:2", while_running=_second_sweep_refused(config, chaos, capsys))
+    assert "closed 1 run(s) left RUNNING" in out and "had no finished record: recorded as run" in out, out
+    assert all(is_complete(chaos / "checkpoints" / k, k) for k in plan.nodes)
+
+    # a rerun in this process finishes the sweep: the killed leaf starts over, no node is trained again
+    assert run_sweep(parse_config(raw), str(chaos), report=False).code == 0
     out = capsys.readouterr().out
-    assert "nothing to do" in out, out
+    assert "closed 1 run(s) left RUNNING" in out and "already done: 3 nodes, 0 runs" in out, out
+
+    # 4: the driver dies at the report; the rerun takes over its lock, trains nothing, writes the report
+    assert "nothing to do" in killed("report")
+    assert run_sweep(parse_config(raw), str(chaos)).code == 0
+    assert "nothing to do" in capsys.readouterr().out
     lock = json.loads((chaos / "sweep.lock").read_text())
     assert lock["released"] and lock["took_over_from"].startswith("pid "), lock
 
@@ -135,9 +168,9 @@ def test_driver_killed_at_four_points_then_rerun_equals_an_uninterrupted_sweep(r
         for r in mine:
             if r.info.status != T.RUN_FINISHED:  # each unfinished run was closed by the next attempt, saying why
                 assert r.info.status == T.RUN_KILLED and "closed by" in r.data.tags[T.TAG_ERROR], r.data.tags
-    killed = [r for r in runs if r.info.status == T.RUN_KILLED]
     first = next(k for k, n in plan.nodes.items() if n.parent is None)
-    assert sorted(r.data.tags[T.TAG_PLAN_KEY] for r in killed) == sorted([first, first, leaf.key])
+    killed_runs = [r.data.tags[T.TAG_PLAN_KEY] for r in runs if r.info.status == T.RUN_KILLED]
+    assert sorted(killed_runs) == sorted([first, first, leaf.key])
     (recorded,) = [r for r in runs if r.data.tags.get(T.TAG_RECORDED_ON_REUSE) == "1"]
     assert recorded.data.tags[T.TAG_PLAN_KEY] == first  # published, then its driver died: recorded on reuse
 
