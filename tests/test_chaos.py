@@ -8,6 +8,8 @@ unlearning, and at the report. Each rerun takes over the dead driver's work-dir 
 left RUNNING (the reruns that need no SIGKILL run in this process: no interpreter or Ray job to start).
 Afterwards the record must be what an uninterrupted sweep of the same config writes: one FINISHED run per key,
 nothing RUNNING, nothing finished trained twice, and the report's tables equal (bitwise: every step is seeded).
+Then one more lr, with the leaf's parent checkpoint corrupted on disk, runs only the new leaf, the parent
+restored from its MLflow artifact.
 """
 
 from __future__ import annotations
@@ -184,3 +186,15 @@ def test_driver_killed_at_four_points_then_rerun_equals_an_uninterrupted_sweep(r
     assert base_tables.keys() == chaos_tables.keys()
     for name, table in base_tables.items():
         assert table.equals(chaos_tables[name]), (name, table, chaos_tables[name])
+
+    # extending the lr grid runs only the new leaf; its parent's corrupted checkpoint comes back from MLflow
+    weights = chaos / "checkpoints" / leaf.parent / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    wider = parse_config({**raw, "unlearn": {**raw["unlearn"], "lrs": [1e-3, 3e-3]}})
+    assert run_sweep(wider, str(chaos), report=False).code == 0
+    out = capsys.readouterr().out
+    assert "local checkpoint failed sha256: replaced by the artifact" in out, out
+    assert "already done: 3 nodes, 1 runs" in out, out
+    new = [r for r in _runs(chaos) if r.info.run_id not in {x.info.run_id for x in runs}]
+    assert sorted(r.data.tags[T.TAG_KIND] for r in new) == [T.KIND_SWEEP, T.KIND_UNLEARN]  # a new grid's parent
+    assert is_complete(chaos / "checkpoints" / leaf.parent, leaf.parent)
