@@ -78,38 +78,56 @@ def _stop_cluster(temp: Path) -> None:
         p.kill()
 
 
-def test_submit_tiny_sweep_through_jobs_api(ray_head, tmp_path):
+def _submit(ray_bin: str, job_env: dict, submission: str, env_file: Path, cfg_path: Path) -> str:
+    submit = subprocess.run(
+        [ray_bin, "job", "submit", "--submission-id", submission, "--working-dir", ".",
+         "--runtime-env", str(env_file), "--", "python", "-m", "reteq", "sweep", str(cfg_path), "--no-report"],
+        cwd=REPO, env=job_env, capture_output=True, text=True, timeout=900)
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode == 0, logs[-3000:]
+    status = subprocess.run([ray_bin, "job", "status", submission], env=job_env, capture_output=True,
+                            text=True, timeout=120)
+    assert "succeeded" in (status.stdout + status.stderr).lower()  # "Job '...' succeeded"
+    return logs
+
+
+def test_submit_tiny_sweep_through_jobs_api_twice_into_one_store(ray_head, tmp_path):
     """Exactly the documented command, `ray job submit --working-dir . --runtime-env ... -- python -m reteq
-    sweep CONFIG`, run as a subprocess (the CLI reads the auth token from its own environment)."""
+    sweep CONFIG`, run as a subprocess (the CLI reads the auth token from its own environment), twice, with a
+    RELATIVE work_dir: each job runs in Ray's per-job package copy, yet both land in ~/reteq-runs/<work_dir>
+    (reteq.workdir), so the second resumes from the first's MLflow store and trains nothing."""
     address, env = ray_head
-    work = tmp_path / "work"
-    cfg = tiny_sweep(work, name="jobs-sweep", positions=(4,), algorithms=("npo",), lrs=(1e-3,), workers=1,
-                     concurrent=1, deepspeed="zero0_fp32.json", unlearn_steps=1)
+    home = tmp_path / "home"  # the jobs' $HOME, so ~/reteq-runs is a temp folder
+    cfg = tiny_sweep(Path("runs/jobs-test"), name="jobs-sweep", positions=(4,), algorithms=("npo",), lrs=(1e-3,),
+                     workers=1, concurrent=1, deepspeed="zero0_fp32.json", unlearn_steps=1)
     cfg_path = write(cfg, tmp_path / "sweep.yaml")
     runtime_env = yaml.safe_load((REPO / "rayjobs" / "runtime_env.yaml").read_text())
     runtime_env.setdefault("env_vars", {}).update(
         {k: os.environ[k] for k in ("RETEQ_CACHE", "HF_HUB_OFFLINE", "DS_ACCELERATOR") if k in os.environ})
+    runtime_env["env_vars"].update({"HOME": str(home), "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))})
+    runtime_env["env_vars"].pop("RETEQ_HOME", None)
     env_file = tmp_path / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     job_env = {**env, "RAY_ADDRESS": address}
-    submit = subprocess.run(
-        [ray_bin, "job", "submit", "--submission-id", "reteq-test-job", "--working-dir", ".",
-         "--runtime-env", str(env_file), "--", "python", "-m", "reteq", "sweep", str(cfg_path), "--no-report"],
-        cwd=REPO, env=job_env, capture_output=True, text=True, timeout=900)
-    logs = submit.stdout + submit.stderr
-    assert submit.returncode == 0, logs[-3000:]
-    assert "sweep jobs-sweep finished" in logs
-    assert "[node 4/4]" in logs and "[leaf 1/1]" in logs  # one line per node and leaf from the driver
+    first = _submit(ray_bin, job_env, "reteq-test-job-1", env_file, cfg_path)
+    assert "sweep jobs-sweep finished" in first
+    assert "[node 4/4]" in first and "[leaf 1/1]" in first  # one line per node and leaf from the driver
     for noise in ("(raylet)", "PreemptionWatcher", "PlacementGroupCleaner"):  # worker output stays in Ray's logs
-        assert noise not in logs
-
-    status = subprocess.run([ray_bin, "job", "status", "reteq-test-job"], env=job_env, capture_output=True,
-                            text=True, timeout=120)
-    assert "succeeded" in (status.stdout + status.stderr).lower()  # "Job 'reteq-test-job' succeeded"
+        assert noise not in first
+    work = home / "reteq-runs" / "runs" / "jobs-test"
+    assert f"reteq ui --work-dir {work}" in first  # where the job says the UI finds it
+    assert (work / "mlflow.db").exists() and (work / "checkpoints").is_dir() and (work / "ray").is_dir()
 
     mlflow.set_tracking_uri(T.default_tracking_uri(work))
     runs = mlflow.search_runs(experiment_names=["jobs-sweep"], output_format="list")
     kinds = sorted(r.data.tags.get(T.TAG_KIND) for r in runs)
     assert kinds.count(T.KIND_FINETUNE) == 4 and kinds.count(T.KIND_UNLEARN) == 1
+
+    second = _submit(ray_bin, job_env, "reteq-test-job-2", env_file, cfg_path)
+    assert "nothing to do" in second and "already done: 4 nodes, 1 runs" in second
+    assert f"reteq ui --work-dir {work}" in second
+    again = mlflow.search_runs(experiment_names=["jobs-sweep"], output_format="list")
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)  # nothing retrained
