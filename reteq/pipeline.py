@@ -63,19 +63,24 @@ class CheckpointStore:
         return False
 
     def ensure_local(self, key: str, ctx: WorkerContext) -> Path:
-        """Call on EVERY rank before loading `key`: this node's local rank 0 fetches and verifies a missing
-        checkpoint while the other ranks wait on a barrier; then each rank checks its own copy."""
+        """Call on EVERY rank before loading `key`. Only each machine's local rank 0 reads the store: it verifies
+        the checkpoint (sha256) and fetches a missing or corrupt one; the other ranks wait for its word (one
+        all-gather, so a machine that cannot get it fails every rank with its reason instead of hanging one)."""
         error = None
         if ctx.local_rank == 0 and not self.has(key):
             try:
                 if self.fetch is None or self.fetch(key, self.path(key)) is None:
                     error = "not published anywhere this worker can fetch from"
-            except Exception as e:  # reach the barrier anyway, or the other ranks hang
+            except Exception as e:  # reach the collective anyway, or the other ranks hang
                 error = f"{type(e).__name__}: {e}"
-        _barrier(ctx)
-        if not self.has(key):
+        errors = collectives.all_gather_object(error, ctx.device) if ctx.world > 1 else [error]
+        if error:
             raise CheckpointError(f"node {key}: no verified checkpoint in {self.root} on this machine (rank "
-                                  f"{ctx.rank}){': ' + error if error else ''}")
+                                  f"{ctx.rank}): {error}")
+        failed = [(rank, e) for rank, e in enumerate(errors) if e]
+        if failed:
+            raise CheckpointError(f"node {key}: the machine of rank {failed[0][0]} has no verified checkpoint: "
+                                  f"{failed[0][1]}")
         return self.path(key)
 
 
@@ -150,11 +155,6 @@ def check_rows_fit(cfg: SweepConfig, data: DataCache) -> None:
 
 def _broadcast(obj, ctx: WorkerContext):
     return obj if ctx.world == 1 else collectives.broadcast_object(obj, ctx.device)
-
-
-def _barrier(ctx: WorkerContext) -> None:
-    if ctx.world > 1:
-        collectives.barrier(ctx.device)
 
 
 @dataclass

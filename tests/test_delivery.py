@@ -3,14 +3,18 @@ before it loads it (two gloo ranks, each with its own store, playing two machine
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from distributed import run_ranks
-from helpers import reteq_cache  # noqa: F401
+from helpers import model_cfg, reteq_cache  # noqa: F401
 
+from reteq import tracking as T
 from reteq.pipeline import CheckpointStore
-from reteq.sweep import record
+from reteq.sweep import lifecycle, record
+from reteq.sweep.delivery import mlflow_fetcher
 from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
-from reteq.train.checkpoint import CheckpointError
+from reteq.train.checkpoint import CheckpointError, is_complete, read_manifest, save_checkpoint
 from reteq.train.recipes import WorkerContext
 
 
@@ -38,3 +42,35 @@ def test_the_rank_on_the_other_machine_fetches_the_node_from_mlflow(tmp_path, sq
     assert main["steps"] == other["steps"] == 2
     assert other["has"] and other["files"] == main["files"]  # the same sha256 manifest, verified on arrival
     assert other["stores"] == main["stores"] == [main["node"]]  # no temp folders left behind
+
+
+@pytest.mark.usefixtures("reteq_cache")
+def test_delivery_replaces_a_corrupt_local_copy_and_names_a_bad_artifact(tmp_path, sqlite_tracking):
+    """The fetcher itself, not only ensure_local, never keeps a corrupt copy: a local checkpoint whose sha256
+    fails is replaced by the verified MLflow artifact; a bad artifact is a CheckpointError naming the run."""
+    from reteq.models import load_model
+
+    uri, artifacts = sqlite_tracking
+    exp = ensure_experiment(uri, "test", artifacts)
+    c = tracking_client(uri)
+    parent = record.parent_run(c, exp, "test", "digest")
+    key = "nodekey"
+    made = save_checkpoint(load_model(model_cfg(), seed=0), tmp_path / "made" / key, key, {"stage": "inst"})
+    rid = lifecycle.record_reused_node(c, exp, parent, {T.TAG_KIND: T.KIND_FINETUNE, T.TAG_PLAN_KEY: key}, made)
+
+    target = tmp_path / "machine" / key  # this machine's copy: same files, weights corrupted
+    save_checkpoint(load_model(model_cfg(), seed=0), target, key, {"stage": "inst"})
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    assert not is_complete(target, key)
+    fetch = mlflow_fetcher(uri, exp)
+    assert fetch(key, target) == target
+    assert is_complete(target, key) and read_manifest(target)["files"] == read_manifest(made)["files"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [key]  # no temp folders left behind
+    assert fetch("unpublished", tmp_path / "machine" / "unpublished") is None
+
+    artifact = Path(artifacts.removeprefix("file://")) / "test" / rid / "artifacts" / T.ARTIFACT_CHECKPOINT
+    (artifact / "model.safetensors").write_bytes(b"bad")
+    with pytest.raises(CheckpointError, match=f"node {key}: MLflow run {rid} holds a bad checkpoint"):
+        fetch(key, tmp_path / "other" / key)
+    assert not (tmp_path / "other" / key).exists()

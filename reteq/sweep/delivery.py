@@ -2,9 +2,10 @@
 
 A trial's ranks may sit on several machines (Ray's PACK placement spreads a 4-worker trial over 1-GPU nodes),
 and each machine has its own checkpoint store. MLflow (its artifact store: S3 on a cluster) holds every
-published node. `mlflow_fetcher` finds the finished run of a node key, downloads its checkpoint artifact next to
-the target, verifies the sha256 manifest, and publishes it with one rename. `CheckpointStore.ensure_local` (in
-reteq.pipeline) calls it on each node's local rank 0 while the other ranks wait.
+published node. `mlflow_fetcher` finds the finished run of a node key; `fetch_run_checkpoint` downloads its
+checkpoint artifact next to the target, verifies the sha256 manifest, and publishes it with one rename.
+`CheckpointStore.ensure_local` (in reteq.pipeline) calls the fetcher on each machine's local rank 0 (the first
+rank of the group on that Ray node) while the other ranks wait.
 """
 
 from __future__ import annotations
@@ -34,32 +35,42 @@ def find_node_run(client, experiment_id: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def fetch_run_checkpoint(tracking_uri: str, run_id: str, key: str, target: Path) -> Path:
+    """Download `run_id`'s checkpoint artifact next to `target`, verify it for `key` (sha256 manifest, no
+    zero-size tensor) and publish it at `target` with one rename; a corrupt or partial copy already at `target`
+    is replaced, never kept. The one MLflow fetch path: delivery to a machine (`mlflow_fetcher`) and repair of
+    the driver's store (reteq.sweep.repair) both come here. Raises CheckpointError naming the run when the
+    artifact cannot be read or fails verification."""
+    import mlflow
+
+    from reteq.train.checkpoint import CheckpointError, publish, verify_checkpoint
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{key}-", dir=target.parent))
+    try:
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
+                                                           dst_path=str(tmp), tracking_uri=tracking_uri))
+        except Exception as e:  # noqa: BLE001 - a missing artifact is MLflow's own error type
+            raise CheckpointError(f"node {key}: MLflow run {run_id}: checkpoint artifact unreadable "
+                                  f"({type(e).__name__}: {e})") from None
+        try:
+            verify_checkpoint(got, key)
+        except CheckpointError as e:
+            raise CheckpointError(f"node {key}: MLflow run {run_id} holds a bad checkpoint ({e})") from None
+        return publish(got, target, key)  # another process may have published it meanwhile: kept if complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def mlflow_fetcher(tracking_uri: str, experiment_id: str) -> Fetch:
-    """A Fetch that downloads a node's checkpoint artifact from MLflow and verifies it before publishing."""
+    """A Fetch that finds the node's finished run in MLflow and fetches its checkpoint (None: not published)."""
 
     def fetch(key: str, target: Path) -> Path | None:
         import mlflow
 
-        from reteq.train.checkpoint import CheckpointError, verify_checkpoint
-
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        run_id = find_node_run(client, experiment_id, key)
-        if run_id is None:
-            return None
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{key}-", dir=target.parent))
-        try:
-            got = Path(client.download_artifacts(run_id, T.ARTIFACT_CHECKPOINT, str(tmp)))
-            try:
-                verify_checkpoint(got, key)
-            except CheckpointError as e:
-                raise CheckpointError(f"node {key}: MLflow run {run_id} holds a bad checkpoint ({e})") from None
-            if not target.exists():  # another process on this machine may have published it meanwhile
-                os.replace(got, target)
-            return target
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        run_id = find_node_run(mlflow.MlflowClient(tracking_uri=tracking_uri), experiment_id, key)
+        return None if run_id is None else fetch_run_checkpoint(tracking_uri, run_id, key, target)
 
     return fetch
-

@@ -8,37 +8,22 @@ finished run) and the node is retrained. A complete checkpoint without a finishe
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.sweep.delivery import fetch_run_checkpoint
 from reteq.sweep.lifecycle import finish_run, finished_runs, record_reused_node
-from reteq.train.checkpoint import discard, is_complete, publish
+from reteq.train.checkpoint import CheckpointError, discard, is_complete
 
 
 def fetch_node_checkpoint(c, key: str, run_id: str, target: Path) -> Path | None:
-    """Download `run_id`'s checkpoint artifact and publish it at `target` when it verifies for `key`.
-
-    A corrupt copy at `target` is replaced; an artifact that fails verification marks its run corrupt and
-    returns None (the caller retrains the node)."""
-    import mlflow
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{key}-", dir=target.parent))
+    """`run_id`'s checkpoint published at `target` (a corrupt copy there is replaced), or None after marking the
+    run corrupt when its artifact is unreadable or fails verification (the caller retrains the node)."""
     try:
-        try:
-            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=T.ARTIFACT_CHECKPOINT,
-                                                           dst_path=str(tmp), tracking_uri=c.tracking_uri))
-        except Exception as e:  # noqa: BLE001 - a missing artifact is MLflow's own error type
-            mark_corrupt(c, run_id, f"checkpoint artifact unreadable: {type(e).__name__}: {e}")
-            return None
-        if not is_complete(got, key):
-            mark_corrupt(c, run_id, "checkpoint artifact failed sha256 verification")
-            return None
-        return publish(got, target, key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return fetch_run_checkpoint(c.tracking_uri, run_id, key, target)
+    except CheckpointError as e:
+        mark_corrupt(c, run_id, str(e))
+        return None
 
 
 def mark_corrupt(c, run_id: str, reason: str) -> None:

@@ -91,8 +91,24 @@ def worker_context(cfg, model: str, r: Rank):
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.execution.cpus_per_worker)))
+    local_rank = machine_local_rank(r.rank, device) if r.world > 1 else r.local_rank
     return WorkerContext(rank=r.rank, world=r.world, device=device, ds_config=r.ds, dtype=cfg.model(model).dtype,
-                         packing=cfg.execution.packing, local_rank=r.local_rank)
+                         packing=cfg.execution.packing, local_rank=local_rank)
+
+
+def machine_local_rank(rank: int, device) -> int:
+    """This rank's index among the group's ranks on the same Ray node (so the same checkpoint store).
+
+    Ray Train's own local rank groups workers by node IP, and two Ray nodes can share one (several nodes on one
+    host, as in tests/test_two_nodes.py): the group would then have one local rank 0 for two stores, and the
+    other node's ranks would load a checkpoint nobody fetched for them. The Ray node id is exact."""
+    import ray
+
+    from reteq.train import collectives
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = collectives.all_gather_object(node, device)
+    return nodes[:rank].count(node)
 
 
 def mlflow_hooks(base: dict[str, Any], cfg, key: str):

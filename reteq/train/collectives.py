@@ -49,6 +49,21 @@ def broadcast_object(obj: Any, device: torch.device, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, device: torch.device) -> list[Any]:
+    """Every rank's `obj`, by rank; the pickled bytes travel in tensors on the worker's device (torch picks the
+    current CUDA device for NCCL, so it is set to the worker's for the call)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    device = torch.device(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            dist.all_gather_object(out, obj)
+    else:
+        dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(device: torch.device) -> None:
     """Wait for every rank; NCCL's barrier runs on the given CUDA device rather than guessing one."""
     if not active():
