@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,3 +110,26 @@ def fresh_adapter(model, cfg: ModelConfig, seed: int):
     return _new_adapter(model.merge_and_unload(), cfg, seed).train(model.training)
 
 
+
+
+@contextmanager
+def partitioned_at_load(ds_config: dict[str, Any] | None) -> Iterator[bool]:
+    """Models loaded inside are partitioned as they are built when `ds_config` is ZeRO-3 and this process is in
+    a group of several ranks: transformers 5 sees a live HfDeepSpeedConfig, builds the model under
+    `deepspeed.zero.Init` and loads each weight straight into its shards, so no rank ever holds the whole
+    model (what a 13B base needs on one GPU). Yields whether it applies. Outside ZeRO-3 it does nothing."""
+    from reteq.train import collectives
+
+    zero = (ds_config or {}).get("zero_optimization", {})
+    if int(zero.get("stage", 0)) != 3 or not collectives.active():
+        yield False
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, **ds_config}  # zero.Init parses a whole config; the engine's
+    live = HfDeepSpeedConfig(cfg)  # noqa: F841 - transformers holds only a weakref: it must stay alive here
+    try:
+        yield True
+    finally:
+        unset_hf_deepspeed_config()

@@ -22,7 +22,7 @@ from reteq.data.tokenize import configure_chat
 from reteq.errors import DataError
 from reteq.eval.evaluator import Evaluator
 from reteq.eval.probe import Probe, probe_pairs
-from reteq.models import fresh_adapter, load_model, load_tokenizer, resolve_source
+from reteq.models import fresh_adapter, load_model, load_tokenizer, partitioned_at_load, resolve_source
 from reteq.plan import Plan, StageNode, UnlearnLeaf
 from reteq.train import collectives
 from reteq.train.checkpoint import CheckpointError, discard, gathered_state_dict, is_complete, save_checkpoint
@@ -197,7 +197,9 @@ def train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
     mcfg = cfg.model(node.model)
     tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
     torch.manual_seed(node.seed)
-    model = load_model(mcfg, checkpoint=parent, seed=node.seed).to(ctx.device)
+    with partitioned_at_load(ctx.ds_config):  # ZeRO-3: each rank builds and loads only its shards
+        model = load_model(mcfg, checkpoint=parent, seed=node.seed)
+    model = model.to(ctx.device)
     if ctx.is_main:
         hooks.node_started(node)
         hooks.run_params(node.key, T.protocol_params(cfg))
@@ -215,7 +217,9 @@ def train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
         stats = {**stats, "final_loss": result.records[-1].loss if result.records else float("nan"),
                  "tokens_per_s": _mean_tps(result.records)}
         hooks.node_done(node, path, stats)
-    return run.store.ensure_local(node.key, ctx)  # a barrier; ranks on other machines fetch what main published
+    if ctx.world > 1:  # main has published and recorded the node before any rank (or machine) looks for it
+        collectives.barrier(ctx.device)
+    return run.store.ensure_local(node.key, ctx)  # ranks on other machines fetch what main published
 
 
 def _mean_tps(records) -> float:

@@ -172,3 +172,52 @@ def two_machine_delivery(rank: int, world: int, out: str, uri: str, experiment_i
     write_result(out, rank, {"steps": result.steps, "node": node, "has": store.has(node),
                              "files": read_manifest(store.path(node))["files"],
                              "stores": sorted(p.name for p in (Path(out) / f"store-rank{rank}").iterdir())})
+
+
+def zero3_partitioned_load(rank: int, world: int, out: str, threshold: int | None, lora: dict | None) -> None:
+    """A published checkpoint loaded under ZeRO-3 (partitioned as it is built), wrapped in the engine, gathered
+    and saved again: the saved copy must reproduce the original's logits."""
+    from reteq.models import load_model, load_tokenizer, partitioned_at_load
+    from reteq.train import collectives
+    from reteq.train.checkpoint import gathered_state_dict, save_checkpoint
+    from reteq.train.engine import OptimSpec, build_engine
+
+    cfg = one_stage_config(out, lora, micro_batch=4)
+    mcfg = cfg.model("tiny")
+    tok = load_tokenizer(mcfg)
+    device = torch.device("cpu")
+    ds = zero3_config(threshold)
+    probe = tok(["How do I make a cake?"], return_tensors="pt")
+    src = Path(out) / "published"
+    if rank == 0:
+        torch.manual_seed(0)
+        original = load_model(mcfg, seed=3)
+        with torch.no_grad():  # a non-zero adapter, so the round trip is not just the base
+            for n, p in original.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        save_checkpoint(original, src, "published")
+    collectives.barrier(device)
+    with partitioned_at_load(ds) as partitioned:
+        model = load_model(mcfg, checkpoint=src)
+    params = list(model.named_parameters())
+    base = [p for n, p in params if "lora_" not in n]  # the adapter is added by peft after the base is built
+    res: dict[str, Any] = {"partitioned": partitioned, "base_params": len(base),
+                           "base_partitioned_at_load": sum(hasattr(p, "ds_id") and p.numel() == 0 for p in base),
+                           "base_elements": sum(int(torch.Size(p.ds_shape).numel()) for p in base
+                                                if hasattr(p, "ds_shape"))}
+    engine = build_engine(model, OptimSpec(name="adamw", lr=0.0, total_steps=1), ds_config=ds, micro_batch=1,
+                          accumulation=1, world=world)
+    with torch.no_grad():
+        engine_logits = engine.model(**probe).logits
+    state = gathered_state_dict(engine.module, rank == 0)
+    if rank == 0:
+        save_checkpoint(engine.module, Path(out) / "again", "again", state_dict=state)
+    collectives.barrier(device)
+    if rank == 0:
+        with torch.no_grad():
+            want = load_model(mcfg, checkpoint=src, trainable=False)(**probe).logits
+            got = load_model(mcfg, checkpoint=Path(out) / "again", trainable=False)(**probe).logits
+        res["round_trip_diff"] = float((got - want).abs().max())
+        res["engine_diff"] = float((engine_logits - want).abs().max())
+    write_result(out, rank, res)

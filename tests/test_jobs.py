@@ -5,6 +5,7 @@ output is the scheduler's own lines, not the workers'."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -120,14 +121,27 @@ def test_submit_tiny_sweep_through_jobs_api_twice_into_one_store(ray_head, tmp_p
     work = home / "reteq-runs" / "runs" / "jobs-test"
     assert f"reteq ui --work-dir {work}" in first  # where the job says the UI finds it
     assert (work / "mlflow.db").exists() and (work / "checkpoints").is_dir() and (work / "ray").is_dir()
-
-    mlflow.set_tracking_uri(T.default_tracking_uri(work))
-    runs = mlflow.search_runs(experiment_names=["jobs-sweep"], output_format="list")
+    ui = mlflow.MlflowClient(tracking_uri=_ui_store(first))  # the store `reteq ui` opens for the printed line
+    (exp,) = [e.experiment_id for e in ui.search_experiments() if e.name == "jobs-sweep"]
+    runs = ui.search_runs([exp])
     kinds = sorted(r.data.tags.get(T.TAG_KIND) for r in runs)
     assert kinds.count(T.KIND_FINETUNE) == 4 and kinds.count(T.KIND_UNLEARN) == 1
+    (sweep,) = [r for r in runs if r.data.tags.get(T.TAG_KIND) == T.KIND_SWEEP]
 
     second = _submit(ray_bin, job_env, "reteq-test-job-2", env_file, cfg_path)
     assert "nothing to do" in second and "already done: 4 nodes, 1 runs" in second
-    assert f"reteq ui --work-dir {work}" in second
-    again = mlflow.search_runs(experiment_names=["jobs-sweep"], output_format="list")
+    assert _ui_store(second) == _ui_store(first)  # both submissions point `reteq ui` at one store
+    again = ui.search_runs([exp])
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)  # nothing retrained
+    resumed = ui.get_run(sweep.info.run_id)  # the second submission is in it too: its attempt ran the parent
+    assert resumed.data.tags[T.TAG_ATTEMPT] != sweep.data.tags[T.TAG_ATTEMPT]
+    assert resumed.info.status == "FINISHED"
+
+
+def _ui_store(logs: str) -> str:
+    """The tracking URI `reteq ui` opens for the `reteq ui --work-dir DIR` line a job printed (ui_command's own
+    resolution, from this test's directory, not the job's)."""
+    from reteq.workdir import resolve_work_dir
+
+    (line,) = {m for m in re.findall(r"reteq ui --work-dir (\S+)", logs)}
+    return T.default_tracking_uri(resolve_work_dir(line))
