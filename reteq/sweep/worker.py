@@ -76,7 +76,7 @@ class Rank:
     rank: int = 0
     world: int = 1
     ds: dict[str, Any] | None = None  # DeepSpeed config; None: plain torch
-    local_rank: int = 0  # rank on this machine (its rank 0 fetches checkpoints for the others)
+    local_rank: int = 0  # Train's local rank; worker_context recounts it by Ray node id (machine_local_rank)
 
 
 def worker_context(cfg, model: str, r: Rank):
