@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from reteq import tracking as T
+from reteq.tiny import cache_root
 from tests.sweep_configs import REPO, tiny_sweep, write
 
 pytestmark = pytest.mark.ray
@@ -106,7 +107,8 @@ def test_submit_tiny_sweep_through_jobs_api_twice_into_one_store(ray_head, tmp_p
     runtime_env.setdefault("env_vars", {}).update(
         {k: os.environ[k] for k in ("RETEQ_CACHE", "HF_HUB_OFFLINE", "DS_ACCELERATOR") if k in os.environ})
     runtime_env["env_vars"].update({"HOME": str(home), "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))})
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
+        "RETEQ_CACHE": str(cache_root())})  # the built tiny model, not a rebuild under the temp $HOME
     runtime_env["env_vars"].pop("RETEQ_HOME", None)
     env_file = tmp_path / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
