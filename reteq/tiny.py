@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from reteq.data import synthetic
+from reteq.workdir import cache_root
 
 TINY_SHAPE = dict(  # a ~0.5M-parameter Llama: small enough for CPU tests, big enough to learn the stages
     hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -33,10 +34,6 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RETEQ_CACHE", Path.home() / ".cache" / "reteq"))
 
 
 def _fingerprint() -> str:

@@ -22,6 +22,12 @@ def in_ray_job_package(cwd: Path | None = None) -> bool:
     return RAY_JOB_PACKAGE_MARK in str(cwd or Path.cwd())
 
 
+def cache_root() -> Path:
+    """$RETEQ_CACHE (default ~/.cache/reteq): what reteq builds once per machine (the tiny model, an empty
+    MLflow schema)."""
+    return Path(os.environ.get("RETEQ_CACHE", Path.home() / ".cache" / "reteq"))
+
+
 def data_home() -> Path | None:
     """$RETEQ_DATA_DIR: prepared data shared by every sweep on this machine (a cluster syncs it from S3)."""
     d = os.environ.get("RETEQ_DATA_DIR")
