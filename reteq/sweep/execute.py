@@ -57,24 +57,25 @@ def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes
 
     from reteq.sweep import worker
     from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
-    from reteq.sweep.leaves import leaf_trial, trial_resources
+    from reteq.sweep.leaves import TRIAL_DRIVER_CPUS, leaf_trial
     from reteq.sweep.nodes import needed_nodes, submit_nodes
 
+    in_proc = worker.in_process(cfg, worker.deepspeed_config(base))
+    base = {**base, "in_process": in_proc}
     keys = needed_nodes(plan, todo)
     base_ref = ray.put(base)
-    refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes)
+    refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes, in_proc)
     watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
     searcher = DagSearcher(todo, watch)
-    in_proc = worker.in_process(cfg, worker.deepspeed_config(base))
     trainable = tune.with_resources(tune.with_parameters(leaf_trial, base=base, parents=refs),
-                                    trial_resources(cfg, in_proc))
+                                    {"cpu": TRIAL_DRIVER_CPUS})
     ex = cfg.execution
     space = {k: tune.choice(vals) for k, vals in _axis_values(todo).items()}  # names the axes for Tune's table
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),
-                                    max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=in_proc),
+                                    max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=True),
         run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=base["storage_path"], verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=ex.max_failures),
                                   callbacks=[ConsoleLines(watch, len(todo))]),

@@ -5,17 +5,24 @@ methods without one), so Tune's table, `ResultGrid.get_dataframe()` and Tune's s
 them. The leaf is found again in the plan from its axes. `dag.DagSearcher` suggests a leaf only once the nodes
 it depends on are published; the trial gets their published checkpoints from the node refs (already resolved).
 
-- One CPU worker, ZeRO-0: the trial unlearns in its own process (no worker group, no `import deepspeed`);
-  Tune reuses the trial actor, so imports, the parsed config and the data are paid once per actor.
+The trial itself is a light process (no torch, no MLflow) that drives the leaf's work:
+- One CPU worker, ZeRO-0: one `leaf_task`, a streaming Ray task that runs in the pool of task workers that
+  also trained the nodes, so it finds torch, transformers and MLflow imported and the data and tokenizer
+  cached (a trial actor is a fresh process: ~5-10 s of imports on 2 cores, paid per concurrent trial); no
+  worker group, no `import deepspeed`.
 - Otherwise one TorchTrainer of DeepSpeed workers; its TuneReportCallback forwards `ray.train.report`.
 Either way the eval metrics reach Tune at every eval step; the first columns are step and forget score.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import traceback
 from typing import Any
+
+import ray
 
 from reteq import tracking as T
 from reteq.sweep.worker import NodeFailed
@@ -85,25 +92,55 @@ def leaf_worker_loop(config: dict[str, Any]) -> None:
 
 
 def leaf_trial(config: dict[str, Any], base: dict[str, Any] | None = None, parents: dict | None = None) -> None:
-    """The Tune trainable. `parents`: node key -> object ref of its published checkpoint."""
-    import ray
+    """The Tune trainable: a light process (no torch, no MLflow) that drives the leaf's work and forwards its
+    eval metrics to Tune. `parents`: node key -> object ref of its published checkpoint."""
     from ray import tune
 
     from reteq.sweep import worker
-
-    started = time.time()  # reported with every result: tests check it against the parents' publish times
-    cfg, plan, _ = worker.state(base)
-    leaf = leaf_of(plan, config)
     from reteq.sweep.nodes import leaf_dependencies
 
+    started = time.time()  # reported with every result: tests check it against the parents' publish times
+    cfg, plan = worker.plan_of(base)
+    leaf = leaf_of(plan, config)
     try:
         published = {k: ray.get(parents[k]) for k in leaf_dependencies(leaf)}
     except Exception as e:  # the searcher never suggests such a leaf; a resumed trial might meet one
         raise NodeFailed(leaf.parent, f"leaf {leaf.key[:8]}: a node it needs failed: {e}") from None
-    if worker.in_process(cfg, worker.deepspeed_config(base)):
-        _unlearn_here(base, config, published, tune.report, started)
+    if not base["in_process"]:
+        _unlearn_with_trainer(base, config, published, cfg, leaf, started)
         return
-    _unlearn_with_trainer(base, config, published, cfg, leaf, started)
+    # one CPU worker: the leaf runs as a task in Ray's pool of task workers, the same warm processes (torch,
+    # transformers, MLflow imported; data, tokenizer cached) that trained the nodes; a Tune trial actor is a
+    # fresh process that would pay all of that again. Tune retries the trial (max_failures) if the task dies.
+    # "DEFAULT": outside the trial's placement group (one 0.05-CPU bundle), in the cluster's task pool
+    task = leaf_task.options(num_cpus=cfg.execution.cpus_per_worker, max_retries=0, scheduling_strategy="DEFAULT",
+                             name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
+    for ref in task.remote(base, dict(config), published, started):
+        tune.report(ray.get(ref))
+
+
+@ray.remote
+def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str, dict], started: float):
+    """Unlearn one leaf in this task worker, yielding Tune's metrics at every eval step as they come (training
+    runs in a thread and never waits on Tune)."""
+    results: queue.Queue = queue.Queue()
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _unlearn_here(base, config, published, results.put, started)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the task below)
+            error.append(e)
+        finally:
+            results.put(None)
+
+    thread = threading.Thread(target=work, name="unlearn", daemon=True)
+    thread.start()
+    while (item := results.get()) is not None:
+        yield item
+    thread.join()
+    if error:
+        raise error[0]
 
 
 def _unlearn_with_trainer(base, config, published, cfg, leaf, started: float) -> None:
@@ -126,6 +163,3 @@ def _unlearn_with_trainer(base, config, published, cfg, leaf, started: float) ->
     trainer.fit()
 
 
-def trial_resources(cfg, in_proc: bool) -> dict[str, float]:
-    ex = cfg.execution
-    return {"cpu": ex.cpus_per_worker} if in_proc else {"cpu": TRIAL_DRIVER_CPUS}

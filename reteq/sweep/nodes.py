@@ -98,10 +98,10 @@ def node_task(base: dict[str, Any], key: str, parent: dict | None) -> dict[str, 
     """One stage node, started by Ray once `parent` (the parent node's published checkpoint) exists."""
     from reteq.sweep import worker
 
-    cfg, plan, _ = worker.state(base)
+    cfg, plan = worker.plan_of(base)
     node = plan.nodes[key]
     try:
-        if worker.in_process(cfg, worker.deepspeed_config(base)):
+        if base["in_process"]:
             return _train_here(base, key, parent)
         return _train_with_trainer(base, key, parent, cfg)
     except NodeFailed:
@@ -127,13 +127,10 @@ def leaf_dependencies(leaf) -> list[str]:
     return [leaf.parent] + ([retrain] if retrain else [])
 
 
-def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str, str]]) -> dict[str, Any]:
+def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str, str]], inproc: bool) -> dict[str, Any]:
     """key -> object ref of the node's published checkpoint: `ray.put` for nodes already in MLflow, a task for
     the rest (submitted parents first, so each task names its parent's ref)."""
-    from reteq.sweep import worker
-
     refs: dict[str, Any] = {}
-    inproc = worker.in_process(cfg, _ds(cfg))
     ex = cfg.execution
     opts = {"num_cpus": ex.cpus_per_worker if inproc else TRAINER_DRIVER_CPUS, "max_retries": ex.max_failures,
             "retry_exceptions": False}
@@ -147,8 +144,3 @@ def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str,
         refs[key] = node_task.options(name=f"node-{T.order_tag(node.prefix)}", **opts).remote(base_ref, key, parent)
     return refs
 
-
-def _ds(cfg):
-    from reteq.train.engine import load_deepspeed_config
-
-    return load_deepspeed_config(cfg.execution.deepspeed) if cfg.execution.deepspeed else None

@@ -34,18 +34,29 @@ class NodeFailed(RuntimeError):
         return self.message
 
 
-def state(base: dict[str, Any]):
-    """(cfg, plan, data) for this sweep, parsed once per process."""
+def plan_of(base: dict[str, Any]):
+    """(cfg, plan) for this sweep, parsed once per process; imports neither torch nor MLflow (a Tune trial that
+    only drives a task or a trainer stays a light process)."""
     os.environ.update(base["env"])
     digest = base["digest"]
     if digest not in _CACHE:
         from reteq.config import parse_config
-        from reteq.pipeline import DataCache
         from reteq.plan import build_plan
 
         cfg = parse_config(base["config"], source=base["config_name"])
         _CACHE.clear()
-        _CACHE[digest] = (cfg, build_plan(cfg), DataCache(cfg))
+        _CACHE[digest] = (cfg, build_plan(cfg), None)
+    return _CACHE[digest][:2]
+
+
+def state(base: dict[str, Any]):
+    """(cfg, plan, data) for this sweep, built once per process."""
+    cfg, plan = plan_of(base)
+    digest = base["digest"]
+    if _CACHE[digest][2] is None:
+        from reteq.pipeline import DataCache
+
+        _CACHE[digest] = (cfg, plan, DataCache(cfg))
     return _CACHE[digest]
 
 
