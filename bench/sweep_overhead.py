@@ -1,8 +1,8 @@
 """Orchestration overhead: a sweep through Ray (node tasks + Tune trials) + MLflow vs the same plan in one process.
 
 The same plan (stage nodes trained once, every unlearning leaf run) is executed twice in one invocation:
-  1. in-process: `pipeline.run_leaf` for every leaf, sharing one checkpoint store (what `reteq run-path` does),
-     one torch thread (a Ray worker of `cpus_per_worker < 2` gets one too);
+  1. in-process: `ensure_chain` + `unlearn_leaf` for every leaf (with its theta_r, so the retrain-equivalence
+     metrics are computed both ways), sharing one checkpoint store (what `reteq run-path` does), one torch thread (a Ray worker of `cpus_per_worker < 2` gets one too);
   2. `reteq sweep`: stage nodes as Ray tasks, leaves as Tune trials, everything logged to MLflow.
 It prints both wall times, their ratio, the machine and its load, and where the Ray path's time went (node task
 and trial durations vs the one-process figures, and the rest: Ray start, Tune, idle gaps). Usage:
@@ -76,6 +76,7 @@ def main() -> None:
     from reteq.pipeline import CheckpointStore, DataCache, RunContext, ensure_chain, unlearn_leaf
     from reteq.plan import build_plan
     from reteq.tiny import ensure_tiny_model
+    from reteq.tracking import order_tag
     from reteq.train.recipes import WorkerContext
 
     ensure_tiny_model()  # built once, outside both timings
@@ -92,12 +93,13 @@ def main() -> None:
             ctx = WorkerContext(packing=cfg.execution.packing, dtype=cfg.model(leaf.model).dtype)
             run = RunContext(cfg, plan, ctx, store, data, timed)
             parent = ensure_chain(run, leaf.parent)
+            retrain = ensure_chain(run, leaf.retrain) if leaf.retrain else None  # theta_r: the RE metrics need it
             t = time.perf_counter()
-            unlearn_leaf(run, leaf, parent)
+            unlearn_leaf(run, leaf, parent, retrain)
             leaf_s.append(time.perf_counter() - t)
         local = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         outcome = run_sweep(cfg, report=False)
         swept = time.perf_counter() - t0
     load_after = os.getloadavg()
@@ -118,6 +120,14 @@ def main() -> None:
     print(f"per node: one process {sum(timed.node_s) / max(1, len(timed.node_s)):.2f} s, Ray task "
           f"{sum(node_task_s) / max(1, len(node_task_s)):.2f} s; per leaf: one process "
           f"{sum(leaf_s) / max(1, len(leaf_s)):.2f} s, Tune trial {sum(trial_s) / max(1, len(trial_s)):.2f} s")
+    print("driver phases (s since start, cumulative): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in (outcome.phases or {}).items()))
+    print("timeline (s since the sweep call; node tasks then trials):")
+    for v in sorted(nodes, key=lambda v: v["started"]):
+        print(f"  node {order_tag(plan.nodes[v['key']].prefix):<28} {v['started'] - wall0:6.1f} -> {v['published'] - wall0:6.1f}")
+    for _, row in df.sort_values("trial_started").iterrows():
+        print(f"  leaf {row['config/order']:<14} {row['config/algorithm']:<7} {row['trial_started'] - wall0:6.1f} -> "
+              f"{row['timestamp'] - wall0:6.1f}")
     print(f"ratio: {swept / local:.2f}x")
 
 

@@ -80,6 +80,7 @@ M_RE_LOGP_MSE = "re/logp_mse"  # mean over probe pairs of (s_u(t) - s_r)^2, s = 
 M_RE_KL = "re/kl"  # mean over probe target positions of KL(pi_u(t) || pi_r) (next-token distributions)
 RE_METRICS = (M_RE_LOGP_MSE, M_RE_KL)
 M_CHILDREN_FAILED = "sweep/children_failed"  # on the parent run, logged once per attempt (step 0)
+M_SWEEP_PHASE = "sweep/phase_s/{}"  # parent run: seconds from the attempt's start to the end of a driver phase
 
 M_THEORY_DIVERGENCE = "theory/divergence"  # d(theta_AB(t), theta_BA(t)) on the test set
 M_THEORY_BOUND = "theory/bound"  # the Theorem 3.1 lower bound at t

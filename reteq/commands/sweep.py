@@ -63,6 +63,7 @@ def _ray_log_dir() -> str:
 class SweepOutcome:
     code: int  # 0: every node and leaf finished; 1: some failed (named on the console)
     dag: DagOutcome | None = None  # None when nothing was left to run
+    phases: dict[str, float] | None = None  # seconds since the sweep started when each driver phase ended
 
 
 def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = True) -> int:
@@ -121,6 +122,11 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
     from reteq.sweep.repair import reconcile_nodes
 
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def mark(phase: str) -> None:
+        phases[phase] = round(time.perf_counter() - start, 2)
+
     uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
     store = uri.removeprefix("sqlite:///")
     attempt = lifecycle.new_attempt()
@@ -131,6 +137,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
         c.set_tag(parent, T.TAG_ATTEMPT, attempt)
         record.log_sweep_config(c, parent, cfg)
         closed = lifecycle.close_stale_runs(c, exp_id, cfg.name, attempt)
+    mark("mlflow_setup")
     if closed:
         print(f"closed {closed} run(s) left RUNNING by an earlier attempt that died (now KILLED)", flush=True)
     dag = None
@@ -142,6 +149,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
                         lambda n: record.node_tags(n, cfg.name, n.schedule or cfg.stage(n.stage).schedule),
                         attempt, needed, echo=lambda m: print(m, flush=True))
         done_nodes = record.finished_nodes(c, exp_id)
+        mark("resume_lookup")
         summary = plan.summary()
         print(f"sweep {cfg.name}: {summary['stage_nodes']} stage nodes ({summary['stage_runs_without_sharing']} "
               f"without sharing), {summary['unlearn_runs']} unlearning runs; already done: "
@@ -150,6 +158,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
             if os.environ.get(faults.ENV):
                 os.environ.setdefault(faults.ENV_DRIVER, str(os.getpid()))
             started_ray = _init_ray()
+            mark("ray_start")
             try:
                 check_resources(cfg)
                 base = {
@@ -161,12 +170,14 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
                     "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
                 }
                 dag = run_dag(cfg, plan, todo, base, done_nodes)
+                mark("dag")
                 _print_resource_errors([r.error for r in dag.results if r.error is not None])
             finally:
                 if started_ray:
                     import ray
 
                     ray.shutdown()
+                    mark("ray_stop")
         else:
             print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
     except BaseException as e:
@@ -182,6 +193,8 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
         lifecycle.close_attempt_runs(c, exp_id, attempt, "its trial ended without closing it")
         children = lifecycle.record_failed_children(c, exp_id, parent, attempt)
         ok = dag is None or dag.ok
+        mark("close")
+        record.log_phases(c, parent, phases)
         c.set_terminated(parent, "FINISHED" if ok else "FAILED")
     print(f"sweep {cfg.name} finished in {time.perf_counter() - start:.0f}s; {children} failed or killed runs"
           + ("" if ok else "; FAILED:"))
@@ -194,7 +207,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
             out = write_sweep_report(cfg, uri, work)
         if out:
             print(f"report: {out}")
-    return SweepOutcome(0 if ok else 1, dag)
+    return SweepOutcome(0 if ok else 1, dag, phases)
 
 
 def _print_failures(plan, dag: DagOutcome) -> None:

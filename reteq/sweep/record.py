@@ -69,6 +69,15 @@ def log_sweep_config(c, run_id: str, cfg) -> None:
         c.log_artifact(run_id, str(path), artifact_path=T.ARTIFACT_CONFIG)
 
 
+def log_phases(c, run_id: str, phases: dict[str, float]) -> None:
+    """Where the driver's time went (MLflow setup, Ray start, the DAG, ...): one metric per phase, seconds from
+    the attempt's start, so the MLflow UI compares attempts and sweeps."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(T.M_SWEEP_PHASE.format(k), v, now, 0) for k, v in phases.items()])
+
+
 def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
     """node key -> {run_id, checkpoint} for finetune/retrain runs that finished and published a checkpoint."""
     out: dict[str, dict[str, str]] = {}
