@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,40 +24,6 @@ from reteq.workdir import resolve_work_dir
 def default_demo_config() -> Path:
     """configs/demo.yaml of this checkout: the embedded default of `reteq demo`."""
     return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-
-
-def _init_ray() -> bool:
-    """Connect to RAY_ADDRESS (a cluster, or the job's own under `ray job submit`) when set; otherwise start a
-    NEW local cluster on 127.0.0.1 (address="local": never attach to some other `ray start` on this machine).
-
-    Workers' stdout/stderr stay in Ray's log files (log_to_driver=False): the console gets Tune's table and one
-    line per node and leaf, without raylet / PreemptionWatcher / PlacementGroupCleaner warnings or each worker
-    line twice. Where the logs are is printed once."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read by Train controllers
-    kwargs = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
-    else:
-        # a new local cluster turns token auth on by itself and says so at WARNING level: not the user's concern
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
-    print(f"Ray logs (workers, nodes, trials): {_ray_log_dir()}", flush=True)
-    return True
-
-
-def _ray_log_dir() -> str:
-    try:
-        from ray._private.worker import global_worker
-
-        return global_worker.node.get_logs_dir_path()
-    except Exception:  # a client connection has no local node: the logs are on the head
-        return "on the Ray head node (ray job logs / the dashboard)"
 
 
 @dataclass
@@ -130,13 +97,29 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
     uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
     store = uri.removeprefix("sqlite:///")
     attempt = lifecycle.new_attempt()
-    with writing("the MLflow store", store):
-        exp_id = ensure_experiment(uri, cfg.name, T.default_artifact_root(work))
-        c = tracking_client(uri)
-        parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
-        c.set_tag(parent, T.TAG_ATTEMPT, attempt)
-        record.log_sweep_config(c, parent, cfg)
-        closed = lifecycle.close_stale_runs(c, exp_id, cfg.name, attempt)
+
+    def mlflow_setup():
+        with writing("the MLflow store", store):
+            exp_id = ensure_experiment(uri, cfg.name, T.default_artifact_root(work))
+            c = tracking_client(uri)
+            parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
+            c.set_tag(parent, T.TAG_ATTEMPT, attempt)
+            record.log_sweep_config(c, parent, cfg)
+            return c, exp_id, parent, lifecycle.close_stale_runs(c, exp_id, cfg.name, attempt)
+
+    # A store not made yet holds no finished work, so Ray is certainly needed: start it (main thread: Ray's
+    # processes die with the thread that started them) while a thread sets up MLflow, and warm the task workers.
+    session = _RaySession(cfg, mark)
+    fresh = uri.startswith("sqlite:///") and not Path(store).exists()
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as pool:
+        setup = pool.submit(mlflow_setup)
+        try:
+            if fresh:
+                session.start()
+            c, exp_id, parent, closed = setup.result()
+        except BaseException:
+            session.stop()
+            raise
     mark("mlflow_setup")
     if closed:
         print(f"closed {closed} run(s) left RUNNING by an earlier attempt that died (now KILLED)", flush=True)
@@ -157,30 +140,23 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
         if todo:
             if os.environ.get(faults.ENV):
                 os.environ.setdefault(faults.ENV_DRIVER, str(os.getpid()))
-            started_ray = _init_ray()
-            mark("ray_start")
-            try:
-                check_resources(cfg)
-                base = {
-                    "config": cfg.model_dump(mode="json"), "config_name": str(cfg.name), "digest": cfg.digest(),
-                    "env": {**worker_env(), **faults.env()}, "attempt": attempt,
-                    "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
-                    "checkpoints": str(work / "checkpoints"),
-                    "storage_path": cfg.execution.storage_path or str(work / "ray"),
-                    "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
-                }
-                dag = run_dag(cfg, plan, todo, base, done_nodes)
-                mark("dag")
-                _print_resource_errors([r.error for r in dag.results if r.error is not None])
-            finally:
-                if started_ray:
-                    import ray
-
-                    ray.shutdown()
-                    mark("ray_stop")
+            session.start()
+            check_resources(cfg)
+            base = {
+                "config": cfg.model_dump(mode="json"), "config_name": str(cfg.name), "digest": cfg.digest(),
+                "env": {**worker_env(), **faults.env()}, "attempt": attempt,
+                "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+                "checkpoints": str(work / "checkpoints"),
+                "storage_path": cfg.execution.storage_path or str(work / "ray"),
+                "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
+            }
+            dag = run_dag(cfg, plan, todo, base, done_nodes)
+            mark("dag")
+            _print_resource_errors([r.error for r in dag.results if r.error is not None])
         else:
             print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
     except BaseException as e:
+        session.stop()
         reason = f"the sweep driver failed: {type(e).__name__}: {e}"
         try:  # best effort: on a full or read-only disk the record may not take these writes either
             lifecycle.close_attempt_runs(c, exp_id, attempt, reason)
@@ -189,6 +165,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
         except Exception as close_error:  # noqa: BLE001
             print(f"could not close this attempt's runs: {type(close_error).__name__}", file=sys.stderr)
         raise
+    session.stop()
     with writing("the MLflow store", store):
         lifecycle.close_attempt_runs(c, exp_id, attempt, "its trial ended without closing it")
         children = lifecycle.record_failed_children(c, exp_id, parent, attempt)
@@ -208,6 +185,41 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
         if out:
             print(f"report: {out}")
     return SweepOutcome(0 if ok else 1, dag, phases)
+
+
+class _RaySession:
+    """Ray for one sweep: started at most once (with warm task workers for in-process nodes and leaves), and
+    shut down at the end only when this sweep started it."""
+
+    def __init__(self, cfg: SweepConfig, mark):
+        self.cfg, self.mark = cfg, mark
+        self.up = self.owned = False
+
+    def start(self) -> None:
+        from reteq.sweep.ray_session import init_ray, warm_task_workers
+        from reteq.sweep.worker import in_process
+        from reteq.train.engine import load_deepspeed_config
+
+        if self.up:
+            return
+        self.owned, self.up = init_ray(), True
+        ex = self.cfg.execution
+        if in_process(self.cfg, load_deepspeed_config(ex.deepspeed) if ex.deepspeed else None):
+            warm_task_workers(ex.cpus_per_worker)
+        self.mark("ray_start")
+
+    def stop(self) -> None:
+        if self.owned:
+            self.shutdown(True)
+            self.mark("ray_stop")
+        self.up = self.owned = False
+
+    @staticmethod
+    def shutdown(owned: bool) -> None:
+        if owned:
+            import ray
+
+            ray.shutdown()
 
 
 def _print_failures(plan, dag: DagOutcome) -> None:
@@ -232,12 +244,17 @@ def _print_resource_errors(errors: list) -> None:
 def demo_command(config: str | None, work_dir: str | None) -> int:
     """The embedded default end to end: sweep (tiny model, p = 1..4, GA/NPO/SimNPO), theory, report."""
     from reteq.commands.theory import theory_command
+    from reteq.sweep.ray_session import init_ray
 
     t0 = time.perf_counter()
     cfg = load_config(config or default_demo_config())
     work = resolve_work_dir(work_dir or cfg.work_dir)
-    theory_command(None, str(work), False)  # same MLflow store: one UI, one report
-    code = sweep_command(cfg, str(work), report=True)
+    owned = init_ray()  # one Ray session for both parts
+    try:
+        theory_command(None, str(work), False)  # same MLflow store: one UI, one report
+        code = sweep_command(cfg, str(work), report=True)
+    finally:
+        _RaySession.shutdown(owned)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     print(f"open {work / 'report' / 'report.html'} in a browser; MLflow UI: reteq ui --work-dir {work}")
     return code

@@ -147,6 +147,14 @@ def store(base: dict[str, Any]):
                            fetch=mlflow_fetcher(base["tracking_uri"], base["experiment_id"]))
 
 
+def warm_up() -> None:
+    """Import what every in-process node and leaf needs (see ray_session.warm_task_workers)."""
+    from transformers.models.llama import modeling_llama  # noqa: F401  (the tiny model's; else loaded lazily)
+
+    import reteq.pipeline  # noqa: F401  (torch, transformers)
+    import reteq.sweep.record  # noqa: F401  (MLflow)
+
+
 def test_hooks(node) -> None:
     """The fault-injection hooks described in the module docstring."""
     pid_dir = os.environ.get("RETEQ_PID_DIR")

@@ -31,7 +31,8 @@ import numpy as np
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
 from reteq.errors import BadInput
-from reteq.sweep.mlflow_store import ensure_experiment
+from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq.sweep.ray_session import init_ray
 from reteq.theory.beyond import retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
 from reteq.theory.linear import Instance, bound_check, make_instance
@@ -224,15 +225,10 @@ def run_theory_grid(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import ray
-    from mlflow import MlflowClient
 
     started = time.time()
-    we_started_ray = not ray.is_initialized()
-    if we_started_ray:
-        # "local", not None: None silently joins any Ray instance already running on this machine
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    client, parent_id = MlflowClient(tracking_uri), None
+    we_started_ray = init_ray()
+    client, parent_id = tracking_client(tracking_uri), None
     try:
         total_cpus = ray.cluster_resources().get("CPU", 0)
         if cfg.cpus_per_trial > total_cpus:  # checked before MLflow is touched: bad input leaves no runs
