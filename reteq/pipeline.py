@@ -23,7 +23,7 @@ from reteq.errors import DataError
 from reteq.eval.evaluator import Evaluator
 from reteq.eval.probe import Probe, probe_pairs
 from reteq.models import fresh_adapter, load_model, load_tokenizer, partitioned_at_load, resolve_source
-from reteq.plan import Plan, StageNode, UnlearnLeaf
+from reteq.plan import Plan, RetrainRecord, StageNode, UnlearnLeaf
 from reteq.train import collectives
 from reteq.train.checkpoint import CheckpointError, discard, gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
@@ -41,6 +41,8 @@ class Hooks:
     def leaf_step(self, leaf: UnlearnLeaf, record) -> None: ...
     def leaf_eval(self, leaf: UnlearnLeaf, step: int, metrics: dict[str, float]) -> None: ...
     def leaf_done(self, leaf: UnlearnLeaf, result: UnlearnResult) -> None: ...
+    def retrain_started(self, rec: RetrainRecord, node_run_id: str, checkpoint: Path) -> None: ...
+    def retrain_done(self, rec: RetrainRecord, metrics: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -236,9 +238,7 @@ def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path
     cfg, ctx, data, hooks = run.cfg, run.worker, run.data, run.hooks
     mcfg = cfg.model(leaf.model)
     tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
-    know = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
-    evaluator = Evaluator.build(cfg.eval, tokenizer, data.stage(cfg.forget_stage), know, data.math_items(),
-                                seed=leaf.seed)
+    evaluator = build_evaluator(cfg, tokenizer, data, leaf.seed)
     evaluator.probe = build_probe(cfg, tokenizer, data)
     if retrain is not None:  # theta_r's distributions, once per leaf, before the unlearned model is loaded
         reference = load_model(mcfg, checkpoint=retrain, trainable=False).to(ctx.device)
@@ -269,6 +269,34 @@ def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path
     if ctx.is_main:
         hooks.leaf_done(leaf, result)
     return result
+
+
+def build_evaluator(cfg: SweepConfig, tokenizer, data: DataCache, seed: int) -> Evaluator:
+    """The paper's metrics on the sweep's eval sample (the same for every leaf and retrain record)."""
+    know = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
+    return Evaluator.build(cfg.eval, tokenizer, data.stage(cfg.forget_stage), know, data.math_items(), seed=seed)
+
+
+def record_retrain(run: RunContext, rec: RetrainRecord, checkpoint: Path, node_run_id: str = "") -> dict[str, float]:
+    """theta_r's record: evaluate the retrain node's published checkpoint once, as an unlearning run evaluates
+    its model at step 0 (same sample, seed and metrics; no probe: its distance to itself is 0), and log it as
+    the run of kind "retrain". Nothing is trained, no checkpoint is uploaded again (the run names the node's)."""
+    from reteq.eval.evaluator import relative
+
+    cfg, ctx, hooks = run.cfg, run.worker, run.hooks
+    mcfg = cfg.model(rec.model)
+    tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
+    evaluator = build_evaluator(cfg, tokenizer, run.data, rec.seed)
+    model = load_model(mcfg, checkpoint=checkpoint, trainable=False).to(ctx.device)
+    if ctx.is_main:
+        hooks.retrain_started(rec, node_run_id, checkpoint)
+        hooks.run_params(rec.key, {**T.protocol_params(cfg), **T.sample_params(evaluator.sample_hashes()),
+                                   T.P_VOCAB_SIZE: str(len(tokenizer))})
+    raw = evaluator.raw(model, ctx.device, ctx.dtype)
+    metrics = relative(raw, raw)
+    if ctx.is_main:
+        hooks.retrain_done(rec, metrics)
+    return metrics
 
 
 def run_leaf(run: RunContext, leaf: UnlearnLeaf) -> UnlearnResult:

@@ -8,8 +8,12 @@ run: finetuned path x algorithm x lr x beta x seed.
 Retrain nodes (eval.retrain, on by default): each path's theta_r is the same order with the forget stage
 removed, planned through the same `add_order`, so it is content-addressed and shared like any node. When that
 order is also a prefix of a finetuned path (the p-design: inst>tofu>math is the p = 4 path's third node) it IS
-that node, trained once, and keeps kind "finetune" with `retrain_baseline` set; a node that only a retrain path
-needs gets kind "retrain". A leaf names its theta_r in `retrain`; it starts once both nodes are published.
+that node, trained once; a node that only a retrain path needs is `retrain_only`. Either way the node's run is a
+finetuning run. A leaf names its theta_r in `retrain`; it starts once both nodes are published.
+
+Retrain records: each theta_r also gets one `RetrainRecord`, the MLflow run of kind "retrain" that evaluates it
+once (the eval metrics an unlearning run logs at step 0) and points at the node's run and checkpoint: nothing
+is trained or uploaded twice. Its key hashes the node key and what the evaluation depends on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from reteq.config import SweepConfig
 from reteq.digest import spec_hash as _hash
 
 KEY_VERSION = "node-v1"
+RECORD_KEY_VERSION = "retrain-record-v1"
 # Leaf keys, v2 (2026-11-29): a leaf hashes its own unlearning settings, not the grid lists it sits in, so
 # extending a grid reruns nothing that finished. One-time migration: a sweep recorded with v1 leaf keys reruns
 # its unlearning leaves once (stage nodes keep their keys: no finetuning reruns); v1 leaf runs stay in MLflow.
@@ -39,7 +44,7 @@ class StageNode:
     parent: str | None  # key of the node it continues from (None: the base model)
     examples: int  # training sequences this node processes (epochs included)
     schedule: str | None = None  # the sweep's schedule grid point (None: each stage's own schedule)
-    kind: str = "finetune"  # "retrain" when only retrain paths need the node (see the module docstring)
+    retrain_only: bool = False  # only retrain paths need the node (no finetuned path goes through it)
     retrain_baseline: bool = False  # some leaf's theta_r is this node
 
     @property
@@ -71,6 +76,18 @@ class UnlearnLeaf:
         return self.params.get("beta")
 
 
+@dataclass(frozen=True)
+class RetrainRecord:
+    """theta_r's evaluation, recorded as one MLflow run of kind "retrain" (see the module docstring)."""
+
+    key: str
+    node: str  # the retrain node theta_r
+    model: str
+    order: tuple[str, ...]  # theta_r's stage order (the node's prefix)
+    seed: int
+    schedule: str | None = None
+
+
 @dataclass
 class Plan:
     nodes: dict[str, StageNode] = field(default_factory=dict)
@@ -78,6 +95,7 @@ class Plan:
     stage_runs_without_sharing: int = 0
     finetune_keys: set[str] = field(default_factory=set)  # nodes some finetuned path needs
     retrain_keys: set[str] = field(default_factory=set)  # nodes that are some path's theta_r
+    records: dict[str, RetrainRecord] = field(default_factory=dict)  # record key -> theta_r's record
 
     def chain(self, key: str) -> list[StageNode]:
         """The nodes from the base model to `key`, in training order."""
@@ -92,7 +110,7 @@ class Plan:
                   schedule: str | None = None, retrain: bool = False) -> str:
         """Add the stage nodes of one finetuning order (reusing shared prefixes); return its last node's key.
 
-        retrain=True: the order of a theta_r; its nodes get kind "retrain" unless a finetuned order needs them."""
+        retrain=True: the order of a theta_r; its nodes are `retrain_only` unless a finetuned order needs them."""
         parent = None
         for i in range(len(order)):
             prefix = tuple(order[: i + 1])
@@ -115,14 +133,23 @@ class Plan:
                     schedule: str | None = None) -> str | None:
         """The retrain node of `order` (the order without the forget stage); None when nothing is left."""
         retain = tuple(s for s in order if s != cfg.forget_stage)
-        return self.add_order(cfg, model, retain, seed, schedule, retrain=True) if retain else None
+        if not retain:
+            return None
+        key = self.add_order(cfg, model, retain, seed, schedule, retrain=True)
+        record = RetrainRecord(record_key(cfg, key), key, model, retain, seed, schedule)
+        self.records.setdefault(record.key, record)
+        return key
+
+    def record_of(self, node_key: str) -> RetrainRecord | None:
+        """The retrain record of theta_r node `node_key` (None when no path has it as theta_r)."""
+        return next((r for r in self.records.values() if r.node == node_key), None)
 
     def _mark(self, key: str) -> None:
         node = self.nodes[key]
-        kind = "finetune" if key in self.finetune_keys else "retrain"
+        only = key not in self.finetune_keys
         baseline = key in self.retrain_keys
-        if (node.kind, node.retrain_baseline) != (kind, baseline):
-            self.nodes[key] = replace(node, kind=kind, retrain_baseline=baseline)
+        if (node.retrain_only, node.retrain_baseline) != (only, baseline):
+            self.nodes[key] = replace(node, retrain_only=only, retrain_baseline=baseline)
 
     def summary(self) -> dict:
         return {
@@ -130,7 +157,8 @@ class Plan:
             "stage_runs_without_sharing": self.stage_runs_without_sharing,
             "retrain_nodes": len(self.retrain_keys),
             "retrain_nodes_shared": len(self.retrain_keys & self.finetune_keys),
-            "retrain_only_nodes": sum(n.kind == "retrain" for n in self.nodes.values()),
+            "retrain_only_nodes": sum(n.retrain_only for n in self.nodes.values()),
+            "retrain_runs": len(self.records),  # MLflow runs of kind "retrain": one evaluation record per theta_r
             "unlearn_runs": len(self.leaves),
             "trials": len(self.leaves),
         }
@@ -172,6 +200,15 @@ def leaf_key(cfg: SweepConfig, parent: str, algorithm: str, lr: float, params: d
     settings = cfg.unlearn.model_dump(mode="json", exclude=_GRID_FIELDS)
     return _hash([LEAF_KEY_VERSION, parent, algorithm, lr, dict(sorted(params.items())), seed, cfg.forget_stage,
                   settings, cfg.eval.model_dump(mode="json"), leaf_protocol(cfg, algorithm)])
+
+
+def record_key(cfg: SweepConfig, node: str) -> str:
+    """theta_r's record: its node (model, stages, seed) and what its evaluation reads beyond the node (the forget
+    and knowledge stages' data, the eval settings, how chats render), as a leaf's key does."""
+    data = {s: cfg.stage(s).source.model_dump(mode="json") for s in (cfg.forget_stage, cfg.eval.knowledge_stage)
+            if s}
+    return _hash([RECORD_KEY_VERSION, node, cfg.forget_stage, data, cfg.eval.model_dump(mode="json"),
+                  node_protocol(cfg)])
 
 
 def build_plan(cfg: SweepConfig) -> Plan:

@@ -28,16 +28,20 @@ TAG_STATUS = "reteq.status"  # one of STATUS_*
 TAG_SWEEP = "reteq.sweep"  # sweep name
 TAG_CHECKPOINT = "reteq.checkpoint"  # local path of the published checkpoint
 TAG_CONFIG_HASH = "reteq.config_hash"
-TAG_RETRAIN_KEY = "reteq.retrain_key"  # on an unlearning run: the node key of its retrain baseline theta_r
-TAG_RETRAIN_BASELINE = "reteq.retrain_baseline"  # "true" on a node run that is some path's theta_r (any kind)
+TAG_RETRAIN_KEY = "reteq.retrain_key"  # on an unlearning or retrain run: the node key of its theta_r
+TAG_RETRAIN_BASELINE = "reteq.retrain_baseline"  # "true" on a finetune node run that is some path's theta_r
+TAG_RETRAIN_ONLY = "reteq.retrain_only"  # "true" on a finetune node run that only retrain paths need
+TAG_NODE_RUN = "reteq.node_run_id"  # on a retrain run: the run id of theta_r's finetune node (its checkpoint)
 TAG_ATTEMPT = "reteq.attempt"  # id of the `reteq sweep` process (one attempt of a sweep) that started the run
 TAG_TRIAL = "reteq.trial"  # key of the leaf whose trial started the run (nodes are trained inside a leaf's trial)
 TAG_ERROR = "reteq.error"  # why a run ended FAILED or KILLED (the exception, or who closed it and why)
 TAG_RECORDED_ON_REUSE = "reteq.recorded_on_reuse"  # "1": record written for a checkpoint found in the store
 TAG_CHILDREN_FAILED = "reteq.children_failed"  # on the parent run: child runs of this attempt that did not finish
 
-KIND_FINETUNE = "finetune"
+KIND_FINETUNE = "finetune"  # one stage node trained (and its checkpoint published)
 KIND_UNLEARN = "unlearn"
+# theta_r evaluated: one run per retrain node, step-0 eval metrics, no training, no checkpoint of its own (it
+# names the node's run in TAG_NODE_RUN). Sweeps before 2026-11-29 also gave retrain-only nodes this kind.
 KIND_RETRAIN = "retrain"
 KIND_THEORY = "theory"
 KIND_SWEEP = "sweep"  # the parent run

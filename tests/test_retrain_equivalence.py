@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import mlflow
 import polars as pl
@@ -28,31 +29,37 @@ def test_the_p_design_retrain_node_is_the_p4_prefix_node(tmp_path):
     plan = build_plan(sweep_cfg(tmp_path, orders=PAPER))
     (key,) = {leaf.retrain for leaf in plan.leaves}
     node = plan.nodes[key]
-    assert node.prefix == ("inst", "tofu", "math") and node.kind == "finetune" and node.retrain_baseline
+    assert node.prefix == ("inst", "tofu", "math") and not node.retrain_only and node.retrain_baseline
     p4 = next(leaf for leaf in plan.leaves if leaf.p == 4)
     assert plan.nodes[p4.parent].parent == key  # the same node: zero extra training
     s = plan.summary()
-    assert (s["stage_nodes"], s["retrain_nodes"], s["retrain_nodes_shared"], s["retrain_only_nodes"]) == (13, 1, 1, 0)
+    assert (s["stage_nodes"], s["retrain_nodes"], s["retrain_nodes_shared"], s["retrain_only_nodes"],
+            s["retrain_runs"]) == (13, 1, 1, 0, 1)
+    (rec,) = plan.records.values()  # theta_r's one record: evaluates the shared node, trains nothing
+    assert rec.node == key and rec.order == ("inst", "tofu", "math") and plan.record_of(key) == rec
+    assert rec.key not in plan.nodes and rec.key == build_plan(sweep_cfg(tmp_path, orders=PAPER)).record_of(key).key
 
 
-def test_retrain_only_nodes_get_kind_retrain_and_plan_json_counts_them(tmp_path, capsys):
+def test_retrain_only_nodes_are_marked_and_plan_json_counts_them(tmp_path, capsys):
     from helpers import write_config
 
     from reteq.cli import main
 
     raw = sweep_dict(tmp_path, orders={"forget_positions": [1, 2], "retain_order": list(RETAIN)})
     plan = build_plan(parse_config(raw))
-    kinds = {n.prefix: n.kind for n in plan.nodes.values()}
-    assert kinds[("inst",)] == "finetune"  # the p = 2 path starts with inst
-    assert kinds[("inst", "tofu")] == kinds[("inst", "tofu", "math")] == "retrain"
+    only = {n.prefix: n.retrain_only for n in plan.nodes.values()}
+    assert not only[("inst",)]  # the p = 2 path starts with inst
+    assert only[("inst", "tofu")] and only[("inst", "tofu", "math")]
     assert main(["plan", str(write_config(tmp_path / "c.yaml", raw)), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert (got["retrain_nodes"], got["retrain_nodes_shared"], got["retrain_only_nodes"]) == (1, 0, 2)
+    assert (got["retrain_nodes"], got["retrain_nodes_shared"], got["retrain_only_nodes"], got["retrain_runs"]) \
+        == (1, 0, 2, 1)
 
     raw["eval"]["retrain"] = False
     off = build_plan(parse_config(raw))
     assert all(leaf.retrain is None for leaf in off.leaves) and off.summary()["retrain_nodes"] == 0
-    assert all(n.kind == "finetune" for n in off.nodes.values()) and len(off.nodes) == len(plan.nodes) - 2
+    assert not off.records and off.summary()["retrain_runs"] == 0
+    assert not any(n.retrain_only for n in off.nodes.values()) and len(off.nodes) == len(plan.nodes) - 2
 
 
 # ---- distances ----------------------------------------------------------------------------------------------
@@ -145,6 +152,37 @@ def test_the_pretrained_tiny_base_puts_the_paraphrases_well_above_chance():
     assert para > -math.log(len(tok)) + PARAPHRASE_MARGIN, para
 
 
+STEP0_MARGIN = 1.5  # nats per token above chance for the paraphrases at unlearning step 0 (measured: 2.2, p = 1)
+
+
+def test_the_demo_stages_keep_the_paraphrases_above_chance_at_step_0(tmp_path):
+    """configs/demo.yaml's stages, its p = 1 path (U first: the most finetuning after U, the lowest paraphrase
+    log-prob of the four at step 0), trained in process (~10 s of training on 2 cores): U is learned, and the
+    model unlearning starts from still puts the paraphrases above chance."""
+    from reteq.config import load_config
+    from reteq.data.tokenize import configure_chat
+    from reteq.models import load_model, load_tokenizer
+    from reteq.pipeline import CheckpointStore, DataCache, RunContext, build_evaluator, ensure_chain
+    from reteq.train.recipes import WorkerContext
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"metrics": ["forget"]})})
+    plan = build_plan(cfg)
+    p1 = next(leaf for leaf in plan.leaves if leaf.p == 1)
+    run = RunContext(cfg, plan, WorkerContext(), CheckpointStore(tmp_path / "checkpoints"), DataCache(cfg))
+    tok = configure_chat(load_tokenizer(cfg.models[0]), cfg.chat)
+    evaluator = build_evaluator(cfg, tok, run.data, p1.seed)
+
+    def forget(key):
+        model = load_model(cfg.models[0], checkpoint=ensure_chain(run, key), trainable=False)
+        return evaluator.raw(model, torch.device("cpu"))
+
+    chance = -math.log(len(tok))
+    after_u = forget(plan.chain(p1.parent)[0].key)  # the U node
+    step0 = forget(p1.parent)  # U > inst > tofu > math: what unlearning starts from
+    assert after_u[T.M_FORGET_LABEL] > -1.0, after_u  # S_U learned (the base gives the label about -1.8)
+    assert step0[T.M_FORGET_PARAPHRASE] > chance + STEP0_MARGIN, (step0, chance)
+
+
 # ---- end to end: nodes, metrics, artifacts, MLflow, report --------------------------------------------------
 
 def _three_stage(tmp_path, retrain: bool):
@@ -157,8 +195,9 @@ def _three_stage(tmp_path, retrain: bool):
 
 
 def _run_sweep_in_process(cfg, work):
-    """Every leaf through pipeline.run_leaf with the sweep's MLflow hooks (what each Ray trial does)."""
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
+    """Every leaf through pipeline.run_leaf with the sweep's MLflow hooks (what each Ray trial does), then every
+    retrain record through pipeline.record_retrain (what each record task does)."""
+    from reteq.pipeline import CheckpointStore, DataCache, RunContext, record_retrain, run_leaf
     from reteq.sweep import mlflow_store, record
     from reteq.train.recipes import WorkerContext
 
@@ -172,6 +211,11 @@ def _run_sweep_in_process(cfg, work):
         hooks = record.MlflowHooks(uri, exp, parent, cfg.name, lambda s: "wsd", echo=lambda m: None)
         hooks.node_started = (lambda f: lambda node: (trained.append(node.key), f(node)))(hooks.node_started)
         run_leaf(RunContext(cfg, plan, WorkerContext(), store, data, hooks=hooks), leaf)
+    node_runs = record.finished_nodes(c, exp)
+    for rec in plan.records.values():
+        hooks = record.MlflowHooks(uri, exp, parent, cfg.name, lambda s: "wsd", echo=lambda m: None)
+        record_retrain(RunContext(cfg, plan, WorkerContext(), store, data, hooks=hooks), rec, store.path(rec.node),
+                       node_runs[rec.node]["run_id"])
     return uri, plan, trained
 
 
@@ -182,28 +226,40 @@ def test_sweep_trains_a_shared_retrain_node_once_and_logs_re_metrics(tmp_path):
     work = tmp_path / "work"
     uri, plan, trained = _run_sweep_in_process(cfg, work)
     (rkey,) = {leaf.retrain for leaf in plan.leaves}  # inst>tofu for both orders
-    assert plan.nodes[rkey].prefix == ("inst", "tofu") and plan.nodes[rkey].kind == T.KIND_RETRAIN
+    assert plan.nodes[rkey].prefix == ("inst", "tofu") and plan.nodes[rkey].retrain_only
     assert sorted(trained) == sorted(plan.nodes) and trained.count(rkey) == 1
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[cfg.name], output_format="list")
-    retrain_runs = [r for r in runs if r.data.tags.get(T.TAG_KIND) == T.KIND_RETRAIN]
-    assert [r.data.tags[T.TAG_PLAN_KEY] for r in retrain_runs] == [rkey]
-    assert retrain_runs[0].data.tags[T.TAG_RETRAIN_BASELINE] == "true"
     client = mlflow.MlflowClient(uri)
+    (node_run,) = [r for r in runs if r.data.tags.get(T.TAG_PLAN_KEY) == rkey]  # trained once, recorded once
+    assert node_run.data.tags[T.TAG_KIND] == T.KIND_FINETUNE
+    assert node_run.data.tags[T.TAG_RETRAIN_BASELINE] == node_run.data.tags[T.TAG_RETRAIN_ONLY] == "true"
+    (rec,) = [r for r in runs if r.data.tags.get(T.TAG_KIND) == T.KIND_RETRAIN]  # one record per theta_r
+    assert rec.info.status == T.RUN_FINISHED and rec.data.tags[T.TAG_PLAN_KEY] == plan.record_of(rkey).key
+    assert rec.data.tags[T.TAG_RETRAIN_KEY] == rkey and rec.data.tags[T.TAG_NODE_RUN] == node_run.info.run_id
+    assert rec.data.tags[T.TAG_CHECKPOINT] == node_run.data.tags[T.TAG_CHECKPOINT]
+    assert not client.list_artifacts(rec.info.run_id)  # no second checkpoint upload
+    assert [m.step for m in client.get_metric_history(rec.info.run_id, T.M_FORGET_PARAPHRASE)] == [0]
+    assert rec.data.metrics[T.M_FORGET_SCORE] == 0 and T.M_RE_KL not in rec.data.metrics
     unlearn = [r for r in runs if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN]
     assert len(unlearn) == 2
     for r in unlearn:
         assert r.data.tags[T.TAG_RETRAIN_KEY] == rkey and r.data.params[T.P_PROBE_SIZE] == "9"
+        for param in (T.P_FORGET_SAMPLE, T.P_VOCAB_SIZE):  # the same eval sample and tokenizer as theta_r's record
+            assert r.data.params[param] == rec.data.params[param]
         for key in T.RE_METRICS:  # lr -> 0: the distance stays where it started
             hist = sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)
             assert [m.step for m in hist] == [0, 1, 2]
             assert hist[0].value > 0 and all(m.value == pytest.approx(hist[0].value, abs=1e-9) for m in hist)
     assert len({r.data.params[T.P_PROBE_HASH] for r in unlearn}) == 1  # one probe set for the sweep
 
-    from reteq.analysis.load import load_runs
+    from reteq.analysis.load import load_metrics, load_runs
 
-    vectors = R.load_vectors(uri, load_runs(uri, cfg.name))
+    loaded = load_runs(uri, cfg.name)  # the record is counted as itself: neither a leaf nor a node
+    assert loaded.filter(pl.col("kind") == T.KIND_RETRAIN)["run_id"].to_list() == [rec.info.run_id]
+    assert set(load_metrics(uri, cfg.name, runs=loaded)["run_id"]) == {r.info.run_id for r in unlearn}
+    vectors = R.load_vectors(uri, loaded)
     assert vectors.height == 2 * 3 * 9 and set(vectors["step"]) == {0, 1, 2}
     html = write_report(uri, cfg.name, work / "report").read_text()
     assert "<h2>Retrain equivalence</h2>" in html and "Chance level: log(1/" in html

@@ -95,10 +95,28 @@ def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys):
         leaf = leaf_of(plan, axes)  # (pandas reads GA's beta None back as NaN, which is not equal to itself)
         assert row["trial_started"] >= published[leaf.parent], (leaf.order, row["trial_started"])
 
+    # theta_r (inst>tofu>math: the p = 4 path's prefix node, trained once above) has one run of kind retrain:
+    # evaluated like a leaf's step 0, pointing at the node's run and checkpoint, uploading nothing
+    (rkey,) = {leaf.retrain for leaf in plan.leaves}
+    (rec,) = by_kind[T.KIND_RETRAIN]
+    node_run = next(r for r in by_kind[T.KIND_FINETUNE] if r.data.tags[T.TAG_PLAN_KEY] == rkey)
+    assert rec.info.status == "FINISHED" and rec.data.tags[T.TAG_PLAN_KEY] == plan.record_of(rkey).key
+    assert rec.data.tags[T.TAG_RETRAIN_KEY] == rkey and rec.data.tags[T.TAG_NODE_RUN] == node_run.info.run_id
+    assert rec.data.tags["mlflow.parentRunId"] == parent_id and not client.list_artifacts(rec.info.run_id)
+    assert T.M_FORGET_PARAPHRASE in rec.data.metrics and T.M_TOFU_LOGP in rec.data.metrics
+
     # rerunning the same command trains nothing
     assert run_sweep(cfg, report=False).code == 0
     assert "nothing to do" in capsys.readouterr().out
     assert len(_runs(uri, cfg.name)) == len(runs)
+
+    # a missing record (here: deleted) is written by the next run, and nothing else runs
+    client.delete_run(rec.info.run_id)
+    assert run_sweep(cfg, report=False).code == 0
+    assert "0 of 1 retrain records" in capsys.readouterr().out
+    again = _by_kind(_runs(uri, cfg.name))
+    assert [r.data.tags[T.TAG_PLAN_KEY] for r in again[T.KIND_RETRAIN]] == [rec.data.tags[T.TAG_PLAN_KEY]]
+    assert len(again[T.KIND_FINETUNE]) == len(by_kind[T.KIND_FINETUNE]) and len(again[T.KIND_UNLEARN]) == 4
 
 
 def test_killed_node_worker_is_retried(ray_cluster, tmp_path, monkeypatch):

@@ -127,7 +127,9 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
     try:
         done_leaves = record.finished_leaves(c, exp_id)
         todo = [leaf for leaf in plan.leaves if leaf.key not in done_leaves]
+        records = [k for k in plan.records if k not in record.finished_records(c, exp_id)]  # theta_r evaluated
         needed = {n.key for leaf in todo for dep in leaf_dependencies(leaf) for n in plan.chain(dep)}
+        needed |= {n.key for k in records for n in plan.chain(plan.records[k].node)}
         reconcile_nodes(c, exp_id, parent, work / "checkpoints", plan.nodes,
                         lambda n: record.node_tags(n, cfg.name, n.schedule or cfg.stage(n.stage).schedule),
                         attempt, needed, echo=lambda m: print(m, flush=True))
@@ -136,8 +138,10 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
         summary = plan.summary()
         print(f"sweep {cfg.name}: {summary['stage_nodes']} stage nodes ({summary['stage_runs_without_sharing']} "
               f"without sharing), {summary['unlearn_runs']} unlearning runs; already done: "
-              f"{sum(k in done_nodes for k in plan.nodes)} nodes, {len(plan.leaves) - len(todo)} runs", flush=True)
-        if todo:
+              f"{sum(k in done_nodes for k in plan.nodes)} nodes, {len(plan.leaves) - len(todo)} runs"
+              + (f", {len(plan.records) - len(records)} of {len(plan.records)} retrain records" if plan.records
+                 else ""), flush=True)
+        if todo or records:
             if os.environ.get(faults.ENV):
                 os.environ.setdefault(faults.ENV_DRIVER, str(os.getpid()))
             session.start()
@@ -150,9 +154,9 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
                 "storage_path": cfg.execution.storage_path or str(work / "ray"),
                 "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
             }
-            dag = run_dag(cfg, plan, todo, base, done_nodes)
+            dag = run_dag(cfg, plan, todo, base, done_nodes, records)
             mark("dag")
-            _print_resource_errors([r.error for r in dag.results if r.error is not None])
+            _print_resource_errors([r.error for r in dag.results or [] if r.error is not None])
         else:
             print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
     except BaseException as e:
@@ -231,6 +235,8 @@ def _print_failures(plan, dag: DagOutcome) -> None:
         print(f"  {len(dag.skipped_leaves)} unlearning run(s) skipped below the failed node(s)")
     if dag.failed_leaves:
         print(f"  {dag.failed_leaves} unlearning trial(s) failed after Ray Tune's retries")
+    for msg in dag.failed_records.values():
+        print(f"  {msg}")
 
 
 def _print_resource_errors(errors: list) -> None:

@@ -44,29 +44,50 @@ class DagOutcome:
     skipped_leaves: list[str] = field(default_factory=list)  # leaf keys never started: a node they need failed
     failed_leaves: int = 0  # trials that errored after Tune's retries
     node_infos: dict[str, dict] = field(default_factory=dict)  # key -> {path, run_id, started, published}
+    failed_records: dict[str, str] = field(default_factory=dict)  # retrain record key -> error
 
     @property
     def ok(self) -> bool:
-        return not (self.failed_nodes or self.skipped_leaves or self.failed_leaves)
+        return not (self.failed_nodes or self.skipped_leaves or self.failed_leaves or self.failed_records)
 
 
-def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes: dict[str, dict]) -> DagOutcome:
-    """Submit the missing nodes, run the leaves in `todo` as Tune trials, return what happened."""
+def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes: dict[str, dict],
+            records: list[str] = ()) -> DagOutcome:
+    """Submit the missing nodes, run the leaves in `todo` as Tune trials and the missing retrain `records` as
+    tasks (reteq.sweep.retrain_records), return what happened."""
     import ray
-    from ray import tune
 
     from reteq.sweep import worker
-    from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
-    from reteq.sweep.leaves import TRIAL_DRIVER_CPUS, leaf_trial
+    from reteq.sweep.dag import DagSearcher, NodeWatch
     from reteq.sweep.nodes import needed_nodes, submit_nodes
+    from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
 
     in_proc = worker.in_process(cfg, worker.deepspeed_config(base))
     base = {**base, "in_process": in_proc}
-    keys = needed_nodes(plan, todo)
+    keys = list(dict.fromkeys(needed_nodes(plan, todo) + record_nodes(plan, list(records))))  # parents first
     base_ref = ray.put(base)
     refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes, in_proc)
+    record_refs = submit_records(cfg, plan, list(records), base_ref, refs)
     watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
     searcher = DagSearcher(todo, watch)
+    grid = _tune_leaves(cfg, todo, base, refs, watch, searcher) if todo else []
+    ray.wait(list(refs.values()), num_returns=len(refs))  # every node a leaf needed resolved before it ran
+    failed_records = wait_records(record_refs)
+    watch.poll(force=True)
+    roots = {root: msg for root, msg in watch.failed.values()}
+    return DagOutcome(results=grid if todo else None, failed_nodes=roots, skipped_leaves=list(searcher.skipped),
+                      failed_leaves=sum(1 for r in grid if r.error is not None), node_infos=watch.published,
+                      failed_records={k: m for k, m in failed_records.items() if plan.records[k].node not in
+                                      watch.failed})
+
+
+def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[str, Any], watch, searcher):
+    """The leaves as Tune trials (handed out by `searcher` once their nodes are published); Tune's ResultGrid."""
+    from ray import tune
+
+    from reteq.sweep.dag import ConsoleLines
+    from reteq.sweep.leaves import TRIAL_DRIVER_CPUS, leaf_trial
+
     trainable = tune.with_resources(tune.with_parameters(leaf_trial, base=base, parents=refs),
                                     {"cpu": TRIAL_DRIVER_CPUS})
     ex = cfg.execution
@@ -80,12 +101,7 @@ def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes
                                   failure_config=tune.FailureConfig(max_failures=ex.max_failures),
                                   callbacks=[ConsoleLines(watch, len(todo))]),
     )
-    grid = tuner.fit()
-    ray.wait(list(refs.values()), num_returns=len(refs))  # every node a leaf needed resolved before it ran
-    watch.poll(force=True)
-    roots = {root: msg for root, msg in watch.failed.values()}
-    return DagOutcome(results=grid, failed_nodes=roots, skipped_leaves=list(searcher.skipped),
-                      failed_leaves=sum(1 for r in grid if r.error is not None), node_infos=watch.published)
+    return tuner.fit()
 
 
 def _axis_values(leaves: list) -> dict[str, list]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from reteq import tracking as T
 from reteq.pipeline import Hooks
-from reteq.plan import StageNode, UnlearnLeaf
+from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.sweep.faults import fault
 from reteq.sweep.lifecycle import finish_run, finished_runs, record_reused_node
 from reteq.sweep.mlflow_store import search_runs, tracking_client
@@ -78,11 +78,17 @@ def log_phases(c, run_id: str, phases: dict[str, float]) -> None:
     c.log_batch(run_id, metrics=[Metric(T.M_SWEEP_PHASE.format(k), v, now, 0) for k, v in phases.items()])
 
 
+def _is_record(tags: dict[str, str]) -> bool:
+    """A retrain record (theta_r evaluated), not a node: it names its node in TAG_RETRAIN_KEY."""
+    return tags.get(T.TAG_KIND) == T.KIND_RETRAIN and bool(tags.get(T.TAG_RETRAIN_KEY))
+
+
 def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
-    """node key -> {run_id, checkpoint} for finetune/retrain runs that finished and published a checkpoint."""
+    """node key -> {run_id, checkpoint} for node runs that finished and published a checkpoint (kind finetune;
+    kind retrain without a retrain key: a retrain-only node recorded before retrain records existed)."""
     out: dict[str, dict[str, str]] = {}
     for r in _finished(c, exp_id):
-        if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN):
+        if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN) and not _is_record(r.data.tags):
             out.setdefault(r.data.tags[T.TAG_PLAN_KEY], {"run_id": r.info.run_id,
                                                          "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")})
     return out
@@ -92,15 +98,30 @@ def finished_leaves(c, exp_id: str) -> set[str]:
     return {r.data.tags[T.TAG_PLAN_KEY] for r in _finished(c, exp_id) if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN}
 
 
+def finished_records(c, exp_id: str) -> set[str]:
+    """Keys of the retrain records (theta_r evaluated) that finished."""
+    return {r.data.tags[T.TAG_PLAN_KEY] for r in _finished(c, exp_id) if _is_record(r.data.tags)}
+
+
 def node_tags(node: StageNode, sweep: str, schedule: str) -> dict[str, str]:
-    """kind is "retrain" for a node only retrain orders need; a shared theta_r keeps "finetune" and is marked
-    by TAG_RETRAIN_BASELINE (reteq.plan)."""
-    tags = {T.TAG_KIND: node.kind, T.TAG_MODEL: node.model, T.TAG_ORDER: T.order_tag(node.prefix),
+    """Every node run is a finetuning run; one that is some path's theta_r, or that only retrain paths need, says
+    so (reteq.plan). theta_r's own run of kind "retrain" is its record (`record_tags`)."""
+    tags = {T.TAG_KIND: T.KIND_FINETUNE, T.TAG_MODEL: node.model, T.TAG_ORDER: T.order_tag(node.prefix),
             T.TAG_STAGE: node.stage, T.TAG_SEED: str(node.seed), T.TAG_PLAN_KEY: node.key,
             T.TAG_PARENT_KEY: node.parent or "", T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule}
     if node.retrain_baseline:
         tags[T.TAG_RETRAIN_BASELINE] = "true"
+    if node.retrain_only:
+        tags[T.TAG_RETRAIN_ONLY] = "true"
     return tags
+
+
+def record_tags(rec: RetrainRecord, sweep: str, schedule: str, node_run_id: str, checkpoint: str) -> dict[str, str]:
+    """theta_r's record: keyed by its own record key, pointing at the node (key, run, checkpoint) it evaluates."""
+    return {T.TAG_KIND: T.KIND_RETRAIN, T.TAG_MODEL: rec.model, T.TAG_ORDER: T.order_tag(rec.order),
+            T.TAG_SEED: str(rec.seed), T.TAG_PLAN_KEY: rec.key, T.TAG_PARENT_KEY: rec.node,
+            T.TAG_RETRAIN_KEY: rec.node, T.TAG_NODE_RUN: node_run_id, T.TAG_CHECKPOINT: checkpoint,
+            T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule}
 
 
 def leaf_tags(leaf: UnlearnLeaf, sweep: str, schedule: str) -> dict[str, str]:
@@ -185,7 +206,7 @@ class MlflowHooks(Hooks):
             self.echo(f"[node {node.key[:8]}] had no finished record: recorded as run {rid}")
 
     def node_started(self, node: StageNode) -> None:
-        self._start(node.key, T.run_name(node.kind, node.model, T.order_tag(node.prefix), f"s{node.seed}"),
+        self._start(node.key, T.run_name(T.KIND_FINETUNE, node.model, T.order_tag(node.prefix), f"s{node.seed}"),
                     node_tags(node, self.sweep, node.schedule or self.schedule_of(node.stage)))
         self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: training {node.stage}")
 
@@ -213,6 +234,19 @@ class MlflowHooks(Hooks):
         self._params(self.leaf_run_id, {"model": leaf.model, "order": T.order_tag(leaf.order), "p": leaf.p,
                                         "algorithm": leaf.algorithm, "lr": leaf.lr, "beta": leaf.beta,
                                         "seed": leaf.seed})
+
+    # ---- retrain records ---------------------------------------------------------------------------------
+    def retrain_started(self, rec: RetrainRecord, node_run_id: str, checkpoint: Path) -> None:
+        schedule = rec.schedule or self.schedule_of(rec.order[0])
+        self._start(rec.key, T.run_name(T.KIND_RETRAIN, rec.model, T.order_tag(rec.order), f"s{rec.seed}"),
+                    record_tags(rec, self.sweep, schedule, node_run_id, str(checkpoint)))
+
+    def retrain_done(self, rec: RetrainRecord, metrics: dict[str, float]) -> None:
+        self._metrics(rec.key, metrics, 0, flush=True)
+        shown = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items()
+                          if k in (T.M_FORGET_LABEL, T.M_FORGET_PARAPHRASE, T.M_TOFU_LOGP))
+        self.echo(f"[retrain {rec.key[:8]}] {rec.model} {T.order_tag(rec.order)}: {shown}")
+        self._end(rec.key, T.STATUS_DONE)
 
     def run_params(self, key: str, params: dict[str, str]) -> None:
         self._params(self.run_ids[key], params)

@@ -1,0 +1,83 @@
+"""theta_r's records as Ray tasks: one evaluation per retrain node, once its checkpoint is published.
+
+Why a task of its own rather than part of a node or a leaf: a node already published by an earlier attempt (or by
+a sweep from before records existed) still needs its record, and several leaves share one theta_r, so no leaf
+owns it. Like a node task, a record task names its node's ref as an argument: Ray starts it when the node is
+published, and a failed node fails it without running. It evaluates in its own process (the eval metrics of an
+unlearning run's step 0), logs one MLflow run of kind "retrain" keyed by the record key, and trains nothing.
+Its run is closed FAILED on an exception, and KILLED by the next attempt if its process dies (reteq.sweep.lifecycle).
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import ray
+
+from reteq import tracking as T
+from reteq.sweep.worker import NodeFailed
+
+
+@ray.remote
+def record_task(base: dict[str, Any], key: str, node: dict) -> dict[str, Any]:
+    """Evaluate theta_r (`node`: its published checkpoint {key, path, run_id}) and log its retrain record."""
+    from reteq.pipeline import RunContext, record_retrain
+    from reteq.sweep import worker
+
+    cfg, plan, data = worker.state(base)
+    rec = plan.records[key]
+    hooks = worker.mlflow_hooks(base, cfg, key)
+    try:
+        ctx = _context(cfg, rec.model)
+        run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
+        path = run.store.ensure_local(rec.node, ctx)
+        record_retrain(run, rec, path, node.get("run_id", ""))
+    except Exception as e:
+        hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
+        raise NodeFailed(key, f"retrain record {key[:8]} ({rec.model} {T.order_tag(rec.order)}) failed: "
+                              f"{type(e).__name__}: {e}") from e
+    return {"key": key, "run_id": hooks.run_ids.get(key, "")}
+
+
+def _context(cfg, model: str):
+    """One process: the task's GPU when the sweep uses GPUs (Ray sets CUDA_VISIBLE_DEVICES for the task; Train's
+    get_device works only inside a worker group), else the CPU context of an in-process node."""
+    import torch
+
+    from reteq.sweep import worker
+    from reteq.train.recipes import WorkerContext
+
+    if cfg.execution.use_gpu and torch.cuda.is_available():
+        return WorkerContext(device=torch.device("cuda", 0), dtype=cfg.model(model).dtype,
+                             packing=cfg.execution.packing)
+    return worker.worker_context(cfg, model, worker.Rank())
+
+
+def record_nodes(plan, records: list[str]) -> list[str]:
+    """The nodes the records need (each theta_r and its ancestors), parents first."""
+    return list(dict.fromkeys(n.key for k in records for n in plan.chain(plan.records[k].node)))
+
+
+def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any]) -> dict[str, Any]:
+    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves."""
+    ex = cfg.execution
+    opts: dict[str, Any] = {"num_cpus": ex.cpus_per_worker, "max_retries": ex.max_failures,
+                            "retry_exceptions": False}
+    if ex.use_gpu:
+        opts["num_gpus"] = ex.gpus_per_worker
+    return {k: record_task.options(name=f"retrain-{T.order_tag(plan.records[k].order)}", **opts)
+            .remote(base_ref, k, node_refs[plan.records[k].node]) for k in records}
+
+
+def wait_records(refs: dict[str, Any]) -> dict[str, str]:
+    """Wait for every record task; record key -> error of those that failed (their node's, when it failed)."""
+    failed: dict[str, str] = {}
+    for key, ref in refs.items():
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the record or the node it evaluates failed: said per record
+            cause = getattr(e, "cause", None) or e
+            lines = str(getattr(cause, "message", "") or cause).strip().splitlines()
+            failed[key] = lines[-1] if lines else type(e).__name__
+    return failed
