@@ -62,7 +62,8 @@ def format_plan(cfg: SweepConfig, r: dict) -> str:
         f"stage nodes: {r['stage_nodes']} (without sharing: {r['stage_runs_without_sharing']}; "
         f"saved: {r['stage_runs_saved_by_sharing']})",
         f"retrain nodes (theta_r): {r['retrain_nodes']} ({r['retrain_nodes_shared']} shared with finetuned paths; "
-        f"{r['retrain_only_nodes']} node(s) trained only for them)",
+        f"{r['retrain_only_nodes']} node(s) trained only for them; {r['retrain_runs']} retrain run(s): each "
+        f"theta_r evaluated once, nothing retrained)",
         f"unlearning runs: {r['unlearn_runs']}   Tune trials: {r['trials']}",
         f"tokens: finetune {r['finetune_tokens']:,}  unlearn {r['unlearn_tokens']:,}",
         f"GPU-hours at {r['tokens_per_gpu_second']:,.0f} tokens/s/GPU: finetune {r['gpu_hours_finetune']:.1f}, "

@@ -23,6 +23,7 @@ TABLE_RE = "Retrain equivalence: distance to θ_r per run"
 TABLE_PAIR_GROWTH = "Prediction-space divergence between orders: growth fit"
 TABLE_PAIRS = "Prediction-space divergence between orders per step"
 TABLE_DEPTH = "Superficial vs deep forgetting (Section 4.3)"
+TABLE_BASELINE = "What retraining gives: θ_r beside the unlearned models"
 
 
 def re_distance_chart(metrics: pl.DataFrame) -> alt.FacetChart | None:
@@ -68,7 +69,8 @@ def pair_divergence_chart(pairdiv: pl.DataFrame) -> alt.FacetChart | None:
 
 
 def retrain_section(metrics: pl.DataFrame, vectors: pl.DataFrame, vocab: int | None,
-                    depth: pl.DataFrame | None = None) -> Section:
+                    depth: pl.DataFrame | None = None, retrain: pl.DataFrame | None = None) -> Section:
+    """`retrain`: the step metrics of the runs of kind retrain (each theta_r evaluated once)."""
     sec = Section(TITLE, paragraphs=[], tables={}, charts={})
     sec.paragraphs.append(
         "Retrain Equivalence (Definition 2.1) asks an unlearned model θ_u to behave like θ_r, the model trained "
@@ -93,11 +95,32 @@ def retrain_section(metrics: pl.DataFrame, vectors: pl.DataFrame, vocab: int | N
         sec.tables[TABLE_PAIRS] = pairdiv
     if depth is not None and depth.height:
         sec.tables[TABLE_DEPTH] = depth
+    baseline = R.baseline_table(metrics, retrain if retrain is not None else pl.DataFrame())
+    if baseline.height:
+        sec.tables[TABLE_BASELINE] = baseline
+        sec.paragraphs.append(baseline_sentence(baseline))
     for name, chart in (("re_distance", re_distance_chart(metrics)),
                         ("prediction_divergence", pair_divergence_chart(pairdiv))):
         if chart is not None:
             sec.charts[name] = chart
     return sec
+
+
+def baseline_sentence(baseline: pl.DataFrame) -> str:
+    """θ_r's forget-set and TOFU log-probs beside the unlearned models' (start and end), per model."""
+    def val(df: pl.DataFrame, col: str) -> str:
+        return f"{float(df[col].mean()):.2f}" if col in df.columns and df[col].drop_nulls().len() else "–"
+
+    out = []
+    for (model,), part in baseline.group_by(["model"], maintain_order=True):
+        groups = [("θ_r", part.filter(pl.col("model_is") != "unlearned")),
+                  ("unlearned models at step 0", part.filter(pl.col("step") == "0")),
+                  ("at their last step", part.filter(pl.col("step") == "final"))]
+        said = [f"{name}: label {val(g, 'label_logp')}, paraphrases {val(g, 'paraphrase_logp')}, TOFU "
+                f"{val(g, 'tofu_logp')}" for name, g in groups if g.height]
+        out.append(f"{model}: " + "; ".join(said))
+    return ("What retraining gives (the MLflow runs of kind retrain: each θ_r evaluated once, as an unlearning run "
+            "is at step 0), nats per token, means over runs: " + ". ".join(out) + ".")
 
 
 def findings(table: pl.DataFrame, growth: pl.DataFrame) -> str:

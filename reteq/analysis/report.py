@@ -59,7 +59,8 @@ def write_report(
     from reteq.analysis.re_section import retrain_section
 
     re = retrain_section(metrics, RE.load_vectors(tracking_uri, runs), RE.vocab_size(tracking_uri, runs),
-                         RE.depth_labels(metrics, *depth_thresholds))
+                         RE.depth_labels(metrics, *depth_thresholds),
+                         load_metrics(tracking_uri, experiment, kinds=(T.KIND_RETRAIN,), runs=runs))
     sections.insert(next((i + 1 for i, x in enumerate(sections) if x.title == "Path divergence"), 1), re)
     sections[-1].paragraphs.append(_excluded_text(excluded))  # the Runs section
     if excluded.height:

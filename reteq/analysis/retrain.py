@@ -98,6 +98,38 @@ def re_table(metrics: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+# ---- theta_r beside the unlearned models -----------------------------------------------------------------------
+
+BASELINE_METRICS = {T.M_FORGET_LABEL: "label_logp", T.M_FORGET_PARAPHRASE: "paraphrase_logp",
+                    T.M_TOFU_LOGP: "tofu_logp", T.M_MATH_ACC: "math_acc"}
+
+
+def baseline_table(metrics: pl.DataFrame, retrain: pl.DataFrame) -> pl.DataFrame:
+    """What retraining gives beside what unlearning gives: each theta_r's eval (its run of kind retrain) and the
+    unlearned runs at step 0 and at their last step (mean over seeds), on the same metrics."""
+    keys = list(BASELINE_METRICS)
+    frames = []
+    r = retrain.filter(pl.col("metric").is_in(keys) & pl.col("value").is_finite()) if retrain.height else retrain
+    if r.height:
+        frames.append(r.group_by(["model", "order", "metric"]).agg(pl.col("value").mean())
+                      .with_columns(model_is=pl.lit("θ_r (retrained without U)"), algorithm=pl.lit(None, pl.String),
+                                    lr=pl.lit(None, pl.Float64), p=pl.lit(None, pl.Int64), step=pl.lit(None, pl.String)))
+    u = metrics.filter(pl.col("metric").is_in(keys) & pl.col("value").is_finite())
+    if u.height:
+        last = u.group_by("run_id").agg(pl.col("step").max().alias("last"))
+        u = u.join(last, on="run_id").filter((pl.col("step") == 0) | (pl.col("step") == pl.col("last")))
+        u = u.with_columns(step=pl.when(pl.col("step") == 0).then(pl.lit("0")).otherwise(pl.lit("final")))
+        frames.append(u.group_by(["model", "order", "algorithm", "lr", "p", "step", "metric"])
+                      .agg(pl.col("value").mean()).with_columns(model_is=pl.lit("unlearned")))
+    if not frames:
+        return pl.DataFrame()
+    cols = ["model", "model_is", "order", "p", "algorithm", "lr", "step", "metric", "value"]
+    long = pl.concat([f.select(cols) for f in frames], how="vertical_relaxed")
+    wide = long.pivot(on="metric", index=cols[:-2], values="value")
+    wide = wide.rename({k: v for k, v in BASELINE_METRICS.items() if k in wide.columns})
+    return wide.sort(["model", "model_is", "p", "algorithm", "lr", "step"], nulls_last=False)
+
+
 # ---- pairwise divergence in prediction space -------------------------------------------------------------------
 
 def _jeffreys_bernoulli(la: pl.Expr, lb: pl.Expr) -> pl.Expr:
