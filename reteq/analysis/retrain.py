@@ -106,13 +106,15 @@ BASELINE_METRICS = {T.M_FORGET_LABEL: "label_logp", T.M_FORGET_PARAPHRASE: "para
 
 def baseline_table(metrics: pl.DataFrame, retrain: pl.DataFrame) -> pl.DataFrame:
     """What retraining gives beside what unlearning gives: each theta_r's eval (its run of kind retrain) and the
-    unlearned runs at step 0 and at their last step (mean over seeds), on the same metrics."""
+    unlearned runs at step 0 and at their last step (mean over seeds), on the same metrics; empty without any
+    theta_r."""
     keys = list(BASELINE_METRICS)
     frames = []
     r = retrain.filter(pl.col("metric").is_in(keys) & pl.col("value").is_finite()) if retrain.height else retrain
-    if r.height:
-        frames.append(r.group_by(["model", "order", "metric"]).agg(pl.col("value").mean())
-                      .with_columns(model_is=pl.lit("θ_r (retrained without U)"), algorithm=pl.lit(None, pl.String),
+    if not r.height:  # no theta_r recorded (eval.retrain off, an older sweep): nothing to set beside
+        return pl.DataFrame()
+    frames.append(r.group_by(["model", "order", "metric"]).agg(pl.col("value").mean())
+                  .with_columns(model_is=pl.lit("θ_r (retain stages only)"), algorithm=pl.lit(None, pl.String),
                                     lr=pl.lit(None, pl.Float64), p=pl.lit(None, pl.Int64), step=pl.lit(None, pl.String)))
     u = metrics.filter(pl.col("metric").is_in(keys) & pl.col("value").is_finite())
     if u.height:
@@ -127,7 +129,9 @@ def baseline_table(metrics: pl.DataFrame, retrain: pl.DataFrame) -> pl.DataFrame
     long = pl.concat([f.select(cols) for f in frames], how="vertical_relaxed")
     wide = long.pivot(on="metric", index=cols[:-2], values="value")
     wide = wide.rename({k: v for k, v in BASELINE_METRICS.items() if k in wide.columns})
-    return wide.sort(["model", "model_is", "p", "algorithm", "lr", "step"], nulls_last=False)
+    wide = wide.select(*cols[:-2], *[v for v in BASELINE_METRICS.values() if v in wide.columns])
+    return wide.sort(["model", "model_is", "p", "algorithm", "lr", "step"], descending=[False, True, False, False,
+                     False, False], nulls_last=False)  # θ_r first, then the unlearned runs by p
 
 
 # ---- pairwise divergence in prediction space -------------------------------------------------------------------
