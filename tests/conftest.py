@@ -24,8 +24,10 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        # idle workers kept as `reteq sweep` keeps them (reteq.sweep.ray_session.init_ray): warm task workers
+        # survive while Tune's trial actors are alive
         ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+                 log_to_driver=False, ignore_reinit_error=True, _system_config={"num_workers_soft_limit": 6})
     yield ray
     ray.shutdown()
 

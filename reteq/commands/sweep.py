@@ -154,7 +154,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
                 "storage_path": cfg.execution.storage_path or str(work / "ray"),
                 "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
             }
-            dag = run_dag(cfg, plan, todo, base, done_nodes, records)
+            dag = run_dag(cfg, plan, todo, base, done_nodes, records, session.launcher and session.launcher[0])
             mark("dag")
             _print_resource_errors([r.error for r in dag.results or [] if r.error is not None])
         else:
@@ -191,6 +191,12 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
     return SweepOutcome(0 if ok else 1, dag, phases)
 
 
+def _workers_to_keep(cfg: SweepConfig) -> int:
+    from reteq.sweep.ray_session import workers_to_keep
+
+    return workers_to_keep(cfg.execution.cpus_per_worker, cfg.execution.max_concurrent_trials)
+
+
 class _RaySession:
     """Ray for one sweep: started at most once (with warm task workers for in-process nodes and leaves), and
     shut down at the end only when this sweep started it."""
@@ -198,21 +204,29 @@ class _RaySession:
     def __init__(self, cfg: SweepConfig, mark):
         self.cfg, self.mark = cfg, mark
         self.up = self.owned = False
+        self.launcher = None  # (actor, placement group) for in-process nodes and leaves
 
     def start(self) -> None:
-        from reteq.sweep.ray_session import init_ray, warm_task_workers
+        from reteq.sweep.launcher import start_launcher
+        from reteq.sweep.ray_session import init_ray, trial_runtime_env
         from reteq.sweep.worker import in_process
         from reteq.train.engine import load_deepspeed_config
 
         if self.up:
             return
-        self.owned, self.up = init_ray(), True
+        self.owned, self.up = init_ray(_workers_to_keep(self.cfg)), True
         ex = self.cfg.execution
         if in_process(self.cfg, load_deepspeed_config(ex.deepspeed) if ex.deepspeed else None):
-            warm_task_workers(ex.cpus_per_worker)
+            self.launcher = start_launcher()
+            self.launcher[0].warm.remote(ex.cpus_per_worker, trial_runtime_env())
         self.mark("ray_start")
 
     def stop(self) -> None:
+        from reteq.sweep.launcher import stop_launcher
+
+        if self.up and not self.owned:  # a cluster someone else started: leave nothing of this sweep behind
+            stop_launcher(self.launcher)
+        self.launcher = None
         if self.owned:
             self.shutdown(True)
             self.mark("ray_stop")
@@ -255,7 +269,7 @@ def demo_command(config: str | None, work_dir: str | None) -> int:
     t0 = time.perf_counter()
     cfg = load_config(config or default_demo_config())
     work = resolve_work_dir(work_dir or cfg.work_dir)
-    owned = init_ray()  # one Ray session for both parts
+    owned = init_ray(_workers_to_keep(cfg))  # one Ray session for both parts
     try:
         theory_command(None, str(work), False)  # same MLflow store: one UI, one report
         code = sweep_command(cfg, str(work), report=True)

@@ -114,7 +114,7 @@ def leaf_trial(config: dict[str, Any], base: dict[str, Any] | None = None, paren
     # fresh process that would pay all of that again. Tune retries the trial (max_failures) if the task dies.
     # "DEFAULT": outside the trial's placement group (one 0.05-CPU bundle), in the cluster's task pool
     task = leaf_task.options(num_cpus=cfg.execution.cpus_per_worker, max_retries=0, scheduling_strategy="DEFAULT",
-                             name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
+                             runtime_env=base["runtime_env"], name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
     for ref in task.remote(base, dict(config), published, started):
         tune.report(ray.get(ref))
 

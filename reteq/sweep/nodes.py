@@ -130,10 +130,13 @@ def leaf_dependencies(leaf) -> list[str]:
 def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str, str]], inproc: bool) -> dict[str, Any]:
     """key -> object ref of the node's published checkpoint: `ray.put` for nodes already in MLflow, a task for
     the rest (submitted parents first, so each task names its parent's ref)."""
+    from reteq.sweep.ray_session import trial_runtime_env
+
     refs: dict[str, Any] = {}
     ex = cfg.execution
     opts = {"num_cpus": ex.cpus_per_worker if inproc else TRAINER_DRIVER_CPUS, "max_retries": ex.max_failures,
-            "retry_exceptions": False}
+            "retry_exceptions": False, "runtime_env": trial_runtime_env(),  # one pool of warm workers with leaves
+            "scheduling_strategy": "DEFAULT"}  # never inside the submitter's placement group (launcher.Launcher)
     for key in keys:
         node = plan.nodes[key]
         if key in done:

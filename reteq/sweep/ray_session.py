@@ -7,14 +7,18 @@ import logging
 import os
 
 
-def init_ray() -> bool:
+def init_ray(keep_workers: int = 0) -> bool:
     """Connect to RAY_ADDRESS (a cluster, or the job's own under `ray job submit`) when set; otherwise start a
     NEW local cluster on 127.0.0.1 (address="local": never attach to some other `ray start` on this machine).
     Returns whether this call started it (the caller then shuts it down).
 
     Workers' stdout/stderr stay in Ray's log files (log_to_driver=False): the console gets Tune's table and one
     line per node and leaf, without raylet / PreemptionWatcher / PlacementGroupCleaner warnings or each worker
-    line twice. Where the logs are is printed once."""
+    line twice. Where the logs are is printed once.
+
+    keep_workers: how many idle worker processes a new local cluster keeps (Ray's default is one per CPU and it
+    kills idle ones above that within a second: with Tune's trial actors alive, the warm task workers that
+    trained the nodes would die just before the leaves need them, and each leaf lane would start cold)."""
     import ray
 
     if ray.is_initialized():
@@ -27,7 +31,9 @@ def init_ray() -> bool:
     else:
         # a new local cluster turns token auth on by itself and says so at WARNING level: not the user's concern
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+        system = {"num_workers_soft_limit": keep_workers} if keep_workers > (os.cpu_count() or 1) else {}
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, _system_config=system,
+                 **kwargs)
     print(f"Ray logs (workers, nodes, trials): {ray_log_dir()}", flush=True)
     return True
 
@@ -41,15 +47,22 @@ def ray_log_dir() -> str:
         return "on the Ray head node (ray job logs / the dashboard)"
 
 
-def warm_task_workers(cpus_per_task: float, most: int = 8) -> None:
-    """Start as many task workers as tasks of `cpus_per_task` fit, each importing what a node or leaf needs
-    (torch, transformers, MLflow: 5-10 s per process on 2 cores) while the driver is still busy; Ray reuses
-    idle task workers, so the first nodes and leaves find them warm. Fire and forget: nothing waits on them."""
-    import ray
+def task_lanes(cpus_per_task: float, cpus: float, most: int = 8) -> int:
+    """How many tasks of `cpus_per_task` run side by side on `cpus` (at most `most`)."""
+    return max(1, min(most, int(cpus // max(cpus_per_task, 1e-3))))
 
-    from reteq.sweep.worker import warm_up
 
-    lanes = min(most, int(ray.cluster_resources().get("CPU", 0) // max(cpus_per_task, 1e-3)))
-    task = ray.remote(warm_up).options(num_cpus=cpus_per_task, name="warm-up")
-    for _ in range(lanes):
-        task.remote()
+def workers_to_keep(cpus_per_task: float, trials: int) -> int:
+    """Idle workers a local cluster keeps: the task lanes, the trial actors, and two for Tune's own."""
+    return task_lanes(cpus_per_task, os.cpu_count() or 1) + trials + 2
+
+
+def trial_runtime_env() -> dict:
+    """The runtime env Ray Tune gives its trial actors (ray.tune.execution.class_cache), which their child tasks
+    inherit. Ray keeps one pool of worker processes per runtime env, so node tasks, warm-up tasks and the tasks
+    a trial starts all carry this one. Computed on the driver only: a trial's own environment holds variables
+    Tune sets, which would make another env."""
+    from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
+
+    return {"env_vars": {**DEFAULT_ENV_VARS, **{k: os.environ[k] for k in sorted(ENV_VARS_TO_PROPAGATE)
+                                                 if k in os.environ}}}

@@ -61,9 +61,12 @@ def record_nodes(plan, records: list[str]) -> list[str]:
 
 def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any]) -> dict[str, Any]:
     """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves."""
+    from reteq.sweep.ray_session import trial_runtime_env
+
     ex = cfg.execution
     opts: dict[str, Any] = {"num_cpus": ex.cpus_per_worker, "max_retries": ex.max_failures,
-                            "retry_exceptions": False}
+                            "retry_exceptions": False, "runtime_env": trial_runtime_env(),
+                            "scheduling_strategy": "DEFAULT"}  # the warm workers of nodes and leaves (Launcher)
     if ex.use_gpu:
         opts["num_gpus"] = ex.gpus_per_worker
     return {k: record_task.options(name=f"retrain-{T.order_tag(plan.records[k].order)}", **opts)

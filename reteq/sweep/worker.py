@@ -148,7 +148,7 @@ def store(base: dict[str, Any]):
 
 
 def warm_up() -> None:
-    """Import what every in-process node and leaf needs (see ray_session.warm_task_workers)."""
+    """Import what every in-process node and leaf needs (see launcher.Launcher.warm)."""
     from transformers.models.llama import modeling_llama  # noqa: F401  (the tiny model's; else loaded lazily)
 
     import reteq.pipeline  # noqa: F401  (torch, transformers)

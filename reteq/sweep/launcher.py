@@ -1,0 +1,61 @@
+"""The actor that submits a sweep's node tasks, retrain records and warm-ups (see `Launcher`)."""
+
+from __future__ import annotations
+
+from reteq.sweep.ray_session import task_lanes, trial_runtime_env
+
+
+class Launcher:
+    """Submits the node tasks and the warm-ups from inside a placement group, as Tune's trials submit the
+    leaves' tasks. Measured on Ray 2.60: the tasks of a process in a placement group never reuse a worker that
+    ran a task of the driver (they get a pool of their own), so node tasks submitted by the driver left the
+    leaves to start cold workers (~15-30 s on 2 cores). Submitted from here, nodes, warm-ups and leaves share
+    one pool of warm workers. It owns the node tasks (retries included) and lives as long as the sweep."""
+
+    def warm(self, cpus_per_task: float, runtime_env: dict) -> int:
+        """Start as many task workers as tasks of `cpus_per_task` fit, each importing what a node or leaf needs
+        (torch, transformers, MLflow: 5-10 s per process on 2 cores) while the driver is still busy. Nothing
+        waits on them."""
+        import ray
+
+        from reteq.sweep.worker import warm_up
+
+        lanes = task_lanes(cpus_per_task, ray.cluster_resources().get("CPU", 0))
+        task = ray.remote(warm_up).options(num_cpus=cpus_per_task, name="warm-up", runtime_env=runtime_env,
+                                           scheduling_strategy="DEFAULT")
+        self._warming = [task.remote() for _ in range(lanes)]
+        return lanes
+
+    def submit(self, base: dict, keys: list[str], base_ref: list, done: dict, records: list[str]) -> tuple:
+        """nodes.submit_nodes and retrain_records.submit_records, here -> (node refs, record refs).
+        `base_ref` comes in a list: the tasks get the ref, not its value."""
+        from reteq.sweep import worker
+        from reteq.sweep.nodes import submit_nodes
+        from reteq.sweep.retrain_records import submit_records
+
+        cfg, plan = worker.plan_of(base)
+        refs = submit_nodes(cfg, plan, keys, base_ref[0], done, base["in_process"])
+        return refs, submit_records(cfg, plan, records, base_ref[0], refs)
+
+
+def start_launcher():
+    """A Launcher actor in a placement group of its own (0.01 CPU) -> (actor, placement group)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"CPU": 0.01}], name="reteq-launcher")
+    ray.get(pg.ready())
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=False)
+    actor = ray.remote(Launcher).options(num_cpus=0.01, scheduling_strategy=strategy, name=None,
+                                         runtime_env=trial_runtime_env()).remote()
+    return actor, pg
+
+
+def stop_launcher(launcher) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    if launcher is not None:
+        ray.kill(launcher[0])
+        remove_placement_group(launcher[1])
