@@ -20,6 +20,7 @@ from typing import Any
 from reteq import tracking as T
 
 _CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
+_APPLIED_ENV: dict[str, str] = {}  # the variables the last sweep's `base` set in this process
 
 
 class NodeFailed(RuntimeError):
@@ -37,7 +38,7 @@ class NodeFailed(RuntimeError):
 def plan_of(base: dict[str, Any]):
     """(cfg, plan) for this sweep, parsed once per process; imports neither torch nor MLflow (a Tune trial that
     only drives a task or a trainer stays a light process)."""
-    os.environ.update(base["env"])
+    _apply_env(base["env"])
     digest = base["digest"]
     if digest not in _CACHE:
         from reteq.config import parse_config
@@ -47,6 +48,16 @@ def plan_of(base: dict[str, Any]):
         _CACHE.clear()
         _CACHE[digest] = (cfg, build_plan(cfg), None)
     return _CACHE[digest][:2]
+
+
+def _apply_env(env: dict[str, str]) -> None:
+    """This sweep's variables, and none left over from an earlier sweep this (reused, warm) process ran: a
+    fault hook of one test must not fire in the next sweep."""
+    for k in _APPLIED_ENV.keys() - env.keys():
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    _APPLIED_ENV.clear()
+    _APPLIED_ENV.update(env)
 
 
 def state(base: dict[str, Any]):
