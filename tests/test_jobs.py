@@ -81,11 +81,15 @@ def _stop_cluster(temp: Path) -> None:
 
 
 def _submit(ray_bin: str, job_env: dict, submission: str, env_file: Path, cfg_path: Path) -> str:
-    submit = subprocess.run(
-        [ray_bin, "job", "submit", "--submission-id", submission, "--working-dir", ".",
-         "--runtime-env", str(env_file), "--", "python", "-m", "reteq", "sweep", str(cfg_path), "--no-report"],
-        cwd=REPO, env=job_env, capture_output=True, text=True, timeout=900)
-    logs = submit.stdout + submit.stderr
+    for _ in range(30):  # on a busy machine the head's job agent can lag the dashboard: the API answers 500
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--submission-id", submission, "--working-dir", ".",
+             "--runtime-env", str(env_file), "--", "python", "-m", "reteq", "sweep", str(cfg_path), "--no-report"],
+            cwd=REPO, env=job_env, capture_output=True, text=True, timeout=900)
+        logs = submit.stdout + submit.stderr
+        if submit.returncode == 0 or "No available agent to submit job" not in logs:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, logs[-3000:]
     status = subprocess.run([ray_bin, "job", "status", submission], env=job_env, capture_output=True,
                             text=True, timeout=120)
