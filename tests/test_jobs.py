@@ -39,11 +39,17 @@ def ray_head(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
+    for leaked in ("MLFLOW_TRACKING_URI", "RETEQ_HOME"):  # set by earlier in-process tests: the jobs resolve their own
+        env.pop(leaked, None)
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths have a length limit
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            "--disable-usage-stats", f"--temp-dir={temp}"]
+    # its own agent ports: the test session's shared local cluster holds Ray's fixed defaults, and a head whose
+    # dashboard agent cannot bind answers every submission "No available agent to submit job"
+    cmd += [f"--{name}-port={_free_port()}" for name in (
+        "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dash}"
     for _ in range(60):  # the dashboard's job agent answers a few seconds after `ray start`
