@@ -221,3 +221,19 @@ def zero3_partitioned_load(rank: int, world: int, out: str, threshold: int | Non
         res["round_trip_diff"] = float((got - want).abs().max())
         res["engine_diff"] = float((engine_logits - want).abs().max())
     write_result(out, rank, res)
+
+
+def deepspeed_engine_step(rank: int, world: int, out: str) -> None:
+    """reteq's DeepSpeedEngine (ZeRO-0, fp32) started and stepped once on a tiny Linear; reports whether
+    DeepSpeed's comm backend loaded its CPU shared-memory op."""
+    import deepspeed.comm.comm as ds_comm
+
+    from reteq.train.engine import DeepSpeedEngine, OptimSpec
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    engine = DeepSpeedEngine(model, OptimSpec("adamw", 1e-2, total_steps=1), {"zero_optimization": {"stage": 0}},
+                             micro_batch=1, accumulation=1, world=world)
+    engine.micro_step(engine.model(torch.ones(1, 4)).sum())
+    write_result(out, rank, {"shm_op": ds_comm.cdb.shm_comm_op is not None,
+                             "weight": engine.module.weight.detach().flatten().tolist()})

@@ -9,6 +9,7 @@ device and every reteq call came through the helper, with the device argument se
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,20 @@ def test_every_collective_of_a_two_rank_zero3_leaf_is_on_the_worker_device(zero3
         assert reteq_calls and all(c["caller"] == helper for c in reteq_calls)
         assert all(c["devices"] in ([], ["cpu"]) for c in calls), [c for c in calls if c["devices"] not in ([], ["cpu"])]
         assert all(c["device_arg"] == "cpu" for c in calls if c["op"] == "broadcast_object_list")
+
+
+def test_a_stale_jit_lock_left_by_a_killed_process_does_not_stall_deepspeed(tmp_path, monkeypatch):
+    """A process killed while torch JIT-built DeepSpeed's CPU shm op leaves `lock` in the extension folder, and
+    every later build waits on it forever (a CI run hung for 90 minutes). reteq never builds that op, so two
+    ranks start and step a DeepSpeed engine beside such a lock, and the lock is left as it was."""
+    from distributed import run_ranks
+
+    extensions = tmp_path / "torch_extensions"
+    stale = extensions / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / collectives.SHM_OP / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    ranks = run_ranks("dist_jobs:deepspeed_engine_step", 2, tmp_path / "out", timeout=240)
+    assert [r["shm_op"] for r in ranks] == [False, False]
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # one step, the same update on both ranks
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["lock"]  # nothing built

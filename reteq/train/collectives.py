@@ -73,3 +73,22 @@ def barrier(device: torch.device) -> None:
         dist.barrier(device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
     else:
         dist.barrier()
+
+
+# DeepSpeed's CPU accelerator builds a C++ op (deepspeed_shm_comm) with gcc when its comm backend starts, on
+# every new machine (~1 min on 2 cores), under torch's JIT lock file. A process killed meanwhile (a preempted
+# worker, a killed trial) leaves that lock behind, and every later DeepSpeed start on the machine waits on it
+# forever (seen: a CI run hung until its 90-minute limit). The op serves only `inference_all_reduce`, which
+# training never calls: reteq's collectives above, and DeepSpeed's own training collectives, are torch's.
+SHM_OP = "deepspeed_shm_comm"
+
+
+def import_deepspeed():
+    """`import deepspeed`, with the CPU-only shared-memory op switched off (above) -> the module. Call it before
+    anything starts DeepSpeed's comm backend (deepspeed.initialize, zero.Init)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False
+    return deepspeed

@@ -91,8 +91,9 @@ class DeepSpeedEngine:
 
     def __init__(self, model: torch.nn.Module, spec: OptimSpec, ds_config: dict[str, Any], micro_batch: int,
                  accumulation: int, world: int):
-        import deepspeed
+        from reteq.train.collectives import import_deepspeed
 
+        deepspeed = import_deepspeed()
         cfg = dict(ds_config)
         cfg["train_micro_batch_size_per_gpu"] = micro_batch
         cfg["gradient_accumulation_steps"] = accumulation
