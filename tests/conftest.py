@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -16,6 +17,27 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Keep Ray's node address (and so the gloo rendezvous) on loopback: Ray reads this when it is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test leaves os.environ as it found it: in-process sweeps export MLFLOW_TRACKING_URI (mlflow's
+    set_tracking_uri does), and a leaked one silently points a later test's `default_tracking_uri` at an
+    earlier test's store. MLflow's own module-level URI goes back too."""
+    import sys
+
+    before = dict(os.environ)
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    uri_before = getattr(utils, "_tracking_uri", None)
+    yield
+    for name in set(os.environ) - set(before):
+        del os.environ[name]
+    for name, value in before.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and utils._tracking_uri != uri_before:
+        utils._tracking_uri = uri_before
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +59,20 @@ def sqlite_tracking(tmp_path):
     """A real MLflow SQLite store plus artifact folder in a temp dir; returns (tracking_uri, artifact_root)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, (tmp_path / "mlartifacts").as_uri()
+
+
+# The whole suite's budget: CI gives 90 minutes including the install, the suite takes ~19 on 2 idle cores. Past
+# it, the tests left fail at once (named, with this reason), so a pathologically slow machine still ends with
+# the summary and the slowest tests printed instead of being cut off mid-run.
+SUITE_BUDGET_S = float(os.environ.get("RETEQ_TEST_BUDGET_S", 70 * 60))
+_SUITE_START = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    spent = time.monotonic() - _SUITE_START
+    if spent > SUITE_BUDGET_S:
+        pytest.fail(f"not run: the suite has spent {spent / 60:.0f} min, over its {SUITE_BUDGET_S / 60:.0f}-min "
+                    "budget (RETEQ_TEST_BUDGET_S); the slowest tests are listed below", pytrace=False)
 
 
 def pytest_configure(config):
