@@ -42,7 +42,7 @@ def write_result(out_dir: str | Path, rank: int, result: dict[str, Any]) -> None
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_ranks(target: str, world: int, out_dir: Path, timeout: float = 900, **kwargs: Any) -> list[dict]:
+def run_ranks(target: str, world: int, out_dir: Path, timeout: float = 600, **kwargs: Any) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     code = _BOOT.format(tests=str(TESTS), root=str(ROOT), target=target, out=str(out_dir),
                         kwargs=json.dumps(kwargs))
