@@ -86,6 +86,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
     from reteq.sweep.execute import check_resources, run_dag, worker_env
     from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
     from reteq.sweep.nodes import leaf_dependencies
+    from reteq.sweep.ray_session import trial_runtime_env
     from reteq.sweep.repair import reconcile_nodes
 
     start = time.perf_counter()
@@ -153,6 +154,8 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
                 "checkpoints": str(work / "checkpoints"),
                 "storage_path": cfg.execution.storage_path or str(work / "ray"),
                 "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
+                "in_process": session.in_process,
+                "runtime_env": trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
             }
             dag = run_dag(cfg, plan, todo, base, done_nodes, records, session.launcher and session.launcher[0])
             mark("dag")
@@ -202,21 +205,25 @@ class _RaySession:
     shut down at the end only when this sweep started it."""
 
     def __init__(self, cfg: SweepConfig, mark):
+        from reteq.sweep.worker import in_process
+        from reteq.train.engine import load_deepspeed_config
+
         self.cfg, self.mark = cfg, mark
         self.up = self.owned = False
         self.launcher = None  # (actor, placement group) for in-process nodes and leaves
+        ex = cfg.execution
+        # decided once, here: the launcher, the node tasks and the leaves all follow it (base["in_process"])
+        self.in_process = in_process(cfg, load_deepspeed_config(ex.deepspeed) if ex.deepspeed else None)
 
     def start(self) -> None:
         from reteq.sweep.launcher import start_launcher
         from reteq.sweep.ray_session import init_ray, trial_runtime_env
-        from reteq.sweep.worker import in_process
-        from reteq.train.engine import load_deepspeed_config
 
         if self.up:
             return
         self.owned, self.up = init_ray(_workers_to_keep(self.cfg)), True
         ex = self.cfg.execution
-        if in_process(self.cfg, load_deepspeed_config(ex.deepspeed) if ex.deepspeed else None):
+        if self.in_process:
             self.launcher = start_launcher()
             self.launcher[0].warm.remote(ex.cpus_per_worker, trial_runtime_env())
         self.mark("ray_start")

@@ -58,21 +58,17 @@ def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes
     (a launcher.Launcher) when given, so that they share warm workers with the leaves."""
     import ray
 
-    from reteq.sweep import worker
     from reteq.sweep.dag import DagSearcher, NodeWatch
     from reteq.sweep.nodes import needed_nodes, submit_nodes
-    from reteq.sweep.ray_session import trial_runtime_env
     from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
 
-    in_proc = worker.in_process(cfg, worker.deepspeed_config(base))
-    base = {**base, "in_process": in_proc, "runtime_env": trial_runtime_env()}  # read here, not in a trial
     keys = list(dict.fromkeys(needed_nodes(plan, todo) + record_nodes(plan, list(records))))  # parents first
     base_ref = ray.put(base)
     if launcher is not None:
         refs, record_refs = ray.get(launcher.submit.remote(base, keys, [base_ref], done_nodes, list(records)))
     else:
-        refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes, in_proc)
-        record_refs = submit_records(cfg, plan, list(records), base_ref, refs)
+        refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes, base)
+        record_refs = submit_records(cfg, plan, list(records), base_ref, refs, base["runtime_env"])
     watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
     searcher = DagSearcher(todo, watch)
     grid = _tune_leaves(cfg, todo, base, refs, watch, searcher) if todo else []

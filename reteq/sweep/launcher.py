@@ -34,8 +34,8 @@ class Launcher:
         from reteq.sweep.retrain_records import submit_records
 
         cfg, plan = worker.plan_of(base)
-        refs = submit_nodes(cfg, plan, keys, base_ref[0], done, base["in_process"])
-        return refs, submit_records(cfg, plan, records, base_ref[0], refs)
+        refs = submit_nodes(cfg, plan, keys, base_ref[0], done, base)
+        return refs, submit_records(cfg, plan, records, base_ref[0], refs, base["runtime_env"])
 
 
 def start_launcher():

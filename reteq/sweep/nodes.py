@@ -127,15 +127,15 @@ def leaf_dependencies(leaf) -> list[str]:
     return [leaf.parent] + ([retrain] if retrain else [])
 
 
-def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str, str]], inproc: bool) -> dict[str, Any]:
+def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str, str]], base: dict) -> dict[str, Any]:
     """key -> object ref of the node's published checkpoint: `ray.put` for nodes already in MLflow, a task for
-    the rest (submitted parents first, so each task names its parent's ref)."""
-    from reteq.sweep.ray_session import trial_runtime_env
-
+    the rest (submitted parents first, so each task names its parent's ref). `base` is the driver's (its
+    `in_process` and `runtime_env` decided there once)."""
     refs: dict[str, Any] = {}
     ex = cfg.execution
-    opts = {"num_cpus": ex.cpus_per_worker if inproc else TRAINER_DRIVER_CPUS, "max_retries": ex.max_failures,
-            "retry_exceptions": False, "runtime_env": trial_runtime_env(),  # one pool of warm workers with leaves
+    opts = {"num_cpus": ex.cpus_per_worker if base["in_process"] else TRAINER_DRIVER_CPUS,
+            "max_retries": ex.max_failures, "retry_exceptions": False,
+            "runtime_env": base["runtime_env"],  # one pool of warm workers with the leaves
             "scheduling_strategy": "DEFAULT"}  # never inside the submitter's placement group (launcher.Launcher)
     for key in keys:
         node = plan.nodes[key]

@@ -59,13 +59,13 @@ def record_nodes(plan, records: list[str]) -> list[str]:
     return list(dict.fromkeys(n.key for k in records for n in plan.chain(plan.records[k].node)))
 
 
-def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any]) -> dict[str, Any]:
-    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves."""
-    from reteq.sweep.ray_session import trial_runtime_env
-
+def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any], runtime_env: dict
+                   ) -> dict[str, Any]:
+    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves. `runtime_env` is
+    the driver's (ray_session.trial_runtime_env)."""
     ex = cfg.execution
     opts: dict[str, Any] = {"num_cpus": ex.cpus_per_worker, "max_retries": ex.max_failures,
-                            "retry_exceptions": False, "runtime_env": trial_runtime_env(),
+                            "retry_exceptions": False, "runtime_env": runtime_env,
                             "scheduling_strategy": "DEFAULT"}  # the warm workers of nodes and leaves (Launcher)
     if ex.use_gpu:
         opts["num_gpus"] = ex.gpus_per_worker
