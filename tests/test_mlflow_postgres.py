@@ -1,5 +1,7 @@
 """The head's MLflow server, started from cluster.yaml's own ExecStart line, on a real PostgreSQL, with a tiny sweep
-(real local Ray, 2 DeepSpeed workers) logged through it.
+logged through it (real local Ray; the nodes and the leaf run as Ray tasks and a Tune trial in processes of
+their own, each logging to the server). Multi-worker DeepSpeed runs are tests/test_sweep.py's; here they would
+only triple the time.
 
 PostgreSQL is Debian's package (initdb/pg_ctl from /usr/lib/postgresql/*/bin), run in a temp dir on 127.0.0.1 by
 the `postgres` user when the test runs as root (initdb refuses root). `.ci/run` installs the package; the test is
@@ -160,7 +162,7 @@ def test_cluster_server_command_names_an_installed_driver():
 def test_tiny_sweep_logs_to_the_cluster_server_on_postgres(ray_cluster, mlflow_server, tmp_path):
     uri, artifacts = mlflow_server
     raw = tiny_sweep(tmp_path / "work", name="pg-sweep", positions=(4,), algorithms=("ga",), lrs=(1e-3,),
-                     workers=2, concurrent=1, unlearn_steps=1)
+                     workers=1, concurrent=1, deepspeed="zero0_fp32.json", unlearn_steps=1)
     raw["execution"]["tracking_uri"] = uri
     cfg = parse_config(raw)
     assert sweep_command(cfg, report=False) == 0
