@@ -244,6 +244,28 @@ def default_device(arg: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_run_args(p, attn_help: str | None = None, frozen_help: str | None = None) -> None:
+    """The options every model benchmark takes, in one place (attention, frozen bf16 base, device, threads,
+    seed, JSON output)."""
+    p.add_argument("--attn", default="sdpa", help=attn_help)
+    p.add_argument("--frozen-bf16", action="store_true", help=frozen_help)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+
+
+def start(args, path: str):
+    """Refuse to measure when reteq's `path` pulled in a heavy module (HEAVY), set the thread count ->
+    (device, LoRA rank: --lora-rank, else the paper's rank for the shape, else 0)."""
+    if heavy_modules():
+        raise SystemExit(f"reteq's {path} path imported {heavy_modules()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank = args.lora_rank if args.lora_rank is not None else PAPER_LORA.get(args.shape, 0)
+    return default_device(args.device), rank
+
+
 def emit(rows: list[dict], header: dict, json_path: str | None, columns: list[str]) -> None:
     """Print a fixed-width table (and a JSON line per row, prefixed 'JSON ') and optionally write a JSON file."""
     print("machine: " + ", ".join(f"{k}={v}" for k, v in header.items()))

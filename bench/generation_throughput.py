@@ -22,8 +22,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
@@ -46,24 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--greedy", action="store_true", help="greedy decoding (then 1 answer per question)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-median", type=int, default=120, help="median chat-formatted GSM8K prompt length")
-    p.add_argument("--attn", default="sdpa")
-    p.add_argument("--frozen-bf16", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    common.add_run_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if common.heavy_modules():
-        raise SystemExit(f"reteq's generation path imported {common.heavy_modules()}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.default_device(args.device)
+    device, rank = common.start(args, "generation")
     apply_matmul_policy(args.precision)
-    rank = args.lora_rank if args.lora_rank is not None else common.PAPER_LORA.get(args.shape, 0)
     model = common.build_model(args.shape, device=device, lora_rank=rank, attn=args.attn, seed=args.seed,
                                frozen_bf16=args.frozen_bf16).eval()
     vocab = common.SHAPES[args.shape][1]["vocab_size"]

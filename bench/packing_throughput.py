@@ -136,12 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lo", type=int, default=64)
     p.add_argument("--hi", type=int, default=1024)
     p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--attn", default="sdpa", help="sdpa | eager | flash_attention_2 (packed: varlen, one row)")
-    p.add_argument("--frozen-bf16", action="store_true", help="LoRA base Linear weights in bf16 (bf16 only)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    common.add_run_args(p, attn_help="sdpa | eager | flash_attention_2 (packed: varlen, one row)",
+                        frozen_help="LoRA base Linear weights in bf16 (bf16 only)")
     args = p.parse_args(argv)
     if args.global_batch % args.micro_batch:
         p.error("--global-batch must be a multiple of --micro-batch")
@@ -152,12 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if common.heavy_modules():
-        raise SystemExit(f"reteq's training path imported {common.heavy_modules()}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.default_device(args.device)
-    rank = args.lora_rank if args.lora_rank is not None else common.PAPER_LORA.get(args.shape, 0)
+    device, rank = common.start(args, "training")
     vocab = common.SHAPES[args.shape][1]["vocab_size"]
     n_steps = args.warmup_steps + args.steps
     examples = common.chat_examples(n_steps * args.global_batch, vocab, median=args.median, sigma=args.sigma,

@@ -23,8 +23,6 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
@@ -83,23 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-median", type=int, default=100, help="median chat-formatted prompt length")
     p.add_argument("--batch-size", type=int, default=64, help="eval.batch_size: pairs per padded forward")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats (the median is reported)")
-    p.add_argument("--attn", default="sdpa")
-    p.add_argument("--frozen-bf16", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    common.add_run_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if common.heavy_modules():
-        raise SystemExit(f"reteq's scoring path imported {common.heavy_modules()}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.default_device(args.device)
-    rank = args.lora_rank if args.lora_rank is not None else common.PAPER_LORA.get(args.shape, 0)
+    device, rank = common.start(args, "scoring")
     model = common.build_model(args.shape, device=device, lora_rank=rank, attn=args.attn, seed=args.seed,
                                frozen_bf16=args.frozen_bf16).eval()
     n_params = common.matmul_params(model)
