@@ -307,6 +307,9 @@ class ExecutionConfig(_Strict):
         2, ge=0, description="retries of a stage node or unlearning trial whose worker died or whose machine was "
         "preempted (Ray task max_retries, Ray Train and Ray Tune FailureConfig); after that its branch fails, "
         "named, and the rest of the sweep finishes")
+    checkpoint_every: int = Field(
+        0, ge=0, description="optimizer steps between mid-stage checkpoints of a stage node trained by Ray Train "
+        "(DeepSpeed): a retried worker group resumes from the last one instead of the node's start; 0 = off")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); null = plain torch")
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or SQLite in work_dir")
     storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray")

@@ -34,6 +34,7 @@ class Hooks:
 
     def node_skipped(self, node: StageNode, path: Path) -> None: ...
     def node_started(self, node: StageNode) -> None: ...
+    def node_resumed(self, node: StageNode, step: int) -> None: ...  # after node_started: steps already done
     def node_step(self, node: StageNode, record) -> None: ...
     def node_done(self, node: StageNode, path: Path, stats: dict[str, Any]) -> None: ...
     def run_params(self, key: str, params: dict[str, str]) -> None: ...  # after node/leaf_started
@@ -193,8 +194,9 @@ def ensure_chain(run: RunContext, key: str) -> Path:
     return parent
 
 
-def train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
-    """Train one stage node from its parent's checkpoint (None: the base model) and publish its checkpoint."""
+def train_node(run: RunContext, node: StageNode, parent: Path | None, resume=None) -> Path:
+    """Train one stage node from its parent's checkpoint (None: the base model) and publish its checkpoint.
+    `resume` (reteq.sweep.stage_resume, Ray Train only): continue from a mid-stage checkpoint, save new ones."""
     cfg, ctx, hooks = run.cfg, run.worker, run.hooks
     mcfg = cfg.model(node.model)
     tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)
@@ -205,10 +207,12 @@ def train_node(run: RunContext, node: StageNode, parent: Path | None) -> Path:
     if ctx.is_main:
         hooks.node_started(node)
         hooks.run_params(node.key, T.protocol_params(cfg))
+        if resume is not None and resume.step:
+            hooks.node_resumed(node, resume.step)
     stage_seed = (int(node.key[:8], 16) + node.seed) % (2**31)  # deterministic across processes
     module, result, stats = finetune_stage(
         model, tokenizer, cfg.stage(node.stage, node.schedule), run.data.stage(node.stage), ctx, stage_seed,
-        on_step=(lambda r: hooks.node_step(node, r)) if ctx.is_main else None)
+        on_step=(lambda r: hooks.node_step(node, r)) if ctx.is_main else None, resume=resume)
     if result.collapsed:
         raise RuntimeError(f"stage {node.stage} of {node.model}: non-finite loss")
     path = run.store.path(node.key)

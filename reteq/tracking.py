@@ -36,6 +36,7 @@ TAG_ATTEMPT = "reteq.attempt"  # id of the `reteq sweep` process (one attempt of
 TAG_TRIAL = "reteq.trial"  # key of the leaf whose trial started the run (nodes are trained inside a leaf's trial)
 TAG_ERROR = "reteq.error"  # why a run ended FAILED or KILLED (the exception, or who closed it and why)
 TAG_RECORDED_ON_REUSE = "reteq.recorded_on_reuse"  # "1": record written for a checkpoint found in the store
+TAG_RESUMED_FROM_STEP = "reteq.resumed_from_step"  # finetune run: steps its Ray Train checkpoint had done
 TAG_CHILDREN_FAILED = "reteq.children_failed"  # on the parent run: child runs of this attempt that did not finish
 
 KIND_FINETUNE = "finetune"  # one stage node trained (and its checkpoint published)

@@ -169,14 +169,37 @@ def test_failing_node_ends_its_branch_and_the_sweep(ray_cluster, tmp_path, monke
     assert trained == {"inst", "inst>tofu", "inst>tofu>math", "inst>tofu>math>U"}
 
 
-def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_path):
-    """Two workers under DeepSpeed ZeRO-2: each node and leaf is one TorchTrainer; Tune still gets every eval."""
-    cfg = parse_config(tiny_sweep(tmp_path / "work", name="ds-sweep", retain=("inst",), positions=(2,),
-                                  algorithms=("npo",), lrs=(1e-3,), workers=2, concurrent=1))
+def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_path, monkeypatch):
+    """Two workers under DeepSpeed ZeRO-2: each node and leaf is one TorchTrainer; Tune still gets every eval.
+    The first node (3 steps, a Ray Train checkpoint after every step: execution.checkpoint_every) loses its rank 0
+    right after logging step 2: Train restarts the group, which loads the last checkpoint and trains only the
+    steps after it; the node's finished run says where it resumed from and logs no step at or before it."""
+    raw = tiny_sweep(tmp_path / "work", name="ds-sweep", retain=("inst",), positions=(2,), algorithms=("npo",),
+                     lrs=(1e-3,), workers=2, concurrent=1)
+    raw["stages"][0]["epochs"] = 3  # 8 rows, global batch 8: 3 optimizer steps
+    raw["execution"]["checkpoint_every"] = 1
+    cfg = parse_config(raw)
     plan = build_plan(cfg)
+    victim = next(n for n in plan.nodes.values() if n.parent is None)
+    mark = tmp_path / "fault-fired"
+    monkeypatch.setenv(faults.ENV, "node_step:2:worker")  # rank 0 of the first node, after its step 2 is logged
+    monkeypatch.setenv(faults.ENV_MARK, str(mark))  # fires once: the retried group does not die again
+    monkeypatch.setenv(faults.ENV_DRIVER, str(os.getpid()))
     outcome = run_sweep(cfg, report=False)
-    assert outcome.code == 0
-    runs = _runs(T.default_tracking_uri(tmp_path / "work"), cfg.name)
+    assert outcome.code == 0 and mark.exists()
+    uri = T.default_tracking_uri(tmp_path / "work")
+    runs = _runs(uri, cfg.name)
     assert _finished_per_node(runs) == {k: 1 for k in plan.nodes}
     df = outcome.dag.results.get_dataframe()
     assert list(df["config/algorithm"]) == ["npo"] and list(df["training_iteration"]) == [3]
+
+    finetune = _by_kind(runs)[T.KIND_FINETUNE]
+    (resumed,) = [r for r in finetune if r.data.tags[T.TAG_PLAN_KEY] == victim.key and r.info.status == "FINISHED"]
+    start = int(resumed.data.tags[T.TAG_RESUMED_FROM_STEP])
+    assert start == 1  # the step-1 checkpoint (Train committed it before the kill); step 2's was never saved
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(resumed.info.run_id, T.M_TRAIN_LOSS)]
+    assert steps == [2, 3]
+    (dead,) = [r for r in runs if r.info.status != "FINISHED"]
+    assert dead.info.status == T.RUN_KILLED and dead.data.tags[T.TAG_PLAN_KEY] == victim.key
+    assert all(T.TAG_RESUMED_FROM_STEP not in r.data.tags for r in finetune if r.data.tags[T.TAG_PLAN_KEY] != victim.key)
+    assert not list((tmp_path / "work" / "ray").glob("node-*/checkpoint_*")), "a published node keeps no Train state"

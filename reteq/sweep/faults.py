@@ -6,7 +6,8 @@ Off unless RETEQ_FAULT is set; the chaos tests set it. Format: `POINT[:N[:WHO]]`
   driver closed every run and is about to write the report);
 - N: fire at the N-th time this process reaches POINT (default 1);
 - WHO: `driver` (default: SIGKILL the `reteq sweep` process, RETEQ_DRIVER_PID, then this process) or
-  `worker` (SIGKILL only this process: one Ray Train worker dies).
+  `worker` (SIGKILL only this process: one Ray Train worker dies, once Train has committed the checkpoints it
+  reported, as a preemption minutes later would find them: Train's controller collects reports every 2 s).
 RETEQ_FAULT_MARK names a file created when the fault fires; while it exists the fault stays off, so a
 retried worker or a rerun does not die again.
 """
@@ -49,11 +50,22 @@ def fault(point: str) -> None:
             return
         os.write(fd, f"{point}:{n}:{who} pid {os.getpid()}\n".encode())
         os.close(fd)
+    if who == "worker":
+        _let_train_commit()
     print(f"RETEQ_FAULT: SIGKILL ({who}) at {point} #{n}", flush=True)
     if who == "driver" and os.environ.get(ENV_DRIVER):
         os.kill(int(os.environ[ENV_DRIVER]), signal.SIGKILL)
         time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _let_train_commit() -> None:
+    try:  # raises outside a Ray Train worker (an in-process task): nothing to wait for there
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60)
+    except Exception:
+        pass
 
 
 def fired(mark: str | Path) -> bool:

@@ -12,7 +12,8 @@ Two ways to train a node, chosen by `worker.in_process`:
   process is retried by Ray (`max_retries = execution.max_failures`); an exception in training is not retried.
 - otherwise the task drives one TorchTrainer (DeepSpeed workers) with Train's
   `FailureConfig(max_failures=execution.max_failures)`: a dead worker or a preempted machine restarts the
-  worker group, which trains the node again from its parent.
+  worker group, which trains the node again from its parent, or, with `execution.checkpoint_every`, from the
+  node's last mid-stage Ray Train checkpoint (reteq.sweep.stage_resume).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _describe(node) -> str:
     return f"node {node.key[:8]} ({node.model} {T.order_tag(node.prefix)})"
 
 
-def _train_here(base: dict[str, Any], key: str, parent: dict | None, r=None) -> dict[str, Any]:
-    """Train node `key` in this process (a rank of a worker group, or the whole node when in process)."""
+def _train_here(base: dict[str, Any], key: str, parent: dict | None, r=None, resume=None) -> dict[str, Any]:
+    """Train node `key` in this process (a rank of a worker group, or the whole node when in process);
+    `resume`: a Ray Train worker's mid-stage checkpoints (reteq.sweep.stage_resume)."""
     from reteq.pipeline import Hooks, RunContext, train_node
     from reteq.sweep import worker
 
@@ -49,7 +51,7 @@ def _train_here(base: dict[str, Any], key: str, parent: dict | None, r=None) -> 
         ctx = worker.worker_context(cfg, node.model, r)
         run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
         parent_path = run.store.ensure_local(parent["key"], ctx) if parent else None
-        path = train_node(run, node, parent_path)
+        path = train_node(run, node, parent_path, resume)
     except BaseException as e:
         if r.rank == 0:
             hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
@@ -63,17 +65,20 @@ def node_worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from reteq.sweep import worker
+    from reteq.sweep.stage_resume import StageResume
 
     base = config["base"]
-    worker.state(base)
+    cfg, _, _ = worker.state(base)
     c = ray.train.get_context()
     r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(base), c.get_local_rank())
-    info = _train_here(base, config["key"], config["parent"], r)
+    every = cfg.execution.checkpoint_every if r.ds else 0  # DeepSpeed saves the state; plain torch: off
+    resume = StageResume.from_ray_train(config["key"], every, r.rank) if r.ds else None
+    info = _train_here(base, config["key"], config["parent"], r, resume)
     ray.train.report(info)
 
 
 def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg) -> dict[str, Any]:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ex = cfg.execution
@@ -85,10 +90,17 @@ def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg
                                      placement_strategy=ex.placement),
         run_config=RunConfig(name=f"node-{key[:12]}", storage_path=base["storage_path"],
                              failure_config=FailureConfig(max_failures=ex.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the last mid-stage one
                              worker_runtime_env={"env_vars": base["env"]}),
     )
     started = time.time()
-    m = trainer.fit().metrics or {}
+    result = trainer.fit()
+    m = result.metrics or {}
+    if result.checkpoint is not None and not result.error:  # a mid-stage checkpoint: dead weight once published
+        try:
+            result.filesystem.delete_dir(result.path)
+        except Exception as e:
+            print(f"{key[:8]}: could not remove the node's Ray Train checkpoints at {result.path}: {e}", flush=True)
     return {"key": key, "path": m.get("path", ""), "run_id": m.get("run_id", ""), "started": started,
             "published": m.get("published", time.time())}
 

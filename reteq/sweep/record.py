@@ -210,6 +210,10 @@ class MlflowHooks(Hooks):
                     node_tags(node, self.sweep, node.schedule or self.schedule_of(node.stage)))
         self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: training {node.stage}")
 
+    def node_resumed(self, node: StageNode, step: int) -> None:
+        self.c.set_tag(self.run_ids[node.key], T.TAG_RESUMED_FROM_STEP, str(step))
+        self.echo(f"[node {node.key[:8]}] resumed from its Ray Train checkpoint of step {step}")
+
     def node_step(self, node: StageNode, r) -> None:
         self._metrics(node.key, {T.M_TRAIN_LOSS: r.loss, T.M_TRAIN_LR: r.lr, T.M_TRAIN_GRAD_NORM: r.grad_norm,
                                  T.M_TRAIN_TOKENS_PER_S: r.tokens_per_s}, r.step)

@@ -54,11 +54,13 @@ class LoopResult:
 
 
 def train_loop(engine, steps: list[Step], loss_fn: LossFn, *, device: torch.device, dtype: str = "fp32",
-               on_step: Callable[[StepRecord], bool | None] | None = None) -> LoopResult:
-    """Run every step; `on_step` may return True to stop early (e.g. after a collapse seen in evaluation)."""
+               on_step: Callable[[StepRecord], bool | None] | None = None, first_step: int = 0) -> LoopResult:
+    """Run every step; `on_step` may return True to stop early (e.g. after a collapse seen in evaluation).
+    `first_step`: steps already done (a resumed stage, its engine state loaded): they are skipped, and the
+    records continue from first_step + 1."""
     result = LoopResult()
     engine.model.train()
-    for i, step in enumerate(steps, start=1):
+    for i, step in enumerate(steps[first_step:], start=first_step + 1):
         start = time.perf_counter()
         lr = engine.lr
         step_loss, tokens, padded = 0.0, 0, 0

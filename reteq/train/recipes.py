@@ -62,8 +62,11 @@ def build_steps(examples: list[Example], index_steps: list[list[int]], micro: in
 
 
 def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx: WorkerContext, seed: int,
-                   on_step: Callable[[StepRecord], None] | None = None) -> tuple[torch.nn.Module, LoopResult, dict]:
-    """Train one stage with a fresh optimizer and schedule; token-mean cross-entropy on response tokens."""
+                   on_step: Callable[[StepRecord], None] | None = None,
+                   resume=None) -> tuple[torch.nn.Module, LoopResult, dict]:
+    """Train one stage with a fresh optimizer and schedule; token-mean cross-entropy on response tokens.
+    `resume` (reteq.sweep.stage_resume.StageResume, every rank): load its state and skip its steps, and save
+    mid-stage checkpoints."""
     apply_matmul_policy(ctx.dtype)  # [precision hook] TF32 on only under dtype tf32
     examples = encode_dataset(tokenizer, convs, stage.max_length)
     accum = accumulation_steps(stage.global_batch, stage.micro_batch, ctx.world, f"stages.{stage.name}")
@@ -78,7 +81,16 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
         logp, _ = batch_token_logps(m, batch)  # [packing hook] padded or packed batch
         return -logp.sum() / step.label_tokens
 
-    result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=on_step)
+    def after_step(record: StepRecord) -> None:
+        if on_step:
+            on_step(record)
+        if resume is not None:
+            resume.after_step(engine, record.step, len(steps))
+
+    if resume is not None:
+        resume.load(engine)
+    result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step,
+                        first_step=resume.step if resume is not None else 0)
     pad = padding_fraction([b for s in steps for b in s.micro_batches])
     stats = {"steps": len(steps), "padding_fraction": pad, "examples": len(examples)}
     return engine.module, result, stats
