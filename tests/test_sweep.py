@@ -169,6 +169,24 @@ def test_failing_node_ends_its_branch_and_the_sweep(ray_cluster, tmp_path, monke
     assert trained == {"inst", "inst>tofu", "inst>tofu>math", "inst>tofu>math>U"}
 
 
+def _stage_losses(cfg, plan, node, tmp_path) -> list[float]:
+    """Train `node` from the base model in this process (one worker, plain torch); its loss at every step."""
+    from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, train_node
+    from reteq.train.recipes import WorkerContext
+
+    class Losses(Hooks):
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def node_step(self, node, record) -> None:
+            self.losses.append(record.loss)
+
+    hooks = Losses()
+    train_node(RunContext(cfg, plan, WorkerContext(), CheckpointStore(tmp_path / "one"), DataCache(cfg), hooks),
+               node, None)
+    return hooks.losses
+
+
 def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_path, monkeypatch):
     """Two workers under DeepSpeed ZeRO-2: each node and leaf is one TorchTrainer; Tune still gets every eval.
     The first node (3 steps, a Ray Train checkpoint after every step: execution.checkpoint_every) loses its rank 0
@@ -197,8 +215,11 @@ def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_
     (resumed,) = [r for r in finetune if r.data.tags[T.TAG_PLAN_KEY] == victim.key and r.info.status == "FINISHED"]
     start = int(resumed.data.tags[T.TAG_RESUMED_FROM_STEP])
     assert start == 1  # the step-1 checkpoint (Train committed it before the kill); step 2's was never saved
-    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(resumed.info.run_id, T.M_TRAIN_LOSS)]
-    assert steps == [2, 3]
+    history = mlflow.MlflowClient(uri).get_metric_history(resumed.info.run_id, T.M_TRAIN_LOSS)
+    assert [m.step for m in history] == [2, 3]
+    # the resumed steps' losses are an uninterrupted run's (here: the same node in this process, plain torch):
+    # the checkpoint restored the step-1 weights and AdamW state
+    assert [m.value for m in history] == pytest.approx(_stage_losses(cfg, plan, victim, tmp_path)[1:], rel=1e-4)
     (dead,) = [r for r in runs if r.info.status != "FINISHED"]
     assert dead.info.status == T.RUN_KILLED and dead.data.tags[T.TAG_PLAN_KEY] == victim.key
     assert all(T.TAG_RESUMED_FROM_STEP not in r.data.tags for r in finetune if r.data.tags[T.TAG_PLAN_KEY] != victim.key)
