@@ -169,22 +169,22 @@ def test_failing_node_ends_its_branch_and_the_sweep(ray_cluster, tmp_path, monke
     assert trained == {"inst", "inst>tofu", "inst>tofu>math", "inst>tofu>math>U"}
 
 
-def _stage_losses(cfg, plan, node, tmp_path) -> list[float]:
-    """Train `node` from the base model in this process (one worker, plain torch); its loss at every step."""
+def _stage_records(cfg, plan, node, tmp_path) -> list:
+    """Train `node` from the base model in this process (one worker, plain torch); its StepRecords."""
     from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, train_node
     from reteq.train.recipes import WorkerContext
 
-    class Losses(Hooks):
+    class Records(Hooks):
         def __init__(self):
-            self.losses: list[float] = []
+            self.records: list = []
 
         def node_step(self, node, record) -> None:
-            self.losses.append(record.loss)
+            self.records.append(record)
 
-    hooks = Losses()
+    hooks = Records()
     train_node(RunContext(cfg, plan, WorkerContext(), CheckpointStore(tmp_path / "one"), DataCache(cfg), hooks),
                node, None)
-    return hooks.losses
+    return hooks.records
 
 
 def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_path, monkeypatch):
@@ -194,7 +194,7 @@ def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_
     steps after it; the node's finished run says where it resumed from and logs no step at or before it."""
     raw = tiny_sweep(tmp_path / "work", name="ds-sweep", retain=("inst",), positions=(2,), algorithms=("npo",),
                      lrs=(1e-3,), workers=2, concurrent=1)
-    raw["stages"][0]["epochs"] = 3  # 8 rows, global batch 8: 3 optimizer steps
+    raw["stages"][0].update(epochs=3, schedule="cosine")  # 8 rows, global batch 8: 3 steps, each its own lr
     raw["execution"]["checkpoint_every"] = 1
     cfg = parse_config(raw)
     plan = build_plan(cfg)
@@ -217,9 +217,12 @@ def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_
     assert start == 1  # the step-1 checkpoint (Train committed it before the kill); step 2's was never saved
     history = mlflow.MlflowClient(uri).get_metric_history(resumed.info.run_id, T.M_TRAIN_LOSS)
     assert [m.step for m in history] == [2, 3]
-    # the resumed steps' losses are an uninterrupted run's (here: the same node in this process, plain torch):
-    # the checkpoint restored the step-1 weights and AdamW state
-    assert [m.value for m in history] == pytest.approx(_stage_losses(cfg, plan, victim, tmp_path)[1:], rel=1e-4)
+    # the resumed steps' losses and lrs are an uninterrupted run's (here: the same node in this process, plain
+    # torch): the checkpoint restored the step-1 weights, AdamW state and lr schedule
+    records = _stage_records(cfg, plan, victim, tmp_path)[1:]
+    assert [m.value for m in history] == pytest.approx([r.loss for r in records], rel=1e-4)
+    lrs = mlflow.MlflowClient(uri).get_metric_history(resumed.info.run_id, T.M_TRAIN_LR)
+    assert [m.value for m in lrs] == pytest.approx([r.lr for r in records], rel=1e-6)
     (dead,) = [r for r in runs if r.info.status != "FINISHED"]
     assert dead.info.status == T.RUN_KILLED and dead.data.tags[T.TAG_PLAN_KEY] == victim.key
     assert all(T.TAG_RESUMED_FROM_STEP not in r.data.tags for r in finetune if r.data.tags[T.TAG_PLAN_KEY] != victim.key)
