@@ -227,3 +227,8 @@ def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_
     assert dead.info.status == T.RUN_KILLED and dead.data.tags[T.TAG_PLAN_KEY] == victim.key
     assert all(T.TAG_RESUMED_FROM_STEP not in r.data.tags for r in finetune if r.data.tags[T.TAG_PLAN_KEY] != victim.key)
     assert not list((tmp_path / "work" / "ray").glob("node-*/checkpoint_*")), "a published node keeps no Train state"
+    # theta_r's record names the run of the node it evaluates (the node's task reads it back: Train's Result
+    # carries no final metrics of a multi-worker node)
+    (retrain,) = _by_kind(runs)[T.KIND_RETRAIN]
+    node_runs = {r.info.run_id: r.data.tags[T.TAG_PLAN_KEY] for r in finetune if r.info.status == "FINISHED"}
+    assert node_runs[retrain.data.tags[T.TAG_NODE_RUN]] == plan.records[retrain.data.tags[T.TAG_PLAN_KEY]].node

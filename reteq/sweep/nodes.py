@@ -81,6 +81,8 @@ def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from reteq.sweep import worker
+
     ex = cfg.execution
     resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
     trainer = TorchTrainer(
@@ -95,14 +97,22 @@ def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg
     )
     started = time.time()
     result = trainer.fit()
-    m = result.metrics or {}
     if result.checkpoint is not None and not result.error:  # a mid-stage checkpoint: dead weight once published
         try:
             result.filesystem.delete_dir(result.path)
         except Exception as e:
             print(f"{key[:8]}: could not remove the node's Ray Train checkpoints at {result.path}: {e}", flush=True)
-    return {"key": key, "path": m.get("path", ""), "run_id": m.get("run_id", ""), "started": started,
-            "published": m.get("published", time.time())}
+    # Train V2's Result.metrics holds only metrics reported with a checkpoint, never the ranks' final report:
+    # the published node is read back from where rank 0 put it (the store, and its MLflow run)
+    return {"key": key, "path": str(worker.store(base).path(key)), "run_id": _finished_run(base, key),
+            "started": started, "published": time.time()}
+
+
+def _finished_run(base: dict[str, Any], key: str) -> str:
+    from reteq.sweep.delivery import find_node_run
+    from reteq.sweep.mlflow_store import tracking_client
+
+    return find_node_run(tracking_client(base["tracking_uri"]), base["experiment_id"], key) or ""
 
 
 @ray.remote
