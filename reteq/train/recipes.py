@@ -61,6 +61,8 @@ def build_steps(examples: list[Example], index_steps: list[list[int]], micro: in
     return steps
 
 
+# params: a stage's six inputs, then its two optional hooks (per-step logging; mid-stage resume, which needs the
+# engine built here)
 def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx: WorkerContext, seed: int,
                    on_step: Callable[[StepRecord], None] | None = None,
                    resume=None) -> tuple[torch.nn.Module, LoopResult, dict]:
