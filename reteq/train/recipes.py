@@ -61,8 +61,8 @@ def build_steps(examples: list[Example], index_steps: list[list[int]], micro: in
     return steps
 
 
-# params: a stage's six inputs, then its two optional hooks (per-step logging; mid-stage resume, which needs the
-# engine built here)
+# the two optional hooks (logging; mid-stage resume, which needs the engine built here) follow the six inputs
+# params: a stage's six inputs and its two optional hooks
 def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx: WorkerContext, seed: int,
                    on_step: Callable[[StepRecord], None] | None = None,
                    resume=None) -> tuple[torch.nn.Module, LoopResult, dict]:
