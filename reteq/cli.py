@@ -20,6 +20,7 @@ def _quiet_env() -> None:
         # A local cluster keeps all traffic (gloo rendezvous included) on 127.0.0.1; Ray reads this at import.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per artifact the report reads
                  "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}.items():
         if v:
             os.environ.setdefault(k, v)
