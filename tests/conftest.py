@@ -23,10 +23,12 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 def _environment_restored():
     """Every test leaves os.environ as it found it: in-process sweeps export MLFLOW_TRACKING_URI (mlflow's
     set_tracking_uri does), and a leaked one silently points a later test's `default_tracking_uri` at an
-    earlier test's store. MLflow's own module-level URI goes back too."""
+    earlier test's store. MLflow's own module-level URI goes back too. Each test starts without one, so a
+    developer's exported MLFLOW_TRACKING_URI never receives test runs."""
     import sys
 
     before = dict(os.environ)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
     uri_before = getattr(utils, "_tracking_uri", None)
     yield

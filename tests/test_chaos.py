@@ -46,13 +46,6 @@ KILL_POINTS = ("node_step", "node_published", "leaf_eval:2", "report")
 NOT_COMPARED = ("run_id", "run_name", "start_time", "link")  # differ between any two sweeps
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri(monkeypatch):
-    """An in-process sweep may export MLFLOW_TRACKING_URI; undo it so later tests use their own stores."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-
-
 def _config(work: Path) -> dict:
     return tiny_sweep(work, name="chaos", retain=("inst", "tofu"), positions=(3,), algorithms=("ga",),
                       lrs=(1e-3,), workers=1, concurrent=1, deepspeed="zero0_fp32.json")

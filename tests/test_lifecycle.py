@@ -32,13 +32,6 @@ from reteq.train.checkpoint import is_complete, save_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it so later tests use their own stores."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-
-
 def _exp(uri: str, root: str, name: str = "life") -> tuple[MlflowClient, str]:
     return tracking_client(uri), ensure_experiment(uri, name, root)
 

@@ -93,8 +93,7 @@ def test_grid_logs_every_instance_and_the_report_renders(ray_cluster, sqlite_tra
 
 
 @pytest.mark.ray
-def test_theory_command_prints_one_json_object(ray_cluster, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_theory_command_prints_one_json_object(ray_cluster, tmp_path, capsys):
     config = tmp_path / "theory.yaml"
     config.write_text(json.dumps({**SMALL, "name": "cmd", "eta": [1.0], "seeds": 2}))  # JSON is YAML
     assert theory_command(str(config), str(tmp_path / "work"), as_json=True) == 0
@@ -128,11 +127,10 @@ def test_bad_theory_configs_name_the_field(tmp_path):
 
 @pytest.mark.ray
 def test_unmeetable_resources_fail_before_mlflow_is_touched(
-    ray_cluster, sqlite_tracking, tmp_path, monkeypatch
+    ray_cluster, sqlite_tracking, tmp_path
 ):
     from mlflow import MlflowClient
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri, artifact_root = sqlite_tracking
     cfg = TheoryConfig(**{**SMALL, "cpus_per_trial": 16})
     with pytest.raises(BadInput, match="exceeds the cluster"):
