@@ -71,8 +71,8 @@ def node_worker_loop(config: dict[str, Any]) -> None:
     cfg, _, _ = worker.state(base)
     c = ray.train.get_context()
     r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(base), c.get_local_rank())
-    every = cfg.execution.checkpoint_every if r.ds else 0  # DeepSpeed saves the state; plain torch: off
-    resume = StageResume.from_ray_train(config["key"], every, r.rank) if r.ds else None
+    # DeepSpeed saves the state to resume from; plain torch workers (deepspeed: null) restart the stage
+    resume = StageResume.from_ray_train(config["key"], cfg.execution.checkpoint_every, r.rank) if r.ds else None
     info = _train_here(base, config["key"], config["parent"], r, resume)
     ray.train.report(info)
 
