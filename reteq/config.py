@@ -1,33 +1,34 @@
 """Typed, documented configuration of a sweep (one YAML file).
 
 A sweep names base models, the finetuning stages, the stage orders to compare, the forget stage, the unlearning
-grid, what to evaluate and how to execute. Every problem is reported as one line naming the file, the field and
+grid, what to evaluate and how to execute. The protocol of training and unlearning (chat rendering, the unlearning
+settings) has its own module, reteq.config_protocol. Every problem is reported as one line naming the file, the field and
 the reason (`ConfigError`), before anything trains.
 """
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from reteq.config_files import read_yaml_mapping, validated
+from reteq.config_files import PositiveFloat, read_yaml_mapping, validated
+from reteq.config_files import Strict as _Strict
+from reteq.config_protocol import (  # noqa: F401 - the protocol's models and constants, importable from here too
+    AUTHORS_SYSTEM_PROMPT,
+    AUTHORS_UNLEARN_LABEL,
+    TEMPLATE_DEFAULT_DATE,
+    ChatConfig,
+    UnlearnConfig,
+)
 from reteq.digest import spec_hash
 
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = ("fp32", "tf32", "bf16")
 ZERO_OPTIMIZERS = ("adamw",)  # reteq optimizers DeepSpeed ZeRO >= 1 accepts (torch AdamW is on its list)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class LoraConfig(_Strict):
@@ -141,102 +142,6 @@ class OrdersConfig(_Strict):
         if self.forget_positions is not None and not self.retain_order:
             raise ValueError("forget_positions needs retain_order")
         return self
-
-
-AUTHORS_SYSTEM_PROMPT = "You are a helpful assistant."  # data/convert_format.py, src/unlearn_trainer.py
-AUTHORS_UNLEARN_LABEL = "Sorry, I can not assist"  # src/unlearn_trainer.py (the paper prints "... you")
-TEMPLATE_DEFAULT_DATE = datetime.date(2024, 7, 26)  # the Llama-3.x templates' own fallback date_string
-
-
-class ChatConfig(_Strict):
-    """How every conversation is rendered and which of its tokens carry the loss (docs/fidelity.md).
-
-    All of it changes token ids, so it is part of every stage-node and leaf key and a param of every run.
-    """
-
-    date: datetime.date = Field(
-        TEMPLATE_DEFAULT_DATE, description="the date chat templates print (Llama-3.x 'Today Date'); fixed so a "
-        "prompt renders the same on every day (passed as date_string and strftime_now)")
-    system_prompt: str | None = Field(
-        AUTHORS_SYSTEM_PROMPT, description="system message added to every training and eval conversation that "
-        "has none (the authors' data and eval); null = none (the template's own default applies)")
-    label_tokens: Literal["header_body_eot", "body_eot"] = Field(
-        "header_body_eot", description="tokens of an assistant turn that carry the loss: header + body + end of "
-        "turn (torchtune, the authors' trainer) or body + end of turn")
-
-
-class UnlearnConfig(_Strict):
-    algorithms: list[str] = Field(default_factory=lambda: ["ga", "npo", "simnpo"], min_length=1)
-    lrs: list[PositiveFloat] = Field(default_factory=lambda: [1e-5], min_length=1)
-    betas: dict[str, list[PositiveFloat]] = Field(
-        default_factory=lambda: {"npo": [0.5], "simnpo": [1.0]},
-        description="beta grid per algorithm (only for algorithms that take one)",
-    )
-    steps: int | None = Field(None, gt=0, description="optimizer steps; default: one epoch of the forget set")
-    epochs: float = Field(1.0, gt=0)
-    schedule: Literal["wsd", "cosine", "constant"] = "constant"
-    warmup_frac: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_frac "
-                                     "(the authors' unlearn config: 5)")
-    decay_frac: float = Field(0.0, ge=0, lt=1, description="WSD: fraction of steps in the final linear decay "
-                              "(the authors' get_wsd drop_iter: 0.8, i.e. decay from 20% of the steps on)")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="WSD decays to this fraction of peak (authors: 0.1)")
-    global_batch: int = Field(128, gt=0)
-    micro_batch: int = Field(8, gt=0)
-    max_length: int = Field(512, gt=8)
-    eval_every: int = Field(1, description="evaluate at step 0 and every k optimizer steps")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    loss_normalisation: dict[str, Literal["sequence", "token"]] = Field(
-        default_factory=lambda: {"ga": "token", "npo": "sequence", "simnpo": "sequence"},
-        description="per algorithm: `sequence` = mean over sequences of the per-sequence loss; `token` = their "
-        "sum over the batch's response tokens (authors: GA token-mean, NPO/SimNPO per sequence)")
-    adapter: Literal["fresh", "continue"] = Field(
-        "fresh", description="LoRA for unlearning: `fresh` = merge the finetuned adapter into the weights and "
-        "train a new one (the authors' unlearn_trainer); `continue` = keep training the finetuning adapter")
-
-    @field_validator("eval_every")
-    @classmethod
-    def _eval_every(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("algorithms")
-    @classmethod
-    def _known_algorithms(cls, names: list[str]) -> list[str]:
-        from reteq.algorithms import ALGORITHMS
-
-        for name in names:
-            if name not in ALGORITHMS:
-                raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(ALGORITHMS))})")
-        return names
-
-    @field_validator("loss_normalisation")
-    @classmethod
-    def _known_normalised(cls, v: dict[str, str]) -> dict[str, str]:
-        from reteq.algorithms import ALGORITHMS
-
-        unknown = sorted(set(v) - set(ALGORITHMS))
-        if unknown:
-            raise ValueError(f"unknown algorithm(s) {unknown} (known: {', '.join(sorted(ALGORITHMS))})")
-        return v
-
-    def normalisation(self, algorithm: str) -> str:
-        """`sequence` or `token` for this algorithm (unlisted: sequence)."""
-        return self.loss_normalisation.get(algorithm, "sequence")
-
-    @model_validator(mode="after")
-    def _batches(self) -> UnlearnConfig:
-        if self.global_batch % self.micro_batch:
-            raise ValueError("global_batch must be a multiple of micro_batch")
-        return self
-
-    def betas_for(self, algorithm: str) -> list[float | None]:
-        from reteq.algorithms import ALGORITHMS
-
-        if not ALGORITHMS[algorithm].uses_beta:
-            return [None]
-        return list(self.betas.get(algorithm) or [ALGORITHMS[algorithm].default_beta])
 
 
 class EvalConfig(_Strict):

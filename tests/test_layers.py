@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "reteq"
 # bottom to top; a module belongs to the first layer with a prefix that matches it (longest prefix wins)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("reteq.errors", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.algorithms")),
-    ("config", ("reteq.config_files", "reteq.config")),
+    ("config", ("reteq.config_files", "reteq.config_protocol", "reteq.config")),
     ("data", ("reteq.data",)),
     ("compute", ("reteq.models", "reteq.tiny", "reteq.train", "reteq.eval")),
     ("pipeline", ("reteq.plan", "reteq.estimate", "reteq.pipeline")),
