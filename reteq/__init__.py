@@ -3,10 +3,11 @@
 Layers, bottom to top; a module imports only from its own layer or below (tests/test_layers.py checks it,
 and that no import cycle exists inside reteq, function-level imports included):
 
-1. foundation  errors (BadInput), tracking (MLflow names), digest (content hashes), algorithms (losses)
+1. foundation  errors (BadInput), tracking (MLflow names), digest (content hashes), model_files (where weights
+               are), algorithms (losses)
 2. config      the typed sweep config
 3. data        sources, hub converters, prepare, tokenising, packing
-4. compute     models (+ tiny), train (loop, engines, recipes, checkpoints), eval (metrics)
+4. compute     models (+ tiny, gguf), train (loop, engines, recipes, checkpoints), eval (metrics)
 5. pipeline    plan (the DAG), estimate (`reteq plan`), pipeline (the work of one node / leaf)
 6. execution   sweep/ (node tasks, Tune leaf trials, Ray Train, MLflow record and store)
 7. measures    analysis.gaps (gap, growth rate) and analysis.section: shared by theory and analysis

@@ -25,6 +25,8 @@ from reteq.config_protocol import (  # noqa: F401 - the protocol's models and co
     UnlearnConfig,
 )
 from reteq.digest import spec_hash
+from reteq.errors import ModelError
+from reteq.model_files import locate_gguf
 
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = ("fp32", "tf32", "bf16")
@@ -45,7 +47,11 @@ class LoraConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = Field(description="short name used in tags, tables and figures, e.g. llama-3.2-1b")
-    source: str = Field(description="hub id, local directory, or 'builtin:tiny' (the offline tiny Llama)")
+    source: str = Field(description="hub id, local directory, GGUF file, package:<module>/<file> (a file an "
+                        "installed Python package ships), or 'builtin:tiny' (the offline tiny Llama); "
+                        "reteq.model_files lists the forms")
+    gguf_file: str | None = Field(None, description="a GGUF file inside the `source` directory or hub repo; "
+                                  "dequantised once into a cached safetensors directory (reteq.gguf)")
     chat_template_from: str | None = Field(
         None, description="hub id or path whose tokenizer chat template to use (the instruct sibling)"
     )
@@ -67,6 +73,15 @@ class ModelConfig(_Strict):
         if looks_local and not Path(v).expanduser().exists():
             raise ValueError(f"model path {v} does not exist")
         return v
+
+    @model_validator(mode="after")
+    def _weights_found(self) -> ModelConfig:
+        """A GGUF file or packaged model that is missing is named here, before anything loads."""
+        try:
+            locate_gguf(self.source, self.gguf_file)
+        except ModelError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
 class DataSource(_Strict):

@@ -1,4 +1,5 @@
-"""Causal LMs by hub id, local path or `builtin:tiny`; LoRA through peft; checkpoints restored onto the base."""
+"""Causal LMs by hub id, local path, GGUF file (reteq.model_files lists the forms) or `builtin:tiny`; LoRA through
+peft; checkpoints restored onto the base."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 
 from reteq.config import BUILTIN_TINY, ModelConfig
 from reteq.errors import ModelError
+from reteq.gguf import ensure_converted
+from reteq.model_files import is_gguf
 
 
 def resolve_source(cfg: ModelConfig) -> str:
@@ -18,6 +21,8 @@ def resolve_source(cfg: ModelConfig) -> str:
         from reteq.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model())
+    if is_gguf(cfg.source, cfg.gguf_file):  # dequantised once into a safetensors directory (reteq.gguf)
+        return str(ensure_converted(cfg.source, cfg.gguf_file, cfg.revision))
     path = Path(cfg.source).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from reteq.config import SweepConfig
 from reteq.digest import spec_hash as _hash
+from reteq.model_files import file_digest, locate_gguf
 
 KEY_VERSION = "node-v1"
 RECORD_KEY_VERSION = "retrain-record-v1"
@@ -185,9 +186,22 @@ def leaf_protocol(cfg: SweepConfig, algorithm: str) -> dict:
             "knowledge_prompts": e.knowledge_prompts, "sample_seed": e.sample_seed}
 
 
+def model_identity(cfg: SweepConfig, model: str) -> dict:
+    """What names a base model in a node key: its config without its display name; for a local GGUF file also
+    its sha256, so another file at the same path (or package version) never reuses a checkpoint. `gguf_file`
+    joins only when set, so adding the field kept every other model's keys."""
+    mcfg = cfg.model(model)
+    m = mcfg.model_dump(mode="json", exclude={"name"})
+    if m.get("gguf_file") is None:
+        m.pop("gguf_file", None)
+    path = locate_gguf(mcfg.source, mcfg.gguf_file)
+    if path is not None:
+        m["weights_sha256"] = file_digest(path)
+    return m
+
+
 def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int, schedule: str | None = None) -> str:
-    m = cfg.model(model).model_dump(mode="json")
-    m.pop("name")
+    m = model_identity(cfg, model)
     stages = [cfg.stage(s, schedule).model_dump(mode="json") for s in prefix]
     return _hash([KEY_VERSION, m, stages, seed, node_protocol(cfg)])
 

@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent / "reteq"
 
 # bottom to top; a module belongs to the first layer with a prefix that matches it (longest prefix wins)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("reteq.errors", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.algorithms")),
+    ("foundation", ("reteq.errors", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.model_files",
+                    "reteq.algorithms")),
     ("config", ("reteq.config_files", "reteq.config_protocol", "reteq.config")),
     ("data", ("reteq.data",)),
-    ("compute", ("reteq.models", "reteq.tiny", "reteq.train", "reteq.eval")),
+    ("compute", ("reteq.models", "reteq.gguf", "reteq.tiny", "reteq.train", "reteq.eval")),
     ("pipeline", ("reteq.plan", "reteq.estimate", "reteq.pipeline")),
     ("execution", ("reteq.sweep",)),
     ("measures", ("reteq.analysis.gaps", "reteq.analysis.section")),  # shared by theory and analysis

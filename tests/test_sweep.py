@@ -232,3 +232,15 @@ def test_multi_worker_nodes_and_leaves_run_ray_train_deepspeed(ray_cluster, tmp_
     (retrain,) = _by_kind(runs)[T.KIND_RETRAIN]
     node_runs = {r.info.run_id: r.data.tags[T.TAG_PLAN_KEY] for r in finetune if r.info.status == "FINISHED"}
     assert node_runs[retrain.data.tags[T.TAG_NODE_RUN]] == plan.records[retrain.data.tags[T.TAG_PLAN_KEY]].node
+
+
+def test_two_whole_cpu_lanes_fit_beside_the_bookkeeping_processes():
+    """cpus_per_worker 1 on 2 cores: two node or leaf tasks must run side by side although the launcher (0.01)
+    and two trials (0.05 each) hold a sliver of CPU; before, 1 + 1 + 0.11 > 2 ran every node in turn."""
+    from reteq.sweep.ray_session import LAUNCHER_CPUS, TRIAL_DRIVER_CPUS, task_cpus
+
+    cpus = task_cpus(1.0, trials=2, cluster_cpus=2)
+    assert 2 * cpus + LAUNCHER_CPUS + 2 * TRIAL_DRIVER_CPUS <= 2 and cpus > 0.9
+    assert task_cpus(0.9, trials=2, cluster_cpus=2) == 0.9  # already fits: unchanged
+    assert task_cpus(1.0, trials=2, cluster_cpus=0) == 1.0  # an autoscaler's empty head: as configured
+    assert task_cpus(2.0, trials=1, cluster_cpus=16) == 2.0

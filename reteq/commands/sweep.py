@@ -155,6 +155,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
                 "storage_path": cfg.execution.storage_path or str(work / "ray"),
                 "deepspeed": str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
                 "in_process": session.in_process,
+                "task_cpus": session.task_cpus,  # an in-process task's CPU request (ray_session.task_cpus)
                 "runtime_env": trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
             }
             dag = run_dag(cfg, plan, todo, base, done_nodes, records, session.launcher and session.launcher[0])
@@ -211,21 +212,26 @@ class _RaySession:
         self.cfg, self.mark = cfg, mark
         self.up = self.owned = False
         self.launcher = None  # (actor, placement group) for in-process nodes and leaves
+        self.task_cpus = cfg.execution.cpus_per_worker  # what an in-process task asks for (set once Ray is up)
         ex = cfg.execution
         # decided once, here: the launcher, the node tasks and the leaves all follow it (base["in_process"])
         self.in_process = in_process(cfg, load_deepspeed_config(ex.deepspeed) if ex.deepspeed else None)
 
     def start(self) -> None:
         from reteq.sweep.launcher import start_launcher
-        from reteq.sweep.ray_session import init_ray, trial_runtime_env
+        from reteq.sweep.ray_session import init_ray, task_cpus, trial_runtime_env
 
         if self.up:
             return
         self.owned, self.up = init_ray(_workers_to_keep(self.cfg)), True
         ex = self.cfg.execution
         if self.in_process:
+            import ray
+
+            self.task_cpus = task_cpus(ex.cpus_per_worker, ex.max_concurrent_trials,
+                                       ray.cluster_resources().get("CPU", 0))
             self.launcher = start_launcher()
-            self.launcher[0].warm.remote(ex.cpus_per_worker, trial_runtime_env())
+            self.launcher[0].warm.remote(self.task_cpus, trial_runtime_env())
         self.mark("ray_start")
 
     def stop(self) -> None:

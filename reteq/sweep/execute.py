@@ -68,7 +68,7 @@ def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes
         refs, record_refs = ray.get(launcher.submit.remote(base, keys, [base_ref], done_nodes, list(records)))
     else:
         refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes, base)
-        record_refs = submit_records(cfg, plan, list(records), base_ref, refs, base["runtime_env"])
+        record_refs = submit_records(cfg, plan, list(records), base_ref, refs, base)
     watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
     searcher = DagSearcher(todo, watch)
     grid = _tune_leaves(cfg, todo, base, refs, watch, searcher) if todo else []
@@ -87,7 +87,8 @@ def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[
     from ray import tune
 
     from reteq.sweep.dag import ConsoleLines
-    from reteq.sweep.leaves import TRIAL_DRIVER_CPUS, leaf_trial
+    from reteq.sweep.leaves import leaf_trial
+    from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
 
     trainable = tune.with_resources(tune.with_parameters(leaf_trial, base=base, parents=refs),
                                     {"cpu": TRIAL_DRIVER_CPUS})
@@ -120,7 +121,7 @@ def check_resources(cfg: SweepConfig) -> None:
     """Fail fast when a node or trial can never be scheduled (Ray would leave it PENDING forever)."""
     import ray
 
-    from reteq.sweep.leaves import TRIAL_DRIVER_CPUS
+    from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
 
     total = ray.cluster_resources()
     ex = cfg.execution

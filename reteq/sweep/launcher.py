@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reteq.sweep.ray_session import task_lanes, trial_runtime_env
+from reteq.sweep.ray_session import LAUNCHER_CPUS, task_lanes, trial_runtime_env
 
 
 class Launcher:
@@ -35,7 +35,7 @@ class Launcher:
 
         cfg, plan = worker.plan_of(base)
         refs = submit_nodes(cfg, plan, keys, base_ref[0], done, base)
-        return refs, submit_records(cfg, plan, records, base_ref[0], refs, base["runtime_env"])
+        return refs, submit_records(cfg, plan, records, base_ref[0], refs, base)
 
 
 def start_launcher():
@@ -44,10 +44,10 @@ def start_launcher():
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = placement_group([{"CPU": 0.01}], name="reteq-launcher")
+    pg = placement_group([{"CPU": LAUNCHER_CPUS}], name="reteq-launcher")
     ray.get(pg.ready())
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=False)
-    actor = ray.remote(Launcher).options(num_cpus=0.01, scheduling_strategy=strategy, name=None,
+    actor = ray.remote(Launcher).options(num_cpus=LAUNCHER_CPUS, scheduling_strategy=strategy, name=None,
                                          runtime_env=trial_runtime_env()).remote()
     return actor, pg
 

@@ -27,7 +27,6 @@ import ray
 from reteq import tracking as T
 from reteq.sweep.worker import NodeFailed
 
-TRIAL_DRIVER_CPUS = 0.05  # a trial that only drives a TorchTrainer; Ray refuses 0
 AXES = ("model", "order", "algorithm", "lr", "beta", "seed", "schedule")
 SHOWN = ((T.M_FORGET_SCORE, "forget"), (T.M_TOFU_UTILITY, "tofu_utility"), (T.M_MATH_ACC, "math_acc"))
 
@@ -113,7 +112,7 @@ def leaf_trial(config: dict[str, Any], base: dict[str, Any] | None = None, paren
     # transformers, MLflow imported; data, tokenizer cached) that trained the nodes; a Tune trial actor is a
     # fresh process that would pay all of that again. Tune retries the trial (max_failures) if the task dies.
     # "DEFAULT": outside the trial's placement group (one 0.05-CPU bundle), in the cluster's task pool
-    task = leaf_task.options(num_cpus=cfg.execution.cpus_per_worker, max_retries=0, scheduling_strategy="DEFAULT",
+    task = leaf_task.options(num_cpus=base["task_cpus"], max_retries=0, scheduling_strategy="DEFAULT",
                              runtime_env=base["runtime_env"], name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
     for ref in task.remote(base, dict(config), published, started):
         tune.report(ray.get(ref))

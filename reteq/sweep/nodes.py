@@ -155,7 +155,7 @@ def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str,
     `in_process` and `runtime_env` decided there once)."""
     refs: dict[str, Any] = {}
     ex = cfg.execution
-    opts = {"num_cpus": ex.cpus_per_worker if base["in_process"] else TRAINER_DRIVER_CPUS,
+    opts = {"num_cpus": base["task_cpus"] if base["in_process"] else TRAINER_DRIVER_CPUS,
             "max_retries": ex.max_failures, "retry_exceptions": False,
             "runtime_env": base["runtime_env"],  # one pool of warm workers with the leaves
             "scheduling_strategy": "DEFAULT"}  # never inside the submitter's placement group (launcher.Launcher)

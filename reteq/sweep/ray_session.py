@@ -47,6 +47,25 @@ def ray_log_dir() -> str:
         return "on the Ray head node (ray job logs / the dashboard)"
 
 
+LAUNCHER_CPUS = 0.01  # the Launcher actor's placement group (reteq.sweep.launcher)
+TRIAL_DRIVER_CPUS = 0.05  # a Tune trial that only drives a task or a TorchTrainer; Ray refuses 0
+
+
+def task_cpus(cpus_per_worker: float, trials: int, cluster_cpus: float) -> float:
+    """The CPUs an in-process node, leaf or retrain-record task asks Ray for.
+
+    The bookkeeping processes hold a sliver of CPU each (the launcher 0.01, each running trial 0.05), so two
+    1-CPU tasks no longer fit on 2 cores beside them and every stage node ran after the other (seen with
+    SmolLM2: 8 nodes of two independent chains strictly in turn). A task asks for its share of what is left
+    when that is less; its torch threads still follow cpus_per_worker (reteq.sweep.worker). A cluster that has
+    not yet grown to hold one task (an autoscaler's head) gets the request as configured."""
+    lanes = task_lanes(cpus_per_worker, cluster_cpus)
+    share = (cluster_cpus - LAUNCHER_CPUS - TRIAL_DRIVER_CPUS * trials) / lanes
+    if cluster_cpus < cpus_per_worker or share < cpus_per_worker / 2:
+        return cpus_per_worker
+    return round(min(cpus_per_worker, share), 3)
+
+
 def task_lanes(cpus_per_task: float, cpus: float, most: int = 8) -> int:
     """How many tasks of `cpus_per_task` run side by side on `cpus` (at most `most`)."""
     return max(1, min(most, int(cpus // max(cpus_per_task, 1e-3))))

@@ -59,13 +59,13 @@ def record_nodes(plan, records: list[str]) -> list[str]:
     return list(dict.fromkeys(n.key for k in records for n in plan.chain(plan.records[k].node)))
 
 
-def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any], runtime_env: dict
+def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any], base: dict
                    ) -> dict[str, Any]:
-    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves. `runtime_env` is
-    the driver's (ray_session.trial_runtime_env)."""
+    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves. `base` is the
+    driver's: its runtime env (ray_session.trial_runtime_env) and a task's CPU request (ray_session.task_cpus)."""
     ex = cfg.execution
-    opts: dict[str, Any] = {"num_cpus": ex.cpus_per_worker, "max_retries": ex.max_failures,
-                            "retry_exceptions": False, "runtime_env": runtime_env,
+    opts: dict[str, Any] = {"num_cpus": base["task_cpus"], "max_retries": ex.max_failures,
+                            "retry_exceptions": False, "runtime_env": base["runtime_env"],
                             "scheduling_strategy": "DEFAULT"}  # the warm workers of nodes and leaves (Launcher)
     if ex.use_gpu:
         opts["num_gpus"] = ex.gpus_per_worker
