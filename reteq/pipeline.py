@@ -266,7 +266,7 @@ def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path
         if report is not None:
             report(step, metrics)
 
-    job = UnlearnJob(cfg.unlearn, leaf.algorithm, leaf.lr, leaf.params, data.stage(cfg.forget_stage), leaf.seed)
+    job = UnlearnJob(cfg.unlearn_for(leaf.schedule), leaf.algorithm, leaf.lr, leaf.params, data.stage(cfg.forget_stage), leaf.seed)
     result = unlearn(model, tokenizer, job, evaluator, ctx, on_eval=on_eval,
                      on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
     result.vectors = evaluator.probe.table({step for step, _ in result.evals})  # a collapsed step's are dropped
