@@ -18,6 +18,8 @@ from pydantic import Field, field_validator, model_validator
 from reteq.config_files import PositiveFloat, read_yaml_mapping, validated
 from reteq.config_files import Strict as _Strict
 from reteq.config_protocol import (  # noqa: F401 - the protocol's models and constants, importable from here too
+    APPENDIX_F,
+    APPENDIX_F_MATH_PROMPT,
     AUTHORS_SYSTEM_PROMPT,
     AUTHORS_UNLEARN_LABEL,
     TEMPLATE_DEFAULT_DATE,
@@ -130,6 +132,10 @@ class StageConfig(_Strict):
     global_batch: int = Field(128, gt=0, description="sequences per optimizer step, across all workers")
     micro_batch: int = Field(8, gt=0, description="sequences per forward pass on one worker")
     max_length: int = Field(1024, gt=8, description="longer conversations are truncated")
+    max_truncated_frac: float = Field(
+        0.0, ge=0, le=1, description="share of this stage's rows allowed to exceed max_length (and, for the forget "
+        "stage, unlearn.max_length); above it the preflight and `reteq data prepare` stop with one line. A check, "
+        "not a training setting: not part of the node key")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW (0.9, 0.999), no weight decay; or SGD")
 
     @model_validator(mode="after")
@@ -177,7 +183,8 @@ class EvalConfig(_Strict):
         "(authors' code: 'Sorry, I can not assist'; the paper prints 'Sorry, I can not assist you')")
     math_prompt: str = Field(
         "{question}", description="user message of a math eval question; {question} is replaced by the "
-        "question (default: the bare question, as the math stage trains it)")
+        "question (default: the bare question, as the math stage trains it); `appendix_f` = the paper's "
+        "Appendix F prompt (reteq.config_protocol.APPENDIX_F_MATH_PROMPT), stored as its full text")
     math_source: DataSource | None = Field(None, description="held-out math questions (GSM8K test split)")
     math_questions: int = Field(32, gt=0)
     math_samples: int = Field(5, gt=0, description="sampled answers per question (paper: 5)")
@@ -203,6 +210,11 @@ class EvalConfig(_Strict):
         if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
             return v
         raise ValueError(f"must be a number > 0 or 'all' (got {v!r})")
+
+    @field_validator("math_prompt", mode="before")
+    @classmethod
+    def _named_prompt(cls, v: Any) -> Any:
+        return APPENDIX_F_MATH_PROMPT if v == APPENDIX_F else v
 
     @field_validator("math_prompt")
     @classmethod
@@ -304,6 +316,11 @@ class SweepConfig(_Strict):
         """A stage's config, with its schedule replaced when a schedule grid point is given."""
         stage = next(s for s in self.stages if s.name == name)
         return stage.model_copy(update={"schedule": schedule}) if schedule else stage
+
+    def unlearn_for(self, schedule: str | None = None) -> UnlearnConfig:
+        """The unlearning settings of a leaf on a schedule grid point (its schedule when schedule_from_grid)."""
+        u = self.unlearn
+        return u.model_copy(update={"schedule": schedule}) if schedule and u.schedule_from_grid else u
 
     def schedule_grid(self) -> list[str | None]:
         return list(self.schedules) if self.schedules else [None]

@@ -17,6 +17,25 @@ from reteq.config_files import Strict as _Strict
 AUTHORS_SYSTEM_PROMPT = "You are a helpful assistant."  # data/convert_format.py, src/unlearn_trainer.py
 AUTHORS_UNLEARN_LABEL = "Sorry, I can not assist"  # src/unlearn_trainer.py (the paper prints "... you")
 TEMPLATE_DEFAULT_DATE = datetime.date(2024, 7, 26)  # the Llama-3.x templates' own fallback date_string
+# The GSM8K user turn of the paper's Appendix F, verbatim (PDF line wraps joined, paragraph breaks kept);
+# a config selects it with `eval.math_prompt: appendix_f`.
+APPENDIX_F = "appendix_f"
+APPENDIX_F_MATH_PROMPT = (
+    "Solve the following math problem.\n"
+    "\n"
+    "### Problem\n"
+    "\n"
+    "{question}\n"
+    "### Output Requirement\n"
+    "\n"
+    "Provide a step-by-step explanation of your reasoning as you work through the problem. After your "
+    "explanation, output a delimiter line that contains exactly \"####\" (four hash symbols) on a new line. "
+    "Then, output only the final numerical answer\u2014nothing else, no extra text, symbols, or units.\n"
+    "\n"
+    "For example, if the final answer is 42, your output should end with:\n"
+    "\n"
+    "#### 42"
+)
 
 
 class ChatConfig(_Strict):
@@ -34,6 +53,10 @@ class ChatConfig(_Strict):
     label_tokens: Literal["header_body_eot", "body_eot"] = Field(
         "header_body_eot", description="tokens of an assistant turn that carry the loss: header + body + end of "
         "turn (torchtune, the authors' trainer) or body + end of turn")
+    template: Literal["hf", "torchtune"] = Field(
+        "hf", description="hf = the tokenizer's (instruct sibling's) chat template; torchtune = torchtune's "
+        "llama3_tokenizer format, the authors' (Llama-3.x tokenizers only): no 'Cutting Knowledge Date' / "
+        "'Today Date' lines, each message's content stripped")
 
 
 class UnlearnConfig(_Strict):
@@ -61,6 +84,9 @@ class UnlearnConfig(_Strict):
         default_factory=lambda: {"ga": "token", "npo": "sequence", "simnpo": "sequence"},
         description="per algorithm: `sequence` = mean over sequences of the per-sequence loss; `token` = their "
         "sum over the batch's response tokens (authors: GA token-mean, NPO/SimNPO per sequence)")
+    schedule_from_grid: bool = Field(
+        False, description="with a sweep-level `schedules` grid (Fig. 8), unlearn each leaf with its grid point's "
+        "schedule instead of `schedule` (the ablation runs cosine finetuning with cosine unlearning)")
     adapter: Literal["fresh", "continue"] = Field(
         "fresh", description="LoRA for unlearning: `fresh` = merge the finetuned adapter into the weights and "
         "train a new one (the authors' unlearn_trainer); `continue` = keep training the finetuning adapter")

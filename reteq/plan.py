@@ -25,7 +25,10 @@ from reteq.config import SweepConfig
 from reteq.digest import spec_hash as _hash
 from reteq.model_files import file_digest, locate_gguf
 
-KEY_VERSION = "node-v1"
+# Node keys, v2 (issue #20): labelled spans end at the turn-end token (ChatML's newline after <|im_end|>, and the
+# tiny template's after <|end|>, no longer carry loss) and `cosine` is torchtune's schedule (to 0): every stage
+# node trains differently, so none recorded under v1 is reused (and every leaf, whose key names its parent, too).
+KEY_VERSION = "node-v2"
 RECORD_KEY_VERSION = "retrain-record-v1"
 # Leaf keys, v2 (2026-11-29): a leaf hashes its own unlearning settings, not the grid lists it sits in, so
 # extending a grid reruns nothing that finished. One-time migration: a sweep recorded with v1 leaf keys reruns
@@ -34,6 +37,8 @@ LEAF_KEY_VERSION = "leaf-v2"
 # UnlearnConfig fields that list grid values, or one value per algorithm of the grid (a leaf's own
 # normalisation is in leaf_protocol), not one leaf's settings
 _GRID_FIELDS = {"algorithms", "lrs", "betas", "loss_normalisation"}
+# StageConfig fields that check the input and change no training: not in node keys
+_CHECK_FIELDS = {"max_truncated_frac"}
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ def leaf_protocol(cfg: SweepConfig, algorithm: str) -> dict:
 def model_identity(cfg: SweepConfig, model: str) -> dict:
     """What names a base model in a node key: its config without its display name; for a local GGUF file also
     its sha256, so another file at the same path (or package version) never reuses a checkpoint. `gguf_file`
-    joins only when set, so adding the field kept every other model's keys."""
+    joins only when set."""
     mcfg = cfg.model(model)
     m = mcfg.model_dump(mode="json", exclude={"name"})
     if m.get("gguf_file") is None:
@@ -202,7 +207,7 @@ def model_identity(cfg: SweepConfig, model: str) -> dict:
 
 def node_key(cfg: SweepConfig, model: str, prefix: tuple[str, ...], seed: int, schedule: str | None = None) -> str:
     m = model_identity(cfg, model)
-    stages = [cfg.stage(s, schedule).model_dump(mode="json") for s in prefix]
+    stages = [cfg.stage(s, schedule).model_dump(mode="json", exclude=_CHECK_FIELDS) for s in prefix]
     return _hash([KEY_VERSION, m, stages, seed, node_protocol(cfg)])
 
 

@@ -128,6 +128,7 @@ P_SWEEP_PARAMS = ("models", "orders", "algorithms", "lrs", "betas", "seeds", "fo
 P_CHAT_DATE = "chat.date"  # the fixed date chat templates print
 P_SYSTEM_PROMPT = "chat.system_prompt"  # "" = none
 P_LABEL_TOKENS = "chat.label_tokens"  # header_body_eot | body_eot
+P_CHAT_TEMPLATE = "chat.template"  # hf | torchtune
 P_UNLEARN_LABEL = "eval.unlearn_label"  # the forget score's label text
 P_MATH_PROMPT = "eval.math_prompt"
 P_ADAPTER = "unlearn.adapter"  # fresh | continue
@@ -145,7 +146,8 @@ def protocol_params(cfg, algorithm: str | None = None) -> dict[str, str]:
     norm = (cfg.unlearn.normalisation(algorithm) if algorithm else
             json.dumps({a: cfg.unlearn.normalisation(a) for a in cfg.unlearn.algorithms}, sort_keys=True))
     return {P_CHAT_DATE: cfg.chat.date.isoformat(), P_SYSTEM_PROMPT: cfg.chat.system_prompt or "",
-            P_LABEL_TOKENS: cfg.chat.label_tokens, P_UNLEARN_LABEL: cfg.eval.unlearn_label,
+            P_LABEL_TOKENS: cfg.chat.label_tokens, P_CHAT_TEMPLATE: cfg.chat.template,
+            P_UNLEARN_LABEL: cfg.eval.unlearn_label,
             P_MATH_PROMPT: cfg.eval.math_prompt, P_ADAPTER: cfg.unlearn.adapter, P_NORMALISATION: norm}
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from reteq.config import load_config
+from reteq.config import APPENDIX_F_MATH_PROMPT, load_config
 from reteq.data import rcu
 from reteq.data.sources import load_conversations, read_local
 from reteq.plan import build_plan
@@ -35,7 +35,7 @@ def rcu_files(tmp_path, monkeypatch):
 
 def test_there_is_one_paper_config_per_base_model():
     assert {p.stem for p in (ROOT / "configs" / "paper").glob("*.yaml")} == set(TABLE_2)
-    assert len(CONFIGS) == 9  # 5 paper + seeds, lr_grid, scheduler, superficial
+    assert len(CONFIGS) == 10  # 5 paper + seeds, lr_grid, scheduler, superficial (1B), superficial_3b
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -74,6 +74,11 @@ def test_paper_configs_carry_table_2_and_the_four_stages(name):
     ]
     math = cfg.eval.math_source
     assert math is not None and (math.id, math.subset, math.split) == ("openai/gsm8k", "main", "test")
+    assert (cfg.eval.math_prompt, cfg.eval.max_new_tokens, cfg.eval.forget_prompts) == (
+        APPENDIX_F_MATH_PROMPT, 1024, "all")
+    # the authors tokenized Llama-3.x with torchtune's llama3_tokenizer; Llama-2 and Qwen keep their HF templates
+    assert cfg.chat.template == ("torchtune" if name.startswith("llama-3") else "hf")
+    assert cfg.stage("U").max_length >= 2048 and cfg.unlearn.max_length >= 2048  # the authors truncate nothing
     assert cfg.execution.use_gpu and cfg.execution.deepspeed == "configs/deepspeed/zero2_fp32.json"
 
 
@@ -88,6 +93,33 @@ def test_ablations_vary_what_their_figure_studies():
     assert {n.schedule for n in plan.nodes.values()} == {"wsd", "cosine"}
     assert len(plan.nodes) == 2 * 13  # the paper's 13 stage nodes, once per schedule
     assert {sched.stage(s.name, "cosine").schedule for s in sched.stages} == {"cosine"}
+    # Fig. 8 unlearns each path with its own schedule: cosine paths with (torchtune's) cosine
+    assert sched.unlearn.schedule_from_grid and sched.unlearn_for("cosine").schedule == "cosine"
+    assert sched.unlearn_for("wsd").schedule == "wsd" and sched.unlearn_for(None).schedule == "wsd"
+
+
+def test_the_llama3_paper_configs_render_no_date_line():
+    """The paper config's chat settings on a Llama-3 tokenizer carrying the real Llama-3.1 template (date block and
+    all): the HF path prints 'Cutting Knowledge Date' / 'Today Date', the configured torchtune path prints neither."""
+    from chat_tokenizers import llama3_base
+
+    from reteq.data.tokenize import configure_chat, render
+
+    conv = [{"role": "user", "content": "Count from 1 to 3."}, {"role": "assistant", "content": "1, 2, 3."}]
+    for name in ("llama-3.2-1b", "llama-3.1-8b"):
+        chat = load_config(ROOT / "configs" / "paper" / f"{name}.yaml").chat
+        tok = llama3_base()
+        assert "Today Date" in render(configure_chat(tok, chat.model_copy(update={"template": "hf"})), conv)
+        text = render(configure_chat(tok, chat), conv) + render(tok, conv[:1], add_generation_prompt=True)
+        assert "Date" not in text and "You are a helpful assistant." in text
+
+
+def test_section_4_3_has_its_llama_3_2_3b_config_and_a_cheaper_1b_variant(rcu_files):
+    big = load_config(ROOT / "configs" / "ablations" / "superficial_3b.yaml")
+    small = load_config(ROOT / "configs" / "ablations" / "superficial.yaml")
+    assert [m.source for m in big.models] == ["meta-llama/Llama-3.2-3B"]
+    assert [m.source for m in small.models] == ["meta-llama/Llama-3.2-1B"]
+    assert big.stages == small.stages and big.unlearn == small.unlearn and big.stage_orders() == small.stage_orders()
 
 
 def test_superficial_config_trains_r_c_u_in_the_six_orders_and_unlearns_u_by_ga(rcu_files):

@@ -10,12 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from fixtures import hub_schemas as fx
+from helpers import reteq_cache  # noqa: F401
 
 from reteq.cli import EXIT_BAD_INPUT, main
 from reteq.config import DataSource, parse_config
 from reteq.data import converters, hub, prepare
 from reteq.data.prepare import lookup_prepared, read_prepared
 from reteq.digest import sha256_file
+
+# `reteq data prepare` measures each stage's rows with every model's tokenizer: the tiny one from the session cache
+pytestmark = pytest.mark.usefixtures("reteq_cache")
 
 
 @pytest.fixture(autouse=True)
@@ -226,3 +230,51 @@ def test_a_sweep_reads_the_prepared_copy_instead_of_the_hub(raw, tmp_path, monke
     monkeypatch.setattr(converters, "load_hub_dataset", no_network)  # hub.py calls it through the module
     cache = DataCache(cfg)
     assert {s.name: cache.stage(s.name) for s in cfg.stages} == expected
+
+
+# ---- truncation is visible: rows over max_length are counted per stage, and a share above the limit stops ----
+def _long_and_short(tmp_path, frac: float | None) -> str:
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(3)]
+    rows[1]["messages"][1]["content"] = "word " * 200  # far beyond 64 tokens
+    local = fx.write_jsonl(rows, tmp_path / "rows.jsonl")
+    stage = {"name": "A", "source": {"kind": "local", "path": str(local)}, "max_length": 64}
+    if frac is not None:
+        stage["max_truncated_frac"] = frac
+    cfg = {"name": "trunc", "work_dir": str(tmp_path / "work"), "models": [{"name": "tiny", "source": "builtin:tiny"}],
+           "forget_stage": "U", "orders": {"explicit": [["A", "U"]]}, "eval": {"knowledge_stage": None},
+           "stages": [stage, {"name": "U", "source": {"kind": "synthetic", "task": "refusal", "n": 4}}]}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_prepare_counts_truncated_rows_and_stops_above_the_allowed_share(tmp_path, capsys):
+    config = _long_and_short(tmp_path, None)
+    assert _prepare(config, "--out", str(tmp_path / "out")) == EXIT_BAD_INPUT
+    line = _last_line(capsys)
+    assert line.startswith(f"{config}: stages.A.max_length: 1 of 3 rows (33.3%) exceed 64 tokens (longest "), line
+    assert line.endswith("above stages.A.max_truncated_frac (0) (model tiny); raise the limit or the share")
+
+    config = _long_and_short(tmp_path, 0.5)
+    assert _prepare(config, "--out", str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "length: stages.A.max_length = 64, model tiny: 1 of 3 rows (33.3%) exceed 64 tokens (longest " in out
+    assert "length: unlearn.max_length = 512, model tiny: 0 of 4 rows (0.0%) exceed 512 tokens" in out
+
+
+def test_the_preflight_reports_truncation_too_and_the_share_is_not_in_the_keys(tmp_path):
+    from reteq.config import load_config
+    from reteq.errors import DataError
+    from reteq.pipeline import DataCache, preflight
+    from reteq.plan import build_plan
+
+    lines: list[str] = []
+    strict, lenient = load_config(_long_and_short(tmp_path, None)), load_config(_long_and_short(tmp_path, 0.5))
+    with pytest.raises(DataError, match=r"^stages.A.max_length: 1 of 3 rows"):
+        preflight(strict, DataCache(strict))
+    preflight(lenient, DataCache(lenient), report=lines.append)
+    assert lines[0].startswith("stages.A.max_length = 64, model tiny: 1 of 3 rows (33.3%) exceed 64 tokens")
+    plans = build_plan(strict), build_plan(lenient)
+    assert set(plans[0].nodes) == set(plans[1].nodes)  # a check, not a training setting
+    assert {leaf.key for leaf in plans[0].leaves} == {leaf.key for leaf in plans[1].leaves}

@@ -88,6 +88,10 @@ def _keys(raw: dict) -> tuple[set[str], set[str]]:
     ("unlearn", "adapter", "continue", False),
     ("eval", "math_prompt", "Solve: {question}", False),
     ("eval", "forget_prompts", "all", False),
+    ("chat", "template", "torchtune", True),
+    ("eval", "math_prompt", "appendix_f", False),
+    ("eval", "max_new_tokens", 1024, False),
+    ("unlearn", "schedule_from_grid", True, False),
 ])
 def test_each_protocol_choice_changes_the_keys_it_affects(section, field, value, changes_nodes):
     from pathlib import Path
@@ -186,3 +190,39 @@ def test_a_bad_protocol_field_is_one_line_naming_it(section, field, value, messa
     with pytest.raises(ConfigError) as err:
         parse_config(raw, "c.yaml")
     assert len(err.value.lines) == 1 and err.value.lines[0].startswith(f"c.yaml: {message}"), err.value.lines
+
+
+def test_appendix_f_is_stored_as_its_text_and_logged_as_a_param():
+    from pathlib import Path
+
+    from sweep_configs import tiny_sweep
+
+    from reteq import tracking as T
+    from reteq.config import APPENDIX_F_MATH_PROMPT
+
+    raw = tiny_sweep(Path("/tmp/reteq-keys"))
+    named = parse_config({**raw, "eval": {**raw.get("eval", {}), "math_prompt": "appendix_f"}})
+    spelled = parse_config({**raw, "eval": {**raw.get("eval", {}), "math_prompt": APPENDIX_F_MATH_PROMPT}})
+    assert named.eval.math_prompt == APPENDIX_F_MATH_PROMPT
+    assert APPENDIX_F_MATH_PROMPT.startswith("Solve the following math problem.\n\n### Problem\n\n{question}\n")
+    assert APPENDIX_F_MATH_PROMPT.endswith("should end with:\n\n#### 42")
+    assert _keys(named.model_dump(mode="json")) == _keys(spelled.model_dump(mode="json"))  # one prompt, one key
+    params = T.protocol_params(named, "ga")
+    assert params[T.P_MATH_PROMPT] == APPENDIX_F_MATH_PROMPT and params[T.P_CHAT_TEMPLATE] == "hf"
+
+
+def test_plan_counts_what_scoring_every_forget_question_and_long_math_answers_cost():
+    from pathlib import Path
+
+    from sweep_configs import tiny_sweep
+
+    from reteq.estimate import plan_report
+
+    raw = tiny_sweep(Path("/tmp/reteq-keys"))
+    base = plan_report(parse_config({**raw, "eval": {**raw.get("eval", {}), "forget_prompts": 4}}))
+    every = plan_report(parse_config({**raw, "eval": {**raw.get("eval", {}), "forget_prompts": "all"}}))
+    longer = plan_report(parse_config({**raw, "eval": {**raw.get("eval", {}), "forget_prompts": 4,
+                                                        "metrics": ["forget", "tofu", "math"],
+                                                        "max_new_tokens": 1024}}))
+    assert every["eval_tokens"] > base["eval_tokens"] and longer["eval_tokens"] > base["eval_tokens"]
+    assert every["unlearn_tokens"] - base["unlearn_tokens"] == every["eval_tokens"] - base["eval_tokens"]

@@ -41,13 +41,16 @@ def test_wsd_matches_the_authors_unlearning_schedule():
     assert m[9:] == pytest.approx([0.1 + 0.9 * (total - s) / 28 for s in range(9, total)])
 
 
-def test_cosine_warms_up_then_decays_monotonically_towards_the_floor():
+def test_cosine_is_torchtunes_warmup_then_half_cosine_to_zero():
+    """torchtune's get_cosine_schedule_with_warmup (the authors' finetune config; Fig. 8): warmup step / warmup from
+    0, then 0.5 (1 + cos(pi progress)) down to 0; the WSD floor (min_ratio) does not apply."""
     m = [lr_multiplier(s, 50, "cosine", 0.1, 0.0, 0.1) for s in range(50)]
-    assert m[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    assert m[:5] == pytest.approx([0.0, 1 / 5, 2 / 5, 3 / 5, 4 / 5])  # int(0.1 * 50) = 5 warmup steps
     assert m[5] == 1.0
     assert all(a >= b for a, b in zip(m[5:], m[6:]))
-    assert m[5 + 45 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 22 / 45)))
-    assert 0.1 <= m[-1] < 0.11
+    assert m[5 + 45 // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 45)))
+    assert 0 < m[-1] < 0.01 and lr_multiplier(50, 50, "cosine", 0.1) == pytest.approx(0.0)
+    assert [lr_multiplier(s, 20, "cosine", warmup_steps=3) for s in range(3)] == pytest.approx([0, 1 / 3, 2 / 3])
 
 
 def test_constant_is_flat_after_warmup_and_unknown_schedules_fail():

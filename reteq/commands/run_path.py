@@ -117,7 +117,7 @@ def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None)
     cfg = load_config(config)
     leaf, plan = choose_leaf(cfg, flags)
     data = DataCache(cfg)
-    preflight(cfg, data)
+    preflight(cfg, data, report=lambda line: print(f"preflight: {line}", flush=True))
     work = resolve_work_dir(work_dir or cfg.work_dir)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     ctx = WorkerContext(dtype=cfg.model(leaf.model).dtype, packing=cfg.execution.packing,

@@ -70,7 +70,7 @@ def _preflight(cfg: SweepConfig):
     from reteq.train.engine import load_deepspeed_config
 
     plan = build_plan(cfg)
-    preflight(cfg, DataCache(cfg))  # bad data or model paths fail here, before anything trains
+    preflight(cfg, DataCache(cfg), report=lambda line: print(f"preflight: {line}", flush=True))  # bad input fails here
     if cfg.execution.deepspeed:
         load_deepspeed_config(cfg.execution.deepspeed)  # missing or not JSON: one line, before Ray starts
     if cfg.execution.workers > 1 and not cfg.execution.deepspeed:

@@ -3,7 +3,16 @@
 Why offsets: a chat template can put anything around a turn (headers, end tokens, default system prompts).
 We render the conversation once, find each assistant turn's character span by rendering the prefixes, and keep
 the labels of exactly the tokens inside those spans: the turn's header, text and end-of-turn marker (as
-torchtune, the authors' trainer), or only its text and end-of-turn marker (`chat.label_tokens`).
+torchtune, the authors' trainer), or only its text and end-of-turn marker (`chat.label_tokens`). A span ends
+WITH the turn-end token (`turn_end_ids`): ChatML writes a newline after `<|im_end|>`, which belongs to the
+template, not to the answer, and torchtune labels nothing after the end of turn.
+
+Why one `turn_end_ids`: the tokens that close an assistant turn are what training labels last and what math
+generation must stop at; a base tokenizer's eos (`<|end_of_text|>`, `<|endoftext|>`) is not one of them.
+
+Why a torchtune rendering (`chat.template: torchtune`): the authors tokenized Llama-3 chats with torchtune's
+llama3_tokenizer, which writes `<|begin_of_text|>` then `<|start_header_id|>role<|end_header_id|>\n\n` +
+stripped content + `<|eot_id|>` per message, and no "Cutting Knowledge Date" / "Today Date" lines.
 
 Why a fixed date and system prompt: Llama-3.x templates print today's date and fall back to their own system
 text; the run's `chat` config (attached to the tokenizer by `configure_chat`) pins both, so a prompt renders to
@@ -26,6 +35,14 @@ if TYPE_CHECKING:
 
 IGNORE = -100  # the label of a token that is not a target (prompt, padding); torch's ignore_index
 _CHAT_ATTR = "_reteq_chat"
+_TURN_END_ATTR = "_reteq_turn_end"
+_PROBE_BODY = "reteq turn body"  # an assistant message whose rendering shows what closes a turn
+# torchtune's llama3_tokenizer (torchtune/models/llama3/_tokenizer.py, tokenize_messages / tokenize_message)
+TT_LLAMA3_BOS = "<|begin_of_text|>"
+TT_LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+TT_LLAMA3_EOT = "<|eot_id|>"
+# another token that ends a Llama-3 assistant turn (a tool call's end of message): a stop token where it exists
+_ALSO_ENDS_TURN = {"<|eot_id|>": ("<|eom_id|>",)}
 
 
 @dataclass(frozen=True)
@@ -56,27 +73,99 @@ def chat_settings(tokenizer) -> ChatConfig:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The chat template's text, with the configured system prompt (if the conversation has none) and date."""
+    """The chat template's text, with the configured system prompt (if the conversation has none) and date;
+    `chat.template: torchtune` renders as torchtune's Llama-3 tokenizer instead (`render_torchtune_llama3`)."""
     chat = chat_settings(tokenizer)
     if chat.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": chat.system_prompt}, *messages]
+    if chat.template == "torchtune":
+        return render_torchtune_llama3(tokenizer, messages, add_generation_prompt)
     day = datetime.datetime.combine(chat.date, datetime.time())
     # Llama-3.x templates read `date_string` (else call `strftime_now`); both are pinned; others ignore them
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          date_string=day.strftime("%d %b %Y"), strftime_now=day.strftime)
 
 
+def render_torchtune_llama3(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """torchtune's Llama-3 chat format as text: bos, then per message header + content.strip() + `<|eot_id|>`;
+    the generation prompt is the assistant header. No date lines. (torchtune also appends an unlabelled
+    `<|end_of_text|>` to a training sequence; the last token of a sequence carries no loss, so it is left out.)"""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (TT_LLAMA3_BOS, "<|start_header_id|>", "<|end_header_id|>", TT_LLAMA3_EOT)
+               if t not in vocab]
+    if missing:
+        raise DataError(f"chat.template: torchtune renders Llama-3 chats, but this tokenizer has no {missing[0]} "
+                        "(use template: hf)")
+    parts = [TT_LLAMA3_BOS]
+    for m in messages:
+        parts.append(TT_LLAMA3_HEADER.format(role=m["role"].strip()) + m["content"].strip() + TT_LLAMA3_EOT)
+    if add_generation_prompt:
+        parts.append(TT_LLAMA3_HEADER.format(role="assistant"))
+    return "".join(parts)
+
+
+def special_token_strings(tokenizer) -> set[str]:
+    """Every special token's text: the named ones (bos, eos, pad...) and added tokens marked special."""
+    out = set(tokenizer.all_special_tokens)
+    out.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return out
+
+
+def turn_end_ids(tokenizer) -> list[int]:
+    """Token ids that close an assistant turn under the configured rendering, derived from it.
+
+    An assistant turn is rendered and the first run of special tokens after its body (up to any non-special
+    text such as ChatML's newline) is the turn end: `<|eot_id|>` (Llama-3; plus `<|eom_id|>` where the
+    vocabulary has it), `<|im_end|>` (ChatML), `</s>` (Llama-2 chat), `<|end|>` (the tiny model). [] when the
+    template closes turns with plain text only. Cached on the tokenizer per chat settings.
+    """
+    chat = chat_settings(tokenizer)
+    cached = getattr(tokenizer, _TURN_END_ATTR, None)
+    if cached is not None and cached[0] == chat:
+        return list(cached[1])
+    text = render(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE_BODY}])
+    tail = text[text.rindex(_PROBE_BODY) + len(_PROBE_BODY):]
+    specials = special_token_strings(tokenizer)
+    ends: list[str] = []
+    for token in tokenizer.convert_ids_to_tokens(tokenizer(tail, add_special_tokens=False)["input_ids"]):
+        if token in specials:
+            ends.append(token)
+        elif ends:  # the first run of special tokens after the body (Llama-2 writes ' </s>': skip the space)
+            break
+    vocab = tokenizer.get_vocab()
+    for end in list(ends):
+        ends += [t for t in _ALSO_ENDS_TURN.get(end, ()) if t in vocab and t not in ends]
+    ids = [vocab[t] for t in ends]
+    setattr(tokenizer, _TURN_END_ATTR, (chat, ids))
+    return list(ids)
+
+
+def turn_end_strings(tokenizer) -> list[str]:
+    """The text of each turn-end token (what a rendered turn ends with)."""
+    return tokenizer.convert_ids_to_tokens(turn_end_ids(tokenizer))
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and each assistant turn's labelled character span, which ends with the turn's
+    end token (the template's text after it, e.g. ChatML's newline, is not a target)."""
     text = render(tokenizer, messages)
     with_header = chat_settings(tokenizer).label_tokens == "header_body_eot"
+    ends = turn_end_strings(tokenizer)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=not with_header))
-        end = len(render(tokenizer, messages[: i + 1]))
-        if not text.startswith(render(tokenizer, messages[: i + 1])):
+        body = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        turn = render(tokenizer, messages[: i + 1])
+        if not text.startswith(turn):
             raise DataError("chat template is not prefix-stable: cannot locate assistant turns")
+        end = len(turn)
+        found = [(turn.rfind(e, body), e) for e in ends]
+        found = [(at, e) for at, e in found if at >= 0]
+        if found:
+            at, e = max(found)
+            end = at + len(e)
         spans.append((start, end))
     return text, spans
 

@@ -1,8 +1,11 @@
 """Seeded eval samples stratified across groups (SORRY-BENCH categories, TOFU authors), and their hashes.
 
-Why: the first N rows of a file cover a few categories or authors only (S_U is sorted by category, TOFU by
-author). A sample that takes rows round-robin over the groups, in a seeded order, covers as many groups as N
-allows; every run of a sweep draws the same sample (`eval.sample_seed`), and its hash is an MLflow param.
+Why: a sample of N rows should cover as many groups as N allows, whatever the file's order. TOFU stores its
+authors one after another (the first N rows cover N / 20 authors); the authors' S_U split is shuffled
+(`train_test_split(seed=42)`), so its first N rows are a random draw, not one category, yet a random draw of 64
+still misses some of the 44 categories and changes with the split. Taking rows round-robin over the groups, in a
+seeded order, covers them evenly either way; every run of a sweep draws the same sample (`eval.sample_seed`),
+and its hash is an MLflow param. The paper configs score every forget question (`eval.forget_prompts: all`).
 """
 
 from __future__ import annotations
