@@ -273,3 +273,37 @@ def test_charts_skip_what_has_no_data(planted):
     assert charts.figure6(only_main) is None and charts.figure8(only_main) is None
     empty = metrics.clear()
     assert charts.all_charts(empty, divergence.path_divergence(empty)) == {}
+
+
+def test_recency_over_seeds_uses_the_seed_means_and_their_intervals(planted):
+    """ga lr 1e-5: p = 4 lowest in all 3 seeds, interval clear of the others; npo: seed 2 reverses it, the mean
+    still lowest but the interval overlaps; one-seed settings have no interval."""
+    _, _, metrics = planted
+    seeds = divergence.recency_over_seeds(metrics)
+    assert seeds.height == 4
+    by = {(r["algorithm"], r["lr"], r["scheduler"]): r for r in seeds.iter_rows(named=True)}
+    ga = by[("ga", 1e-5, "wsd")]
+    assert ga["n_seeds"] == 3 and ga["last_mean"] == pytest.approx(0.6)
+    assert ga["last_ci_high"] == pytest.approx(0.6 + T_975_DF2 * 0.1 / math.sqrt(3))
+    assert ga["last_is_slowest"] and ga["last_is_separated"]
+    npo = by[("npo", 1e-5, "wsd")]
+    assert npo["last_is_slowest"] and npo["last_is_separated"] is False
+    assert by[("ga", 5e-5, "wsd")]["last_is_separated"] is None
+    assert not by[("ga", 1e-5, "cosine")]["last_is_slowest"]
+
+
+def test_table1_gets_seed_intervals_and_the_findings_compare_with_the_paper(planted):
+    from reteq.analysis import report, tables
+
+    _, runs, metrics = planted
+    ci = tables.table1_intervals(metrics)
+    assert ci["p"].to_list() == [1, 2, 3, 4]
+    cell = ci.filter(pl.col("p") == 4)["llama-3.2-1b GA"][0]
+    assert cell == f"0.600 ± {T_975_DF2 * 0.1 / math.sqrt(3):.3f} (n=3)"
+    one_seed = metrics.filter(pl.col("seed") == 0)
+    assert tables.table1_intervals(one_seed) is None
+    text = report.findings(runs, metrics, divergence.growth_rates(divergence.path_divergence(metrics)),
+                           divergence.recency(metrics), divergence.recency_over_seeds(metrics))[0]
+    assert "the paper says p = 4 forgets slowest in 14 of 15 cells (its Table 1 as printed: lowest in 13 of 15)" \
+        in text
+    assert "lowest mean forget score in 3 of 4 settings" in text and "every other order's in 1 of 4" in text

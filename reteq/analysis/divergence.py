@@ -201,20 +201,60 @@ def recency_summary(rec: pl.DataFrame) -> dict:
     return {"n_cells": n, "n_slowest": k, "share": k / n if n else math.nan}
 
 
+def recency_over_seeds(metrics: pl.DataFrame, confidence: float = 0.95) -> pl.DataFrame:
+    """Per setting (a cell without its seed): the final forget score of each order as a seed mean with a
+    Student-t interval, and whether the order that learned U last forgets least on the mean
+    (`last_is_slowest`) and with its whole interval below every other order's (`last_is_separated`; null with
+    one seed). Settings with fewer than two orders are left out."""
+    scores, _ = forget_scores(metrics)
+    final = final_values(scores).drop_nulls("p").filter(pl.col("value").is_finite())
+    per_p = final.group_by([*SETTING, "p"]).agg(
+        n=pl.col("seed").n_unique().cast(pl.Int64), mean=pl.col("value").mean(), std=pl.col("value").std(ddof=1))
+    quantile = t_quantiles(per_p["n"].unique().to_list(), confidence)
+    rows = []
+    for part in per_p.partition_by(SETTING, maintain_order=True):
+        if part.height < 2:
+            continue
+        part = part.sort("p")
+        half = [quantile.get(n, math.nan) * (sd if sd is not None else math.nan) / math.sqrt(n)
+                for n, sd in zip(part["n"].to_list(), part["std"].to_list())]
+        means = part["mean"].to_list()
+        lo = [m - h for m, h in zip(means, half)]
+        hi = [m + h for m, h in zip(means, half)]
+        last, others = len(means) - 1, range(len(means) - 1)
+        separated = None if any(math.isnan(h) for h in half) else all(hi[last] < lo[i] for i in others)
+        keys = part.row(0, named=True)
+        rows.append({**{c: keys[c] for c in SETTING}, "n_seeds": int(part["n"].min()), "last_p": part["p"][-1],
+                     "last_mean": means[last], "last_ci_low": lo[last], "last_ci_high": hi[last],
+                     "others_min_ci_low": min(lo[i] for i in others), "others_min_mean": min(means[i] for i in others),
+                     "last_is_slowest": all(means[last] < means[i] for i in others),
+                     "last_is_separated": separated})
+    schema = {c: metrics.schema[c] for c in SETTING}
+    schema.update(n_seeds=pl.Int64, last_p=pl.Int64, last_mean=pl.Float64, last_ci_low=pl.Float64,
+                  last_ci_high=pl.Float64, others_min_ci_low=pl.Float64, others_min_mean=pl.Float64,
+                  last_is_slowest=pl.Boolean, last_is_separated=pl.Boolean)
+    return pl.DataFrame(rows, schema=schema)
+
+
+def t_quantiles(ns: list[int], confidence: float) -> dict[int, float]:
+    """Student-t quantile for each sample size n >= 2 (the interval's half-width is q * std / sqrt(n))."""
+    from scipy.stats import t as student_t  # scipy ships with mlflow; imported late to keep import light
+
+    return {n: float(student_t.ppf((1 + confidence) / 2, n - 1)) for n in ns if n and n >= 2}
+
+
 def seed_summary(metrics: pl.DataFrame, confidence: float = 0.95) -> pl.DataFrame:
     """Across seeds, per (setting, order, metric, step): n, mean, sample std and a t-interval for the mean.
 
     ci = mean -+ t_{(1+confidence)/2, n-1} * std / sqrt(n) (Student t, since seeds are few); null when n < 2.
     """
-    from scipy.stats import t as student_t  # scipy ships with mlflow; imported late to keep import light
-
     df = metrics.drop_nulls("value").filter(pl.col("value").is_finite())
     out = df.group_by([*SETTING, "order", "p", "metric", "step"]).agg(
         n=pl.col("seed").n_unique().cast(pl.Int64),
         mean=pl.col("value").mean(),
         std=pl.col("value").std(ddof=1),
     )
-    quantile = {n: float(student_t.ppf((1 + confidence) / 2, n - 1)) for n in out["n"].unique() if n >= 2}
+    quantile = t_quantiles(out["n"].unique().to_list(), confidence)
     t_q = pl.col("n").replace_strict(quantile, default=None, return_dtype=pl.Float64)
     half = t_q * pl.col("std") / pl.col("n").cast(pl.Float64).sqrt()
     return out.with_columns(ci_low=pl.col("mean") - half, ci_high=pl.col("mean") + half).sort(

@@ -22,6 +22,7 @@ from reteq.analysis import charts as C
 from reteq.analysis import divergence as D
 from reteq.analysis import tables as TB
 from reteq.analysis.load import experiment_id, load_metrics, load_run_record
+from reteq.analysis.paper_numbers import PAPER_RECENCY_CLAIM, paper_recency
 from reteq.analysis.section import Section
 
 DEFAULT_UI_BASE = "http://127.0.0.1:5000"
@@ -31,6 +32,7 @@ TABLE_GROWTH = "Growth rate of the max gap per cell"
 TABLE_GROWTH_ALL = "Growth rates, every metric"
 TABLE_DIVERGENCE = "Max gap and spread between orders per step"
 TABLE_RECENCY = "Recency per cell"
+TABLE_RECENCY_SEEDS = "Recency over seeds (95% intervals)"
 TABLE_RUNS = "Runs"
 TABLE_RUN_COUNTS = "Runs per kind and status"
 TABLE_EXCLUDED = "Runs excluded from the analysis, and why"
@@ -88,8 +90,12 @@ def analysis_sections(
     divergence = D.path_divergence(metrics)
     growth = D.growth_rates(divergence)
     rec = D.recency(metrics)
-    sections = [Section("Findings", paragraphs=findings(runs, metrics, growth, rec))]
+    seeds = D.recency_over_seeds(metrics)
+    sections = [Section("Findings", paragraphs=findings(runs, metrics, growth, rec, seeds))]
     table1 = TB.table1(metrics)
+    intervals = TB.table1_intervals(metrics)
+    if intervals is not None:
+        table1[TB.TABLE_FORGET_CI] = intervals
     final = TB.final_table(metrics)
     t1 = Section("Table 1: forget score and utilities after the last step", tables=dict(table1))
     t1.paragraphs.append(
@@ -118,6 +124,8 @@ def analysis_sections(
     else:
         div.paragraphs.append("Not computed: no cell has two or more learning orders with forget metrics.")
     recency_section = Section("Recency effect", tables={TABLE_RECENCY: rec} if rec.height else {})
+    if seeds.height and seeds["n_seeds"].max() >= 2:
+        recency_section.tables[TABLE_RECENCY_SEEDS] = seeds
     recency_section.paragraphs.append(
         "Per cell, orders are ranked by final forget score; rank 1 = forgets least. The paper's recency "
         "effect is rank 1 for the order that learned U last (p = 4)."
@@ -134,7 +142,8 @@ def analysis_sections(
     return sections
 
 
-def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, rec: pl.DataFrame) -> list[str]:
+def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, rec: pl.DataFrame,
+             seeds: pl.DataFrame | None = None) -> list[str]:
     """Plain sentences with numbers: does divergence grow, does the recency effect appear, what is missing."""
     kinds = runs["kind"].drop_nulls().value_counts(sort=True).iter_rows() if runs.height else []
     counts = ", ".join(f"{n} {k}" for k, n in kinds) or "none"
@@ -162,10 +171,14 @@ def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, re
         last = sorted(set(rec["last_p"].to_list()))
         who = f"p = {last[0]}" if len(last) == 1 else "the largest p"
         verdict = "The recency effect appears" if rs["share"] > 0.5 else "The recency effect does not appear"
+        k_paper, n_paper = paper_recency()
         lines.append(
             f"{verdict}: the order that learned U last ({who}) forgets least in {rs['n_slowest']} of "
-            f"{rs['n_cells']} cells ({rs['share']:.0%})."
+            f"{rs['n_cells']} cells ({rs['share']:.0%}); the paper says p = 4 forgets slowest in "
+            f"{PAPER_RECENCY_CLAIM[0]} of {PAPER_RECENCY_CLAIM[1]} cells (its Table 1 as printed: lowest in "
+            f"{k_paper} of {n_paper})."
         )
+        lines += _recency_over_seeds_text(seeds)
     else:
         lines.append(
             "The recency effect could not be judged: no cell has a final forget score "
@@ -181,6 +194,17 @@ def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, re
     elif missing:
         lines.append("Not logged (the parts that need them are skipped): " + ", ".join(missing) + ".")
     return [" ".join(lines)]
+
+
+def _recency_over_seeds_text(seeds: pl.DataFrame | None) -> list[str]:
+    """The recency verdict on seed means with their 95% intervals, when some setting has two or more seeds."""
+    if seeds is None or not seeds.height or seeds["n_seeds"].max() < 2:
+        return []
+    n, slowest = seeds.height, int(seeds["last_is_slowest"].sum())
+    separated = int(seeds["last_is_separated"].fill_null(False).sum())
+    return [f"Over {int(seeds['n_seeds'].min())}+ seeds per setting, the last-learned order has the lowest "
+            f"mean forget score in {slowest} of {n} settings (model x algorithm x lr), and its 95% interval lies "
+            f"below every other order's in {separated} of {n}."]
 
 
 def _excluded_text(excluded: pl.DataFrame) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import polars as pl
 
 from reteq import tracking as T
+from reteq.analysis import divergence as D
 from reteq.analysis import paper_numbers as paper
 from reteq.analysis.divergence import SETTING, final_values, forget_scores
 
 TABLE_FORGET = "Table 1: forget score"
+TABLE_FORGET_CI = "Table 1: forget score, seed mean ± 95% interval"
 TABLE_TOFU = "Table 1: TOFU utility"
 TABLE_MATH = "Table 1: math utility"
 TABLE_FINAL = "Final values per setting and p"
@@ -74,6 +76,29 @@ def final_table(metrics: pl.DataFrame) -> pl.DataFrame:
         )
         .sort([*SETTING, "metric", "p"], nulls_last=True)
     )
+
+
+def table1_intervals(metrics: pl.DataFrame, confidence: float = 0.95) -> pl.DataFrame | None:
+    """Table 1's forget score as 'mean ± half-width (n)' per p and main setting: the seed mean with its Student-t
+    interval. None when no setting has two or more seeds (one seed has no interval)."""
+    final = final_table(metrics)
+    if not final.height:
+        return None
+    final = final.filter(pl.col("metric") == T.M_FORGET_SCORE).join(main_settings(metrics), on=SETTING,
+                                                                     how="semi", nulls_equal=True)
+    if not final.height or final["n_seeds"].max() < 2:
+        return None
+    quantile = D.t_quantiles(final["n_seeds"].unique().to_list(), confidence)
+    ps = sorted(p for p in final["p"].unique().to_list() if p is not None)
+    columns: dict[str, list] = {"p": ps}
+    for part in final.partition_by(SETTING, maintain_order=True):
+        cells = {}
+        for r in part.iter_rows(named=True):
+            half = quantile.get(r["n_seeds"])
+            cells[r["p"]] = (f"{r['mean']:.3f} ± {half * r['std'] / r['n_seeds'] ** 0.5:.3f} (n={r['n_seeds']})"
+                             if half is not None and r["std"] is not None else f"{r['mean']:.3f} (n=1)")
+        columns[_column_label(part.row(0, named=True), None)] = [cells.get(p, "") for p in ps]
+    return pl.DataFrame(columns)
 
 
 def _column_label(row: dict, main: dict | None) -> str:
