@@ -13,7 +13,7 @@ export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint install clean
+.PHONY: demo smol test lint install clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/reteq demo
+
+# the paper's design on a real pretrained model (SmolLM2-135M-Instruct) through Ray Tune + Ray Train + MLflow:
+# docs/results_smol.md has its findings and how long it takes
+smol: install
+	$(VENV)/bin/reteq sweep configs/smol.yaml
 
 lint: install
 	$(VENV)/bin/ruff check reteq tests bench rayjobs
