@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from reteq import tracking as T
+from reteq.sweep import worker
 from reteq.sweep.worker import NodeFailed
 
 AXES = ("model", "order", "algorithm", "lr", "beta", "seed", "schedule")
@@ -138,6 +139,7 @@ def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str,
     while (item := results.get()) is not None:
         yield item
     thread.join()
+    worker.release_memory()
     if error:
         raise error[0]
 

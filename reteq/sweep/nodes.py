@@ -130,6 +130,8 @@ def node_task(base: dict[str, Any], key: str, parent: dict | None) -> dict[str, 
         raise
     except Exception as e:
         raise NodeFailed(key, f"{_describe(node)} failed: {type(e).__name__}: {e}") from e
+    finally:
+        worker.release_memory()
 
 
 def needed_nodes(plan, leaves) -> list[str]:
