@@ -29,7 +29,8 @@ def worker_env() -> dict[str, str]:
     """Variables every task, trial and Train worker needs (applied in the process: no per-task runtime_env)."""
     keep = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE",
             "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI",
-            "PYTHONPATH", "RETEQ_PID_DIR", "RETEQ_FAULT_NODE")
+            "PYTHONPATH", "RETEQ_PID_DIR", "RETEQ_FAULT_NODE",
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # busy small machines start workers slowly
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
