@@ -18,6 +18,7 @@ from reteq.commands.report import write_sweep_report
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
 from reteq.sweep.execute import DagOutcome
+from reteq.sweep.mlflow_store import restore_tracking_uri
 from reteq.workdir import resolve_work_dir
 
 
@@ -52,16 +53,7 @@ def run_sweep(cfg: SweepConfig, work_dir: str | None = None, report: bool = True
         return _sweep_locked(cfg, plan, work, report)
     finally:
         lock.release()
-        _restore_tracking_uri(uri_before)
-
-
-def _restore_tracking_uri(before: str | None) -> None:
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which `default_tracking_uri` obeys: put it back, so
-    a later sweep in this process with another work dir records into its own store, not this one's."""
-    if os.environ.get("MLFLOW_TRACKING_URI") != before:
-        import mlflow
-
-        mlflow.set_tracking_uri(before)
+        restore_tracking_uri(uri_before)
 
 
 def _preflight(cfg: SweepConfig):

@@ -109,10 +109,9 @@ def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg
 
 
 def _finished_run(base: dict[str, Any], key: str) -> str:
-    from reteq.sweep.delivery import find_node_run
-    from reteq.sweep.mlflow_store import tracking_client
+    from reteq.sweep.mlflow_store import finished_run, reader
 
-    return find_node_run(tracking_client(base["tracking_uri"]), base["experiment_id"], key) or ""
+    return finished_run(reader(base["tracking_uri"]), base["experiment_id"], key) or ""
 
 
 @ray.remote

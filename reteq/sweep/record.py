@@ -16,8 +16,8 @@ from reteq import tracking as T
 from reteq.pipeline import Hooks
 from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.sweep.faults import fault
-from reteq.sweep.lifecycle import finish_run, finished_runs, record_reused_node
-from reteq.sweep.mlflow_store import search_runs, tracking_client
+from reteq.sweep.lifecycle import finish_run, record_reused_node
+from reteq.sweep.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
 
 
 def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
@@ -32,13 +32,6 @@ def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
     run = c.create_run(exp_id, run_name=f"sweep/{sweep_name}",
                        tags={T.TAG_KIND: T.KIND_SWEEP, T.TAG_SWEEP: sweep_name, T.TAG_CONFIG_HASH: config_hash})
     return run.info.run_id
-
-
-def _finished(c, exp_id: str) -> list:
-    """Counted runs: MLflow FINISHED and reteq.status done/collapsed, oldest first (the first one per key wins)."""
-    runs = search_runs(c, exp_id, f"attributes.status = '{T.RUN_FINISHED}'")
-    runs = [r for r in runs if r.data.tags.get(T.TAG_STATUS) in (T.STATUS_DONE, T.STATUS_COLLAPSED)]
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def sweep_params(cfg) -> dict[str, str]:
@@ -87,7 +80,7 @@ def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
     """node key -> {run_id, checkpoint} for node runs that finished and published a checkpoint (kind finetune;
     kind retrain without a retrain key: a retrain-only node recorded before retrain records existed)."""
     out: dict[str, dict[str, str]] = {}
-    for r in _finished(c, exp_id):
+    for r in finished_runs(c, exp_id):
         if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN) and not _is_record(r.data.tags):
             out.setdefault(r.data.tags[T.TAG_PLAN_KEY], {"run_id": r.info.run_id,
                                                          "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")})
@@ -95,12 +88,12 @@ def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
 
 
 def finished_leaves(c, exp_id: str) -> set[str]:
-    return {r.data.tags[T.TAG_PLAN_KEY] for r in _finished(c, exp_id) if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN}
+    return {r.data.tags[T.TAG_PLAN_KEY] for r in finished_runs(c, exp_id) if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN}
 
 
 def finished_records(c, exp_id: str) -> set[str]:
     """Keys of the retrain records (theta_r evaluated) that finished."""
-    return {r.data.tags[T.TAG_PLAN_KEY] for r in _finished(c, exp_id) if _is_record(r.data.tags)}
+    return {r.data.tags[T.TAG_PLAN_KEY] for r in finished_runs(c, exp_id) if _is_record(r.data.tags)}
 
 
 def node_tags(node: StageNode, sweep: str, schedule: str) -> dict[str, str]:
@@ -155,7 +148,7 @@ class MlflowHooks(Hooks):
         self.attempt, self.trial = attempt, trial  # who started the runs: closes them if this process dies
 
     def _start(self, key: str, name: str, tags: dict[str, str]) -> str:
-        run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, "mlflow.parentRunId": self.parent,
+        run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, T.TAG_MLFLOW_PARENT: self.parent,
                                                                   T.TAG_ATTEMPT: self.attempt, T.TAG_TRIAL: self.trial})
         self.run_ids[key] = run.info.run_id
         self._monitor(key, run.info.run_id)
@@ -199,7 +192,7 @@ class MlflowHooks(Hooks):
     # ---- stage nodes -----------------------------------------------------------------------------------
     def node_skipped(self, node: StageNode, path: Path) -> None:
         self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: reusing {path}")
-        if not finished_runs(self.c, self.exp_id, node.key):  # published here, then the process died
+        if finished_run(self.c, self.exp_id, node.key) is None:  # published here, then the process died
             tags = node_tags(node, self.sweep, node.schedule or self.schedule_of(node.stage))
             rid = record_reused_node(self.c, self.exp_id, self.parent, {**tags, T.TAG_TRIAL: self.trial}, path,
                                      self.attempt)

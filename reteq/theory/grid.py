@@ -31,7 +31,7 @@ import numpy as np
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
 from reteq.errors import BadInput
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq.sweep.mlflow_store import ensure_experiment, reader, tracking_client
 from reteq.sweep.ray_session import init_ray
 from reteq.theory.beyond import retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
@@ -117,7 +117,7 @@ def log_instance(
         tk.TAG_ALGORITHM: "ga",
         tk.TAG_LR: tk.format_float(p["eta"]),
         tk.TAG_STATUS: tk.STATUS_DONE,
-        "mlflow.parentRunId": parent_run_id,
+        tk.TAG_MLFLOW_PARENT: parent_run_id,
     }
     name = tk.run_name(
         tk.KIND_THEORY,
@@ -141,9 +141,7 @@ def log_instance(
 
 def run_cell(cell: dict[str, Any], ctx: dict[str, Any]) -> dict[str, int]:
     """All seeds of one grid cell: evaluate, log each instance, return the counts (also used without Tune)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(ctx["tracking_uri"])
+    client = reader(ctx["tracking_uri"])
     counts = {"instances": 0, "bound_holds": 0, "nonvacuous": 0}
     for seed in range(ctx["first_seed"], ctx["first_seed"] + ctx["seeds"]):
         inst = make_instance(
