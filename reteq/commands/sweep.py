@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from reteq import environment
 from reteq import tracking as T
 from reteq.commands.report import write_sweep_report
 from reteq.config import SweepConfig, load_config
@@ -75,7 +76,7 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
     dead, so it is closed first; the local store is repaired and recorded before any trial uses it."""
     from reteq.commands.resources import writing
     from reteq.sweep import faults, lifecycle, record
-    from reteq.sweep.execute import check_resources, run_dag, worker_env
+    from reteq.sweep.execute import check_resources, run_dag
     from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
     from reteq.sweep.nodes import leaf_dependencies
     from reteq.sweep.ray_session import trial_runtime_env
@@ -135,13 +136,12 @@ def _sweep_locked(cfg: SweepConfig, plan, work: Path, report: bool) -> SweepOutc
               + (f", {len(plan.records) - len(records)} of {len(plan.records)} retrain records" if plan.records
                  else ""), flush=True)
         if todo or records:
-            if os.environ.get(faults.ENV):
-                os.environ.setdefault(faults.ENV_DRIVER, str(os.getpid()))
+            environment.mark_fault_driver()
             session.start()
             check_resources(cfg)
             base = {
                 "config": cfg.model_dump(mode="json"), "config_name": str(cfg.name), "digest": cfg.digest(),
-                "env": {**worker_env(), **faults.env()}, "attempt": attempt,
+                "env": environment.worker_env(), "attempt": attempt,
                 "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
                 "checkpoints": str(work / "checkpoints"),
                 "storage_path": cfg.execution.storage_path or str(work / "ray"),

@@ -10,7 +10,6 @@ rank of the group on that Ray node) while the other ranks wait.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 
+from reteq import environment
 from reteq import tracking as T
 from reteq.sweep.mlflow_store import finished_run, reader
 from reteq.train.checkpoint import CheckpointError, publish, verify_checkpoint
@@ -28,7 +28,7 @@ Fetch = Callable[[str, Path], "Path | None"]  # (node key, target folder) -> tar
 def local_store_root(default: str | Path) -> Path:
     """This machine's checkpoint store: $RETEQ_CHECKPOINT_STORE (set per node, e.g. a local NVMe folder) or the
     sweep's `work_dir/checkpoints`."""
-    return Path(os.environ.get("RETEQ_CHECKPOINT_STORE") or default)
+    return Path(environment.get(environment.CHECKPOINT_STORE) or default)
 
 
 def fetch_run_checkpoint(tracking_uri: str, run_id: str, key: str, target: Path) -> Path:

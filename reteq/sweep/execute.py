@@ -18,24 +18,11 @@ cores, more than a demo node's training (docs/benchmarks.md). Multi-worker and G
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from reteq import environment
 from reteq.config import SweepConfig
-
-
-def worker_env() -> dict[str, str]:
-    """Variables every task, trial and Train worker needs (applied in the process: no per-task runtime_env)."""
-    keep = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE",
-            "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI",
-            "PYTHONPATH", "RETEQ_PID_DIR", "RETEQ_FAULT_NODE",
-            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # busy small machines start workers slowly
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
-    return env
 
 
 @dataclass
@@ -130,10 +117,7 @@ def check_resources(cfg: SweepConfig) -> None:
     if not ex.use_gpu and total.get("CPU", 0) < need_cpu:
         raise RuntimeError(f"execution: a node or trial needs {need_cpu:g} CPUs ({ex.workers} workers x "
                            f"{ex.cpus_per_worker:g}), the cluster has {total.get('CPU', 0):g}")
-    if ex.use_gpu and total.get("GPU", 0) < ex.workers * ex.gpus_per_worker and not _autoscaling():
+    if ex.use_gpu and total.get("GPU", 0) < ex.workers * ex.gpus_per_worker and not environment.autoscaling():
         raise RuntimeError(f"execution: a trial needs {ex.workers * ex.gpus_per_worker:g} GPUs, the cluster has "
                            f"{total.get('GPU', 0):g} (and no autoscaler)")
 
-
-def _autoscaling() -> bool:
-    return bool(os.environ.get("RAY_ADDRESS")) or os.environ.get("RETEQ_AUTOSCALING") == "1"

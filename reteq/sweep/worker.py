@@ -4,7 +4,7 @@ A node task or a leaf trial receives `base` (the sweep's settings, one dict put 
 builds its state from it. Ray reuses worker processes (and Tune reuses trial actors), so the parsed config,
 plan and data are cached per process: the second task in a process pays nothing for them.
 
-Test hooks (environment variables, read in the task; for fault-injection tests only, never set them in a run):
+Test hooks (reteq.environment.PID_DIR, FAULT_NODE; read in the task; for fault-injection tests only):
   RETEQ_PID_DIR=DIR        each node task (or a node's rank-0 Train worker) writes DIR/<node key>.pid at start
   RETEQ_FAULT_NODE=ORDER   the node whose stage prefix is ORDER (e.g. "inst>U") raises, every attempt
 """
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reteq import environment
 from reteq import tracking as T
 
 _CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
-_APPLIED_ENV: dict[str, str] = {}  # the variables the last sweep's `base` set in this process
 
 
 class NodeFailed(RuntimeError):
@@ -38,7 +38,7 @@ class NodeFailed(RuntimeError):
 def plan_of(base: dict[str, Any]):
     """(cfg, plan) for this sweep, parsed once per process; imports neither torch nor MLflow (a Tune trial that
     only drives a task or a trainer stays a light process)."""
-    _apply_env(base["env"])
+    environment.apply_worker_env(base["env"])
     digest = base["digest"]
     if digest not in _CACHE:
         from reteq.config import parse_config
@@ -48,16 +48,6 @@ def plan_of(base: dict[str, Any]):
         _CACHE.clear()
         _CACHE[digest] = (cfg, build_plan(cfg), None)
     return _CACHE[digest][:2]
-
-
-def _apply_env(env: dict[str, str]) -> None:
-    """This sweep's variables, and none left over from an earlier sweep this (reused, warm) process ran: a
-    fault hook of one test must not fire in the next sweep."""
-    for k in _APPLIED_ENV.keys() - env.keys():
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    _APPLIED_ENV.clear()
-    _APPLIED_ENV.update(env)
 
 
 def state(base: dict[str, Any]):
@@ -168,9 +158,9 @@ def warm_up() -> None:
 
 def test_hooks(node) -> None:
     """The fault-injection hooks described in the module docstring."""
-    pid_dir = os.environ.get("RETEQ_PID_DIR")
+    pid_dir = environment.get(environment.PID_DIR)
     if pid_dir:
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(pid_dir) / f"{node.key}.pid").write_text(json.dumps({"pid": os.getpid()}))
-    if os.environ.get("RETEQ_FAULT_NODE") == T.order_tag(node.prefix):
+    if environment.get(environment.FAULT_NODE) == T.order_tag(node.prefix):
         raise RuntimeError(f"fault injected by RETEQ_FAULT_NODE into {T.order_tag(node.prefix)}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from reteq import environment
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
 from reteq.errors import BadInput
@@ -159,7 +159,7 @@ def _cell_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune function trainable: one cell, one report."""
     from ray import tune
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    environment.telemetry_off()
     tune.report(run_cell(config["cell"], ctx))
 
 
@@ -220,8 +220,7 @@ def run_theory_grid(
     storage_path: str | None = None,
 ) -> dict[str, Any]:
     """Run the grid as one Ray Tune experiment (one trial per cell) logging to MLflow; return the counts."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    environment.telemetry_off()
     import ray
 
     started = time.time()
