@@ -45,6 +45,13 @@ class Hooks:
     def retrain_started(self, rec: RetrainRecord, node_run_id: str, checkpoint: Path) -> None: ...
     def retrain_done(self, rec: RetrainRecord, metrics: dict[str, float]) -> None: ...
 
+    def run_id(self, key: str) -> str:
+        """The id of the run these hooks recorded `key` in ("" when they record nowhere)."""
+        return ""
+
+    def fail_open_runs(self, error: str) -> None:
+        """The work failed with `error`: end every run these hooks left open, saying why."""
+
 
 @dataclass
 class CheckpointStore:

@@ -56,7 +56,7 @@ def _train_here(base: dict[str, Any], key: str, parent: dict | None, r=None, res
         if r.rank == 0:
             hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
         raise
-    return {"key": key, "path": str(path), "run_id": getattr(hooks, "run_ids", {}).get(key, ""),
+    return {"key": key, "path": str(path), "run_id": hooks.run_id(key),
             "started": started, "published": time.time()}
 
 

@@ -270,6 +270,9 @@ class MlflowHooks(Hooks):
                 self.c.log_artifact(self.run_ids[leaf.key], str(path), artifact_path=T.ARTIFACT_PREDICTIONS)
         self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
 
+    def run_id(self, key: str) -> str:
+        return self.run_ids.get(key, "")
+
     def fail_open_runs(self, error: str) -> None:
         for monitor in self._monitors.values():
             monitor.finish()

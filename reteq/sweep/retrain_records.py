@@ -37,7 +37,7 @@ def record_task(base: dict[str, Any], key: str, node: dict) -> dict[str, Any]:
         hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
         raise NodeFailed(key, f"retrain record {key[:8]} ({rec.model} {T.order_tag(rec.order)}) failed: "
                               f"{type(e).__name__}: {e}") from e
-    return {"key": key, "run_id": hooks.run_ids.get(key, "")}
+    return {"key": key, "run_id": hooks.run_id(key)}
 
 
 def _context(cfg, model: str):
