@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line if config and line.startswith(f"{config}: ") else f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # a full or read-only disk is one line too (exit 1); anything else keeps its traceback
-        from reteq.commands.resources import describe
+        from reteq.resources import describe
 
         line = str(e) if getattr(e, "resource_error", False) else describe(e)
         if line is None:

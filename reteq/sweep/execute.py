@@ -23,6 +23,7 @@ from typing import Any
 
 from reteq import environment
 from reteq.config import SweepConfig
+from reteq.sweep.settings import SweepRun
 
 
 @dataclass
@@ -39,7 +40,7 @@ class DagOutcome:
         return not (self.failed_nodes or self.skipped_leaves or self.failed_leaves or self.failed_records)
 
 
-def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes: dict[str, dict],
+def run_dag(cfg: SweepConfig, plan, todo: list, settings: SweepRun, done_nodes: dict[str, dict],
             records: list[str] = (), launcher=None) -> DagOutcome:
     """Submit the missing nodes, run the leaves in `todo` as Tune trials and the missing retrain `records` as
     tasks (reteq.sweep.retrain_records), return what happened. Nodes and records are submitted by `launcher`
@@ -51,15 +52,15 @@ def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes
     from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
 
     keys = list(dict.fromkeys(needed_nodes(plan, todo) + record_nodes(plan, list(records))))  # parents first
-    base_ref = ray.put(base)
+    settings_ref = ray.put(settings)
     if launcher is not None:
-        refs, record_refs = ray.get(launcher.submit.remote(base, keys, [base_ref], done_nodes, list(records)))
+        refs, record_refs = ray.get(launcher.submit.remote(settings, keys, [settings_ref], done_nodes, list(records)))
     else:
-        refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes, base)
-        record_refs = submit_records(cfg, plan, list(records), base_ref, refs, base)
+        refs = submit_nodes(cfg, plan, keys, settings_ref, done_nodes, settings)
+        record_refs = submit_records(cfg, plan, list(records), settings_ref, refs, settings)
     watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
     searcher = DagSearcher(todo, watch)
-    grid = _tune_leaves(cfg, todo, base, refs, watch, searcher) if todo else []
+    grid = _tune_leaves(cfg, todo, settings, refs, watch, searcher) if todo else []
     ray.wait(list(refs.values()), num_returns=len(refs))  # every node a leaf needed resolved before it ran
     failed_records = wait_records(record_refs)
     watch.poll(force=True)
@@ -70,7 +71,7 @@ def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes
                                       watch.failed})
 
 
-def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[str, Any], watch, searcher):
+def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[str, Any], watch, searcher):
     """The leaves as Tune trials (handed out by `searcher` once their nodes are published); Tune's ResultGrid."""
     from ray import tune
 
@@ -78,7 +79,7 @@ def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[
     from reteq.sweep.leaves import leaf_trial
     from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
 
-    trainable = tune.with_resources(tune.with_parameters(leaf_trial, base=base, parents=refs),
+    trainable = tune.with_resources(tune.with_parameters(leaf_trial, settings=settings, parents=refs),
                                     {"cpu": TRIAL_DRIVER_CPUS})
     ex = cfg.execution
     space = {k: tune.choice(vals) for k, vals in _axis_values(todo).items()}  # names the axes for Tune's table
@@ -87,7 +88,7 @@ def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),
                                     max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=base["storage_path"], verbose=1,
+        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=settings.storage_path, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=ex.max_failures),
                                   callbacks=[ConsoleLines(watch, len(todo))]),
     )

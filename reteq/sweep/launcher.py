@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reteq.sweep.ray_session import LAUNCHER_CPUS, task_lanes, trial_runtime_env
+from reteq.sweep.settings import SweepRun
 
 
 class Launcher:
@@ -26,16 +27,16 @@ class Launcher:
         self._warming = [task.remote() for _ in range(lanes)]
         return lanes
 
-    def submit(self, base: dict, keys: list[str], base_ref: list, done: dict, records: list[str]) -> tuple:
+    def submit(self, settings: SweepRun, keys: list[str], settings_ref: list, done: dict, records: list[str]) -> tuple:
         """nodes.submit_nodes and retrain_records.submit_records, here -> (node refs, record refs).
-        `base_ref` comes in a list: the tasks get the ref, not its value."""
+        `settings_ref` comes in a list: the tasks get the ref, not its value."""
         from reteq.sweep import worker
         from reteq.sweep.nodes import submit_nodes
         from reteq.sweep.retrain_records import submit_records
 
-        cfg, plan = worker.plan_of(base)
-        refs = submit_nodes(cfg, plan, keys, base_ref[0], done, base)
-        return refs, submit_records(cfg, plan, records, base_ref[0], refs, base)
+        cfg, plan = worker.plan_of(settings)
+        refs = submit_nodes(cfg, plan, keys, settings_ref[0], done, settings)
+        return refs, submit_records(cfg, plan, records, settings_ref[0], refs, settings)
 
 
 def start_launcher():

@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from reteq import tracking as T
+from reteq.sweep.settings import SweepRun
 from reteq.sweep.worker import NodeFailed
 
 AXES = ("model", "order", "algorithm", "lr", "beta", "seed", "schedule")
@@ -55,18 +56,18 @@ def tune_metrics(step: int, metrics: dict[str, float], started: float) -> dict[s
     return out
 
 
-def _unlearn_here(base: dict[str, Any], config: dict[str, Any], parents: dict[str, dict], report, started: float,
+def _unlearn_here(settings: SweepRun, config: dict[str, Any], parents: dict[str, dict], report, started: float,
                   r=None) -> dict[str, float]:
     from reteq.pipeline import Hooks, RunContext, unlearn_leaf
     from reteq.sweep import worker
 
     r = r or worker.Rank()
-    cfg, plan, data = worker.state(base)
+    cfg, plan, data = worker.state(settings)
     leaf = leaf_of(plan, config)
-    hooks = worker.mlflow_hooks(base, cfg, leaf.key) if r.rank == 0 else Hooks()
+    hooks = worker.mlflow_hooks(settings, cfg, leaf.key) if r.rank == 0 else Hooks()
     try:
         ctx = worker.worker_context(cfg, leaf.model, r)
-        run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
+        run = RunContext(cfg, plan, ctx, worker.store(settings), data, hooks)
         parent = run.store.ensure_local(leaf.parent, ctx)
         retrain = run.store.ensure_local(leaf.retrain, ctx) if leaf.retrain else None
         result = unlearn_leaf(run, leaf, parent, retrain, report=lambda s, m: report(tune_metrics(s, m, started)))
@@ -85,12 +86,12 @@ def leaf_worker_loop(config: dict[str, Any]) -> None:
     from reteq.sweep import worker
 
     c = ray.train.get_context()
-    r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(config["base"]),
+    r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(config["settings"]),
                     c.get_local_rank())
-    _unlearn_here(config["base"], config["axes"], config["parents"], ray.train.report, config["started"], r)
+    _unlearn_here(config["settings"], config["axes"], config["parents"], ray.train.report, config["started"], r)
 
 
-def leaf_trial(config: dict[str, Any], base: dict[str, Any] | None = None, parents: dict | None = None) -> None:
+def leaf_trial(config: dict[str, Any], settings: SweepRun | None = None, parents: dict | None = None) -> None:
     """The Tune trainable: a light process (no torch, no MLflow) that drives the leaf's work and forwards its
     eval metrics to Tune. `parents`: node key -> object ref of its published checkpoint."""
     from ray import tune
@@ -99,27 +100,27 @@ def leaf_trial(config: dict[str, Any], base: dict[str, Any] | None = None, paren
     from reteq.sweep.nodes import leaf_dependencies
 
     started = time.time()  # reported with every result: tests check it against the parents' publish times
-    cfg, plan = worker.plan_of(base)
+    cfg, plan = worker.plan_of(settings)
     leaf = leaf_of(plan, config)
     try:
         published = {k: ray.get(parents[k]) for k in leaf_dependencies(leaf)}
     except Exception as e:  # the searcher never suggests such a leaf; a resumed trial might meet one
         raise NodeFailed(leaf.parent, f"leaf {leaf.key[:8]}: a node it needs failed: {e}") from None
-    if not base["in_process"]:
-        _unlearn_with_trainer(base, config, published, cfg, leaf, started)
+    if not settings.in_process:
+        _unlearn_with_trainer(settings, config, published, cfg, leaf, started)
         return
     # one CPU worker: the leaf runs as a task in Ray's pool of task workers, the same warm processes (torch,
     # transformers, MLflow imported; data, tokenizer cached) that trained the nodes; a Tune trial actor is a
     # fresh process that would pay all of that again. Tune retries the trial (max_failures) if the task dies.
     # "DEFAULT": outside the trial's placement group (one 0.05-CPU bundle), in the cluster's task pool
-    task = leaf_task.options(num_cpus=base["task_cpus"], max_retries=0, scheduling_strategy="DEFAULT",
-                             runtime_env=base["runtime_env"], name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
-    for ref in task.remote(base, dict(config), published, started):
+    task = leaf_task.options(num_cpus=settings.task_cpus, max_retries=0, scheduling_strategy="DEFAULT",
+                             runtime_env=settings.runtime_env, name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
+    for ref in task.remote(settings, dict(config), published, started):
         tune.report(ray.get(ref))
 
 
 @ray.remote
-def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str, dict], started: float):
+def leaf_task(settings: SweepRun, config: dict[str, Any], published: dict[str, dict], started: float):
     """Unlearn one leaf in this task worker, yielding Tune's metrics at every eval step as they come (training
     runs in a thread and never waits on Tune)."""
     results: queue.Queue = queue.Queue()
@@ -127,7 +128,7 @@ def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str,
 
     def work() -> None:
         try:
-            _unlearn_here(base, config, published, results.put, started)
+            _unlearn_here(settings, config, published, results.put, started)
         except BaseException as e:  # noqa: BLE001  (re-raised in the task below)
             error.append(e)
         finally:
@@ -142,7 +143,7 @@ def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str,
         raise error[0]
 
 
-def _unlearn_with_trainer(base, config, published, cfg, leaf, started: float) -> None:
+def _unlearn_with_trainer(settings, config, published, cfg, leaf, started: float) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -151,13 +152,13 @@ def _unlearn_with_trainer(base, config, published, cfg, leaf, started: float) ->
     resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
     trainer = TorchTrainer(
         leaf_worker_loop,
-        train_loop_config={"base": base, "axes": dict(config), "parents": published, "started": started},
+        train_loop_config={"settings": settings, "axes": dict(config), "parents": published, "started": started},
         scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
                                      placement_strategy=ex.placement),
-        run_config=RunConfig(name=f"leaf-{leaf.key[:12]}", storage_path=base["storage_path"],
+        run_config=RunConfig(name=f"leaf-{leaf.key[:12]}", storage_path=settings.storage_path,
                              callbacks=[TuneReportCallback()],
                              failure_config=FailureConfig(max_failures=ex.max_failures),
-                             worker_runtime_env={"env_vars": base["env"]}),
+                             worker_runtime_env={"env_vars": settings.env}),
     )
     trainer.fit()
 

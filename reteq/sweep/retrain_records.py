@@ -16,21 +16,22 @@ from typing import Any
 import ray
 
 from reteq import tracking as T
+from reteq.sweep.settings import SweepRun
 from reteq.sweep.worker import NodeFailed
 
 
 @ray.remote
-def record_task(base: dict[str, Any], key: str, node: dict) -> dict[str, Any]:
+def record_task(settings: SweepRun, key: str, node: dict) -> dict[str, Any]:
     """Evaluate theta_r (`node`: its published checkpoint {key, path, run_id}) and log its retrain record."""
     from reteq.pipeline import RunContext, record_retrain
     from reteq.sweep import worker
 
-    cfg, plan, data = worker.state(base)
+    cfg, plan, data = worker.state(settings)
     rec = plan.records[key]
-    hooks = worker.mlflow_hooks(base, cfg, key)
+    hooks = worker.mlflow_hooks(settings, cfg, key)
     try:
         ctx = _context(cfg, rec.model)
-        run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
+        run = RunContext(cfg, plan, ctx, worker.store(settings), data, hooks)
         path = run.store.ensure_local(rec.node, ctx)
         record_retrain(run, rec, path, node.get("run_id", ""))
     except Exception as e:
@@ -59,18 +60,18 @@ def record_nodes(plan, records: list[str]) -> list[str]:
     return list(dict.fromkeys(n.key for k in records for n in plan.chain(plan.records[k].node)))
 
 
-def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any], base: dict
+def submit_records(cfg, plan, records: list[str], settings_ref, node_refs: dict[str, Any], settings: SweepRun
                    ) -> dict[str, Any]:
-    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves. `base` is the
+    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves. `settings` is the
     driver's: its runtime env (ray_session.trial_runtime_env) and a task's CPU request (ray_session.task_cpus)."""
     ex = cfg.execution
-    opts: dict[str, Any] = {"num_cpus": base["task_cpus"], "max_retries": ex.max_failures,
-                            "retry_exceptions": False, "runtime_env": base["runtime_env"],
+    opts: dict[str, Any] = {"num_cpus": settings.task_cpus, "max_retries": ex.max_failures,
+                            "retry_exceptions": False, "runtime_env": settings.runtime_env,
                             "scheduling_strategy": "DEFAULT"}  # the warm workers of nodes and leaves (Launcher)
     if ex.use_gpu:
         opts["num_gpus"] = ex.gpus_per_worker
     return {k: record_task.options(name=f"retrain-{T.order_tag(plan.records[k].order)}", **opts)
-            .remote(base_ref, k, node_refs[plan.records[k].node]) for k in records}
+            .remote(settings_ref, k, node_refs[plan.records[k].node]) for k in records}
 
 
 def wait_records(refs: dict[str, Any]) -> dict[str, str]:

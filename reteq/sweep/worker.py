@@ -1,6 +1,6 @@
 """What every Ray process of a sweep shares: the parsed config, the worker context, the parent checkpoint.
 
-A node task or a leaf trial receives `base` (the sweep's settings, one dict put in the object store once) and
+A node task or a leaf trial receives `settings` (a SweepRun: the sweep's settings, put in the object store once) and
 builds its state from it. Ray reuses worker processes (and Tune reuses trial actors), so the parsed config,
 plan and data are cached per process: the second task in a process pays nothing for them.
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from reteq import environment
 from reteq import tracking as T
+from reteq.sweep.settings import SweepRun
 
 _CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
 
@@ -35,25 +36,25 @@ class NodeFailed(RuntimeError):
         return self.message
 
 
-def plan_of(base: dict[str, Any]):
+def plan_of(settings: SweepRun):
     """(cfg, plan) for this sweep, parsed once per process; imports neither torch nor MLflow (a Tune trial that
     only drives a task or a trainer stays a light process)."""
-    environment.apply_worker_env(base["env"])
-    digest = base["digest"]
+    environment.apply_worker_env(settings.env)
+    digest = settings.digest
     if digest not in _CACHE:
         from reteq.config import parse_config
         from reteq.plan import build_plan
 
-        cfg = parse_config(base["config"], source=base["config_name"])
+        cfg = parse_config(settings.config, source=settings.config_name)
         _CACHE.clear()
         _CACHE[digest] = (cfg, build_plan(cfg), None)
     return _CACHE[digest][:2]
 
 
-def state(base: dict[str, Any]):
+def state(settings: SweepRun):
     """(cfg, plan, data) for this sweep, built once per process."""
-    cfg, plan = plan_of(base)
-    digest = base["digest"]
+    cfg, plan = plan_of(settings)
+    digest = settings.digest
     if _CACHE[digest][2] is None:
         from reteq.pipeline import DataCache
 
@@ -61,10 +62,10 @@ def state(base: dict[str, Any]):
     return _CACHE[digest]
 
 
-def deepspeed_config(base: dict[str, Any]) -> dict[str, Any] | None:
+def deepspeed_config(settings: SweepRun) -> dict[str, Any] | None:
     from reteq.train.engine import load_deepspeed_config
 
-    return load_deepspeed_config(base["deepspeed"]) if base["deepspeed"] else None
+    return load_deepspeed_config(settings.deepspeed) if settings.deepspeed else None
 
 
 def in_process(cfg, ds: dict[str, Any] | None) -> bool:
@@ -123,29 +124,29 @@ def machine_local_rank(rank: int, device) -> int:
     return nodes[:rank].count(node)
 
 
-def mlflow_hooks(base: dict[str, Any], cfg, key: str):
+def mlflow_hooks(settings: SweepRun, cfg, key: str):
     """MLflow hooks for the node or leaf `key`; runs an earlier try of it left RUNNING (its process died and
     Ray or Tune retried it) are closed KILLED first, so one FINISHED run per key remains."""
     from reteq.sweep.lifecycle import close_trial_runs
     from reteq.sweep.record import MlflowHooks
 
-    hooks = MlflowHooks(base["tracking_uri"], base["experiment_id"], base["parent_run_id"], cfg.name,
+    hooks = MlflowHooks(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, cfg.name,
                         lambda stage: cfg.stage(stage).schedule, echo=lambda m: print(m, flush=True),
-                        attempt=base.get("attempt", ""), trial=key)
-    if base.get("attempt"):
-        close_trial_runs(hooks.c, base["experiment_id"], base["attempt"], key, T.STATUS_KILLED,
+                        attempt=settings.attempt, trial=key)
+    if settings.attempt:
+        close_trial_runs(hooks.c, settings.experiment_id, settings.attempt, key, T.STATUS_KILLED,
                          "its process died; Ray retried it")
     return hooks
 
 
-def store(base: dict[str, Any]):
+def store(settings: SweepRun):
     """This machine's checkpoint store; a node published on another machine is fetched from MLflow
     (reteq.sweep.delivery) by `ensure_local`, which every rank calls before loading it."""
     from reteq.pipeline import CheckpointStore
     from reteq.sweep.delivery import local_store_root, mlflow_fetcher
 
-    return CheckpointStore(local_store_root(base["checkpoints"]),
-                           fetch=mlflow_fetcher(base["tracking_uri"], base["experiment_id"]))
+    return CheckpointStore(local_store_root(settings.checkpoints),
+                           fetch=mlflow_fetcher(settings.tracking_uri, settings.experiment_id))
 
 
 def warm_up() -> None:
