@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from reteq import tracking as T
+from reteq.errors import BadInput
 from reteq.sweep.mlflow_store import iter_runs, reader
 
 RUN_COLUMNS = ("model", "order", "p", "algorithm", "lr", "beta", "scheduler", "seed")
@@ -54,8 +55,15 @@ _TAG_COLUMNS = {
 _PARENT_TAG = T.TAG_MLFLOW_PARENT
 
 
+class UnknownExperiment(BadInput, ValueError):
+    """`--experiment` names no experiment of the store (a typo): one line naming those that exist, exit 2."""
+
+
 def experiment_id(tracking_uri: str, experiment: str) -> str:
     """Resolve an experiment given by name (or, failing that, by id); a clear error when it does not exist."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        raise UnknownExperiment(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')} (nothing was "
+                                f"recorded there): no experiment {experiment!r}")  # and none made by asking
     client = reader(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None and str(experiment).isdigit():
@@ -64,7 +72,9 @@ def experiment_id(tracking_uri: str, experiment: str) -> str:
         except Exception:  # noqa: BLE001 - MLflow raises its own error type for unknown ids
             found = None
     if found is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
+        names = sorted(e.name for e in client.search_experiments())
+        raise UnknownExperiment(f"no MLflow experiment named {experiment!r} in {tracking_uri}; "
+                                f"{'it has: ' + ', '.join(names) if names else 'it has none'}")
     return found.experiment_id
 
 
