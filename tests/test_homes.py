@@ -54,3 +54,4 @@ def test_the_grep_finds_a_stray(tmp_path):
     assert [s.split(":")[1] for s in strays(pattern, home, tmp_path)] == ["2", "3"]
     pattern, home = HOMES["RETEQ_* variable reads"]
     assert [s.split(":")[1] for s in strays(pattern, home, tmp_path)] == ["5"]
+

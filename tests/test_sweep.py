@@ -41,7 +41,7 @@ def _finished_per_node(runs) -> dict[str, int]:
     return counts
 
 
-SYSTEM_METRICS_S = 0.25  # MLflow's system-metrics sampling interval in this test (the sweep's own is 2 s)
+SYSTEM_METRICS_S = 0.05  # MLflow's system-metrics sampling interval in this test (the sweep's own is 2 s)
 
 
 def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys, monkeypatch):
@@ -76,11 +76,12 @@ def test_sweep_runs_the_dag_and_resumes(ray_cluster, tmp_path, capsys, monkeypat
     assert {r.data.params[T.P_NORMALISATION] for r in unlearn} == {"token", "sequence"}  # GA, NPO
     assert len({r.data.params[T.P_FORGET_SAMPLE] for r in unlearn}) == 1  # every leaf scores the same sample
     assert len({r.data.params[T.P_KNOWLEDGE_SAMPLE] for r in unlearn}) == 1
-    # MLflow samples system metrics every SYSTEM_METRICS_S (set below, for the workers too): a run longer than two
-    # samples has them; at least one run is that long on any machine, so the check never passes by checking nothing
-    sampled = [r for r in by_kind[T.KIND_FINETUNE] + unlearn
-               if r.info.end_time - r.info.start_time > 2000 * SYSTEM_METRICS_S]
-    assert sampled, "no run lasted two system-metrics samples: the check below would check nothing"
+    # MLflow samples system metrics every SYSTEM_METRICS_S (set at the top of this test, for the workers too) from
+    # just after a run starts until just before its last writes, and drops a sample its run's end cuts short: the
+    # longest run (there is one on any machine, so the check never checks nothing) and every run of a second or
+    # more have them (a 0.56 s node run on a busy 2-core machine had none at 0.1 s)
+    by_length = sorted(by_kind[T.KIND_FINETUNE] + unlearn, key=lambda r: r.info.end_time - r.info.start_time)
+    sampled = [by_length[-1]] + [r for r in by_length[:-1] if r.info.end_time - r.info.start_time > 1000]
     for r in sampled:
         assert any(k.startswith("system/") for k in r.data.metrics), f"no system metrics in {r.info.run_name}"
     for r in by_kind[T.KIND_FINETUNE]:  # checkpoints logged as artifacts whose manifests verify

@@ -21,7 +21,7 @@ import ray
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import SweepConfig
-from reteq.resources import describe, writing
+from reteq.resources import ResourceError, describe, full_disk, one_line, writing
 from reteq.sweep import lifecycle, record
 from reteq.sweep.execute import DagOutcome, check_resources, run_dag
 from reteq.sweep.launcher import start_launcher, stop_launcher
@@ -119,13 +119,17 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
             print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
     except BaseException as e:
         session.stop()
-        reason = f"the sweep driver failed: {type(e).__name__}: {e}"
+        full = full_disk(work) if isinstance(e, Exception) and describe(e) is None else None
+        reason = f"the sweep driver failed: {full or one_line(e)}"
         try:  # best effort: on a full or read-only disk the record may not take these writes either
             lifecycle.close_attempt_runs(c, exp_id, attempt, reason)
             lifecycle.record_failed_children(c, exp_id, parent, attempt)
             lifecycle.finish_run(c, parent, T.STATUS_FAILED, reason)
         except Exception as close_error:  # noqa: BLE001
-            print(f"could not close this attempt's runs: {type(close_error).__name__}", file=sys.stderr)
+            if full is None:
+                print(f"could not close this attempt's runs: {type(close_error).__name__}", file=sys.stderr)
+        if full is not None:  # what broke is the disk, whatever a library made of it (Tune: a JSON-decode error)
+            raise ResourceError(full) from e
         raise
     session.stop()
     with writing("the MLflow store", store):
