@@ -21,8 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+from ray import tune
+
 from reteq import environment
 from reteq.config import SweepConfig
+from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
+from reteq.sweep.leaves import AXES, axes, leaf_trial
+from reteq.sweep.nodes import needed_nodes, submit_nodes
+from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
+from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
 from reteq.sweep.settings import SweepRun
 
 
@@ -45,12 +53,6 @@ def run_dag(cfg: SweepConfig, plan, todo: list, settings: SweepRun, done_nodes: 
     """Submit the missing nodes, run the leaves in `todo` as Tune trials and the missing retrain `records` as
     tasks (reteq.sweep.retrain_records), return what happened. Nodes and records are submitted by `launcher`
     (a launcher.Launcher) when given, so that they share warm workers with the leaves."""
-    import ray
-
-    from reteq.sweep.dag import DagSearcher, NodeWatch
-    from reteq.sweep.nodes import needed_nodes, submit_nodes
-    from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
-
     keys = list(dict.fromkeys(needed_nodes(plan, todo) + record_nodes(plan, list(records))))  # parents first
     settings_ref = ray.put(settings)
     if launcher is not None:
@@ -73,12 +75,6 @@ def run_dag(cfg: SweepConfig, plan, todo: list, settings: SweepRun, done_nodes: 
 
 def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[str, Any], watch, searcher):
     """The leaves as Tune trials (handed out by `searcher` once their nodes are published); Tune's ResultGrid."""
-    from ray import tune
-
-    from reteq.sweep.dag import ConsoleLines
-    from reteq.sweep.leaves import leaf_trial
-    from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
-
     trainable = tune.with_resources(tune.with_parameters(leaf_trial, settings=settings, parents=refs),
                                     {"cpu": TRIAL_DRIVER_CPUS})
     ex = cfg.execution
@@ -96,8 +92,6 @@ def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[st
 
 
 def _axis_values(leaves: list) -> dict[str, list]:
-    from reteq.sweep.leaves import AXES, axes
-
     out: dict[str, list] = {k: [] for k in AXES}
     for leaf in leaves:
         for k, v in axes(leaf).items():
@@ -108,10 +102,6 @@ def _axis_values(leaves: list) -> dict[str, list]:
 
 def check_resources(cfg: SweepConfig) -> None:
     """Fail fast when a node or trial can never be scheduled (Ray would leave it PENDING forever)."""
-    import ray
-
-    from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
-
     total = ray.cluster_resources()
     ex = cfg.execution
     need_cpu = ex.workers * ex.cpus_per_worker + (0 if ex.workers == 1 and not ex.use_gpu else TRIAL_DRIVER_CPUS)

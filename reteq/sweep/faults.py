@@ -21,6 +21,8 @@ from pathlib import Path
 
 from reteq import environment
 
+# ray.train is imported inside a function: only a Ray Train worker has anything to wait for.
+
 ENV, ENV_MARK, ENV_DRIVER = environment.FAULT, environment.FAULT_MARK, environment.DRIVER_PID
 
 _seen: dict[str, int] = {}

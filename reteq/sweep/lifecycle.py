@@ -18,6 +18,9 @@ from pathlib import Path
 from reteq import tracking as T
 from reteq.sweep.mlflow_store import COUNTED, finished_run, finished_runs
 from reteq.sweep.mlflow_store import search_runs as search
+from reteq.train.checkpoint import checkpoint_manifest
+
+# mlflow.entities is imported inside functions: worker.py imports this module in light Tune trials.
 
 _MLFLOW_STATUS = {T.STATUS_DONE: T.RUN_FINISHED, T.STATUS_COLLAPSED: T.RUN_FINISHED, T.STATUS_KILLED: T.RUN_KILLED}
 
@@ -96,8 +99,6 @@ def record_reused_node(c, exp_id: str, parent_run_id: str, tags: dict[str, str],
     """Give a checkpoint found complete in the store the record it lacks (params, tags, artifact); returns the
     FINISHED run of its key (the existing one when there already is one)."""
     from mlflow.entities import Param
-
-    from reteq.train.checkpoint import checkpoint_manifest
 
     key = tags[T.TAG_PLAN_KEY]
     found = finished_run(c, exp_id, key)

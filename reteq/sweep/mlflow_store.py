@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 from reteq import tracking as T
 from reteq.workdir import cache_root
+
+# mlflow is imported inside functions: `reteq plan` and the light Tune trials import this module without it.
 
 PAGE = 1000  # runs per search_runs page
 SQLITE = "sqlite:///"
@@ -72,8 +75,6 @@ def _new_sqlite_store(db: Path) -> None:
 
 
 def _build_template(path: Path) -> None:
-    import sqlite3
-
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(f"{SQLITE}{path}", path.parent.as_uri())._dispose_engine()  # migrates, adds experiment 0

@@ -8,6 +8,8 @@ import os
 
 from reteq import environment
 
+# ray is imported inside functions: commands that never start Ray (theory report, plan) import this module.
+
 
 def init_ray(keep_workers: int = 0) -> bool:
     """Connect to RAY_ADDRESS (a cluster, or the job's own under `ray job submit`) when set; otherwise start a

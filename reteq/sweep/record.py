@@ -8,9 +8,13 @@ checkpoint artifact; a rerun of the same sweep looks those up by their plan key 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param
 
 from reteq import tracking as T
 from reteq.pipeline import Hooks
@@ -18,6 +22,8 @@ from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.sweep.faults import fault
 from reteq.sweep.lifecycle import finish_run, record_reused_node
 from reteq.sweep.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
+
+# The system-metrics monitor is imported inside a function: optional (psutil), and failure is reported there.
 
 
 def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
@@ -50,11 +56,6 @@ def sweep_params(cfg) -> dict[str, str]:
 
 def log_sweep_config(c, run_id: str, cfg) -> None:
     """The parent run carries the resolved config (an artifact) and its key params."""
-    import tempfile
-
-    import yaml
-    from mlflow.entities import Param
-
     c.log_batch(run_id, params=[Param(k, v) for k, v in sweep_params(cfg).items()])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / T.CONFIG_FILE
@@ -65,8 +66,6 @@ def log_sweep_config(c, run_id: str, cfg) -> None:
 def log_phases(c, run_id: str, phases: dict[str, float]) -> None:
     """Where the driver's time went (MLflow setup, Ray start, the DAG, ...): one metric per phase, seconds from
     the attempt's start, so the MLflow UI compares attempts and sweeps."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(T.M_SWEEP_PHASE.format(k), v, now, 0) for k, v in phases.items()])
 
@@ -167,8 +166,6 @@ class MlflowHooks(Hooks):
             self.echo(f"system metrics unavailable: {type(e).__name__}: {e}")
 
     def _metrics(self, key: str, values: dict[str, float], step: int, flush: bool = False) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         rows = self._buffer.setdefault(key, [])
         rows.extend(Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v))
@@ -178,8 +175,6 @@ class MlflowHooks(Hooks):
             rows.clear()
 
     def _params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         # a value that does not apply (GA's beta) is left out, never logged as the string "None"
         self.c.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if v is not None])
 
@@ -262,8 +257,6 @@ class MlflowHooks(Hooks):
     def leaf_done(self, leaf: UnlearnLeaf, result) -> None:
         vectors = getattr(result, "vectors", None)
         if vectors is not None and vectors.height:
-            import tempfile
-
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / T.PREDICTIONS_FILE
                 vectors.write_parquet(path)

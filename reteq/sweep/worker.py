@@ -13,13 +13,24 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from reteq import environment
 from reteq import tracking as T
+from reteq.config import parse_config
+from reteq.plan import build_plan
+from reteq.sweep.lifecycle import close_trial_runs
 from reteq.sweep.settings import SweepRun
+
+# Imports inside functions below are the heavy ones (torch through reteq.pipeline / reteq.train, MLflow through
+# record and delivery, Ray Train): a Tune trial imports this module and must stay a light process.
 
 _CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
 
@@ -42,9 +53,6 @@ def plan_of(settings: SweepRun):
     environment.apply_worker_env(settings.env)
     digest = settings.digest
     if digest not in _CACHE:
-        from reteq.config import parse_config
-        from reteq.plan import build_plan
-
         cfg = parse_config(settings.config, source=settings.config_name)
         _CACHE.clear()
         _CACHE[digest] = (cfg, build_plan(cfg), None)
@@ -115,8 +123,6 @@ def machine_local_rank(rank: int, device) -> int:
     Ray Train's own local rank groups workers by node IP, and two Ray nodes can share one (several nodes on one
     host, as in tests/test_two_nodes.py): the group would then have one local rank 0 for two stores, and the
     other node's ranks would load a checkpoint nobody fetched for them. The Ray node id is exact."""
-    import ray
-
     from reteq.train import collectives
 
     node = ray.get_runtime_context().get_node_id()
@@ -127,7 +133,6 @@ def machine_local_rank(rank: int, device) -> int:
 def mlflow_hooks(settings: SweepRun, cfg, key: str):
     """MLflow hooks for the node or leaf `key`; runs an earlier try of it left RUNNING (its process died and
     Ray or Tune retried it) are closed KILLED first, so one FINISHED run per key remains."""
-    from reteq.sweep.lifecycle import close_trial_runs
     from reteq.sweep.record import MlflowHooks
 
     hooks = MlflowHooks(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, cfg.name,
@@ -165,3 +170,41 @@ def test_hooks(node) -> None:
         (Path(pid_dir) / f"{node.key}.pid").write_text(json.dumps({"pid": os.getpid()}))
     if environment.get(environment.FAULT_NODE) == T.order_tag(node.prefix):
         raise RuntimeError(f"fault injected by RETEQ_FAULT_NODE into {T.order_tag(node.prefix)}")
+
+
+def worker_group(settings: SweepRun, cfg, loop, loop_config: dict[str, Any], name: str, **run_config):
+    """A TorchTrainer of `execution.workers` ranks, each running `loop(loop_config)` (a node's or a leaf's
+    rank function), with Train's FailureConfig(execution.max_failures) and this sweep's worker env.
+    `run_config`: what one kind adds (a node's checkpoint config, a leaf's Tune callback)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ex = cfg.execution
+    resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=ex.placement),
+        run_config=RunConfig(name=name, storage_path=settings.storage_path,
+                             failure_config=FailureConfig(max_failures=ex.max_failures),
+                             worker_runtime_env={"env_vars": settings.env}, **run_config),
+    )
+
+
+@contextmanager
+def rank_run(settings: SweepRun, key: str, model: str, r: Rank, context=None) -> Iterator:
+    """The RunContext one rank works in for node, leaf or record `key`: MLflow hooks on rank 0 (no-op hooks on
+    the others), this machine's store, the cached data. Whatever the work raises, rank 0 first closes the runs
+    it opened FAILED with the error. `context`: a WorkerContext to use instead of `worker_context`."""
+    from reteq.pipeline import Hooks, RunContext
+
+    cfg, plan, data = state(settings)
+    hooks = mlflow_hooks(settings, cfg, key) if r.rank == 0 else Hooks()
+    try:
+        ctx = context or worker_context(cfg, model, r)
+        yield RunContext(cfg, plan, ctx, store(settings), data, hooks)
+    except BaseException as e:
+        if r.rank == 0:
+            hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
+        raise
