@@ -10,6 +10,10 @@ import sys
 
 from reteq import environment
 from reteq.errors import BadInput
+from reteq.resources import describe
+
+# Each verb's module is imported inside its cmd_* function: importing them all here would load torch, Ray and
+# MLflow for `reteq --help` or `reteq validate` (seconds on 2 cores).
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -151,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             print(line if config and line.startswith(f"{config}: ") else f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # a full or read-only disk is one line too (exit 1); anything else keeps its traceback
-        from reteq.resources import describe
 
         line = str(e) if getattr(e, "resource_error", False) else describe(e)
         if line is None:

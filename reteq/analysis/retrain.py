@@ -19,6 +19,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import mlflow
 import polars as pl
 
 from reteq import tracking as T
@@ -36,8 +37,6 @@ _P_EPS = 1e-12
 
 def load_vectors(tracking_uri: str, runs: pl.DataFrame) -> pl.DataFrame:
     """Every unlearning run's prediction-vector artifact, concatenated, with the run's identity columns."""
-    import mlflow
-
     frames = []
     unlearn = runs.filter(pl.col("kind") == T.KIND_UNLEARN)
     with tempfile.TemporaryDirectory() as tmp:

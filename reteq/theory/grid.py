@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.entities import Metric, Param
 
 from reteq import environment
 from reteq import tracking as tk
@@ -107,8 +108,6 @@ def log_instance(
     client, experiment_id: str, parent_run_id: str, sweep: str, result: dict[str, Any], steps: int
 ) -> str:
     """One child run, written with create_run + chunked log_batch + set_terminated."""
-    from mlflow.entities import Metric, Param
-
     p = result["params"]
     tags = {
         tk.TAG_KIND: tk.KIND_THEORY,
@@ -167,8 +166,6 @@ def _cell_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 def _start_parent(client, experiment_id: str, cfg: TheoryConfig) -> str:
     """The parent run (kind sweep); the grid definition goes in as params, not an artifact, so nothing lands
     in the working directory when there is no artifact root."""
-    from mlflow.entities import Param
-
     parent = client.create_run(
         experiment_id,
         run_name=tk.run_name(tk.KIND_SWEEP, "theory", cfg.name),
@@ -254,7 +251,6 @@ def run_theory_grid(
     finally:
         if we_started_ray:
             ray.shutdown()
-    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     client.log_batch(
