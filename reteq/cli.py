@@ -6,24 +6,17 @@ Bad input (`reteq.errors.BadInput`, raised anywhere below) is one line per probl
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from reteq import environment
 from reteq.errors import BadInput
+from reteq.resources import describe
+
+# Each verb's module is imported inside its cmd_* function: importing them all here would load torch, Ray and
+# MLflow for `reteq --help` or `reteq validate` (seconds on 2 cores).
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-
-
-def _quiet_env() -> None:
-    if not os.environ.get("RAY_ADDRESS"):
-        # A local cluster keeps all traffic (gloo rendezvous included) on 127.0.0.1; Ray reads this at import.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per artifact the report reads
-                 "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}.items():
-        if v:
-            os.environ.setdefault(k, v)
 
 
 def cmd_validate(args) -> int:
@@ -152,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_env()
+    environment.command_defaults()
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
@@ -162,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             print(line if config and line.startswith(f"{config}: ") else f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # a full or read-only disk is one line too (exit 1); anything else keeps its traceback
-        from reteq.commands.resources import describe
 
         line = str(e) if getattr(e, "resource_error", False) else describe(e)
         if line is None:

@@ -17,16 +17,18 @@ import torch
 
 from reteq import tracking as T
 from reteq.config import SweepConfig
+from reteq.data.prepare import lookup_prepared, read_prepared
 from reteq.data.sources import load_conversations, load_math_eval
-from reteq.data.tokenize import configure_chat
+from reteq.data.tokenize import IGNORE, configure_chat, encode_conversation
 from reteq.errors import DataError
-from reteq.eval.evaluator import Evaluator
+from reteq.eval.evaluator import Evaluator, relative
 from reteq.eval.probe import Probe, probe_pairs
 from reteq.models import fresh_adapter, load_model, load_tokenizer, partitioned_at_load, resolve_source
 from reteq.plan import Plan, RetrainRecord, StageNode, UnlearnLeaf
 from reteq.train import collectives
 from reteq.train.checkpoint import CheckpointError, discard, gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
+from reteq.workdir import data_home, resolve_work_dir
 
 
 class Hooks:
@@ -44,6 +46,13 @@ class Hooks:
     def leaf_done(self, leaf: UnlearnLeaf, result: UnlearnResult) -> None: ...
     def retrain_started(self, rec: RetrainRecord, node_run_id: str, checkpoint: Path) -> None: ...
     def retrain_done(self, rec: RetrainRecord, metrics: dict[str, float]) -> None: ...
+
+    def run_id(self, key: str) -> str:
+        """The id of the run these hooks recorded `key` in ("" when they record nowhere)."""
+        return ""
+
+    def fail_open_runs(self, error: str) -> None:
+        """The work failed with `error`: end every run these hooks left open, saying why."""
 
 
 @dataclass
@@ -106,14 +115,9 @@ class DataCache:
             source = self.cfg.stage(name).source
             prepared = None
             if source.kind == "hub":
-                from reteq.data.prepare import lookup_prepared
-                from reteq.workdir import data_home, resolve_work_dir
-
                 for data_dir in filter(None, (data_home(), resolve_work_dir(self.cfg.work_dir) / "data")):
                     prepared = prepared or lookup_prepared(source, data_dir)
             if prepared is not None:
-                from reteq.data.prepare import read_prepared
-
                 self._stages[name] = read_prepared(prepared)
             else:
                 self._stages[name] = load_conversations(source)
@@ -148,8 +152,6 @@ def check_rows_fit(cfg: SweepConfig, data: DataCache, report: Callable[[str], No
     prompt fills it would train on nothing (an all-ignored batch is a NaN loss hours into a sweep). And
     truncation is visible: each stage's count of rows longer than its limit is reported, and a share above
     `stages[*].max_truncated_frac` stops here (a cut answer trains on a different target than the authors')."""
-    from reteq.data.tokenize import IGNORE, encode_conversation
-
     for m in cfg.models:
         tokenizer = configure_chat(load_tokenizer(m), cfg.chat)
         for s in cfg.stages:
@@ -311,8 +313,6 @@ def record_retrain(run: RunContext, rec: RetrainRecord, checkpoint: Path, node_r
     """theta_r's record: evaluate the retrain node's published checkpoint once, as an unlearning run evaluates
     its model at step 0 (same sample, seed and metrics; no probe: its distance to itself is 0), and log it as
     the run of kind "retrain". Nothing is trained, no checkpoint is uploaded again (the run names the node's)."""
-    from reteq.eval.evaluator import relative
-
     cfg, ctx, hooks = run.cfg, run.worker, run.hooks
     mcfg = cfg.model(rec.model)
     tokenizer = configure_chat(load_tokenizer(mcfg), cfg.chat)

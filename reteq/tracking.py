@@ -38,6 +38,7 @@ TAG_ERROR = "reteq.error"  # why a run ended FAILED or KILLED (the exception, or
 TAG_RECORDED_ON_REUSE = "reteq.recorded_on_reuse"  # "1": record written for a checkpoint found in the store
 TAG_RESUMED_FROM_STEP = "reteq.resumed_from_step"  # finetune run: steps its Ray Train checkpoint had done
 TAG_CHILDREN_FAILED = "reteq.children_failed"  # on the parent run: child runs of this attempt that did not finish
+TAG_MLFLOW_PARENT = "mlflow.parentRunId"  # MLflow's own tag: a child run's parent (the UI nests runs by it)
 
 KIND_FINETUNE = "finetune"  # one stage node trained (and its checkpoint published)
 KIND_UNLEARN = "unlearn"

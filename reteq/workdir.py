@@ -11,8 +11,9 @@ per code change, invisible to `reteq ui`, and no resume. Precedence, first match
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from reteq import environment
 
 RAY_JOB_PACKAGE_MARK = "_ray_pkg_"  # Ray's per-job working_dir copies are named _ray_pkg_<hash>
 JOB_HOME_DEFAULT = "~/reteq-runs"
@@ -25,12 +26,12 @@ def in_ray_job_package(cwd: Path | None = None) -> bool:
 def cache_root() -> Path:
     """$RETEQ_CACHE (default ~/.cache/reteq): what reteq builds once per machine (the tiny model, an empty
     MLflow schema)."""
-    return Path(os.environ.get("RETEQ_CACHE", Path.home() / ".cache" / "reteq"))
+    return environment.cache_root()
 
 
 def data_home() -> Path | None:
     """$RETEQ_DATA_DIR: prepared data shared by every sweep on this machine (a cluster syncs it from S3)."""
-    d = os.environ.get("RETEQ_DATA_DIR")
+    d = environment.get(environment.DATA_DIR)
     return Path(d).expanduser() if d else None
 
 
@@ -39,7 +40,7 @@ def resolve_work_dir(work_dir: str | Path) -> Path:
     path = Path(work_dir).expanduser()
     if path.is_absolute():
         return path
-    home = os.environ.get("RETEQ_HOME")
+    home = environment.get(environment.HOME)
     if home:
         return (Path(home).expanduser() / path).resolve()
     if in_ray_job_package():

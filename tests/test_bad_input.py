@@ -204,3 +204,20 @@ def test_a_deepspeed_config_that_is_not_json_stops_a_sweep_in_one_line(tmp_path,
     assert rc == EXIT_BAD_INPUT and lines == [f"error: execution.deepspeed: {ds} is not valid JSON "
                                               "(Expecting property name enclosed in double quotes)"], lines
     assert not (tmp_path / "work").exists()
+
+
+def test_report_on_an_experiment_that_does_not_exist_is_one_line_naming_those_that_do(tmp_path, capsys):
+    from reteq import tracking as T
+    from reteq.sweep.mlflow_store import ensure_experiment
+
+    work = tmp_path / "work"
+    assert main(["report", "--experiment", "typo", "--work-dir", str(work)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no MLflow store at ") and "'typo'" in err and len(err.splitlines()) == 1
+    assert not (work / "mlflow.db").exists()  # asking made no store
+
+    work.mkdir()
+    ensure_experiment(T.default_tracking_uri(work), "tiny-sweep", None)
+    assert main(["report", "--experiment", "tiny-sweep-typo", "--work-dir", str(work)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'tiny-sweep-typo'" in err[0] and "it has: Default, tiny-sweep" in err[0], err

@@ -14,9 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "reteq"
 
-# bottom to top; a module belongs to the first layer with a prefix that matches it (longest prefix wins)
+# bottom to top; a module belongs to the layer whose prefix matches it (longest prefix wins). No prefix matches
+# everything: the package itself ("reteq", its __init__) matches only itself, so a new module that no row names
+# fails test_every_module_has_a_layer instead of landing in the top layer unchecked.
+ROOT_PACKAGE = "reteq"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("reteq.errors", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.model_files",
+    ("foundation", ("reteq.environment", "reteq.errors", "reteq.resources", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.model_files",
                     "reteq.algorithms")),
     ("config", ("reteq.config_files", "reteq.config_protocol", "reteq.config")),
     ("data", ("reteq.data",)),
@@ -26,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("measures", ("reteq.analysis.gaps", "reteq.analysis.section")),  # shared by theory and analysis
     ("theory", ("reteq.theory",)),
     ("analysis", ("reteq.analysis",)),
-    ("commands", ("reteq.commands", "reteq.cli", "reteq.__main__", "reteq")),
+    ("commands", ("reteq.commands", "reteq.cli", "reteq.__main__", ROOT_PACKAGE)),
 ]
 
 
@@ -118,7 +121,8 @@ def layer_of(module: str) -> int:
     best, rank = -1, None
     for i, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best:
+            matches = module == p or (p != ROOT_PACKAGE and module.startswith(p + "."))
+            if matches and len(p) > best:
                 best, rank = len(p), i
     assert rank is not None, f"{module} is in no layer: add it to LAYERS (and to the README's table)"
     return rank
@@ -147,6 +151,13 @@ def test_no_import_cycle_inside_reteq():
 def test_every_module_has_a_layer():
     for module in module_files():
         layer_of(module)
+
+
+def test_a_module_no_row_names_has_no_layer():
+    """The guard rail can fail: the package root is no catch-all prefix."""
+    assert LAYERS[layer_of("reteq")][0] == "commands"
+    with pytest.raises(AssertionError, match="is in no layer"):
+        layer_of("reteq.brand_new_module")
 
 
 @pytest.mark.parametrize("module", sorted(module_files()))

@@ -230,3 +230,29 @@ def test_full_or_read_only_work_dir_is_one_line(tmp_path, capsys, case):
     finally:
         time.sleep(0.2)
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.usefixtures("reteq_cache")
+def test_a_disk_that_fills_mid_sweep_names_the_cause_and_ends_in_one_line(tmp_path, capsys):
+    """Room for the MLflow store and its setup, none for a stage checkpoint: the disk fills once nodes train.
+    Each failed node says why (the OSError, or SQLite's own words; never SQLAlchemy's footer), and the driver
+    ends with one `error:` line, not a traceback."""
+    from reteq.workdir import cache_root
+
+    template = next(cache_root().glob("mlflow-schema-*.db"), None)
+    room = (template.stat().st_size if template else 1 << 20) + (384 << 10)
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, f"size={room // 1024}k")
+    try:
+        config = write_config(tmp_path / "sweep.yaml", sweep_dict(tmp_path))
+        rc = main(["sweep", str(config), "--work-dir", str(mnt / "work"), "--no-report"])
+        captured = capsys.readouterr()
+        out, err = captured.out, [x for x in captured.err.splitlines() if " INFO mlflow." not in x]
+        assert rc == 1, (out, err)
+        assert "sqlalche.me" not in out + "\n".join(err) and "Traceback" not in "\n".join(err), (out, err)
+        failed = [x for x in out.splitlines() if "FAILED" in x and "[node]" in x]
+        assert failed and all(any(s in x for s in ("No space left", "disk full", "disk is full")) for x in failed), out
+        assert all(x.startswith("error: ") for x in err) and len(err) <= 1, err
+    finally:
+        time.sleep(0.2)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

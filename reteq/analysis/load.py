@@ -1,6 +1,6 @@
 """MLflow -> polars: the one place the analysis reads a sweep.
 
-Runs come from `MlflowClient.search_runs` (paged, so thousands of runs cost a handful of queries). Metric
+Runs come from MLflow's paged run search (reteq.sweep.mlflow_store) (paged, so thousands of runs cost a handful of queries). Metric
 histories are the bulk of the data: on a SQLite store they are read with ONE SQL query straight from the
 `metrics` table (MLflow's client offers no bulk history call, and one call per run x metric is thousands of
 round trips); any other store falls back to `get_metric_history` calls run in a small thread pool.
@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
-from mlflow import MlflowClient
 
 from reteq import tracking as T
-from reteq.sweep.mlflow_store import iter_runs
+from reteq.errors import BadInput
+from reteq.sweep.mlflow_store import iter_runs, reader
 
 RUN_COLUMNS = ("model", "order", "p", "algorithm", "lr", "beta", "scheduler", "seed")
 METRIC_COLUMNS = ("run_id", *RUN_COLUMNS, "kind", "status", "step", "metric", "value")
@@ -52,12 +52,19 @@ _TAG_COLUMNS = {
     "status": T.TAG_STATUS,
     "node_key": T.TAG_PLAN_KEY,
 }
-_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag, not a reteq key
+_PARENT_TAG = T.TAG_MLFLOW_PARENT
+
+
+class UnknownExperiment(BadInput, ValueError):
+    """`--experiment` names no experiment of the store (a typo): one line naming those that exist, exit 2."""
 
 
 def experiment_id(tracking_uri: str, experiment: str) -> str:
     """Resolve an experiment given by name (or, failing that, by id); a clear error when it does not exist."""
-    client = MlflowClient(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        raise UnknownExperiment(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')} (nothing was "
+                                f"recorded there): no experiment {experiment!r}")  # and none made by asking
+    client = reader(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None and str(experiment).isdigit():
         try:
@@ -65,7 +72,9 @@ def experiment_id(tracking_uri: str, experiment: str) -> str:
         except Exception:  # noqa: BLE001 - MLflow raises its own error type for unknown ids
             found = None
     if found is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
+        names = sorted(e.name for e in client.search_experiments())
+        raise UnknownExperiment(f"no MLflow experiment named {experiment!r} in {tracking_uri}; "
+                                f"{'it has: ' + ', '.join(names) if names else 'it has none'}")
     return found.experiment_id
 
 
@@ -91,7 +100,7 @@ def load_run_record(tracking_uri: str, experiment: str) -> tuple[pl.DataFrame, p
     change the tables. The sweep's parent run is always kept (it holds no results).
     """
     rows, excluded, seen = [], [], set()
-    runs = sorted(iter_runs(MlflowClient(tracking_uri), experiment_id(tracking_uri, experiment)),
+    runs = sorted(iter_runs(reader(tracking_uri), experiment_id(tracking_uri, experiment)),
                   key=lambda r: (r.info.start_time or 0, r.info.run_id))
     for run in runs:
         tags = run.data.tags
@@ -214,10 +223,10 @@ def _client_histories(tracking_uri: str, exp_id: str, run_ids: set[str], workers
 
     The metric keys of each run come from the same paged search that lists the runs (no per-run lookup).
     """
-    client = MlflowClient(tracking_uri)
+    client = reader(tracking_uri)
     keys = [
         (run.info.run_id, key)
-        for run in iter_runs(MlflowClient(tracking_uri), exp_id)
+        for run in iter_runs(reader(tracking_uri), exp_id)
         if run.info.run_id in run_ids
         for key in run.data.metrics
     ]

@@ -19,11 +19,13 @@ import math
 import tempfile
 from pathlib import Path
 
+import mlflow
 import polars as pl
 
 from reteq import tracking as T
 from reteq.analysis.divergence import CELL, GROWS_R2
 from reteq.analysis.gaps import growth_rate
+from reteq.sweep.mlflow_store import reader
 
 RUN_ID_COLUMNS = ("run_id", *CELL, "order", "p")
 DISTANCE_TITLES = {T.M_RE_LOGP_MSE: "log-prob MSE to θ_r", T.M_RE_KL: "token KL(π_u ‖ π_r)"}
@@ -35,9 +37,6 @@ _P_EPS = 1e-12
 
 def load_vectors(tracking_uri: str, runs: pl.DataFrame) -> pl.DataFrame:
     """Every unlearning run's prediction-vector artifact, concatenated, with the run's identity columns."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
     frames = []
     unlearn = runs.filter(pl.col("kind") == T.KIND_UNLEARN)
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,7 +44,7 @@ def load_vectors(tracking_uri: str, runs: pl.DataFrame) -> pl.DataFrame:
             try:
                 got = mlflow.artifacts.download_artifacts(
                     run_id=row["run_id"], artifact_path=f"{T.ARTIFACT_PREDICTIONS}/{T.PREDICTIONS_FILE}",
-                    dst_path=str(Path(tmp) / row["run_id"]))
+                    dst_path=str(Path(tmp) / row["run_id"]), tracking_uri=tracking_uri)
             except Exception:  # noqa: BLE001 - a run without vectors (older sweep, crashed run) is skipped
                 continue
             v = pl.read_parquet(got)
@@ -57,9 +56,7 @@ def load_vectors(tracking_uri: str, runs: pl.DataFrame) -> pl.DataFrame:
 
 def vocab_size(tracking_uri: str, runs: pl.DataFrame) -> int | None:
     """The tokenizer vocabulary logged by the unlearning runs (the first one that has it)."""
-    from mlflow import MlflowClient
-
-    c = MlflowClient(tracking_uri)
+    c = reader(tracking_uri)
     for rid in runs.filter(pl.col("kind") == T.KIND_UNLEARN)["run_id"].to_list()[:5]:
         v = c.get_run(rid).data.params.get(T.P_VOCAB_SIZE)
         if v:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.analysis.load import experiment_id
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
 from reteq.workdir import resolve_work_dir
@@ -34,6 +35,7 @@ def report_command(config: str | None, experiment: str | None, work_dir: str | N
         raise BadInput("report: give a sweep config or --experiment NAME")
     work = resolve_work_dir(work_dir or (cfg.work_dir if cfg else "runs/demo"))
     uri = (cfg.execution.tracking_uri if cfg else None) or T.default_tracking_uri(work)
+    experiment_id(uri, experiment or cfg.name)  # a typo, or no store yet: one line (exit 2), before any reading
     out = write_sweep_report(cfg, uri, work, experiment)
     print(f"report: {out}")
     return 0

@@ -1,4 +1,10 @@
-"""Execution: the plan as a DAG (execute) — stage nodes as Ray tasks chained by object refs (nodes), leaves as
-Tune trials over named axes (leaves) handed out once their nodes are published (dag), what every Ray process
-shares (worker) — and MLflow as the system of record (record: runs and resume; mlflow_store: client,
-experiment, paged search)."""
+"""Execution: one sweep attempt on Ray, recorded in MLflow.
+
+driver (the attempt: MLflow setup, Ray session, close every run; `settings.SweepRun` is what it hands every Ray
+process) -> execute (the plan as a DAG) -> nodes (stage nodes as Ray tasks chained by object refs) and leaves
+(unlearning leaves as Tune trials over named axes, handed out by dag once their nodes are published), retrain_records
+(theta_r evaluated, one task each); worker (what every Ray process shares: the parsed config, one rank's run, a
+worker group), launcher (submits from a placement group so nodes and leaves share warm workers), ray_session,
+stage_resume. MLflow: mlflow_store (the only client, the finished run of a key), record (runs, tags, resume),
+lifecycle (closing what a dead process left RUNNING), repair and delivery (checkpoints between the store and
+MLflow). lock (one sweep per work dir), faults (test-only fault injection)."""

@@ -2,7 +2,7 @@
 
 A trial's ranks may sit on several machines (Ray's PACK placement spreads a 4-worker trial over 1-GPU nodes),
 and each machine has its own checkpoint store. MLflow (its artifact store: S3 on a cluster) holds every
-published node. `mlflow_fetcher` finds the finished run of a node key; `fetch_run_checkpoint` downloads its
+published node. `mlflow_fetcher` finds the finished run of a node key (mlflow_store.finished_run); `fetch_run_checkpoint` downloads its
 checkpoint artifact next to the target, verifies the sha256 manifest, and publishes it with one rename.
 `CheckpointStore.ensure_local` (in reteq.pipeline) calls the fetcher on each machine's local rank 0 (the first
 rank of the group on that Ray node) while the other ranks wait.
@@ -10,13 +10,17 @@ rank of the group on that Ray node) while the other ranks wait.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
+
+from reteq import environment
 from reteq import tracking as T
+from reteq.sweep.mlflow_store import finished_run, reader
+from reteq.train.checkpoint import CheckpointError, publish, verify_checkpoint
 
 Fetch = Callable[[str, Path], "Path | None"]  # (node key, target folder) -> target, or None when not published
 
@@ -24,15 +28,7 @@ Fetch = Callable[[str, Path], "Path | None"]  # (node key, target folder) -> tar
 def local_store_root(default: str | Path) -> Path:
     """This machine's checkpoint store: $RETEQ_CHECKPOINT_STORE (set per node, e.g. a local NVMe folder) or the
     sweep's `work_dir/checkpoints`."""
-    return Path(os.environ.get("RETEQ_CHECKPOINT_STORE") or default)
-
-
-def find_node_run(client, experiment_id: str, key: str) -> str | None:
-    """The run id of a finished node (status done) with this key, or None."""
-    runs = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`{T.TAG_PLAN_KEY}` = '{key}' and "
-                                            f"tags.`{T.TAG_STATUS}` = '{T.STATUS_DONE}'")
-    return runs[0].info.run_id if runs else None
+    return Path(environment.get(environment.CHECKPOINT_STORE) or default)
 
 
 def fetch_run_checkpoint(tracking_uri: str, run_id: str, key: str, target: Path) -> Path:
@@ -41,10 +37,6 @@ def fetch_run_checkpoint(tracking_uri: str, run_id: str, key: str, target: Path)
     is replaced, never kept. The one MLflow fetch path: delivery to a machine (`mlflow_fetcher`) and repair of
     the driver's store (reteq.sweep.repair) both come here. Raises CheckpointError naming the run when the
     artifact cannot be read or fails verification."""
-    import mlflow
-
-    from reteq.train.checkpoint import CheckpointError, publish, verify_checkpoint
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{key}-", dir=target.parent))
@@ -68,9 +60,7 @@ def mlflow_fetcher(tracking_uri: str, experiment_id: str) -> Fetch:
     """A Fetch that finds the node's finished run in MLflow and fetches its checkpoint (None: not published)."""
 
     def fetch(key: str, target: Path) -> Path | None:
-        import mlflow
-
-        run_id = find_node_run(mlflow.MlflowClient(tracking_uri=tracking_uri), experiment_id, key)
+        run_id = finished_run(reader(tracking_uri), experiment_id, key)
         return None if run_id is None else fetch_run_checkpoint(tracking_uri, run_id, key, target)
 
     return fetch

@@ -18,23 +18,20 @@ cores, more than a demo node's training (docs/benchmarks.md). Multi-worker and G
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+from ray import tune
+
+from reteq import environment
 from reteq.config import SweepConfig
-
-
-def worker_env() -> dict[str, str]:
-    """Variables every task, trial and Train worker needs (applied in the process: no per-task runtime_env)."""
-    keep = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RETEQ_CACHE", "HF_HOME", "HF_HUB_OFFLINE",
-            "HF_DATASETS_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_TRACKING_URI",
-            "PYTHONPATH", "RETEQ_PID_DIR", "RETEQ_FAULT_NODE")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # busy small machines start workers slowly
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
-    return env
+from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
+from reteq.sweep.leaves import AXES, axes, leaf_trial
+from reteq.sweep.nodes import needed_nodes, submit_nodes
+from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
+from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
+from reteq.sweep.settings import SweepRun
 
 
 @dataclass
@@ -51,27 +48,21 @@ class DagOutcome:
         return not (self.failed_nodes or self.skipped_leaves or self.failed_leaves or self.failed_records)
 
 
-def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes: dict[str, dict],
+def run_dag(cfg: SweepConfig, plan, todo: list, settings: SweepRun, done_nodes: dict[str, dict],
             records: list[str] = (), launcher=None) -> DagOutcome:
     """Submit the missing nodes, run the leaves in `todo` as Tune trials and the missing retrain `records` as
     tasks (reteq.sweep.retrain_records), return what happened. Nodes and records are submitted by `launcher`
     (a launcher.Launcher) when given, so that they share warm workers with the leaves."""
-    import ray
-
-    from reteq.sweep.dag import DagSearcher, NodeWatch
-    from reteq.sweep.nodes import needed_nodes, submit_nodes
-    from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
-
     keys = list(dict.fromkeys(needed_nodes(plan, todo) + record_nodes(plan, list(records))))  # parents first
-    base_ref = ray.put(base)
+    settings_ref = ray.put(settings)
     if launcher is not None:
-        refs, record_refs = ray.get(launcher.submit.remote(base, keys, [base_ref], done_nodes, list(records)))
+        refs, record_refs = ray.get(launcher.submit.remote(settings, keys, [settings_ref], done_nodes, list(records)))
     else:
-        refs = submit_nodes(cfg, plan, keys, base_ref, done_nodes, base)
-        record_refs = submit_records(cfg, plan, list(records), base_ref, refs, base)
+        refs = submit_nodes(cfg, plan, keys, settings_ref, done_nodes, settings)
+        record_refs = submit_records(cfg, plan, list(records), settings_ref, refs, settings)
     watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
     searcher = DagSearcher(todo, watch)
-    grid = _tune_leaves(cfg, todo, base, refs, watch, searcher) if todo else []
+    grid = _tune_leaves(cfg, todo, settings, refs, watch, searcher) if todo else []
     ray.wait(list(refs.values()), num_returns=len(refs))  # every node a leaf needed resolved before it ran
     failed_records = wait_records(record_refs)
     watch.poll(force=True)
@@ -82,15 +73,9 @@ def run_dag(cfg: SweepConfig, plan, todo: list, base: dict[str, Any], done_nodes
                                       watch.failed})
 
 
-def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[str, Any], watch, searcher):
+def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[str, Any], watch, searcher):
     """The leaves as Tune trials (handed out by `searcher` once their nodes are published); Tune's ResultGrid."""
-    from ray import tune
-
-    from reteq.sweep.dag import ConsoleLines
-    from reteq.sweep.leaves import leaf_trial
-    from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
-
-    trainable = tune.with_resources(tune.with_parameters(leaf_trial, base=base, parents=refs),
+    trainable = tune.with_resources(tune.with_parameters(leaf_trial, settings=settings, parents=refs),
                                     {"cpu": TRIAL_DRIVER_CPUS})
     ex = cfg.execution
     space = {k: tune.choice(vals) for k, vals in _axis_values(todo).items()}  # names the axes for Tune's table
@@ -99,7 +84,7 @@ def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),
                                     max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=base["storage_path"], verbose=1,
+        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=settings.storage_path, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=ex.max_failures),
                                   callbacks=[ConsoleLines(watch, len(todo))]),
     )
@@ -107,8 +92,6 @@ def _tune_leaves(cfg: SweepConfig, todo: list, base: dict[str, Any], refs: dict[
 
 
 def _axis_values(leaves: list) -> dict[str, list]:
-    from reteq.sweep.leaves import AXES, axes
-
     out: dict[str, list] = {k: [] for k in AXES}
     for leaf in leaves:
         for k, v in axes(leaf).items():
@@ -119,20 +102,13 @@ def _axis_values(leaves: list) -> dict[str, list]:
 
 def check_resources(cfg: SweepConfig) -> None:
     """Fail fast when a node or trial can never be scheduled (Ray would leave it PENDING forever)."""
-    import ray
-
-    from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS
-
     total = ray.cluster_resources()
     ex = cfg.execution
     need_cpu = ex.workers * ex.cpus_per_worker + (0 if ex.workers == 1 and not ex.use_gpu else TRIAL_DRIVER_CPUS)
     if not ex.use_gpu and total.get("CPU", 0) < need_cpu:
         raise RuntimeError(f"execution: a node or trial needs {need_cpu:g} CPUs ({ex.workers} workers x "
                            f"{ex.cpus_per_worker:g}), the cluster has {total.get('CPU', 0):g}")
-    if ex.use_gpu and total.get("GPU", 0) < ex.workers * ex.gpus_per_worker and not _autoscaling():
+    if ex.use_gpu and total.get("GPU", 0) < ex.workers * ex.gpus_per_worker and not environment.autoscaling():
         raise RuntimeError(f"execution: a trial needs {ex.workers * ex.gpus_per_worker:g} GPUs, the cluster has "
                            f"{total.get('GPU', 0):g} (and no autoscaler)")
 
-
-def _autoscaling() -> bool:
-    return bool(os.environ.get("RAY_ADDRESS")) or os.environ.get("RETEQ_AUTOSCALING") == "1"

@@ -19,20 +19,17 @@ import signal
 import time
 from pathlib import Path
 
-ENV = "RETEQ_FAULT"
-ENV_MARK = "RETEQ_FAULT_MARK"
-ENV_DRIVER = "RETEQ_DRIVER_PID"
+from reteq import environment
+
+# ray.train is imported inside a function: only a Ray Train worker has anything to wait for.
+
+ENV, ENV_MARK, ENV_DRIVER = environment.FAULT, environment.FAULT_MARK, environment.DRIVER_PID
 
 _seen: dict[str, int] = {}
 
 
-def env() -> dict[str, str]:
-    """The fault variables to hand to Ray workers (empty when no fault is set)."""
-    return {k: os.environ[k] for k in (ENV, ENV_MARK, ENV_DRIVER) if os.environ.get(k)}
-
-
 def fault(point: str) -> None:
-    spec = os.environ.get(ENV)
+    spec = environment.get(ENV)
     if not spec:
         return
     parts = spec.split(":")
@@ -42,7 +39,7 @@ def fault(point: str) -> None:
     _seen[point] = _seen.get(point, 0) + 1
     if _seen[point] != int(n):
         return
-    mark = os.environ.get(ENV_MARK)
+    mark = environment.get(ENV_MARK)
     if mark:
         try:
             fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -53,8 +50,8 @@ def fault(point: str) -> None:
     if who == "worker":
         _let_train_commit()
     print(f"RETEQ_FAULT: SIGKILL ({who}) at {point} #{n}", flush=True)
-    if who == "driver" and os.environ.get(ENV_DRIVER):
-        os.kill(int(os.environ[ENV_DRIVER]), signal.SIGKILL)
+    if who == "driver" and environment.get(ENV_DRIVER):
+        os.kill(int(environment.get(ENV_DRIVER)), signal.SIGKILL)
         time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from reteq.sweep import worker
+from reteq.sweep.nodes import submit_nodes
 from reteq.sweep.ray_session import LAUNCHER_CPUS, task_lanes, trial_runtime_env
+from reteq.sweep.retrain_records import submit_records
+from reteq.sweep.settings import SweepRun
+from reteq.sweep.worker import warm_up
 
 
 class Launcher:
@@ -16,34 +25,22 @@ class Launcher:
         """Start as many task workers as tasks of `cpus_per_task` fit, each importing what a node or leaf needs
         (torch, transformers, MLflow: 5-10 s per process on 2 cores) while the driver is still busy. Nothing
         waits on them."""
-        import ray
-
-        from reteq.sweep.worker import warm_up
-
         lanes = task_lanes(cpus_per_task, ray.cluster_resources().get("CPU", 0))
         task = ray.remote(warm_up).options(num_cpus=cpus_per_task, name="warm-up", runtime_env=runtime_env,
                                            scheduling_strategy="DEFAULT")
         self._warming = [task.remote() for _ in range(lanes)]
         return lanes
 
-    def submit(self, base: dict, keys: list[str], base_ref: list, done: dict, records: list[str]) -> tuple:
+    def submit(self, settings: SweepRun, keys: list[str], settings_ref: list, done: dict, records: list[str]) -> tuple:
         """nodes.submit_nodes and retrain_records.submit_records, here -> (node refs, record refs).
-        `base_ref` comes in a list: the tasks get the ref, not its value."""
-        from reteq.sweep import worker
-        from reteq.sweep.nodes import submit_nodes
-        from reteq.sweep.retrain_records import submit_records
-
-        cfg, plan = worker.plan_of(base)
-        refs = submit_nodes(cfg, plan, keys, base_ref[0], done, base)
-        return refs, submit_records(cfg, plan, records, base_ref[0], refs, base)
+        `settings_ref` comes in a list: the tasks get the ref, not its value."""
+        cfg, plan = worker.plan_of(settings)
+        refs = submit_nodes(cfg, plan, keys, settings_ref[0], done, settings)
+        return refs, submit_records(cfg, plan, records, settings_ref[0], refs, settings)
 
 
 def start_launcher():
     """A Launcher actor in a placement group of its own (0.01 CPU) -> (actor, placement group)."""
-    import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     pg = placement_group([{"CPU": LAUNCHER_CPUS}], name="reteq-launcher")
     ray.get(pg.ready())
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=False)
@@ -53,9 +50,6 @@ def start_launcher():
 
 
 def stop_launcher(launcher) -> None:
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
     if launcher is not None:
         ray.kill(launcher[0])
         remove_placement_group(launcher[1])

@@ -19,14 +19,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import traceback
 from typing import Any
 
 import ray
+from ray import tune
 
 from reteq import tracking as T
 from reteq.sweep import worker
+from reteq.sweep.nodes import leaf_dependencies
+from reteq.sweep.settings import SweepRun
 from reteq.sweep.worker import NodeFailed
+
+# Imports inside functions below are heavy (torch through reteq.pipeline, Ray Train): the Tune trial that
+# imports this module only drives a task or a worker group.
 
 AXES = ("model", "order", "algorithm", "lr", "beta", "seed", "schedule")
 SHOWN = ((T.M_FORGET_SCORE, "forget"), (T.M_TOFU_UTILITY, "tofu_utility"), (T.M_MATH_ACC, "math_acc"))
@@ -56,25 +61,17 @@ def tune_metrics(step: int, metrics: dict[str, float], started: float) -> dict[s
     return out
 
 
-def _unlearn_here(base: dict[str, Any], config: dict[str, Any], parents: dict[str, dict], report, started: float,
+def unlearn_rank(settings: SweepRun, config: dict[str, Any], parents: dict[str, dict], report, started: float,
                   r=None) -> dict[str, float]:
-    from reteq.pipeline import Hooks, RunContext, unlearn_leaf
-    from reteq.sweep import worker
+    from reteq.pipeline import unlearn_leaf
 
     r = r or worker.Rank()
-    cfg, plan, data = worker.state(base)
+    _, plan = worker.plan_of(settings)
     leaf = leaf_of(plan, config)
-    hooks = worker.mlflow_hooks(base, cfg, leaf.key) if r.rank == 0 else Hooks()
-    try:
-        ctx = worker.worker_context(cfg, leaf.model, r)
-        run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
-        parent = run.store.ensure_local(leaf.parent, ctx)
-        retrain = run.store.ensure_local(leaf.retrain, ctx) if leaf.retrain else None
+    with worker.rank_run(settings, leaf.key, leaf.model, r) as run:
+        parent = run.store.ensure_local(leaf.parent, run.worker)
+        retrain = run.store.ensure_local(leaf.retrain, run.worker) if leaf.retrain else None
         result = unlearn_leaf(run, leaf, parent, retrain, report=lambda s, m: report(tune_metrics(s, m, started)))
-    except BaseException as e:
-        if r.rank == 0:
-            hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
-        raise
     last = result.evals[-1] if result.evals else (0, {})
     return {**tune_metrics(*last, started), "collapsed": float(result.collapsed), "steps": result.steps}
 
@@ -83,44 +80,37 @@ def leaf_worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker of a multi-worker / GPU leaf."""
     import ray.train
 
-    from reteq.sweep import worker
-
     c = ray.train.get_context()
-    r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(config["base"]),
+    r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(config["settings"]),
                     c.get_local_rank())
-    _unlearn_here(config["base"], config["axes"], config["parents"], ray.train.report, config["started"], r)
+    unlearn_rank(config["settings"], config["axes"], config["parents"], ray.train.report, config["started"], r)
 
 
-def leaf_trial(config: dict[str, Any], base: dict[str, Any] | None = None, parents: dict | None = None) -> None:
+def leaf_trial(config: dict[str, Any], settings: SweepRun | None = None, parents: dict | None = None) -> None:
     """The Tune trainable: a light process (no torch, no MLflow) that drives the leaf's work and forwards its
     eval metrics to Tune. `parents`: node key -> object ref of its published checkpoint."""
-    from ray import tune
-
-    from reteq.sweep import worker
-    from reteq.sweep.nodes import leaf_dependencies
-
     started = time.time()  # reported with every result: tests check it against the parents' publish times
-    cfg, plan = worker.plan_of(base)
+    cfg, plan = worker.plan_of(settings)
     leaf = leaf_of(plan, config)
     try:
         published = {k: ray.get(parents[k]) for k in leaf_dependencies(leaf)}
     except Exception as e:  # the searcher never suggests such a leaf; a resumed trial might meet one
         raise NodeFailed(leaf.parent, f"leaf {leaf.key[:8]}: a node it needs failed: {e}") from None
-    if not base["in_process"]:
-        _unlearn_with_trainer(base, config, published, cfg, leaf, started)
+    if not settings.in_process:
+        _unlearn_in_group(settings, config, published, cfg, leaf, started)
         return
     # one CPU worker: the leaf runs as a task in Ray's pool of task workers, the same warm processes (torch,
     # transformers, MLflow imported; data, tokenizer cached) that trained the nodes; a Tune trial actor is a
     # fresh process that would pay all of that again. Tune retries the trial (max_failures) if the task dies.
     # "DEFAULT": outside the trial's placement group (one 0.05-CPU bundle), in the cluster's task pool
-    task = leaf_task.options(num_cpus=base["task_cpus"], max_retries=0, scheduling_strategy="DEFAULT",
-                             runtime_env=base["runtime_env"], name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
-    for ref in task.remote(base, dict(config), published, started):
+    task = leaf_task.options(num_cpus=settings.task_cpus, max_retries=0, scheduling_strategy="DEFAULT",
+                             runtime_env=settings.runtime_env, name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
+    for ref in task.remote(settings, dict(config), published, started):
         tune.report(ray.get(ref))
 
 
 @ray.remote
-def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str, dict], started: float):
+def leaf_task(settings: SweepRun, config: dict[str, Any], published: dict[str, dict], started: float):
     """Unlearn one leaf in this task worker, yielding Tune's metrics at every eval step as they come (training
     runs in a thread and never waits on Tune)."""
     results: queue.Queue = queue.Queue()
@@ -128,7 +118,7 @@ def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str,
 
     def work() -> None:
         try:
-            _unlearn_here(base, config, published, results.put, started)
+            unlearn_rank(settings, config, published, results.put, started)
         except BaseException as e:  # noqa: BLE001  (re-raised in the task below)
             error.append(e)
         finally:
@@ -144,23 +134,11 @@ def leaf_task(base: dict[str, Any], config: dict[str, Any], published: dict[str,
         raise error[0]
 
 
-def _unlearn_with_trainer(base, config, published, cfg, leaf, started: float) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _unlearn_in_group(settings: SweepRun, config, published, cfg, leaf, started: float) -> None:
+    """A worker group of `execution.workers` ranks unlearns the leaf (each runs `unlearn_rank`); rank 0's
+    `ray.train.report` reaches Tune through Train's TuneReportCallback."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    ex = cfg.execution
-    resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
-    trainer = TorchTrainer(
-        leaf_worker_loop,
-        train_loop_config={"base": base, "axes": dict(config), "parents": published, "started": started},
-        scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=ex.placement),
-        run_config=RunConfig(name=f"leaf-{leaf.key[:12]}", storage_path=base["storage_path"],
-                             callbacks=[TuneReportCallback()],
-                             failure_config=FailureConfig(max_failures=ex.max_failures),
-                             worker_runtime_env={"env_vars": base["env"]}),
-    )
-    trainer.fit()
-
-
+    worker.worker_group(settings, cfg, leaf_worker_loop,
+                        {"settings": settings, "axes": dict(config), "parents": published, "started": started},
+                        f"leaf-{leaf.key[:12]}", callbacks=[TuneReportCallback()]).fit()

@@ -16,9 +16,12 @@ import uuid
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.sweep.mlflow_store import COUNTED, finished_run, finished_runs
 from reteq.sweep.mlflow_store import search_runs as search
+from reteq.train.checkpoint import checkpoint_manifest
 
-_COUNTED = (T.STATUS_DONE, T.STATUS_COLLAPSED)
+# mlflow.entities is imported inside functions: worker.py imports this module in light Tune trials.
+
 _MLFLOW_STATUS = {T.STATUS_DONE: T.RUN_FINISHED, T.STATUS_COLLAPSED: T.RUN_FINISHED, T.STATUS_KILLED: T.RUN_KILLED}
 
 
@@ -39,13 +42,6 @@ def finish_run(c, run_id: str, status: str, reason: str | None = None, tags: dic
     c.set_terminated(run_id, _MLFLOW_STATUS.get(status, T.RUN_FAILED))
 
 
-def finished_runs(c, exp_id: str, key: str) -> list:
-    """The FINISHED, counted runs of one node or leaf key, oldest first (there should be at most one)."""
-    runs = search(c, exp_id, f"tags.`{T.TAG_PLAN_KEY}` = '{key}' and attributes.status = '{T.RUN_FINISHED}'")
-    runs = [r for r in runs if r.data.tags.get(T.TAG_STATUS) in _COUNTED]
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
-
 def close_stale_runs(c, exp_id: str, sweep: str, attempt: str) -> int:
     """Close the RUNNING runs that earlier attempts of this sweep left behind; returns how many.
 
@@ -59,7 +55,7 @@ def close_stale_runs(c, exp_id: str, sweep: str, attempt: str) -> int:
         if tags.get(T.TAG_ATTEMPT) == attempt or tags.get(T.TAG_KIND) == T.KIND_SWEEP:
             continue
         rid, key = r.info.run_id, tags.get(T.TAG_PLAN_KEY, "")
-        if tags.get(T.TAG_STATUS) in _COUNTED and not (key and finished_runs(c, exp_id, key)):
+        if tags.get(T.TAG_STATUS) in COUNTED and not (key and finished_runs(c, exp_id, key)):
             c.set_terminated(rid, T.RUN_FINISHED)
             continue
         who = tags.get(T.TAG_ATTEMPT) or "an earlier attempt"
@@ -104,16 +100,14 @@ def record_reused_node(c, exp_id: str, parent_run_id: str, tags: dict[str, str],
     FINISHED run of its key (the existing one when there already is one)."""
     from mlflow.entities import Param
 
-    from reteq.train.checkpoint import checkpoint_manifest
-
     key = tags[T.TAG_PLAN_KEY]
-    found = finished_runs(c, exp_id, key)
+    found = finished_run(c, exp_id, key)
     if found:
-        return found[0].info.run_id
+        return found
     meta = checkpoint_manifest(path).get("meta", {})
     run = c.create_run(exp_id, run_name=f"{tags.get(T.TAG_KIND, 'node')}/{key[:8]}/recorded",
                        tags={**tags, T.TAG_ATTEMPT: attempt, T.TAG_RECORDED_ON_REUSE: "1",
-                             "mlflow.parentRunId": parent_run_id})
+                             T.TAG_MLFLOW_PARENT: parent_run_id})
     rid = run.info.run_id
     params = {k: v for k, v in meta.items() if k in ("steps", "examples", "stage", "model", "seed")}
     params.setdefault("stage", tags.get(T.TAG_STAGE, ""))

@@ -1,30 +1,57 @@
-"""The MLflow store, the few calls every writer and reader shares: a client, the experiment, paged run search.
+"""MLflow's one home: the only module that builds an MlflowClient or points MLflow at a store, and the one place
+that says which run of a node or leaf key is its result.
 
-The sweep driver, the theory grid, the analysis loader and the theory report all go through these, so an
-experiment is created (or a deleted one restored) one way and a search never stops at its first page.
+The sweep driver and its workers, the theory grid, the analysis loader and the theory report all go through
+these, so an experiment is created (or a deleted one restored) one way, a search never stops at its first page,
+and resume, delivery and repair agree on "the finished run of a key" (tests/test_homes.py keeps it so).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+from reteq import tracking as T
 from reteq.workdir import cache_root
+
+# mlflow is imported inside functions: `reteq plan` and the light Tune trials import this module without it.
 
 PAGE = 1000  # runs per search_runs page
 SQLITE = "sqlite:///"
 
 
 def tracking_client(uri: str):
-    """An MlflowClient on `uri`; the fluent API is pointed there too (artifact downloads use it)."""
-    import mlflow
-
+    """A writer's MlflowClient on `uri` (a new SQLite store is made from the template first); the fluent API is
+    pointed there too (artifact downloads and the system-metrics monitor use it)."""
     if uri.startswith(SQLITE):
         _new_sqlite_store(Path(uri.removeprefix(SQLITE)))
-    mlflow.set_tracking_uri(uri)
+    point_fluent_api(uri)
+    return reader(uri)
+
+
+def reader(uri: str):
+    """A reader's MlflowClient on `uri`: creates no store and leaves the fluent API where it points."""
+    import mlflow  # late: `reteq plan` and the light Tune trial processes import this module without MLflow
+
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def point_fluent_api(uri: str | None) -> None:
+    """mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI (None: back to MLflow's default)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+
+
+def restore_tracking_uri(before: str | None) -> None:
+    """Point MLflow back at `before` (MLFLOW_TRACKING_URI as it was before a sweep), so a later sweep in this
+    process with another work dir records into its own store, not the last one's (`default_tracking_uri` obeys
+    that variable)."""
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        point_fluent_api(before)
 
 
 def _new_sqlite_store(db: Path) -> None:
@@ -48,8 +75,6 @@ def _new_sqlite_store(db: Path) -> None:
 
 
 def _build_template(path: Path) -> None:
-    import sqlite3
-
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(f"{SQLITE}{path}", path.parent.as_uri())._dispose_engine()  # migrates, adds experiment 0
@@ -104,3 +129,29 @@ def iter_runs(client, experiment_id: str, filter_string: str = "", order_by: lis
 def search_runs(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None) -> list:
     """`iter_runs` as a list."""
     return list(iter_runs(client, experiment_id, filter_string, order_by))
+
+
+# ---- the finished run of a key ----------------------------------------------------------------------------------
+# A run counts when MLflow calls it FINISHED and its reteq.status says done or collapsed (a run tagged done whose
+# process died before set_terminated is not one yet: the next attempt finishes it). A key should have one; when
+# an earlier bug or a race left two, the oldest wins everywhere: resume, delivery, repair and the analysis.
+COUNTED = (T.STATUS_DONE, T.STATUS_COLLAPSED)
+
+
+def counted(runs) -> list:
+    """The runs that count, oldest first (the first one of each key is its result)."""
+    runs = [r for r in runs if r.info.status == T.RUN_FINISHED and r.data.tags.get(T.TAG_STATUS) in COUNTED]
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def finished_runs(c, exp_id: str, key: str | None = None) -> list:
+    """The counted runs of one node or leaf key (at most one, normally), or of the whole experiment when `key`
+    is None; oldest first."""
+    by_key = f"tags.`{T.TAG_PLAN_KEY}` = '{key}' and " if key is not None else ""
+    return counted(search_runs(c, exp_id, f"{by_key}attributes.status = '{T.RUN_FINISHED}'"))
+
+
+def finished_run(c, exp_id: str, key: str) -> str | None:
+    """The run id of the result of `key` (its oldest counted run), or None when it has none."""
+    runs = finished_runs(c, exp_id, key)
+    return runs[0].info.run_id if runs else None

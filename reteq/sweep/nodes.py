@@ -1,6 +1,6 @@
 """Stage nodes as Ray tasks whose dependencies are object refs.
 
-Every missing node is submitted up front as `node_task.remote(base, key, parent_ref)`. Ray holds a task until
+Every missing node is submitted up front as `node_task.remote(settings, key, parent_ref)`. Ray holds a task until
 its argument refs resolve, so a node starts as soon as its parent is published, as many at once as resources
 allow, and holds nothing while it waits. A task returns its published checkpoint ({key, path, run_id,
 published}); that return value is the ref its children and leaves depend on. A failure flows the same way:
@@ -19,13 +19,20 @@ Two ways to train a node, chosen by `worker.in_process`:
 from __future__ import annotations
 
 import time
-import traceback
 from typing import Any
 
 import ray
 
 from reteq import tracking as T
+from reteq.resources import one_line
+from reteq.sweep import worker
+from reteq.sweep.mlflow_store import finished_run, reader
+from reteq.sweep.settings import SweepRun
+from reteq.sweep.stage_resume import StageResume
 from reteq.sweep.worker import NodeFailed
+
+# Imports inside functions below are heavy (torch through reteq.pipeline, Ray Train): the driver and the light
+# Tune trials import this module (leaf_dependencies) without them.
 
 TRAINER_DRIVER_CPUS = 0.05  # a task that only drives a TorchTrainer; its workers ask for the real resources
 
@@ -34,29 +41,21 @@ def _describe(node) -> str:
     return f"node {node.key[:8]} ({node.model} {T.order_tag(node.prefix)})"
 
 
-def _train_here(base: dict[str, Any], key: str, parent: dict | None, r=None, resume=None) -> dict[str, Any]:
+def train_rank(settings: SweepRun, key: str, parent: dict | None, r=None, resume=None) -> dict[str, Any]:
     """Train node `key` in this process (a rank of a worker group, or the whole node when in process);
     `resume`: a Ray Train worker's mid-stage checkpoints (reteq.sweep.stage_resume)."""
-    from reteq.pipeline import Hooks, RunContext, train_node
-    from reteq.sweep import worker
+    from reteq.pipeline import train_node
 
     started = time.time()
     r = r or worker.Rank()
-    cfg, plan, data = worker.state(base)
+    _, plan = worker.plan_of(settings)
     node = plan.nodes[key]
     if r.rank == 0:
         worker.test_hooks(node)
-    hooks = worker.mlflow_hooks(base, cfg, key) if r.rank == 0 else Hooks()
-    try:
-        ctx = worker.worker_context(cfg, node.model, r)
-        run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
-        parent_path = run.store.ensure_local(parent["key"], ctx) if parent else None
+    with worker.rank_run(settings, key, node.model, r) as run:
+        parent_path = run.store.ensure_local(parent["key"], run.worker) if parent else None
         path = train_node(run, node, parent_path, resume)
-    except BaseException as e:
-        if r.rank == 0:
-            hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
-        raise
-    return {"key": key, "path": str(path), "run_id": getattr(hooks, "run_ids", {}).get(key, ""),
+    return {"key": key, "path": str(path), "run_id": run.hooks.run_id(key),
             "started": started, "published": time.time()}
 
 
@@ -64,37 +63,23 @@ def node_worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker of a multi-worker / GPU node."""
     import ray.train
 
-    from reteq.sweep import worker
-    from reteq.sweep.stage_resume import StageResume
-
-    base = config["base"]
-    cfg, _, _ = worker.state(base)
+    settings = config["settings"]
+    cfg, _, _ = worker.state(settings)
     c = ray.train.get_context()
-    r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(base), c.get_local_rank())
+    r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(settings), c.get_local_rank())
     # DeepSpeed saves the state to resume from; plain torch workers (deepspeed: null) restart the stage
     resume = StageResume.from_ray_train(config["key"], cfg.execution.checkpoint_every, r.rank) if r.ds else None
-    info = _train_here(base, config["key"], config["parent"], r, resume)
+    info = train_rank(settings, config["key"], config["parent"], r, resume)
     ray.train.report(info)
 
 
-def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _train_in_group(settings: SweepRun, key: str, parent: dict | None, cfg) -> dict[str, Any]:
+    """A worker group of `execution.workers` ranks trains the node (each runs `train_rank`)."""
+    from ray.train import CheckpointConfig
 
-    from reteq.sweep import worker
-
-    ex = cfg.execution
-    resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
-    trainer = TorchTrainer(
-        node_worker_loop,
-        train_loop_config={"base": base, "key": key, "parent": parent},
-        scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=ex.placement),
-        run_config=RunConfig(name=f"node-{key[:12]}", storage_path=base["storage_path"],
-                             failure_config=FailureConfig(max_failures=ex.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the last mid-stage one
-                             worker_runtime_env={"env_vars": base["env"]}),
-    )
+    trainer = worker.worker_group(settings, cfg, node_worker_loop, {"settings": settings, "key": key, "parent": parent},
+                                  f"node-{key[:12]}",
+                                  checkpoint_config=CheckpointConfig(num_to_keep=1))  # the last mid-stage one
     started = time.time()
     result = trainer.fit()
     if result.checkpoint is not None and not result.error:  # a mid-stage checkpoint: dead weight once published
@@ -104,32 +89,27 @@ def _train_with_trainer(base: dict[str, Any], key: str, parent: dict | None, cfg
             print(f"{key[:8]}: could not remove the node's Ray Train checkpoints at {result.path}: {e}", flush=True)
     # Train V2's Result.metrics holds only metrics reported with a checkpoint, never the ranks' final report:
     # the published node is read back from where rank 0 put it (the store, and its MLflow run)
-    return {"key": key, "path": str(worker.store(base).path(key)), "run_id": _finished_run(base, key),
+    return {"key": key, "path": str(worker.store(settings).path(key)), "run_id": _finished_run(settings, key),
             "started": started, "published": time.time()}
 
 
-def _finished_run(base: dict[str, Any], key: str) -> str:
-    from reteq.sweep.delivery import find_node_run
-    from reteq.sweep.mlflow_store import tracking_client
-
-    return find_node_run(tracking_client(base["tracking_uri"]), base["experiment_id"], key) or ""
+def _finished_run(settings: SweepRun, key: str) -> str:
+    return finished_run(reader(settings.tracking_uri), settings.experiment_id, key) or ""
 
 
 @ray.remote
-def node_task(base: dict[str, Any], key: str, parent: dict | None) -> dict[str, Any]:
+def node_task(settings: SweepRun, key: str, parent: dict | None) -> dict[str, Any]:
     """One stage node, started by Ray once `parent` (the parent node's published checkpoint) exists."""
-    from reteq.sweep import worker
-
-    cfg, plan = worker.plan_of(base)
+    cfg, plan = worker.plan_of(settings)
     node = plan.nodes[key]
     try:
-        if base["in_process"]:
-            return _train_here(base, key, parent)
-        return _train_with_trainer(base, key, parent, cfg)
+        if settings.in_process:
+            return train_rank(settings, key, parent)
+        return _train_in_group(settings, key, parent, cfg)
     except NodeFailed:
         raise
     except Exception as e:
-        raise NodeFailed(key, f"{_describe(node)} failed: {type(e).__name__}: {e}") from e
+        raise NodeFailed(key, f"{_describe(node)} failed: {one_line(e)}") from e
     finally:
         worker.release_memory()
 
@@ -151,15 +131,15 @@ def leaf_dependencies(leaf) -> list[str]:
     return [leaf.parent] + ([retrain] if retrain else [])
 
 
-def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str, str]], base: dict) -> dict[str, Any]:
+def submit_nodes(cfg, plan, keys: list[str], settings_ref, done: dict[str, dict[str, str]], settings: SweepRun) -> dict[str, Any]:
     """key -> object ref of the node's published checkpoint: `ray.put` for nodes already in MLflow, a task for
-    the rest (submitted parents first, so each task names its parent's ref). `base` is the driver's (its
+    the rest (submitted parents first, so each task names its parent's ref). `settings` is the driver's (its
     `in_process` and `runtime_env` decided there once)."""
     refs: dict[str, Any] = {}
     ex = cfg.execution
-    opts = {"num_cpus": base["task_cpus"] if base["in_process"] else TRAINER_DRIVER_CPUS,
+    opts = {"num_cpus": settings.task_cpus if settings.in_process else TRAINER_DRIVER_CPUS,
             "max_retries": ex.max_failures, "retry_exceptions": False,
-            "runtime_env": base["runtime_env"],  # one pool of warm workers with the leaves
+            "runtime_env": settings.runtime_env,  # one pool of warm workers with the leaves
             "scheduling_strategy": "DEFAULT"}  # never inside the submitter's placement group (launcher.Launcher)
     for key in keys:
         node = plan.nodes[key]
@@ -168,6 +148,6 @@ def submit_nodes(cfg, plan, keys: list[str], base_ref, done: dict[str, dict[str,
                                  "run_id": done[key].get("run_id", ""), "published": 0.0})
             continue
         parent = refs[node.parent] if node.parent else None
-        refs[key] = node_task.options(name=f"node-{T.order_tag(node.prefix)}", **opts).remote(base_ref, key, parent)
+        refs[key] = node_task.options(name=f"node-{T.order_tag(node.prefix)}", **opts).remote(settings_ref, key, parent)
     return refs
 

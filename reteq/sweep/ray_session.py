@@ -6,6 +6,10 @@ from __future__ import annotations
 import logging
 import os
 
+from reteq import environment
+
+# ray is imported inside functions: commands that never start Ray (theory report, plan) import this module.
+
 
 def init_ray(keep_workers: int = 0) -> bool:
     """Connect to RAY_ADDRESS (a cluster, or the job's own under `ray job submit`) when set; otherwise start a
@@ -23,10 +27,9 @@ def init_ray(keep_workers: int = 0) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # read by Train controllers
+    environment.ray_driver_defaults()
     kwargs = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
-    if os.environ.get("RAY_ADDRESS"):
+    if environment.ray_address():
         ray.init(**kwargs)
     else:
         # a new local cluster turns token auth on by itself and says so at WARNING level: not the user's concern
@@ -83,5 +86,4 @@ def trial_runtime_env() -> dict:
     Tune sets, which would make another env."""
     from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
 
-    return {"env_vars": {**DEFAULT_ENV_VARS, **{k: os.environ[k] for k in sorted(ENV_VARS_TO_PROPAGATE)
-                                                 if k in os.environ}}}
+    return {"env_vars": environment.tune_trial_env(DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE)}

@@ -8,16 +8,22 @@ checkpoint artifact; a rerun of the same sweep looks those up by their plan key 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param
 
 from reteq import tracking as T
 from reteq.pipeline import Hooks
 from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.sweep.faults import fault
-from reteq.sweep.lifecycle import finish_run, finished_runs, record_reused_node
-from reteq.sweep.mlflow_store import search_runs, tracking_client
+from reteq.sweep.lifecycle import finish_run, record_reused_node
+from reteq.sweep.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
+
+# The system-metrics monitor is imported inside a function: optional (psutil), and failure is reported there.
 
 
 def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
@@ -32,13 +38,6 @@ def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
     run = c.create_run(exp_id, run_name=f"sweep/{sweep_name}",
                        tags={T.TAG_KIND: T.KIND_SWEEP, T.TAG_SWEEP: sweep_name, T.TAG_CONFIG_HASH: config_hash})
     return run.info.run_id
-
-
-def _finished(c, exp_id: str) -> list:
-    """Counted runs: MLflow FINISHED and reteq.status done/collapsed, oldest first (the first one per key wins)."""
-    runs = search_runs(c, exp_id, f"attributes.status = '{T.RUN_FINISHED}'")
-    runs = [r for r in runs if r.data.tags.get(T.TAG_STATUS) in (T.STATUS_DONE, T.STATUS_COLLAPSED)]
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def sweep_params(cfg) -> dict[str, str]:
@@ -57,11 +56,6 @@ def sweep_params(cfg) -> dict[str, str]:
 
 def log_sweep_config(c, run_id: str, cfg) -> None:
     """The parent run carries the resolved config (an artifact) and its key params."""
-    import tempfile
-
-    import yaml
-    from mlflow.entities import Param
-
     c.log_batch(run_id, params=[Param(k, v) for k, v in sweep_params(cfg).items()])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / T.CONFIG_FILE
@@ -72,8 +66,6 @@ def log_sweep_config(c, run_id: str, cfg) -> None:
 def log_phases(c, run_id: str, phases: dict[str, float]) -> None:
     """Where the driver's time went (MLflow setup, Ray start, the DAG, ...): one metric per phase, seconds from
     the attempt's start, so the MLflow UI compares attempts and sweeps."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(T.M_SWEEP_PHASE.format(k), v, now, 0) for k, v in phases.items()])
 
@@ -87,7 +79,7 @@ def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
     """node key -> {run_id, checkpoint} for node runs that finished and published a checkpoint (kind finetune;
     kind retrain without a retrain key: a retrain-only node recorded before retrain records existed)."""
     out: dict[str, dict[str, str]] = {}
-    for r in _finished(c, exp_id):
+    for r in finished_runs(c, exp_id):
         if r.data.tags.get(T.TAG_KIND) in (T.KIND_FINETUNE, T.KIND_RETRAIN) and not _is_record(r.data.tags):
             out.setdefault(r.data.tags[T.TAG_PLAN_KEY], {"run_id": r.info.run_id,
                                                          "checkpoint": r.data.tags.get(T.TAG_CHECKPOINT, "")})
@@ -95,12 +87,12 @@ def finished_nodes(c, exp_id: str) -> dict[str, dict[str, str]]:
 
 
 def finished_leaves(c, exp_id: str) -> set[str]:
-    return {r.data.tags[T.TAG_PLAN_KEY] for r in _finished(c, exp_id) if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN}
+    return {r.data.tags[T.TAG_PLAN_KEY] for r in finished_runs(c, exp_id) if r.data.tags.get(T.TAG_KIND) == T.KIND_UNLEARN}
 
 
 def finished_records(c, exp_id: str) -> set[str]:
     """Keys of the retrain records (theta_r evaluated) that finished."""
-    return {r.data.tags[T.TAG_PLAN_KEY] for r in _finished(c, exp_id) if _is_record(r.data.tags)}
+    return {r.data.tags[T.TAG_PLAN_KEY] for r in finished_runs(c, exp_id) if _is_record(r.data.tags)}
 
 
 def node_tags(node: StageNode, sweep: str, schedule: str) -> dict[str, str]:
@@ -155,7 +147,7 @@ class MlflowHooks(Hooks):
         self.attempt, self.trial = attempt, trial  # who started the runs: closes them if this process dies
 
     def _start(self, key: str, name: str, tags: dict[str, str]) -> str:
-        run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, "mlflow.parentRunId": self.parent,
+        run = self.c.create_run(self.exp_id, run_name=name, tags={**tags, T.TAG_MLFLOW_PARENT: self.parent,
                                                                   T.TAG_ATTEMPT: self.attempt, T.TAG_TRIAL: self.trial})
         self.run_ids[key] = run.info.run_id
         self._monitor(key, run.info.run_id)
@@ -174,8 +166,6 @@ class MlflowHooks(Hooks):
             self.echo(f"system metrics unavailable: {type(e).__name__}: {e}")
 
     def _metrics(self, key: str, values: dict[str, float], step: int, flush: bool = False) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         rows = self._buffer.setdefault(key, [])
         rows.extend(Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v))
@@ -185,8 +175,6 @@ class MlflowHooks(Hooks):
             rows.clear()
 
     def _params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         # a value that does not apply (GA's beta) is left out, never logged as the string "None"
         self.c.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if v is not None])
 
@@ -199,7 +187,7 @@ class MlflowHooks(Hooks):
     # ---- stage nodes -----------------------------------------------------------------------------------
     def node_skipped(self, node: StageNode, path: Path) -> None:
         self.echo(f"[node {node.key[:8]}] {node.model} {T.order_tag(node.prefix)}: reusing {path}")
-        if not finished_runs(self.c, self.exp_id, node.key):  # published here, then the process died
+        if finished_run(self.c, self.exp_id, node.key) is None:  # published here, then the process died
             tags = node_tags(node, self.sweep, node.schedule or self.schedule_of(node.stage))
             rid = record_reused_node(self.c, self.exp_id, self.parent, {**tags, T.TAG_TRIAL: self.trial}, path,
                                      self.attempt)
@@ -269,13 +257,14 @@ class MlflowHooks(Hooks):
     def leaf_done(self, leaf: UnlearnLeaf, result) -> None:
         vectors = getattr(result, "vectors", None)
         if vectors is not None and vectors.height:
-            import tempfile
-
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / T.PREDICTIONS_FILE
                 vectors.write_parquet(path)
                 self.c.log_artifact(self.run_ids[leaf.key], str(path), artifact_path=T.ARTIFACT_PREDICTIONS)
         self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
+
+    def run_id(self, key: str) -> str:
+        return self.run_ids.get(key, "")
 
     def fail_open_runs(self, error: str) -> None:
         for monitor in self._monitors.values():

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from reteq import tracking as T
 from reteq.sweep.delivery import fetch_run_checkpoint
-from reteq.sweep.lifecycle import finish_run, finished_runs, record_reused_node
+from reteq.sweep.lifecycle import finish_run, record_reused_node
+from reteq.sweep.mlflow_store import finished_runs
 from reteq.train.checkpoint import CheckpointError, discard, is_complete
 
 

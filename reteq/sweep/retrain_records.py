@@ -10,34 +10,34 @@ Its run is closed FAILED on an exception, and KILLED by the next attempt if its 
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 import ray
 
 from reteq import tracking as T
+from reteq.resources import one_line
+from reteq.sweep import worker
+from reteq.sweep.settings import SweepRun
 from reteq.sweep.worker import NodeFailed
+
+# Imports inside functions below are heavy (torch): the driver imports this module to submit the tasks.
 
 
 @ray.remote
-def record_task(base: dict[str, Any], key: str, node: dict) -> dict[str, Any]:
+def record_task(settings: SweepRun, key: str, node: dict) -> dict[str, Any]:
     """Evaluate theta_r (`node`: its published checkpoint {key, path, run_id}) and log its retrain record."""
-    from reteq.pipeline import RunContext, record_retrain
-    from reteq.sweep import worker
+    from reteq.pipeline import record_retrain
 
-    cfg, plan, data = worker.state(base)
+    cfg, plan = worker.plan_of(settings)
     rec = plan.records[key]
-    hooks = worker.mlflow_hooks(base, cfg, key)
     try:
-        ctx = _context(cfg, rec.model)
-        run = RunContext(cfg, plan, ctx, worker.store(base), data, hooks)
-        path = run.store.ensure_local(rec.node, ctx)
-        record_retrain(run, rec, path, node.get("run_id", ""))
+        with worker.rank_run(settings, key, rec.model, worker.Rank(), context=_context(cfg, rec.model)) as run:
+            path = run.store.ensure_local(rec.node, run.worker)
+            record_retrain(run, rec, path, node.get("run_id", ""))
     except Exception as e:
-        hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
         raise NodeFailed(key, f"retrain record {key[:8]} ({rec.model} {T.order_tag(rec.order)}) failed: "
-                              f"{type(e).__name__}: {e}") from e
-    return {"key": key, "run_id": hooks.run_ids.get(key, "")}
+                              f"{one_line(e)}") from e
+    return {"key": key, "run_id": run.hooks.run_id(key)}
 
 
 def _context(cfg, model: str):
@@ -45,7 +45,6 @@ def _context(cfg, model: str):
     get_device works only inside a worker group), else the CPU context of an in-process node."""
     import torch
 
-    from reteq.sweep import worker
     from reteq.train.recipes import WorkerContext
 
     if cfg.execution.use_gpu and torch.cuda.is_available():
@@ -59,18 +58,18 @@ def record_nodes(plan, records: list[str]) -> list[str]:
     return list(dict.fromkeys(n.key for k in records for n in plan.chain(plan.records[k].node)))
 
 
-def submit_records(cfg, plan, records: list[str], base_ref, node_refs: dict[str, Any], base: dict
+def submit_records(cfg, plan, records: list[str], settings_ref, node_refs: dict[str, Any], settings: SweepRun
                    ) -> dict[str, Any]:
-    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves. `base` is the
+    """record key -> ref of its task, which Ray starts once the theta_r node's ref resolves. `settings` is the
     driver's: its runtime env (ray_session.trial_runtime_env) and a task's CPU request (ray_session.task_cpus)."""
     ex = cfg.execution
-    opts: dict[str, Any] = {"num_cpus": base["task_cpus"], "max_retries": ex.max_failures,
-                            "retry_exceptions": False, "runtime_env": base["runtime_env"],
+    opts: dict[str, Any] = {"num_cpus": settings.task_cpus, "max_retries": ex.max_failures,
+                            "retry_exceptions": False, "runtime_env": settings.runtime_env,
                             "scheduling_strategy": "DEFAULT"}  # the warm workers of nodes and leaves (Launcher)
     if ex.use_gpu:
         opts["num_gpus"] = ex.gpus_per_worker
     return {k: record_task.options(name=f"retrain-{T.order_tag(plan.records[k].order)}", **opts)
-            .remote(base_ref, k, node_refs[plan.records[k].node]) for k in records}
+            .remote(settings_ref, k, node_refs[plan.records[k].node]) for k in records}
 
 
 def wait_records(refs: dict[str, Any]) -> dict[str, str]:

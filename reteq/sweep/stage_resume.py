@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# ray.train is imported inside functions: only a Ray Train worker calls them.
+
 RESUME_FILE = "resume.json"
 TAG = "stage"  # DeepSpeed's checkpoint tag (a subfolder of the checkpoint)
 METRIC_STEP = "reteq_stage_step"  # what the Train checkpoint reports (Train's own bookkeeping, not MLflow's)

@@ -1,10 +1,10 @@
 """What every Ray process of a sweep shares: the parsed config, the worker context, the parent checkpoint.
 
-A node task or a leaf trial receives `base` (the sweep's settings, one dict put in the object store once) and
+A node task or a leaf trial receives `settings` (a SweepRun: the sweep's settings, put in the object store once) and
 builds its state from it. Ray reuses worker processes (and Tune reuses trial actors), so the parsed config,
 plan and data are cached per process: the second task in a process pays nothing for them.
 
-Test hooks (environment variables, read in the task; for fault-injection tests only, never set them in a run):
+Test hooks (reteq.environment.PID_DIR, FAULT_NODE; read in the task; for fault-injection tests only):
   RETEQ_PID_DIR=DIR        each node task (or a node's rank-0 Train worker) writes DIR/<node key>.pid at start
   RETEQ_FAULT_NODE=ORDER   the node whose stage prefix is ORDER (e.g. "inst>U") raises, every attempt
 """
@@ -15,14 +15,26 @@ import ctypes
 import gc
 import json
 import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from reteq import environment
 from reteq import tracking as T
+from reteq.config import parse_config
+from reteq.plan import build_plan
+from reteq.sweep.lifecycle import close_trial_runs
+from reteq.sweep.settings import SweepRun
+
+# Imports inside functions below are the heavy ones (torch through reteq.pipeline / reteq.train, MLflow through
+# record and delivery, Ray Train): a Tune trial imports this module and must stay a light process.
 
 _CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
-_APPLIED_ENV: dict[str, str] = {}  # the variables the last sweep's `base` set in this process
 
 
 class NodeFailed(RuntimeError):
@@ -50,35 +62,22 @@ def release_memory() -> None:
         pass
 
 
-def plan_of(base: dict[str, Any]):
+def plan_of(settings: SweepRun):
     """(cfg, plan) for this sweep, parsed once per process; imports neither torch nor MLflow (a Tune trial that
     only drives a task or a trainer stays a light process)."""
-    _apply_env(base["env"])
-    digest = base["digest"]
+    environment.apply_worker_env(settings.env)
+    digest = settings.digest
     if digest not in _CACHE:
-        from reteq.config import parse_config
-        from reteq.plan import build_plan
-
-        cfg = parse_config(base["config"], source=base["config_name"])
+        cfg = parse_config(settings.config, source=settings.config_name)
         _CACHE.clear()
         _CACHE[digest] = (cfg, build_plan(cfg), None)
     return _CACHE[digest][:2]
 
 
-def _apply_env(env: dict[str, str]) -> None:
-    """This sweep's variables, and none left over from an earlier sweep this (reused, warm) process ran: a
-    fault hook of one test must not fire in the next sweep."""
-    for k in _APPLIED_ENV.keys() - env.keys():
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    _APPLIED_ENV.clear()
-    _APPLIED_ENV.update(env)
-
-
-def state(base: dict[str, Any]):
+def state(settings: SweepRun):
     """(cfg, plan, data) for this sweep, built once per process."""
-    cfg, plan = plan_of(base)
-    digest = base["digest"]
+    cfg, plan = plan_of(settings)
+    digest = settings.digest
     if _CACHE[digest][2] is None:
         from reteq.pipeline import DataCache
 
@@ -86,10 +85,10 @@ def state(base: dict[str, Any]):
     return _CACHE[digest]
 
 
-def deepspeed_config(base: dict[str, Any]) -> dict[str, Any] | None:
+def deepspeed_config(settings: SweepRun) -> dict[str, Any] | None:
     from reteq.train.engine import load_deepspeed_config
 
-    return load_deepspeed_config(base["deepspeed"]) if base["deepspeed"] else None
+    return load_deepspeed_config(settings.deepspeed) if settings.deepspeed else None
 
 
 def in_process(cfg, ds: dict[str, Any] | None) -> bool:
@@ -139,8 +138,6 @@ def machine_local_rank(rank: int, device) -> int:
     Ray Train's own local rank groups workers by node IP, and two Ray nodes can share one (several nodes on one
     host, as in tests/test_two_nodes.py): the group would then have one local rank 0 for two stores, and the
     other node's ranks would load a checkpoint nobody fetched for them. The Ray node id is exact."""
-    import ray
-
     from reteq.train import collectives
 
     node = ray.get_runtime_context().get_node_id()
@@ -148,29 +145,28 @@ def machine_local_rank(rank: int, device) -> int:
     return nodes[:rank].count(node)
 
 
-def mlflow_hooks(base: dict[str, Any], cfg, key: str):
+def mlflow_hooks(settings: SweepRun, cfg, key: str):
     """MLflow hooks for the node or leaf `key`; runs an earlier try of it left RUNNING (its process died and
     Ray or Tune retried it) are closed KILLED first, so one FINISHED run per key remains."""
-    from reteq.sweep.lifecycle import close_trial_runs
     from reteq.sweep.record import MlflowHooks
 
-    hooks = MlflowHooks(base["tracking_uri"], base["experiment_id"], base["parent_run_id"], cfg.name,
+    hooks = MlflowHooks(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, cfg.name,
                         lambda stage: cfg.stage(stage).schedule, echo=lambda m: print(m, flush=True),
-                        attempt=base.get("attempt", ""), trial=key)
-    if base.get("attempt"):
-        close_trial_runs(hooks.c, base["experiment_id"], base["attempt"], key, T.STATUS_KILLED,
+                        attempt=settings.attempt, trial=key)
+    if settings.attempt:
+        close_trial_runs(hooks.c, settings.experiment_id, settings.attempt, key, T.STATUS_KILLED,
                          "its process died; Ray retried it")
     return hooks
 
 
-def store(base: dict[str, Any]):
+def store(settings: SweepRun):
     """This machine's checkpoint store; a node published on another machine is fetched from MLflow
     (reteq.sweep.delivery) by `ensure_local`, which every rank calls before loading it."""
     from reteq.pipeline import CheckpointStore
     from reteq.sweep.delivery import local_store_root, mlflow_fetcher
 
-    return CheckpointStore(local_store_root(base["checkpoints"]),
-                           fetch=mlflow_fetcher(base["tracking_uri"], base["experiment_id"]))
+    return CheckpointStore(local_store_root(settings.checkpoints),
+                           fetch=mlflow_fetcher(settings.tracking_uri, settings.experiment_id))
 
 
 def warm_up() -> None:
@@ -183,9 +179,47 @@ def warm_up() -> None:
 
 def test_hooks(node) -> None:
     """The fault-injection hooks described in the module docstring."""
-    pid_dir = os.environ.get("RETEQ_PID_DIR")
+    pid_dir = environment.get(environment.PID_DIR)
     if pid_dir:
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(pid_dir) / f"{node.key}.pid").write_text(json.dumps({"pid": os.getpid()}))
-    if os.environ.get("RETEQ_FAULT_NODE") == T.order_tag(node.prefix):
+    if environment.get(environment.FAULT_NODE) == T.order_tag(node.prefix):
         raise RuntimeError(f"fault injected by RETEQ_FAULT_NODE into {T.order_tag(node.prefix)}")
+
+
+def worker_group(settings: SweepRun, cfg, loop, loop_config: dict[str, Any], name: str, **run_config):
+    """A TorchTrainer of `execution.workers` ranks, each running `loop(loop_config)` (a node's or a leaf's
+    rank function), with Train's FailureConfig(execution.max_failures) and this sweep's worker env.
+    `run_config`: what one kind adds (a node's checkpoint config, a leaf's Tune callback)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ex = cfg.execution
+    resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=ex.workers, use_gpu=ex.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=ex.placement),
+        run_config=RunConfig(name=name, storage_path=settings.storage_path,
+                             failure_config=FailureConfig(max_failures=ex.max_failures),
+                             worker_runtime_env={"env_vars": settings.env}, **run_config),
+    )
+
+
+@contextmanager
+def rank_run(settings: SweepRun, key: str, model: str, r: Rank, context=None) -> Iterator:
+    """The RunContext one rank works in for node, leaf or record `key`: MLflow hooks on rank 0 (no-op hooks on
+    the others), this machine's store, the cached data. Whatever the work raises, rank 0 first closes the runs
+    it opened FAILED with the error. `context`: a WorkerContext to use instead of `worker_context`."""
+    from reteq.pipeline import Hooks, RunContext
+
+    cfg, plan, data = state(settings)
+    hooks = mlflow_hooks(settings, cfg, key) if r.rank == 0 else Hooks()
+    try:
+        ctx = context or worker_context(cfg, model, r)
+        yield RunContext(cfg, plan, ctx, store(settings), data, hooks)
+    except BaseException as e:
+        if r.rank == 0:
+            hooks.fail_open_runs("".join(traceback.format_exception_only(type(e), e)).strip())
+        raise

@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.entities import Metric, Param
 
+from reteq import environment
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
 from reteq.errors import BadInput
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq.sweep.mlflow_store import ensure_experiment, reader, tracking_client
 from reteq.sweep.ray_session import init_ray
 from reteq.theory.beyond import retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
@@ -107,8 +108,6 @@ def log_instance(
     client, experiment_id: str, parent_run_id: str, sweep: str, result: dict[str, Any], steps: int
 ) -> str:
     """One child run, written with create_run + chunked log_batch + set_terminated."""
-    from mlflow.entities import Metric, Param
-
     p = result["params"]
     tags = {
         tk.TAG_KIND: tk.KIND_THEORY,
@@ -117,7 +116,7 @@ def log_instance(
         tk.TAG_ALGORITHM: "ga",
         tk.TAG_LR: tk.format_float(p["eta"]),
         tk.TAG_STATUS: tk.STATUS_DONE,
-        "mlflow.parentRunId": parent_run_id,
+        tk.TAG_MLFLOW_PARENT: parent_run_id,
     }
     name = tk.run_name(
         tk.KIND_THEORY,
@@ -141,9 +140,7 @@ def log_instance(
 
 def run_cell(cell: dict[str, Any], ctx: dict[str, Any]) -> dict[str, int]:
     """All seeds of one grid cell: evaluate, log each instance, return the counts (also used without Tune)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(ctx["tracking_uri"])
+    client = reader(ctx["tracking_uri"])
     counts = {"instances": 0, "bound_holds": 0, "nonvacuous": 0}
     for seed in range(ctx["first_seed"], ctx["first_seed"] + ctx["seeds"]):
         inst = make_instance(
@@ -161,7 +158,7 @@ def _cell_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune function trainable: one cell, one report."""
     from ray import tune
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    environment.telemetry_off()
     tune.report(run_cell(config["cell"], ctx))
 
 
@@ -169,8 +166,6 @@ def _cell_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 def _start_parent(client, experiment_id: str, cfg: TheoryConfig) -> str:
     """The parent run (kind sweep); the grid definition goes in as params, not an artifact, so nothing lands
     in the working directory when there is no artifact root."""
-    from mlflow.entities import Param
-
     parent = client.create_run(
         experiment_id,
         run_name=tk.run_name(tk.KIND_SWEEP, "theory", cfg.name),
@@ -222,8 +217,7 @@ def run_theory_grid(
     storage_path: str | None = None,
 ) -> dict[str, Any]:
     """Run the grid as one Ray Tune experiment (one trial per cell) logging to MLflow; return the counts."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    environment.telemetry_off()
     import ray
 
     started = time.time()
@@ -257,7 +251,6 @@ def run_theory_grid(
     finally:
         if we_started_ray:
             ray.shutdown()
-    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     client.log_batch(

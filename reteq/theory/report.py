@@ -14,7 +14,7 @@ import polars as pl
 
 from reteq import tracking as tk
 from reteq.analysis.section import Section
-from reteq.sweep.mlflow_store import search_runs
+from reteq.sweep.mlflow_store import reader, search_runs
 from reteq.theory import grid as g
 
 TITLE = "Theory: path dependence of gradient-ascent unlearning in linear regression (Section 3)"
@@ -37,7 +37,7 @@ def _latest_grid(client, experiment_id: str) -> tuple[Any, list] | None:
             client,
             experiment_id,
             f"tags.`{tk.TAG_KIND}` = '{tk.KIND_THEORY}' and "
-            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            f"tags.`{tk.TAG_MLFLOW_PARENT}` = '{parent.info.run_id}'",
         )
         if children:
             return parent, children
@@ -225,9 +225,7 @@ def growth_chart(frame: pl.DataFrame):
 
 def theory_section(tracking_uri: str, experiment: str) -> Section | None:
     """The report section for the latest theory grid in `experiment`, or None when there is none."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = reader(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None

@@ -8,6 +8,7 @@ line can say "while writing the MLflow store" rather than only where.
 from __future__ import annotations
 
 import errno
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,32 @@ def describe(error: BaseException | str, path: str | Path | None = None, what: s
         where = found[-1] if found else "?"
     what = what or next((w for part, w in _WHAT if part in str(where)), "a file")
     return f"{where}: {problem} while writing {what}"
+
+
+def full_disk(path: str | Path, least_bytes: int = 1 << 20) -> str | None:
+    """`PATH: disk full while writing the work dir` when the file system holding `path` has less than
+    `least_bytes` left, else None. For errors a library raised about a file it could not finish (Ray Tune reads
+    its own truncated experiment state back as a JSON-decode error): the cause is the disk, not the JSON."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return f"{path}: disk full while writing the work dir" if st.f_bavail * st.f_frsize < least_bytes else None
+
+
+# lines a wrapped database error appends after its cause: SQLAlchemy's statement, parameters and footer
+_NOISE = re.compile(r"^\s*(\[SQL: |\[parameters: |\(Background on this error at: )")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line for the console and a failed node's record: `PATH: PROBLEM while writing WHAT`
+    for a resource error that names its path, else `Type: first line`, where the first line is the cause
+    (`(sqlite3.OperationalError) database or disk is full`), never SQLAlchemy's footer after it."""
+    problem = describe(error)
+    if problem is not None and not problem.startswith("?:"):
+        return problem
+    lines = [x.strip() for x in str(error).splitlines() if x.strip() and not _NOISE.match(x)]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 @contextmanager

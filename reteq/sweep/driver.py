@@ -1,0 +1,211 @@
+"""The driver of one sweep attempt, run while its process holds the work dir (reteq.sweep.lock).
+
+setup (MLflow experiment + parent run, close what an earlier attempt left RUNNING, repair the local store, find
+finished work) -> run (Ray: the missing stage nodes as tasks, the leaves not yet done as Tune trials,
+reteq.sweep.execute) -> close (every run of this attempt ends, the parent says FINISHED or FAILED). Ray is
+started by `RaySession` at most once, beside the MLflow setup when the store is new (it is certainly needed).
+`reteq sweep` (reteq.commands.sweep) validates the config, takes the lock, calls `run_locked` and writes the
+report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from reteq import environment
+from reteq import tracking as T
+from reteq.config import SweepConfig
+from reteq.resources import ResourceError, describe, full_disk, one_line, writing
+from reteq.sweep import lifecycle, record
+from reteq.sweep.execute import DagOutcome, check_resources, run_dag
+from reteq.sweep.launcher import start_launcher, stop_launcher
+from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq.sweep.nodes import leaf_dependencies
+from reteq.sweep.ray_session import init_ray, task_cpus, trial_runtime_env, workers_to_keep
+from reteq.sweep.repair import reconcile_nodes
+from reteq.sweep.settings import SweepRun
+from reteq.sweep.worker import in_process
+from reteq.train.engine import load_deepspeed_config
+
+
+@dataclass
+class SweepOutcome:
+    code: int  # 0: every node and leaf finished; 1: some failed (named on the console)
+    dag: DagOutcome | None = None  # None when nothing was left to run
+    phases: dict[str, float] | None = None  # seconds since the sweep started when each driver phase ended
+    tracking_uri: str = ""  # where the sweep recorded (the report reads it)
+
+
+def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
+    """The sweep itself, run while this process holds the work dir: every RUNNING run of an earlier attempt is
+    dead, so it is closed first; the local store is repaired and recorded before any trial uses it. The report
+    is the caller's (reteq.commands.sweep)."""
+    start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def mark(phase: str) -> None:
+        phases[phase] = round(time.perf_counter() - start, 2)
+
+    uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
+    store = uri.removeprefix("sqlite:///")
+    attempt = lifecycle.new_attempt()
+
+    def mlflow_setup():
+        with writing("the MLflow store", store):
+            exp_id = ensure_experiment(uri, cfg.name, T.default_artifact_root(work))
+            c = tracking_client(uri)
+            parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
+            c.set_tag(parent, T.TAG_ATTEMPT, attempt)
+            record.log_sweep_config(c, parent, cfg)
+            return c, exp_id, parent, lifecycle.close_stale_runs(c, exp_id, cfg.name, attempt)
+
+    # A store not made yet holds no finished work, so Ray is certainly needed: start it (main thread: Ray's
+    # processes die with the thread that started them) while a thread sets up MLflow, and warm the task workers.
+    session = RaySession(cfg, mark)
+    fresh = uri.startswith("sqlite:///") and not Path(store).exists()
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as pool:
+        setup = pool.submit(mlflow_setup)
+        try:
+            if fresh:
+                session.start()
+            c, exp_id, parent, closed = setup.result()
+        except BaseException:
+            session.stop()
+            raise
+    mark("mlflow_setup")
+    if closed:
+        print(f"closed {closed} run(s) left RUNNING by an earlier attempt that died (now KILLED)", flush=True)
+    dag = None
+    try:
+        done_leaves = record.finished_leaves(c, exp_id)
+        todo = [leaf for leaf in plan.leaves if leaf.key not in done_leaves]
+        records = [k for k in plan.records if k not in record.finished_records(c, exp_id)]  # theta_r evaluated
+        needed = {n.key for leaf in todo for dep in leaf_dependencies(leaf) for n in plan.chain(dep)}
+        needed |= {n.key for k in records for n in plan.chain(plan.records[k].node)}
+        reconcile_nodes(c, exp_id, parent, work / "checkpoints", plan.nodes,
+                        lambda n: record.node_tags(n, cfg.name, n.schedule or cfg.stage(n.stage).schedule),
+                        attempt, needed, echo=lambda m: print(m, flush=True))
+        done_nodes = record.finished_nodes(c, exp_id)
+        mark("resume_lookup")
+        summary = plan.summary()
+        print(f"sweep {cfg.name}: {summary['stage_nodes']} stage nodes ({summary['stage_runs_without_sharing']} "
+              f"without sharing), {summary['unlearn_runs']} unlearning runs; already done: "
+              f"{sum(k in done_nodes for k in plan.nodes)} nodes, {len(plan.leaves) - len(todo)} runs"
+              + (f", {len(plan.records) - len(records)} of {len(plan.records)} retrain records" if plan.records
+                 else ""), flush=True)
+        if todo or records:
+            environment.mark_fault_driver()
+            session.start()
+            check_resources(cfg)
+            settings = SweepRun(
+                config=cfg.model_dump(mode="json"), config_name=str(cfg.name), digest=cfg.digest(),
+                env=environment.worker_env(), attempt=attempt, tracking_uri=uri, experiment_id=exp_id,
+                parent_run_id=parent, checkpoints=str(work / "checkpoints"),
+                storage_path=cfg.execution.storage_path or str(work / "ray"),
+                deepspeed=str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
+                in_process=session.in_process, task_cpus=session.task_cpus,
+                runtime_env=trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
+            )
+            dag = run_dag(cfg, plan, todo, settings, done_nodes, records, session.launcher and session.launcher[0])
+            mark("dag")
+            print_resource_errors([r.error for r in dag.results or [] if r.error is not None])
+        else:
+            print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
+    except BaseException as e:
+        session.stop()
+        full = full_disk(work) if isinstance(e, Exception) and describe(e) is None else None
+        reason = f"the sweep driver failed: {full or one_line(e)}"
+        try:  # best effort: on a full or read-only disk the record may not take these writes either
+            lifecycle.close_attempt_runs(c, exp_id, attempt, reason)
+            lifecycle.record_failed_children(c, exp_id, parent, attempt)
+            lifecycle.finish_run(c, parent, T.STATUS_FAILED, reason)
+        except Exception as close_error:  # noqa: BLE001
+            if full is None:
+                print(f"could not close this attempt's runs: {type(close_error).__name__}", file=sys.stderr)
+        if full is not None:  # what broke is the disk, whatever a library made of it (Tune: a JSON-decode error)
+            raise ResourceError(full) from e
+        raise
+    session.stop()
+    with writing("the MLflow store", store):
+        lifecycle.close_attempt_runs(c, exp_id, attempt, "its trial ended without closing it")
+        children = lifecycle.record_failed_children(c, exp_id, parent, attempt)
+        ok = dag is None or dag.ok
+        mark("close")
+        record.log_phases(c, parent, phases)
+        c.set_terminated(parent, "FINISHED" if ok else "FAILED")
+    print(f"sweep {cfg.name} finished in {time.perf_counter() - start:.0f}s; {children} failed or killed runs"
+          + ("" if ok else "; FAILED:"))
+    if not ok:
+        print_failures(plan, dag)
+    print(f"MLflow: {uri} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
+    return SweepOutcome(0 if ok else 1, dag, phases, uri)
+
+
+def keep_workers(cfg: SweepConfig) -> int:
+    """Idle Ray workers a local cluster started for this sweep keeps (ray_session.workers_to_keep)."""
+    return workers_to_keep(cfg.execution.cpus_per_worker, cfg.execution.max_concurrent_trials)
+
+
+class RaySession:
+    """Ray for one sweep: started at most once (with warm task workers for in-process nodes and leaves), and
+    shut down at the end only when this sweep started it."""
+
+    def __init__(self, cfg: SweepConfig, mark):
+        self.cfg, self.mark = cfg, mark
+        self.up = self.owned = False
+        self.launcher = None  # (actor, placement group) for in-process nodes and leaves
+        self.task_cpus = cfg.execution.cpus_per_worker  # what an in-process task asks for (set once Ray is up)
+        ex = cfg.execution
+        # decided once, here: the launcher, the node tasks and the leaves all follow it (SweepRun.in_process)
+        self.in_process = in_process(cfg, load_deepspeed_config(ex.deepspeed) if ex.deepspeed else None)
+
+    def start(self) -> None:
+        if self.up:
+            return
+        self.owned, self.up = init_ray(keep_workers(self.cfg)), True
+        ex = self.cfg.execution
+        if self.in_process:
+            self.task_cpus = task_cpus(ex.cpus_per_worker, ex.max_concurrent_trials,
+                                       ray.cluster_resources().get("CPU", 0))
+            self.launcher = start_launcher()
+            self.launcher[0].warm.remote(self.task_cpus, trial_runtime_env())
+        self.mark("ray_start")
+
+    def stop(self) -> None:
+        if self.up and not self.owned:  # a cluster someone else started: leave nothing of this sweep behind
+            stop_launcher(self.launcher)
+        self.launcher = None
+        if self.owned:
+            self.shutdown(True)
+            self.mark("ray_stop")
+        self.up = self.owned = False
+
+    @staticmethod
+    def shutdown(owned: bool) -> None:
+        if owned:
+            ray.shutdown()
+
+
+def print_failures(plan, dag: DagOutcome) -> None:
+    for key, msg in dag.failed_nodes.items():
+        node = plan.nodes.get(key)
+        what = f"{node.model} {T.order_tag(node.prefix)}" if node else ""
+        print(f"  node {key[:8]} {what} failed: {msg}")
+    if dag.skipped_leaves:
+        print(f"  {len(dag.skipped_leaves)} unlearning run(s) skipped below the failed node(s)")
+    if dag.failed_leaves:
+        print(f"  {dag.failed_leaves} unlearning trial(s) failed after Ray Tune's retries")
+    for msg in dag.failed_records.values():
+        print(f"  {msg}")
+
+
+def print_resource_errors(errors: list) -> None:
+    """A trial that died of a full or read-only disk: one line each (the path and what it was writing)."""
+    for line in dict.fromkeys(filter(None, (describe(str(e)) for e in errors))):
+        print(f"error: {line}", file=sys.stderr, flush=True)
