@@ -40,9 +40,18 @@ def report_command(config: str | None, experiment: str | None, work_dir: str | N
 
 
 def ui_command(work_dir: str, port: int) -> int:
+    """The MLflow UI on the work dir's store; first, each sweep's experiment is tagged to open on its runs page
+    with reteq's saved views (an experiment written by an older reteq too), and their links are printed."""
+    from reteq.sweep import mlflow_ui
+
     work = resolve_work_dir(work_dir)
     uri = T.default_tracking_uri(work)
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    base = f"http://127.0.0.1:{port}"
+    print(f"MLflow UI for {uri} on {base} (Ctrl-C to stop)", flush=True)
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        for name, exp_id, views in mlflow_ui.prepare_store(uri):
+            url = mlflow_ui.view_url(exp_id, base=base) if views else mlflow_ui.experiment_url(exp_id, base)
+            print(f"  {name}: {url}", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port)]
     return subprocess.call(cmd)
