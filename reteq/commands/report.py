@@ -13,7 +13,8 @@ from reteq.workdir import resolve_work_dir
 
 
 def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None) -> Path:
-    """report.html of a sweep, with the plan and, when it was run into the same store, the theory grid."""
+    """report.html of a sweep, with the plan and, when it was run into the same store, the theory grid; logged as
+    artifacts of the sweep's parent run."""
     from reteq.analysis.report import write_report
     from reteq.estimate import format_plan, plan_report
     from reteq.theory.report import theory_section
@@ -24,8 +25,17 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     section = theory_section(uri, T.THEORY_EXPERIMENT) if name != T.THEORY_EXPERIMENT else None
     extra = [section] if section is not None else []
     depth = (cfg.eval.depth_fall, cfg.eval.depth_margin) if cfg is not None else (0.5, 0.0)
-    return write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
+    path = write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
                         depth_thresholds=depth)
+    from reteq.analysis.mlflow_report import log_report
+
+    try:  # the report inside MLflow too; the file on disk is the result, so a store that refuses is only noted
+        run_id = log_report(uri, name, path.parent, cfg.digest() if cfg is not None else None)
+        if run_id:
+            print(f"report: logged under {T.ARTIFACT_REPORT}/ of MLflow run {run_id}", flush=True)
+    except Exception as err:  # noqa: BLE001
+        print(f"report: not logged to MLflow ({type(err).__name__}: {err})", flush=True)
+    return path
 
 
 def report_command(config: str | None, experiment: str | None, work_dir: str | None) -> int:
