@@ -98,9 +98,9 @@ def prepare_store(uri: str) -> list[tuple[str, str, bool]]:
     """Every active experiment of the store that holds a reteq sweep gets the kind tag and, when it has unlearning
     runs, reteq's views (an experiment written before reteq set them); returns (name, id, has views) of those
     experiments, in name order."""
-    from reteq.sweep.mlflow_store import tracking_client
+    from mlflow import MlflowClient
 
-    c = tracking_client(uri)
+    c = MlflowClient(tracking_uri=uri)  # an existing store (reteq.sweep.mlflow_store imports this module)
 
     def has(exp_id: str, search_filter: str) -> bool:
         return bool(c.search_runs([exp_id], filter_string=search_filter, max_results=1))
