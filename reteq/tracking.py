@@ -168,6 +168,17 @@ ARTIFACT_CONFIG = "config"  # the parent run's resolved sweep config, as ARTIFAC
 CONFIG_FILE = "sweep.yaml"
 
 
+# ---- the MLflow UI (3.17): experiment tags it reads, reteq's saved views (reteq/sweep/mlflow_ui.py) ---------------
+# MLflow's own: the experiment's kind (its page's layout and landing tab where the UI has no GenAI | Model training switch)
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"  # shown as "Machine learning": opens on the runs page
+TAG_SAVED_VIEW = "mlflow.sharedViewState.{}"  # MLflow's own: a saved view of the runs page, by view id
+VIEW_CURVES = "reteq-curves"  # the unlearning runs, flat, sorted by name, every one drawn in the charts
+VIEW_BY_P = "reteq-curves-by-p"  # the same runs grouped by param p: one mean line (min..max band) per p
+ARTIFACT_REPORT = "report"  # the parent run's artifact folder holding report.html, tables/ and charts/
+RUN_NAME_SEP = " · "  # between the parts of a leaf's and a retrain record's run name
+
+
 def format_float(x: float | None) -> str:
     """A stable, compact spelling of a hyperparameter for tags and keys (1e-05 -> '1e-05')."""
     return "" if x is None else f"{float(x):.6g}"
@@ -179,6 +190,25 @@ def order_tag(order: list[str] | tuple[str, ...]) -> str:
 
 def run_name(kind: str, *parts: str) -> str:
     return "/".join([kind, *[p for p in parts if p]])
+
+
+def short_float(x: float) -> str:
+    """A learning rate as a legend reads it: 0.001 -> '1e-3', 2.5e-05 -> '2.5e-5'."""
+    mantissa, exponent = f"{float(x):.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def leaf_run_name(p: int, algorithm: str, lr: float, seed: int, model: str, beta: float | None = None,
+                  schedule: str | None = None) -> str:
+    """An unlearning run's name: p first, so the MLflow legend sorts p = 1..4 ('p4 · ga · lr1e-3 · s0 · tiny')."""
+    parts = [f"p{p}", algorithm, f"b{format_float(beta)}" if beta is not None else "", f"lr{short_float(lr)}",
+             schedule or "", f"s{seed}", model]
+    return RUN_NAME_SEP.join(x for x in parts if x)
+
+
+def retrain_run_name(order: list[str] | tuple[str, ...], seed: int, model: str) -> str:
+    """theta_r's record: 'θ_r · inst>tofu>math · s0 · tiny' (the order without the forget stage)."""
+    return RUN_NAME_SEP.join(["θ_r", order_tag(order), f"s{seed}", model])
 
 
 def default_tracking_uri(work_dir: str | Path) -> str:

@@ -12,7 +12,9 @@ from mlflow import MlflowClient
 
 from reteq import tracking as T
 from reteq.analysis import report, tables
+from reteq.analysis.mlflow_report import log_report
 from reteq.analysis.section import Section
+from reteq.sweep import mlflow_ui
 
 
 def _text(page: str) -> str:
@@ -64,6 +66,20 @@ def test_full_report(sqlite_tracking, tmp_path):
     run_id = MlflowClient(uri).search_runs([exp_id], max_results=1)[0].info.run_id
     assert f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}" in page
     assert "&lt;b&gt;bold?&lt;/b&gt;" in page and "<b>bold?</b>" not in page  # plan text escaped
+    # each analysis section links the runs it was drawn from: reteq's saved views of the unlearning curves
+    view = html.escape(mlflow_ui.view_url(exp_id, T.VIEW_CURVES), quote=True)
+    assert page.count(f'<a href="{view}">') == 5  # findings, Table 1, divergence, recency, figures
+    assert html.escape(mlflow_ui.runs_url(exp_id, mlflow_ui.RE_FILTER), quote=True) in page
+
+    # the report inside MLflow: logged under report/ of the sweep's parent run, whose experiment gets the views
+    client = MlflowClient(uri)
+    parent = log_report(uri, EXPERIMENT, out)
+    assert client.get_run(parent).data.tags[T.TAG_KIND] == T.KIND_SWEEP
+    logged = {a.path for a in client.list_artifacts(parent, T.ARTIFACT_REPORT)}
+    assert {f"{T.ARTIFACT_REPORT}/report.html", f"{T.ARTIFACT_REPORT}/charts", f"{T.ARTIFACT_REPORT}/tables"} <= logged
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(parent, f"{T.ARTIFACT_REPORT}/charts"))
+    tags = client.get_experiment(exp_id).tags
+    assert tags[T.TAG_EXPERIMENT_KIND] == T.EXPERIMENT_KIND_TRAINING and T.TAG_SAVED_VIEW.format(T.VIEW_CURVES) in tags
     assert "<script src=" not in page
 
 

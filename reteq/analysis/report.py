@@ -64,6 +64,7 @@ def write_report(
                          RE.depth_labels(metrics, *depth_thresholds),
                          load_metrics(tracking_uri, experiment, kinds=(T.KIND_RETRAIN,), runs=runs))
     sections.insert(next((i + 1 for i, x in enumerate(sections) if x.title == "Path divergence"), 1), re)
+    _link_sections(sections, exp_id, ui_base)
     sections[-1].paragraphs.append(_excluded_text(excluded))  # the Runs section
     if excluded.height:
         sections[-1].tables[TABLE_EXCLUDED] = excluded
@@ -140,6 +141,25 @@ def analysis_sections(
         div.charts["divergence_growth"] = chart
     sections += [div, recency_section, figures, _runs_section(runs, exp_id, ui_base)]
     return sections
+
+
+def _link_sections(sections: list[Section], exp_id: str, ui_base: str) -> None:
+    """Each section links the runs it was drawn from in the MLflow UI: the unlearning runs' curves (reteq's saved
+    views, reteq.sweep.mlflow_ui), the runs measured against a theta_r with theta_r's own, or every run."""
+    from reteq.analysis.re_section import TITLE as RE_TITLE
+    from reteq.sweep import mlflow_ui as UI
+
+    curves = {"unlearning runs, one curve each": UI.view_url(exp_id, T.VIEW_CURVES, ui_base),
+              "grouped by p": UI.view_url(exp_id, T.VIEW_BY_P, ui_base)}
+    for sec in sections:
+        if sec.title == RE_TITLE:
+            sec.links = {"unlearning runs with a θ_r, and the θ_r runs": UI.runs_url(exp_id, UI.RE_FILTER, ui_base),
+                         "θ_r runs": UI.runs_url(exp_id, UI.RETRAIN_FILTER, ui_base, charts=False)}
+        elif sec.title == "Runs":
+            sec.links = {"every run (the sweep's run holds this report under report/)":
+                         UI.experiment_url(exp_id, ui_base)}
+        else:
+            sec.links = dict(curves)
 
 
 def findings(runs: pl.DataFrame, metrics: pl.DataFrame, growth: pl.DataFrame, rec: pl.DataFrame,
@@ -299,6 +319,10 @@ class _Renderer:
 
     def section(self, section: Section, preformatted: bool = False) -> str:
         parts = [f"<section><h2>{html.escape(section.title)}</h2>"]
+        if section.links:
+            anchors = " &middot; ".join(f'<a href="{html.escape(url, quote=True)}">{html.escape(label)}</a>'
+                                        for label, url in section.links.items())
+            parts.append(f'<p class="files">Drawn from, in MLflow: {anchors}</p>')
         for text in section.paragraphs:
             parts.append(f"<pre>{html.escape(text)}</pre>" if preformatted else f"<p>{html.escape(text)}</p>")
         for name, table in section.tables.items():

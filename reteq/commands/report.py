@@ -10,11 +10,14 @@ from reteq import tracking as T
 from reteq.analysis.load import experiment_id
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.sweep import mlflow_ui
+from reteq.sweep.mlflow_store import reader
 from reteq.workdir import resolve_work_dir
 
 
 def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None) -> Path:
-    """report.html of a sweep, with the plan and, when it was run into the same store, the theory grid."""
+    """report.html of a sweep, with the plan and, when it was run into the same store, the theory grid; logged as
+    artifacts of the sweep's parent run."""
     from reteq.analysis.report import write_report
     from reteq.estimate import format_plan, plan_report
     from reteq.theory.report import theory_section
@@ -25,8 +28,17 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     section = theory_section(uri, T.THEORY_EXPERIMENT) if name != T.THEORY_EXPERIMENT else None
     extra = [section] if section is not None else []
     depth = (cfg.eval.depth_fall, cfg.eval.depth_margin) if cfg is not None else (0.5, 0.0)
-    return write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
+    path = write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
                         depth_thresholds=depth)
+    from reteq.analysis.mlflow_report import log_report
+
+    try:  # the report inside MLflow too; the file on disk is the result, so a store that refuses is only noted
+        run_id = log_report(uri, name, path.parent, cfg.digest() if cfg is not None else None)
+        if run_id:
+            print(f"report: logged under {T.ARTIFACT_REPORT}/ of MLflow run {run_id}", flush=True)
+    except Exception as err:  # noqa: BLE001
+        print(f"report: not logged to MLflow ({type(err).__name__}: {err})", flush=True)
+    return path
 
 
 def report_command(config: str | None, experiment: str | None, work_dir: str | None) -> int:
@@ -42,9 +54,16 @@ def report_command(config: str | None, experiment: str | None, work_dir: str | N
 
 
 def ui_command(work_dir: str, port: int) -> int:
+    """The MLflow UI on the work dir's store; first, each sweep's experiment is tagged to open on its runs page
+    with reteq's saved views (an experiment written by an older reteq too), and their links are printed."""
     work = resolve_work_dir(work_dir)
     uri = T.default_tracking_uri(work)
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    base = f"http://127.0.0.1:{port}"
+    print(f"MLflow UI for {uri} on {base} (Ctrl-C to stop)", flush=True)
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        for name, exp_id, views in mlflow_ui.prepare_store(reader(uri)):
+            url = mlflow_ui.view_url(exp_id, base=base) if views else mlflow_ui.experiment_url(exp_id, base)
+            print(f"  {name}: {url}", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port)]
     return subprocess.call(cmd)

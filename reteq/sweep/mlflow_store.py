@@ -97,20 +97,26 @@ def _publish(dst: Path, write) -> None:
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: str | None) -> str:
-    """The id of experiment `name`, created when missing (restored when deleted).
+    """The id of experiment `name`, created when missing (restored when deleted), tagged as model training so
+    the MLflow UI opens it on its runs page (reteq.sweep.mlflow_ui).
 
     Its artifacts go to `<artifact_root>/<name>` for a local store; a tracking server picks its own.
     """
+    from reteq.sweep.mlflow_ui import mark_training
+
     c = tracking_client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage != "active":
             c.restore_experiment(exp.experiment_id)
+        mark_training(c, exp.experiment_id, exp.tags)  # an experiment made before reteq set the tag
         return exp.experiment_id
     location = None
     if artifact_root and not uri.startswith(("http://", "https://", "databricks")):
         location = f"{artifact_root.rstrip('/')}/{name}"
-    return c.create_experiment(name, artifact_location=location)
+    exp_id = c.create_experiment(name, artifact_location=location)
+    mark_training(c, exp_id)
+    return exp_id
 
 
 def iter_runs(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None,

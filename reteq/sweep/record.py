@@ -22,12 +22,15 @@ from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.sweep.faults import fault
 from reteq.sweep.lifecycle import finish_run, record_reused_node
 from reteq.sweep.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
+from reteq.sweep.mlflow_ui import save_views
 
 # The system-metrics monitor is imported inside a function: optional (psutil), and failure is reported there.
 
 
 def parent_run(c, exp_id: str, sweep_name: str, config_hash: str) -> str:
-    """The sweep's parent run: reused by a rerun of the same config, so children stay under one parent."""
+    """The sweep's parent run: reused by a rerun of the same config, so children stay under one parent. The
+    experiment gets reteq's saved views of the unlearning curves (reteq.sweep.mlflow_ui) if it lacks them."""
+    save_views(c, exp_id)
     found = search_runs(c, exp_id, f"tags.`{T.TAG_KIND}` = '{T.KIND_SWEEP}' and tags.`{T.TAG_CONFIG_HASH}` = "
                                f"'{config_hash}'")
     if found:
@@ -219,9 +222,7 @@ class MlflowHooks(Hooks):
     # ---- unlearning leaves ------------------------------------------------------------------------------
     def leaf_started(self, leaf: UnlearnLeaf) -> None:
         self.leaf_run_id = self._start(
-            leaf.key, T.run_name(T.KIND_UNLEARN, leaf.model, f"p{leaf.p}", leaf.algorithm,
-                                 f"lr{T.format_float(leaf.lr)}", f"b{T.format_float(leaf.beta)}" if leaf.beta else "",
-                                 f"s{leaf.seed}"),
+            leaf.key, T.leaf_run_name(leaf.p, leaf.algorithm, leaf.lr, leaf.seed, leaf.model, leaf.beta, leaf.schedule),
             leaf_tags(leaf, self.sweep, leaf.schedule or self.schedule_of(leaf.order[0])))
         self._params(self.leaf_run_id, {"model": leaf.model, "order": T.order_tag(leaf.order), "p": leaf.p,
                                         "algorithm": leaf.algorithm, "lr": leaf.lr, "beta": leaf.beta,
@@ -230,7 +231,7 @@ class MlflowHooks(Hooks):
     # ---- retrain records ---------------------------------------------------------------------------------
     def retrain_started(self, rec: RetrainRecord, node_run_id: str, checkpoint: Path) -> None:
         schedule = rec.schedule or self.schedule_of(rec.order[0])
-        self._start(rec.key, T.run_name(T.KIND_RETRAIN, rec.model, T.order_tag(rec.order), f"s{rec.seed}"),
+        self._start(rec.key, T.retrain_run_name(rec.order, rec.seed, rec.model),
                     record_tags(rec, self.sweep, schedule, node_run_id, str(checkpoint)))
 
     def retrain_done(self, rec: RetrainRecord, metrics: dict[str, float]) -> None:
