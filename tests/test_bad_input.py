@@ -218,6 +218,7 @@ def test_report_on_an_experiment_that_does_not_exist_is_one_line_naming_those_th
 
     work.mkdir()
     ensure_experiment(T.default_tracking_uri(work), "tiny-sweep", None)
+    capsys.readouterr()  # what making the store printed (MLflow's own INFO lines, when its logging is on)
     assert main(["report", "--experiment", "tiny-sweep-typo", "--work-dir", str(work)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'tiny-sweep-typo'" in err[0] and "it has: Default, tiny-sweep" in err[0], err

@@ -83,7 +83,10 @@ def _stop_cluster(temp: Path) -> None:
             pass
     _, alive = psutil.wait_procs(list(procs), timeout=15)
     for p in alive:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # it exited between the wait and the kill (seen in a full-suite run)
+            pass
 
 
 def _submit(ray_bin: str, job_env: dict, submission: str, env_file: Path, cfg_path: Path) -> str:
