@@ -163,3 +163,13 @@ def test_each_method_lowers_the_unlearn_labels_log_prob(algorithm, beta):
     assert result.evals[-1][1]["forget/score"] > 0  # label + paraphrases fell on average
     if algorithm == "npo":  # the first step starts at the reference: loss (2/beta) ln 2 exactly
         assert result.loop.records[0].loss == pytest.approx(2 / beta * math.log(2), rel=1e-4)
+
+
+def test_a_second_method_under_a_taken_name_is_an_error():
+    """A duplicate name used to replace the first method silently (a sweep would run the wrong loss)."""
+    from reteq.algorithms import ALGORITHMS, register
+
+    before = ALGORITHMS["ga"]
+    with pytest.raises(ValueError, match="'ga' is already registered by reteq.algorithms.ga"):
+        register("ga")(lambda logp, ref, params: logp.mean())
+    assert ALGORITHMS["ga"] is before

@@ -35,11 +35,19 @@ ALGORITHMS: dict[str, Algorithm] = {}
 def register(name: str, *, defaults: Mapping[str, float] | None = None,
              needs_reference: bool = False) -> Callable[[LossFn], LossFn]:
     def deco(fn: LossFn) -> LossFn:
+        known = ALGORITHMS.get(name)
+        if known is not None and _origin(known.loss) != _origin(fn):  # a module reloaded registers its own again
+            raise ValueError(f"algorithm {name!r} is already registered by {_origin(known.loss)}; "
+                             f"{_origin(fn)} must use another name")
         ALGORITHMS[name] = Algorithm(name, fn, dict(defaults or {}), needs_reference,
                                      (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
         return fn
 
     return deco
+
+
+def _origin(fn: LossFn) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 def knob(params: Mapping[str, float], name: str, algorithm: str) -> float:
