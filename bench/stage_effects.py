@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from reteq import tracking as T  # noqa: E402
 from reteq.config import load_config  # noqa: E402
 from reteq.data.tokenize import configure_chat  # noqa: E402
-from reteq.eval.evaluator import Evaluator  # noqa: E402
 from reteq.models import load_model, load_tokenizer  # noqa: E402
-from reteq.pipeline import DataCache  # noqa: E402
+from reteq.pipeline import DataCache, build_evaluator  # noqa: E402
 from reteq.plan import node_key  # noqa: E402
 from reteq.train.checkpoint import is_complete  # noqa: E402
 from reteq.workdir import resolve_work_dir  # noqa: E402
@@ -51,8 +50,7 @@ def main() -> None:
     mcfg = cfg.models[0]
     tok = configure_chat(load_tokenizer(mcfg), cfg.chat)
     data = DataCache(cfg)
-    knowledge = data.stage(cfg.eval.knowledge_stage) if cfg.eval.knowledge_stage else None
-    evaluator = Evaluator.build(cfg.eval, tok, data.stage(cfg.forget_stage), knowledge, data.math_items(), seed)
+    evaluator = build_evaluator(cfg, tok, data, seed)  # the sweep's own eval sample
     root = resolve_work_dir(cfg.work_dir) / "checkpoints"
     chance = -math.log(len(tok))
     print(f"model {mcfg.name} ({mcfg.source}), order {'>'.join(order)}, seed {seed}; chance = {chance:.2f} "

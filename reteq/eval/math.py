@@ -29,16 +29,21 @@ def stop_ids(tokenizer, model=None) -> list[int]:
     return ids
 
 
-def answer_text(tokenizer, ids: list[int], stops: list[int]) -> str:
+def answer_text(tokenizer, ids: list[int], stops: list[int], specials: list[str] | None = None) -> str:
     """The answer in generated ids: decoded with special tokens kept, cut at the first stop token's text, then
-    stripped of special tokens (so '... #### 18<turn end>assistant ... #### 20' reads '... #### 18')."""
+    stripped of special tokens (so '... #### 18<turn end>assistant ... #### 20' reads '... #### 18').
+    `specials`: the tokenizer's special-token texts, longest first (computed here when not given)."""
     text = tokenizer.decode(ids, skip_special_tokens=False)
     markers = [m for m in tokenizer.convert_ids_to_tokens(stops) if m]
     cut = min((text.find(m) for m in markers if m in text), default=len(text))
     text = text[:cut]
-    for special in sorted(special_token_strings(tokenizer), key=len, reverse=True):
+    for special in specials if specials is not None else _specials_longest_first(tokenizer):
         text = text.replace(special, "")
     return text
+
+
+def _specials_longest_first(tokenizer) -> list[str]:
+    return sorted(special_token_strings(tokenizer), key=len, reverse=True)
 
 
 def generate_answers(model, tokenizer, questions: list[str], decoding: Decoding, device: torch.device,
@@ -52,7 +57,8 @@ def generate_answers(model, tokenizer, questions: list[str], decoding: Decoding,
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     stops = stop_ids(tokenizer, model)
     new = generate_ids(model, ids, pad_id=tokenizer.pad_token_id, eos_id=stops, decoding=decoding, device=device)
-    return [[answer_text(tokenizer, s, stops) for s in seqs] for seqs in new]
+    specials = _specials_longest_first(tokenizer)  # once per call, not per answer
+    return [[answer_text(tokenizer, s, stops, specials) for s in seqs] for seqs in new]
 
 
 def accuracy(answers: list[list[str]], references: list[str]) -> float:
