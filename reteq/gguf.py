@@ -86,5 +86,4 @@ def _convert(path: Path, out: Path) -> None:
 
 def _tied(model) -> set[str]:
     """Parameter names that share storage with another (a tied lm_head): absent from the state dict is fine."""
-    keys = getattr(model, "_tied_weights_keys", None) or {}
-    return set(keys) if not isinstance(keys, dict) else set(keys)
+    return set(getattr(model, "_tied_weights_keys", None) or ())  # a list, or (transformers 5) a dict by name
