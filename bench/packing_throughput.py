@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from reteq.algorithms import get_algorithm  # noqa: E402
+from reteq.algorithms import MethodInputs, get_algorithm  # noqa: E402
 from reteq.data.packing import layout_for, pack, packed_micro_batches, padding_fraction  # noqa: E402
 from reteq.train.engine import OptimSpec, build_engine, load_deepspeed_config  # noqa: E402
 from reteq.train.logprobs import batch_token_logps, sequence_logps  # noqa: E402
@@ -102,7 +102,7 @@ def run_phase(phase: str, model, examples, plan: list[list[int]], args, mode: st
                     else:
                         logp, _ = sequence_logps(engine.model, b)
                         r = torch.tensor([ref[int(i)] for i in b.index], device=logp.device).to(logp)
-                        loss = npo.loss(logp, r, {"beta": args.beta}) * (len(b.index) / args.global_batch)
+                        loss = npo.loss(MethodInputs.of_sequences(logp, r), {"beta": args.beta}) / args.global_batch
                 engine.micro_step(loss)
             engine.optimizer_step()
         if k >= args.warmup_steps:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from common import HEAVY, LORA_TARGETS, SHAPES, init_single_process_distributed, machine  # noqa: E402  (bench/common.py: one table of shapes)
 
-from reteq.algorithms import get_algorithm  # noqa: E402
+from reteq.algorithms import MethodInputs, get_algorithm  # noqa: E402
 from reteq.data.tokenize import IGNORE, Example, micro_batches, plan_steps  # noqa: E402
 from reteq.train.engine import OptimSpec, build_engine, load_deepspeed_config  # noqa: E402
 from reteq.train.logprobs import sequence_logps, token_logps  # noqa: E402
@@ -142,7 +142,7 @@ def run_phase(kind: str, model, steps: list[Step], args, device: torch.device, d
         def loss_fn(m, batch, step):
             logp, _ = sequence_logps(m, batch)
             r = torch.tensor([ref[int(i)] for i in batch.index], device=logp.device).to(logp)
-            return npo.loss(logp, r, {"beta": args.beta}) * (len(batch.index) / step.sequences)
+            return npo.loss(MethodInputs.of_sequences(logp, r), {"beta": args.beta}) / step.sequences
 
     engine = build_engine(model, spec, ds_config=ds_config, micro_batch=args.micro_batch,
                           accumulation=accumulation, world=1)

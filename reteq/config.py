@@ -287,8 +287,29 @@ class SweepConfig(_Strict):
                 raise ValueError(f"orders: {order} is not a permutation of the declared stages {names}")
         if self.eval.knowledge_stage is not None and self.eval.knowledge_stage not in names:
             raise ValueError(f"eval.knowledge_stage: {self.eval.knowledge_stage!r} is not a declared stage")
+        self._retain_set_declared(names)
         self._optimizers_run_under_zero()
         return self
+
+    def _retain_set_declared(self, names: list[str]) -> None:
+        """A method with a retain term reads `retain_stage` (else the knowledge stage): a declared stage other
+        than the forget set, whenever some swept retain_weight is above 0."""
+        from reteq.algorithms import RETAIN_WEIGHT
+
+        u = self.unlearn
+        if u.retain_stage is not None and u.retain_stage not in names:
+            raise ValueError(f"unlearn.retain_stage: {u.retain_stage!r} is not a declared stage ({', '.join(names)})")
+        if self.retain_stage is not None and self.retain_stage == self.forget_stage:
+            raise ValueError(f"unlearn.retain_stage: {self.retain_stage!r} is the forget stage")
+        weighted = [a for a in u.algorithms for k in u.knob_grid(a) if k.get(RETAIN_WEIGHT, 0) > 0]
+        if weighted and self.retain_stage is None:
+            raise ValueError(f"unlearn.retain_stage: {weighted[0]} has retain_weight > 0 but no retain set "
+                             f"(set unlearn.retain_stage or eval.knowledge_stage)")
+
+    @property
+    def retain_stage(self) -> str | None:
+        """The stage whose conversations are the retain set (unlearn.retain_stage, else eval.knowledge_stage)."""
+        return self.unlearn.retain_stage or self.eval.knowledge_stage
 
     def _optimizers_run_under_zero(self) -> None:
         """DeepSpeed's ZeRO (stage >= 1) asserts at start ("untested ZeRO Optimizer") for any torch optimizer but

@@ -7,6 +7,8 @@ affects.
 from __future__ import annotations
 
 import datetime
+import itertools
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -63,9 +65,19 @@ class UnlearnConfig(_Strict):
     algorithms: list[str] = Field(default_factory=lambda: ["ga", "npo", "simnpo"], min_length=1)
     lrs: list[PositiveFloat] = Field(default_factory=lambda: [1e-5], min_length=1)
     betas: dict[str, list[PositiveFloat]] = Field(
-        default_factory=lambda: {"npo": [0.5], "simnpo": [1.0]},
-        description="beta grid per algorithm (only for algorithms that take one)",
+        default_factory=dict,
+        description="beta grid per algorithm, the same as `params: {<algorithm>: {beta: [...]}}` (kept for "
+        "configs written before `params`); unset: each method's default (NPO 0.5, SimNPO 1.0)",
     )
+    params: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict,
+        description="each method's knobs as grids, e.g. {wga: {beta: [0.5, 1]}, rmu: {layer: [2], coeff: [20]}}: "
+        "every combination is a leaf and a Tune axis; an unset knob takes the method's default "
+        "(docs/methods.md lists them)",
+    )
+    retain_stage: str | None = Field(
+        None, description="stage whose conversations form the retain set of methods with a retain term "
+        "(graddiff, npo_retain, rmu with retain_weight > 0); default: eval.knowledge_stage")
     steps: int | None = Field(None, gt=0, description="optimizer steps; default: one epoch of the forget set")
     epochs: float = Field(1.0, gt=0)
     schedule: Literal["wsd", "cosine", "constant"] = "constant"
@@ -118,19 +130,60 @@ class UnlearnConfig(_Strict):
             raise ValueError(f"unknown algorithm(s) {unknown} (known: {', '.join(sorted(ALGORITHMS))})")
         return v
 
+    @field_validator("params")
+    @classmethod
+    def _known_knobs(cls, v: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+        from reteq.algorithms import ALGORITHMS
+
+        for name, grid in v.items():
+            alg = ALGORITHMS.get(name)
+            if alg is None:
+                raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(ALGORITHMS))})")
+            for k, values in grid.items():
+                if k not in alg.defaults:
+                    raise ValueError(f"{name} has no knob {k!r} (its knobs: {', '.join(alg.knobs) or 'none'})")
+                if not values:
+                    raise ValueError(f"{name}.{k}: give at least one value")
+                if isinstance(alg.defaults[k], int) and any(float(x) != int(x) for x in values):
+                    raise ValueError(f"{name}.{k}: takes whole numbers, got {values}")
+                if any(not math.isfinite(x) for x in values):
+                    raise ValueError(f"{name}.{k}: values must be finite, got {values}")
+        return v
+
     def normalisation(self, algorithm: str) -> str:
-        """`sequence` or `token` for this algorithm (unlisted: sequence)."""
-        return self.loss_normalisation.get(algorithm, "sequence")
+        """`sequence` or `token` for this algorithm (unlisted: the method's own, reteq.algorithms)."""
+        from reteq.algorithms import ALGORITHMS
+
+        return self.loss_normalisation.get(algorithm, ALGORITHMS[algorithm].normalisation)
 
     @model_validator(mode="after")
     def _batches(self) -> UnlearnConfig:
         if self.global_batch % self.micro_batch:
             raise ValueError("global_batch must be a multiple of micro_batch")
+        both = sorted(a for a in self.betas if "beta" in self.params.get(a, {}))
+        if both:
+            raise ValueError(f"betas and params both set beta for {both}: keep one (params)")
+        unused = sorted((set(self.params) | set(self.betas)) - set(self.algorithms))
+        if unused:
+            raise ValueError(f"params/betas name {unused}, which unlearn.algorithms does not sweep")
         return self
 
     def betas_for(self, algorithm: str) -> list[float | None]:
+        """The beta grid of this algorithm ([None] for a method without beta)."""
         from reteq.algorithms import ALGORITHMS
 
         if not ALGORITHMS[algorithm].uses_beta:
             return [None]
-        return list(self.betas.get(algorithm) or [ALGORITHMS[algorithm].default_beta])
+        grid = self.params.get(algorithm, {}).get("beta") or self.betas.get(algorithm)
+        return list(grid or [ALGORITHMS[algorithm].default_beta])
+
+    def knob_grid(self, algorithm: str) -> list[dict[str, float]]:
+        """Every combination of this algorithm's knob values, each knob's grid or its default; [{}] for GA.
+        Values keep the type of the method's default (RMU's layer is an int)."""
+        from reteq.algorithms import ALGORITHMS
+
+        defaults = ALGORITHMS[algorithm].defaults
+        grids = {k: (self.betas_for(algorithm) if k == "beta" else
+                     self.params.get(algorithm, {}).get(k) or [d]) for k, d in defaults.items()}
+        return [{k: type(defaults[k])(v) for k, v in zip(grids, combo)}
+                for combo in itertools.product(*grids.values())]

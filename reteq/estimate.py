@@ -70,6 +70,7 @@ def plan_report(cfg: SweepConfig) -> dict:
         "gpu_hours_unlearn": unlearn_tokens / tps / 3600,
         "gpu_hours_total": (finetune_tokens + unlearn_tokens) / tps / 3600,
         "nodes": nodes,
+        "leaves_per_method": {a: sum(1 for leaf in plan.leaves if leaf.algorithm == a) for a in u.algorithms},
     }
 
 
@@ -82,7 +83,8 @@ def format_plan(cfg: SweepConfig, r: dict) -> str:
         f"retrain nodes (theta_r): {r['retrain_nodes']} ({r['retrain_nodes_shared']} shared with finetuned paths; "
         f"{r['retrain_only_nodes']} node(s) trained only for them; {r['retrain_runs']} retrain run(s): each "
         f"theta_r evaluated once, nothing retrained)",
-        f"unlearning runs: {r['unlearn_runs']}   Tune trials: {r['trials']}",
+        f"unlearning runs: {r['unlearn_runs']}   Tune trials: {r['trials']}   per method: "
+        + ", ".join(f"{a} {n}" for a, n in r["leaves_per_method"].items()),
         f"tokens: finetune {r['finetune_tokens']:,}  unlearn {r['unlearn_tokens']:,} (of which evaluation "
         f"{r['eval_tokens']:,})",
         f"GPU-hours at {r['tokens_per_gpu_second']:,.0f} tokens/s/GPU: finetune {r['gpu_hours_finetune']:.1f}, "

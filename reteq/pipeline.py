@@ -24,7 +24,7 @@ from reteq.errors import DataError
 from reteq.eval.evaluator import Evaluator, relative
 from reteq.eval.probe import Probe, probe_pairs
 from reteq.models import fresh_adapter, load_model, load_tokenizer, partitioned_at_load, resolve_source
-from reteq.plan import Plan, RetrainRecord, StageNode, UnlearnLeaf
+from reteq.plan import Plan, RetrainRecord, StageNode, UnlearnLeaf, method_inputs
 from reteq.train import collectives
 from reteq.train.checkpoint import CheckpointError, discard, gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
@@ -294,7 +294,9 @@ def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path
         if report is not None:
             report(step, metrics)
 
-    job = UnlearnJob(cfg.unlearn_for(leaf.schedule), leaf.algorithm, leaf.lr, leaf.params, data.stage(cfg.forget_stage), leaf.seed)
+    retain = data.stage(cfg.retain_stage) if method_inputs(cfg, leaf.algorithm, leaf.params).get("retain") else None
+    job = UnlearnJob(cfg.unlearn_for(leaf.schedule), leaf.algorithm, leaf.lr, leaf.params,
+                     data.stage(cfg.forget_stage), leaf.seed, retain=retain, start=leaf.parent)
     result = unlearn(model, tokenizer, job, evaluator, ctx, on_eval=on_eval,
                      on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
     result.vectors = evaluator.probe.table({step for step, _ in result.evals})  # a collapsed step's are dropped

@@ -3,7 +3,7 @@
 A stage node is one finetuning run: (base model, stage prefix with each stage's data and hyperparameters,
 seed). Its key is a content hash of exactly those, so two orders sharing a prefix (inst>tofu in both
 inst>tofu>U>math and inst>tofu>math>U) share the node, and a rerun finds it again. A leaf is one unlearning
-run: finetuned path x algorithm x lr x beta x seed.
+run: finetuned path x algorithm x lr x the method's knobs (beta, ...) x seed.
 
 Retrain nodes (eval.retrain, on by default): each path's theta_r is the same order with the forget stage
 removed, planned through the same `add_order`, so it is content-addressed and shared like any node. When that
@@ -21,7 +21,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field, replace
 
+from reteq.algorithms import ALGORITHMS, RETAIN_WEIGHT, Need
 from reteq.config import SweepConfig
+from reteq.data.alternatives import ALTERNATIVES_VERSION
 from reteq.digest import spec_hash as _hash
 from reteq.model_files import file_digest, locate_gguf
 
@@ -36,7 +38,7 @@ RECORD_KEY_VERSION = "retrain-record-v1"
 LEAF_KEY_VERSION = "leaf-v2"
 # UnlearnConfig fields that list grid values, or one value per algorithm of the grid (a leaf's own
 # normalisation is in leaf_protocol), not one leaf's settings
-_GRID_FIELDS = {"algorithms", "lrs", "betas", "loss_normalisation"}
+_GRID_FIELDS = {"algorithms", "lrs", "betas", "params", "loss_normalisation", "retain_stage"}
 # StageConfig fields that check the input and change no training: not in node keys
 _CHECK_FIELDS = {"max_truncated_frac"}
 
@@ -217,8 +219,24 @@ def leaf_key(cfg: SweepConfig, parent: str, algorithm: str, lr: float, params: d
     and seed, the shared unlearning settings (steps, batch, schedule, max_length...), the eval settings and its
     protocol choices; not the grid lists (`_GRID_FIELDS`), so a wider grid keeps every finished leaf's key."""
     settings = cfg.unlearn.model_dump(mode="json", exclude=_GRID_FIELDS)
-    return _hash([LEAF_KEY_VERSION, parent, algorithm, lr, dict(sorted(params.items())), seed, cfg.forget_stage,
-                  settings, cfg.eval.model_dump(mode="json"), leaf_protocol(cfg, algorithm)])
+    parts = [LEAF_KEY_VERSION, parent, algorithm, lr, dict(sorted(params.items())), seed, cfg.forget_stage,
+             settings, cfg.eval.model_dump(mode="json"), leaf_protocol(cfg, algorithm)]
+    extra = method_inputs(cfg, algorithm, params)
+    return _hash(parts + [extra] if extra else parts)
+
+
+def method_inputs(cfg: SweepConfig, algorithm: str, params: dict[str, float]) -> dict:
+    """Data a method reads beyond the forget set, for the leaf key: the retain stage's data when its retain term
+    is on, the alternative answers' version when it reads them. Empty for GA/NPO/SimNPO, so their keys are the
+    ones recorded before methods could read more."""
+    alg = ALGORITHMS[algorithm]
+    extra: dict = {}
+    if Need.RETAIN in alg.needs and params.get(RETAIN_WEIGHT, 0) > 0:
+        extra["retain"] = {"stage": cfg.retain_stage,
+                           "source": cfg.stage(cfg.retain_stage).source.model_dump(mode="json")}
+    if Need.ALTERNATIVE in alg.needs:
+        extra["alternatives"] = ALTERNATIVES_VERSION
+    return extra
 
 
 def record_key(cfg: SweepConfig, node: str) -> str:
@@ -240,8 +258,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
         p = order.index(cfg.forget_stage) + 1
         for alg in cfg.unlearn.algorithms:
             for lr in cfg.unlearn.lrs:
-                for beta in cfg.unlearn.betas_for(alg):
-                    params = {} if beta is None else {"beta": beta}
+                for params in cfg.unlearn.knob_grid(alg):
                     plan.leaves.append(UnlearnLeaf(leaf_key(cfg, parent, alg, lr, params, seed), model.name,
                                                    tuple(order), p, alg, lr, params, seed, parent, schedule,
                                                    retrain))

@@ -17,7 +17,8 @@ TAG_ORDER = "reteq.order"  # stage order joined by ORDER_SEP, e.g. "inst>tofu>ma
 TAG_P = "reteq.p"  # 1-based position of the forget stage in the order ("" when absent)
 TAG_ALGORITHM = "reteq.algorithm"  # unlearning method name (registry key)
 TAG_LR = "reteq.lr"  # unlearning learning rate, as written by format_float
-TAG_BETA = "reteq.beta"  # NPO / SimNPO beta ("" for GA)
+TAG_BETA = "reteq.beta"  # the method's beta knob (NPO, SimNPO, WGA, IdkDPO...; "" for a method without one)
+TAG_PARAMS = "reteq.params"  # every knob of the leaf's method, canonical: "beta=0.5" / "coeff=20,layer=2" / ""
 TAG_SEED = "reteq.seed"
 TAG_SCHEDULE = "reteq.schedule"  # finetuning schedule (wsd | cosine | constant), as the config names it
 TAG_SCHEDULE_BEFORE_RENAME = "reteq.scheduler"  # TAG_SCHEDULE as older runs spell it: read, never written
@@ -198,11 +199,18 @@ def short_float(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def leaf_run_name(p: int, algorithm: str, lr: float, seed: int, model: str, beta: float | None = None,
+def params_tag(params: dict[str, float]) -> str:
+    """A method's knobs as one canonical string (sorted names, stable floats): the analysis groups cells by it."""
+    return ",".join(f"{k}={format_float(v)}" for k, v in sorted(params.items()))
+
+
+def leaf_run_name(p: int, algorithm: str, lr: float, seed: int, model: str, params: dict[str, float] | None = None,
                   schedule: str | None = None) -> str:
-    """An unlearning run's name: p first, so the MLflow legend sorts p = 1..4 ('p4 · ga · lr1e-3 · s0 · tiny')."""
-    parts = [f"p{p}", algorithm, f"b{format_float(beta)}" if beta is not None else "", f"lr{short_float(lr)}",
-             schedule or "", f"s{seed}", model]
+    """An unlearning run's name: p first, so the MLflow legend sorts p = 1..4 ('p4 · ga · lr1e-3 · s0 · tiny');
+    knobs as 'b0.5' for beta (as before knobs were general), else 'name=value'."""
+    knobs = [f"b{format_float(v)}" if k == "beta" else f"{k}={format_float(v)}"
+             for k, v in sorted((params or {}).items())]
+    parts = [f"p{p}", algorithm, *knobs, f"lr{short_float(lr)}", schedule or "", f"s{seed}", model]
     return RUN_NAME_SEP.join(x for x in parts if x)
 
 

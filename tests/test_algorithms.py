@@ -1,6 +1,6 @@
 """GA, NPO and SimNPO: each loss is its formula (checked by hand with `math`), and each one unlearns.
 
-Formulas (PAPER.md, over summed response log-probs, mean over the batch):
+Formulas (PAPER.md, over summed response log-probs; a loss returns the micro-batch's sum, the mean is taken here):
   GA       log pi
   NPO      -(2/beta) log sigmoid(-beta (log pi - log pi_ref))
   SimNPO   -(2/beta) log sigmoid(-beta log pi)
@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import model_cfg, refusal_finetune, reteq_cache  # noqa: F401  (session fixture)
 
-from reteq.algorithms import ALGORITHMS, get_algorithm
+from reteq.algorithms import ALGORITHMS, MethodInputs, Need, get_algorithm
 from reteq.config import EvalConfig, UnlearnConfig
 from reteq.data.forget_targets import UNLEARN_LABEL
 
@@ -34,13 +34,14 @@ def _sigmoid(z: float) -> float:
 def _loss_and_grad(name: str, logp: list[float], ref: list[float] | None, beta: float | None):
     x = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
     r = torch.tensor(ref, dtype=torch.float64) if ref is not None else None
-    loss = get_algorithm(name).loss(x, r, {} if beta is None else {"beta": beta})
+    loss = get_algorithm(name).loss(MethodInputs.of_sequences(x, r), {} if beta is None else {"beta": beta}) / len(x)
     loss.backward()
     return float(loss.detach()), x.grad.tolist()
 
 
-def test_registry_holds_the_three_methods_with_the_papers_defaults():
-    assert set(ALGORITHMS) == {"ga", "npo", "simnpo"}
+def test_registry_holds_the_papers_three_methods_with_the_papers_defaults():
+    assert {"ga", "npo", "simnpo"} <= set(ALGORITHMS)
+    assert ALGORITHMS["npo"].needs == {Need.REF_LOGPS} and not ALGORITHMS["ga"].needs
     assert not ALGORITHMS["ga"].uses_beta and not ALGORITHMS["ga"].needs_reference
     assert ALGORITHMS["npo"].uses_beta and ALGORITHMS["npo"].needs_reference and ALGORITHMS["npo"].default_beta == 0.5
     assert ALGORITHMS["simnpo"].uses_beta and not ALGORITHMS["simnpo"].needs_reference
@@ -97,7 +98,7 @@ def test_step_loss_normalises_per_sequence_or_per_token(name, ref, beta, normali
     """A global batch of 4 sequences (16 response tokens) in two micro-batches: the micro-batch shares add up
     to sum(per-sequence loss) / 4 (`sequence`) or / 16 (`token`), computed by hand."""
     from reteq.train.loop import Step
-    from reteq.train.recipes import micro_batch_loss
+    from reteq.train.recipes import normaliser
 
     tokens = [3, 2, 1, 10]
     step = Step([], label_tokens=sum(tokens), sequences=4)
@@ -109,7 +110,7 @@ def test_step_loss_normalises_per_sequence_or_per_token(name, ref, beta, normali
         x = torch.tensor(LOGP[part], dtype=torch.float64)
         r = torch.tensor(ref[part], dtype=torch.float64) if ref is not None else None
         params = {} if beta is None else {"beta": beta}
-        total += float(micro_batch_loss(get_algorithm(name).loss, x, r, params, step, normalisation))
+        total += float(get_algorithm(name).loss(MethodInputs.of_sequences(x, r), params) / normaliser(step, normalisation))
     assert total == pytest.approx(want, rel=1e-12)
 
 
@@ -123,11 +124,11 @@ def test_authors_normalisation_is_the_default():
 
 
 def test_npo_and_simnpo_need_their_inputs():
-    x = torch.tensor(LOGP)
-    with pytest.raises(ValueError, match="ref_logp"):
-        get_algorithm("npo").loss(x, None, {"beta": 0.5})
+    x = MethodInputs.of_sequences(torch.tensor(LOGP))
+    with pytest.raises(ValueError, match="reference log-probs"):
+        get_algorithm("npo").loss(x, {"beta": 0.5})
     with pytest.raises(ValueError, match="beta"):
-        get_algorithm("simnpo").loss(x, None, {})
+        get_algorithm("simnpo").loss(x, {})
 
 
 # ---- each method unlearns a refusal the tiny model has learned -------------------------------------------------------

@@ -52,6 +52,6 @@ def test_links_land_on_the_model_training_runs_page():
 
 def test_run_names_read_and_sort_well_in_a_legend():
     assert T.leaf_run_name(4, "ga", 1e-3, 0, "tiny") == "p4 · ga · lr1e-3 · s0 · tiny"
-    assert T.leaf_run_name(1, "npo", 2.5e-5, 1, "smol", beta=0.5) == "p1 · npo · b0.5 · lr2.5e-5 · s1 · smol"
+    assert T.leaf_run_name(1, "npo", 2.5e-5, 1, "smol", {"beta": 0.5}) == "p1 · npo · b0.5 · lr2.5e-5 · s1 · smol"
     assert T.retrain_run_name(("inst", "tofu", "math"), 0, "tiny") == "θ_r · inst>tofu>math · s0 · tiny"
     assert sorted(T.leaf_run_name(p, "ga", 1e-3, 0, "m") for p in (4, 2, 3, 1))[0].startswith("p1 ")

@@ -95,7 +95,7 @@ def _vectors(step_values: dict[str, list[list[float]]]) -> pl.DataFrame:
     for i, (order, steps) in enumerate(step_values.items()):
         for step, toks in enumerate(steps):
             for pair, t in enumerate(toks):
-                rows.append({"model": "m", "algorithm": "ga", "lr": 1e-3, "beta": None, "scheduler": "wsd",
+                rows.append({"model": "m", "algorithm": "ga", "lr": 1e-3, "beta": None, "params": None, "scheduler": "wsd",
                              "seed": 0, "order": order, "p": i + 1, "run_id": order, "step": step, "pair": pair,
                              "logp": t, "token_logp": [t, t / 2]})
     return pl.DataFrame(rows)
@@ -116,7 +116,7 @@ def test_pairwise_divergence_is_symmetric_zero_for_equal_orders_and_fits_growth(
 
 
 def test_re_table_says_towards_or_away():
-    rows = [{"run_id": r, "model": "m", "algorithm": "ga", "lr": 1e-3, "beta": None, "scheduler": "wsd", "seed": 0,
+    rows = [{"run_id": r, "model": "m", "algorithm": "ga", "lr": 1e-3, "beta": None, "params": None, "scheduler": "wsd", "seed": 0,
              "order": o, "p": p, "metric": T.M_RE_KL, "step": s, "value": v}
             for r, o, p, vals in (("a", "U>x", 1, [2.0, 1.0, 1.5]), ("b", "x>U", 2, [1.0, 1.2, 3.0]))
             for s, v in enumerate(vals)]
@@ -128,7 +128,7 @@ def test_re_table_says_towards_or_away():
 
 def test_superficial_and_deep_labels_on_hand_made_trajectories():
     def run(rid, r, c, u):
-        return [{"run_id": rid, "model": "m", "algorithm": "ga", "lr": 1e-3, "beta": None, "scheduler": "wsd",
+        return [{"run_id": rid, "model": "m", "algorithm": "ga", "lr": 1e-3, "beta": None, "params": None, "scheduler": "wsd",
                  "seed": 0, "order": rid, "metric": k, "step": s, "value": v}
                 for k, vals in ((T.M_DEPTH_R, r), (T.M_DEPTH_C, c), (T.M_DEPTH_U, u)) for s, v in enumerate(vals)]
 

@@ -1,15 +1,28 @@
-"""Local unlearning methods: forget-set-only losses over sequence log-probs, one small file each.
+"""Local unlearning methods, one small file each with its formula and source (docs/methods.md lists them).
 
-A method is a function `loss(batch_logp, ref_logp, params) -> scalar` where `batch_logp[i]` is the summed
-log-prob of response i under the current model, `ref_logp[i]` the same under the model before unlearning,
-and `params` the method's knobs by name (e.g. {"beta": 0.5}; GA has none).
+A method is `loss(x: MethodInputs, params) -> scalar`: the micro-batch's summed loss over the inputs it declared
+(`Need`), with its knobs by name in `params` (reteq.algorithms.base explains the contract).
 Register a new method with `@register(...)` in its own module and import it below.
 """
 
-from reteq.algorithms import ga, npo, simnpo  # noqa: F401  (registration side effects)
-from reteq.algorithms.base import ALGORITHMS, Algorithm, register
+from reteq.algorithms import (  # noqa: F401  (registration side effects)
+    ceu,
+    ga,
+    graddiff,
+    idkdpo,
+    idknll,
+    me,
+    npo,
+    npo_retain,
+    rmu,
+    satimp,
+    simnpo,
+    undial,
+    wga,
+)
+from reteq.algorithms.base import ALGORITHMS, RETAIN_WEIGHT, Algorithm, MethodInputs, Need, register
 
-__all__ = ["ALGORITHMS", "Algorithm", "register", "get_algorithm"]
+__all__ = ["ALGORITHMS", "RETAIN_WEIGHT", "Algorithm", "MethodInputs", "Need", "register", "get_algorithm"]
 
 
 def get_algorithm(name: str) -> Algorithm:

@@ -4,10 +4,11 @@ from collections.abc import Mapping
 
 import torch
 
-from reteq.algorithms.base import register
+from reteq.algorithms.base import MethodInputs, register
 
 
-@register("ga")
-def gradient_ascent(logp: torch.Tensor, ref_logp: torch.Tensor | None = None, params: Mapping[str, float] | None = None):
-    """GA: minimise E[log pi(y|x)] (summed response log-prob)."""
-    return logp.mean()
+@register("ga", normalisation="token",
+          source="the paper's GA; authors' NegCE loss (src/loss.py); open-unlearning GradAscent")
+def gradient_ascent(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
+    """GA: minimise log pi(y|x), summed over the response (the authors normalise per response token)."""
+    return x.seq_logp.sum()

@@ -185,7 +185,7 @@ def _grid(metrics: pl.DataFrame, vary: str, fixed: list[str]) -> pl.DataFrame:
 
 def figure6(metrics: pl.DataFrame) -> alt.FacetChart | None:
     """Figure 6: the learning-rate grid, a panel per unlearning lr (scheduler and beta as in main)."""
-    df = _grid(metrics, "lr", ["beta", "scheduler"])
+    df = _grid(metrics, "lr", ["params", "scheduler"])
     if not df.height:
         return None
     key = D.primary_forget_metric(metrics)
@@ -200,7 +200,7 @@ def figure6(metrics: pl.DataFrame) -> alt.FacetChart | None:
 
 def figure8(metrics: pl.DataFrame) -> alt.FacetChart | None:
     """Figure 8: finetuning schedules (WSD vs cosine), a panel per scheduler (lr and beta as in main)."""
-    df = _grid(metrics, "scheduler", ["lr", "beta"])
+    df = _grid(metrics, "scheduler", ["lr", "params"])
     if not df.height:
         return None
     key = D.primary_forget_metric(metrics)

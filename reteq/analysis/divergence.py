@@ -18,8 +18,8 @@ import polars as pl
 from reteq import tracking as T
 from reteq.analysis.gaps import gap, growth_rate
 
-CELL = ["model", "algorithm", "lr", "beta", "scheduler", "seed"]
-SETTING = ["model", "algorithm", "lr", "beta", "scheduler"]  # a cell without its seed
+CELL = ["model", "algorithm", "lr", "params", "scheduler", "seed"]
+SETTING = ["model", "algorithm", "lr", "params", "scheduler"]  # a cell without its seed
 GROWS_R2 = 0.8  # a fitted rate counts as "exponential growth" only when the log-linear fit explains this much
 
 

@@ -5,6 +5,9 @@ histories are the bulk of the data: on a SQLite store they are read with ONE SQL
 `metrics` table (MLflow's client offers no bulk history call, and one call per run x metric is thousands of
 round trips); any other store falls back to `get_metric_history` calls run in a small thread pool.
 Everything downstream receives typed columns: p / seed / step are integers, lr / beta / value are floats.
+A leaf's method knobs arrive as `params` (canonical "beta=0.5" / "coeff=20,layer=2", null for GA), which the
+analysis groups cells by, and as one float column per knob name of the registry (null where a run's method has
+no such knob): a new method adds columns without code here.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from pathlib import Path
 import polars as pl
 
 from reteq import tracking as T
+from reteq.algorithms import ALGORITHMS
 from reteq.errors import BadInput
 from reteq.sweep.mlflow_store import iter_runs, reader
 
-RUN_COLUMNS = ("model", "order", "p", "algorithm", "lr", "beta", "scheduler", "seed")
+KNOB_COLUMNS = tuple(sorted({k for a in ALGORITHMS.values() for k in a.knobs} - {"beta"}))
+RUN_COLUMNS = ("model", "order", "p", "algorithm", "lr", "beta", "params", *KNOB_COLUMNS, "scheduler", "seed")
 METRIC_COLUMNS = ("run_id", *RUN_COLUMNS, "kind", "status", "step", "metric", "value")
 
 _RUN_SCHEMA = {
@@ -33,6 +38,8 @@ _RUN_SCHEMA = {
     "algorithm": pl.String,
     "lr": pl.Float64,
     "beta": pl.Float64,
+    "params": pl.String,
+    **{k: pl.Float64 for k in KNOB_COLUMNS},
     "scheduler": pl.String,
     "seed": pl.Int64,
     "status": pl.String,
@@ -47,6 +54,7 @@ _TAG_COLUMNS = {
     "algorithm": T.TAG_ALGORITHM,
     "lr": T.TAG_LR,
     "beta": T.TAG_BETA,
+    "params": T.TAG_PARAMS,
     "scheduler": T.TAG_SCHEDULE,
     "seed": T.TAG_SEED,
     "status": T.TAG_STATUS,
@@ -119,6 +127,8 @@ def load_run_record(tracking_uri: str, experiment: str) -> tuple[pl.DataFrame, p
             seen.add(key)
         row = {col: tags.get(k) or None for col, k in _TAG_COLUMNS.items()}
         row["scheduler"] = row["scheduler"] or tags.get(T.TAG_SCHEDULE_BEFORE_RENAME) or None  # older runs
+        if T.TAG_PARAMS not in tags and row["beta"]:  # a run recorded before knobs were general
+            row["params"] = f"beta={row['beta']}"
         row.update(
             run_id=run.info.run_id,
             run_name=run.info.run_name,
@@ -133,9 +143,12 @@ def _typed_runs(rows: list[dict]) -> pl.DataFrame:
     """Tags arrive as strings; cast the numeric ones (unparseable or empty -> null) and the start time."""
     if not rows:
         return pl.DataFrame(schema=_RUN_SCHEMA)
-    as_logged = {k: pl.String for k in _RUN_SCHEMA if k != "start_time"} | {"start_time": pl.Int64}
-    raw = pl.DataFrame(rows, schema=as_logged, orient="row")
-    numeric = {"p": pl.Int64, "seed": pl.Int64, "lr": pl.Float64, "beta": pl.Float64}
+    as_logged = {k: pl.String for k in _RUN_SCHEMA if k != "start_time" and k not in KNOB_COLUMNS
+                 } | {"start_time": pl.Int64}
+    raw = pl.DataFrame(rows, schema=as_logged, orient="row").with_columns(
+        pl.col("params").str.extract(rf"(?:^|,){k}=([^,]+)").alias(k) for k in KNOB_COLUMNS)
+    numeric = {"p": pl.Int64, "seed": pl.Int64, "lr": pl.Float64, "beta": pl.Float64,
+               **{k: pl.Float64 for k in KNOB_COLUMNS}}
     return (
         raw.with_columns(
             *[pl.col(c).str.strip_chars().cast(t, strict=False) for c, t in numeric.items()],

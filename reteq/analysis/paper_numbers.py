@@ -6,6 +6,8 @@ forget score in Table 1, so TOFU and math utilities have no paper column.
 
 from __future__ import annotations
 
+from reteq.algorithms import ALGORITHMS
+
 # model key -> algorithm -> forget score for p = 1, 2, 3, 4
 TABLE1_FORGET: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "llama-3.2-1b": {
@@ -69,5 +71,8 @@ def paper_forget_score(model: str | None, algorithm: str | None, p: int) -> floa
 
 
 def algorithm_label(algorithm: str | None) -> str:
-    """GA / NPO / SimNPO as the paper writes them; other registry names unchanged."""
-    return ALGORITHM_LABEL.get((algorithm or "").lower(), algorithm or "?")
+    """GA / NPO / SimNPO as the paper writes them; another method as its registry label says ("WGA")."""
+    if (algorithm or "").lower() in ALGORITHM_LABEL:
+        return ALGORITHM_LABEL[algorithm.lower()]
+    known = ALGORITHMS.get(algorithm or "")
+    return known.display if known is not None else algorithm or "?"

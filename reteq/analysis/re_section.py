@@ -129,7 +129,7 @@ def findings(table: pl.DataFrame, growth: pl.DataFrame) -> str:
         return ("No RE distance was logged (eval.retrain off, or no unlearning run finished), so the distance to "
                 "θ_r is not reported.")
     lines = []
-    for (model, algo, lr, beta, dist), part in table.group_by(["model", "algorithm", "lr", "beta", "distance"],
+    for (model, algo, lr, params, dist), part in table.group_by(["model", "algorithm", "lr", "params", "distance"],
                                                               maintain_order=True):
         per_p = "; ".join(
             f"p={r['p']} {r['start']:.3g}→{r['final']:.3g} ({r['direction']}, {r['change']:+.3g}, min "
@@ -137,7 +137,7 @@ def findings(table: pl.DataFrame, growth: pl.DataFrame) -> str:
             for r in part.group_by("p").agg(pl.col("start", "final", "change", "min").mean(),
                                             pl.col("min_step").first(), pl.col("direction").first())
             .sort("p").iter_rows(named=True))
-        setting = f"{model} {algo} lr={T.format_float(lr)}" + (f" β={T.format_float(beta)}" if beta else "")
+        setting = f"{model} {algo} lr={T.format_float(lr)}" + (f" {params}" if params else "")
         lines.append(f"{setting}, {dist}: {per_p}.")
     towards = table.filter(pl.col("direction") == "towards θ_r").height
     head = (f"Unlearning moved {towards} of {table.height} (run, distance) trajectories towards θ_r and "
@@ -148,7 +148,7 @@ def findings(table: pl.DataFrame, growth: pl.DataFrame) -> str:
         for keys, part in top.group_by(CELL, maintain_order=True):
             cell = dict(zip(CELL, keys))
             name = (f"{cell['model']} {cell['algorithm']} lr={T.format_float(cell['lr'])}"
-                    + (f" β={T.format_float(cell['beta'])}" if cell["beta"] else "") + f" seed {cell['seed']}")
+                    + (f" {cell['params']}" if cell["params"] else "") + f" seed {cell['seed']}")
             per = "; ".join(f"{r['distance']} {r['d_start']:.3g}→{r['d_final']:.3g} (×{r['growth_factor']:.3g}/step, "
                             f"R² {r['r2']:.2f}, {'grows' if r['grows'] else 'does not grow'})"
                             for r in part.iter_rows(named=True))

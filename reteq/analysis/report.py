@@ -252,7 +252,7 @@ def _runs_section(runs: pl.DataFrame, exp_id: str, ui_base: str) -> Section:
         "p",
         "algorithm",
         "lr",
-        "beta",
+        "params",
         "scheduler",
         "seed",
         "status",

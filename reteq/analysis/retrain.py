@@ -91,7 +91,7 @@ def re_table(metrics: pl.DataFrame) -> pl.DataFrame:
             .otherwise(pl.lit("unchanged")),
         )
         .rename({"metric": "distance"})
-        .sort(["model", "algorithm", "lr", "beta", "seed", "distance", "p"], nulls_last=True)
+        .sort(["model", "algorithm", "lr", "params", "seed", "distance", "p"], nulls_last=True)
     )
 
 

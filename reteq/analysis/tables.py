@@ -109,8 +109,8 @@ def _column_label(row: dict, main: dict | None) -> str:
     diffs = []
     if row["lr"] != main["lr"]:
         diffs.append(f"lr={T.format_float(row['lr'])}")
-    if row["beta"] != main["beta"]:
-        diffs.append(f"beta={T.format_float(row['beta'])}")
+    if row["params"] != main["params"]:
+        diffs.append(row["params"] or "no knobs")
     if row["scheduler"] != main["scheduler"]:
         diffs.append(str(row["scheduler"]))
     return f"{base} ({', '.join(diffs)})" if diffs else base
@@ -134,7 +134,7 @@ def table1(metrics: pl.DataFrame) -> dict[str, pl.DataFrame]:
             s["algorithm"] or "",
             _column_label(s, mains.get((s["model"], s["algorithm"]))) != _column_label(s, None),
             s["lr"] or 0.0,
-            s["beta"] or 0.0,
+            s["params"] or "",
             s["scheduler"] or "",
         ),
     )

@@ -44,7 +44,7 @@ class PrintHooks(Hooks):
                 f"-> {path}")
 
     def leaf_started(self, leaf):
-        self._p(f"[unlearn] {leaf.algorithm} lr={leaf.lr:g} beta={leaf.beta} p={leaf.p}")
+        self._p(f"[unlearn] {leaf.algorithm} lr={leaf.lr:g} {T.params_tag(leaf.params)} p={leaf.p}")
 
     def leaf_step(self, leaf, r):
         self._p(f"  unlearn step {r.step:4d} loss {r.loss:10.4f} lr {r.lr:.2e}")
@@ -106,10 +106,13 @@ def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     alg = flags.algorithm or base.algorithm
     parent = plan.add_order(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
     retrain = plan.add_retrain(cfg, m, tuple(o), s, base.schedule) if cfg.eval.retrain else None
-    beta = flags.beta if flags.beta is not None else cfg.unlearn.betas_for(alg)[0]
+    params = cfg.unlearn.knob_grid(alg)[0]  # each knob's first grid value (or its default)
+    if flags.beta is not None:
+        if "beta" not in params:
+            raise BadInput(f"--beta: {alg} has no beta knob (its knobs: {', '.join(params) or 'none'})")
+        params["beta"] = flags.beta
     leaf = replace(base, model=m, order=tuple(o), p=o.index(cfg.forget_stage) + 1, algorithm=alg,
-                   lr=flags.lr or base.lr, params={} if beta is None else {"beta": beta}, seed=s, parent=parent,
-                   retrain=retrain)
+                   lr=flags.lr or base.lr, params=params, seed=s, parent=parent, retrain=retrain)
     return leaf, plan
 
 
@@ -124,7 +127,7 @@ def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None)
                         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
     print(f"path {leaf.model} {'>'.join(leaf.order)} (p={leaf.p}) | {leaf.algorithm} lr={leaf.lr:g} "
-          f"beta={leaf.beta} seed={leaf.seed}", flush=True)
+          f"{T.params_tag(leaf.params)} seed={leaf.seed}", flush=True)
     run = RunContext(cfg, plan, ctx, CheckpointStore(work / "checkpoints"), data, hooks=PrintHooks())
     result = run_leaf(run, leaf)
     print(format_table(result))

@@ -18,7 +18,7 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from reteq import tracking as T
-from reteq.sweep.leaves import axes
+from reteq.sweep.leaves import AXES, axes, knob_axes
 from reteq.sweep.nodes import leaf_dependencies
 
 POLL_EVERY_S = 0.5  # Tune calls the searcher and callbacks many times a second; asking Ray less often is enough
@@ -78,6 +78,7 @@ class DagSearcher(Searcher):
         self.watch = watch
         self.skipped: dict[str, tuple[Any, str]] = {}  # leaf key -> (leaf, failed node key)
         self.started: dict[str, float] = {}  # leaf key -> when it was handed to Tune
+        self.knobs = knob_axes(leaves)  # the methods' knob axes, named in every config handed out
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the param_space only names the axes (so Tune shows them); the leaves come from here
@@ -95,7 +96,7 @@ class DagSearcher(Searcher):
             elif all(s == "published" for s in states):
                 self.waiting.remove(leaf)
                 self.started[leaf.key] = time.time()
-                return axes(leaf)
+                return axes(leaf, self.knobs)
         return Searcher.FINISHED if not self.waiting else None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -108,14 +109,18 @@ class DagSearcher(Searcher):
         pass
 
 
+def _knob_text(params: dict) -> str:
+    return "".join(f" {k}={v:g}" for k, v in sorted(params.items()))
+
+
 def _leaf_text(leaf) -> str:
-    beta = f" beta={leaf.beta:g}" if leaf.beta is not None else ""
-    return f"{leaf.model} {T.order_tag(leaf.order)} {leaf.algorithm} lr={leaf.lr:g}{beta} seed={leaf.seed}"
+    return (f"{leaf.model} {T.order_tag(leaf.order)} {leaf.algorithm} lr={leaf.lr:g}{_knob_text(leaf.params)} "
+            f"seed={leaf.seed}")
 
 
 def _config_text(c: dict) -> str:
-    beta = f" beta={c['beta']:g}" if c.get("beta") is not None else ""
-    return f"{c['model']} {c['order']} {c['algorithm']} lr={c['lr']:g}{beta} seed={c['seed']}"
+    knobs = {k: v for k, v in c.items() if k not in AXES and v is not None and isinstance(v, (int, float))}
+    return f"{c['model']} {c['order']} {c['algorithm']} lr={c['lr']:g}{_knob_text(knobs)} seed={c['seed']}"
 
 
 class ConsoleLines(Callback):

@@ -44,7 +44,7 @@ from reteq.resources import ResourceError, describe, full_disk, one_line, writin
 from reteq.sweep import lifecycle, record
 from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
 from reteq.sweep.launcher import start_launcher, stop_launcher
-from reteq.sweep.leaves import AXES, axes, leaf_trial
+from reteq.sweep.leaves import AXES, axes, knob_axes, leaf_trial
 from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.nodes import leaf_dependencies, needed_nodes, submit_nodes
 from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, trial_runtime_env, workers_to_keep
@@ -290,9 +290,10 @@ def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[st
 
 
 def _axis_values(leaves: list) -> dict[str, list]:
-    out: dict[str, list] = {k: [] for k in AXES}
+    knobs = knob_axes(leaves)
+    out: dict[str, list] = {k: [] for k in (*AXES, *knobs)}
     for leaf in leaves:
-        for k, v in axes(leaf).items():
+        for k, v in axes(leaf, knobs).items():
             if v not in out[k]:
                 out[k].append(v)
     return out

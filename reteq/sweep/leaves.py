@@ -1,7 +1,7 @@
 """Unlearning leaves as Ray Tune trials over named axes.
 
-A trial's config is the leaf's axes (`model, order, algorithm, lr, beta, seed, schedule`; beta is None for
-methods without one), so Tune's table, `ResultGrid.get_dataframe()` and Tune's searchers and schedulers see
+A trial's config is the leaf's axes (`model, order, algorithm, lr, seed, schedule`, then one axis per knob of
+the sweep's methods, e.g. `beta`, `strength`, `layer`; None where a method has no such knob), so Tune's table, `ResultGrid.get_dataframe()` and Tune's searchers and schedulers see
 them. The leaf is found again in the plan from its axes. `dag.DagSearcher` suggests a leaf only once the nodes
 it depends on are published; the trial gets their published checkpoints from the node refs (already resolved).
 
@@ -33,21 +33,28 @@ from reteq.sweep.worker import NodeFailed
 # Imports inside functions below are heavy (torch through reteq.pipeline, Ray Train): the Tune trial that
 # imports this module only drives a task or a worker group.
 
-AXES = ("model", "order", "algorithm", "lr", "beta", "seed", "schedule")
+AXES = ("model", "order", "algorithm", "lr", "seed", "schedule")  # then the knob axes (knob_axes)
 SHOWN = ((T.M_FORGET_SCORE, "forget"), (T.M_TOFU_UTILITY, "tofu_utility"), (T.M_MATH_ACC, "math_acc"))
 
 
-def axes(leaf) -> dict[str, Any]:
+def knob_axes(leaves) -> list[str]:
+    """The knob names of the methods these leaves run, each a Tune axis (sorted, so every process agrees)."""
+    return sorted({k for leaf in leaves for k in leaf.params})
+
+
+def axes(leaf, knobs: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The leaf as a Tune config: the fixed axes, then every knob axis of the sweep (None where it has none)."""
     return {"model": leaf.model, "order": T.order_tag(leaf.order), "algorithm": leaf.algorithm, "lr": leaf.lr,
-            "beta": leaf.beta, "seed": leaf.seed, "schedule": leaf.schedule}
+            "seed": leaf.seed, "schedule": leaf.schedule, **{k: leaf.params.get(k) for k in knobs}}
 
 
 def leaf_of(plan, config: dict[str, Any]):
     want = {k: config.get(k) for k in AXES}
+    params = {k: v for k, v in config.items() if k not in AXES and v is not None}
     for leaf in plan.leaves:
-        if axes(leaf) == want:
+        if axes(leaf) == want and leaf.params == params:
             return leaf
-    raise KeyError(f"no leaf of the plan has axes {want}")
+    raise KeyError(f"no leaf of the plan has axes {want} and knobs {params}")
 
 
 def tune_metrics(step: int, metrics: dict[str, float], started: float) -> dict[str, float]:

@@ -122,7 +122,7 @@ def record_tags(rec: RetrainRecord, sweep: str, schedule: str, node_run_id: str,
 def leaf_tags(leaf: UnlearnLeaf, sweep: str, schedule: str) -> dict[str, str]:
     return {T.TAG_KIND: T.KIND_UNLEARN, T.TAG_MODEL: leaf.model, T.TAG_ORDER: T.order_tag(leaf.order),
             T.TAG_P: str(leaf.p), T.TAG_ALGORITHM: leaf.algorithm, T.TAG_LR: T.format_float(leaf.lr),
-            T.TAG_BETA: T.format_float(leaf.beta), T.TAG_SEED: str(leaf.seed), T.TAG_PLAN_KEY: leaf.key,
+            T.TAG_BETA: T.format_float(leaf.beta), T.TAG_PARAMS: T.params_tag(leaf.params), T.TAG_SEED: str(leaf.seed), T.TAG_PLAN_KEY: leaf.key,
             T.TAG_PARENT_KEY: leaf.parent, T.TAG_SWEEP: sweep, T.TAG_SCHEDULE: schedule,
             T.TAG_RETRAIN_KEY: leaf.retrain or ""}
 
@@ -222,11 +222,11 @@ class MlflowHooks(Hooks):
     # ---- unlearning leaves ------------------------------------------------------------------------------
     def leaf_started(self, leaf: UnlearnLeaf) -> None:
         self.leaf_run_id = self._start(
-            leaf.key, T.leaf_run_name(leaf.p, leaf.algorithm, leaf.lr, leaf.seed, leaf.model, leaf.beta, leaf.schedule),
+            leaf.key, T.leaf_run_name(leaf.p, leaf.algorithm, leaf.lr, leaf.seed, leaf.model, leaf.params, leaf.schedule),
             leaf_tags(leaf, self.sweep, leaf.schedule or self.schedule_of(leaf.order[0])))
         self._params(self.leaf_run_id, {"model": leaf.model, "order": T.order_tag(leaf.order), "p": leaf.p,
-                                        "algorithm": leaf.algorithm, "lr": leaf.lr, "beta": leaf.beta,
-                                        "seed": leaf.seed})
+                                        "algorithm": leaf.algorithm, "lr": leaf.lr, "seed": leaf.seed,
+                                        **leaf.params})
 
     # ---- retrain records ---------------------------------------------------------------------------------
     def retrain_started(self, rec: RetrainRecord, node_run_id: str, checkpoint: Path) -> None:

@@ -30,10 +30,10 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     logits = model(**kwargs).logits[:, :-1].float()
-    return _label_logps(logits, labels[:, 1:])
+    return label_logps(logits, labels[:, 1:])
 
 
-def _label_logps(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def label_logps(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mask = target != IGNORE
     logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.clamp_min(0).reshape(-1),
                             reduction="none").view_as(target)
@@ -93,12 +93,16 @@ def accepts_logits_to_keep(model) -> bool:
     return _class_accepts_logits_to_keep(type(_unwrap(model)))
 
 
+def check_packed_rows(model, batch: PackedBatch) -> None:
+    """transformers' flash-attention path finds sample boundaries from position_ids only at batch size 1; with
+    more rows it would silently attend across samples."""
+    if batch.input_ids.size(0) != 1 and (batch.layout == "varlen" or "flash" in attn_implementation(model)):
+        raise ValueError("flash-attention needs packed batches as a single row (layout 'varlen')")
+
+
 def packed_token_logps(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(label_t | same-sample prefix), mask), shapes (R, T-1), for a packed batch."""
-    if batch.input_ids.size(0) != 1 and (batch.layout == "varlen" or "flash" in attn_implementation(model)):
-        # transformers' flash-attention path finds sample boundaries from position_ids only at batch size 1;
-        # with more rows it would silently attend across samples
-        raise ValueError("flash-attention needs packed batches as a single row (layout 'varlen')")
+    check_packed_rows(model, batch)
     kwargs = attention_kwargs(model, batch.position_ids,
                               lambda dt: block_causal_mask(batch.seq_ids, dt))
     target = batch.labels[:, 1:]
@@ -106,12 +110,12 @@ def packed_token_logps(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.T
         # one row: project only the positions that predict a label onto the (huge) vocabulary
         keep = (target[0] != IGNORE).nonzero().squeeze(-1)
         logits = model(input_ids=batch.input_ids, logits_to_keep=keep, **kwargs).logits.float()
-        logp, mask = _label_logps(logits, target[:, keep])
+        logp, mask = label_logps(logits, target[:, keep])
         full = torch.zeros(target.shape, dtype=logp.dtype, device=logp.device)
         full[0, keep] = logp[0]
         return full, target != IGNORE
     logits = model(input_ids=batch.input_ids, **kwargs).logits[:, :-1].float()
-    return _label_logps(logits, target)
+    return label_logps(logits, target)
 
 
 # ---- either form ----------------------------------------------------------------------------------------------

@@ -14,14 +14,18 @@ from typing import Any
 import torch
 
 from reteq.algorithms import get_algorithm
+from reteq.algorithms.base import RETAIN_WEIGHT, Need
 from reteq.config import StageConfig, UnlearnConfig
-from reteq.data.packing import layout_for, pack, packed_micro_batches, padding_fraction
+from reteq.data.alternatives import idk_conversations
+from reteq.data.packing import layout_for, packed_micro_batches, padding_fraction
 from reteq.data.tokenize import Example, encode_dataset, micro_batches, plan_steps
 from reteq.eval.evaluator import Evaluator, relative
 from reteq.train.engine import OptimSpec, build_engine
-from reteq.train.logprobs import batch_token_logps, sequence_logps
+from reteq.train.logprobs import batch_token_logps
 from reteq.train.loop import LoopResult, Step, StepRecord, train_loop
-from reteq.train.precision import apply_matmul_policy, autocast
+from reteq.train.method_inputs import Pairing, gather, retain_nll
+from reteq.train.precision import apply_matmul_policy
+from reteq.train.reference import compute_reference
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,9 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
 
 @dataclass(frozen=True)
 class UnlearnJob:
-    """One unlearning run: the forget set, the method with its lr and knobs (e.g. {"beta": 0.5}), the seed."""
+    """One unlearning run: the forget set, the method with its lr and knobs (e.g. {"beta": 0.5}), the seed; the
+    retain set's conversations (only read by a method with a retain term whose retain_weight > 0) and the start
+    checkpoint's key (leaves from one checkpoint share its reference pass in a warm worker)."""
 
     cfg: UnlearnConfig
     algorithm: str
@@ -108,15 +114,15 @@ class UnlearnJob:
     params: Mapping[str, float]
     forget: list[dict]  # the forget set's conversations
     seed: int = 0
+    retain: list[dict] | None = None
+    start: str | None = None
 
 
-def micro_batch_loss(loss, logp: torch.Tensor, ref: torch.Tensor | None, params: Mapping[str, float], step: Step,
-                     normalisation: str) -> torch.Tensor:
-    """One micro-batch's share of the step loss: its per-sequence losses summed, over the global batch's
-    sequences (`sequence`: the mean per-sequence loss) or response tokens (`token`: for GA, the token-mean
-    log-prob of the authors' NegCE loss, src/loss.py). `loss` returns the micro-batch's mean."""
-    denominator = step.label_tokens if normalisation == "token" else step.sequences
-    return loss(logp, ref, params) * (len(logp) / denominator)
+def normaliser(step: Step, normalisation: str) -> int:
+    """What a step's summed method loss is divided by: its global batch's sequences (`sequence`: the mean
+    per-sequence loss) or response tokens (`token`: for GA the token-mean log-prob of the authors' NegCE loss,
+    src/loss.py; for the token-level methods open-unlearning's mean over valid tokens)."""
+    return step.label_tokens if normalisation == "token" else step.sequences
 
 
 @dataclass
@@ -131,39 +137,26 @@ class UnlearnResult:
         return self.loop.collapsed
 
 
-@torch.no_grad()
-def reference_logps(model, examples: list[Example], micro: int, pad_id: int, device,
-                    packing: bool = False, dtype: str = "fp32") -> torch.Tensor:
-    """Summed response log-prob of every forget example under the model before unlearning (NPO's pi_ref)."""
-    from reteq.data.tokenize import collate
-
-    was = model.training
-    model.eval()
-    out = torch.zeros(len(examples), dtype=torch.float64)
-    for s in range(0, len(examples), micro):
-        chunk = examples[s:s + micro]
-        # [packing hook] the reference goes through the same path as the training steps
-        batch = (pack(chunk, pad_id, layout=layout_for(model)) if packing else collate(chunk, pad_id)).to(device)
-        with autocast(dtype, device):  # [precision hook] pi_ref under the same policy as the steps
-            logp, _ = sequence_logps(model, batch)
-        out[[e.index for e in chunk]] = logp.double().cpu()
-    model.train(was)
-    return out
-
-
 def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: WorkerContext,
             on_eval: Callable[[int, dict[str, float]], None] | None = None,
             on_step: Callable[[StepRecord], None] | None = None) -> UnlearnResult:
     """Unlearn the forget set with a local method; evaluate at step 0 and every `eval_every` steps."""
-    cfg, alg, params = job.cfg, get_algorithm(job.algorithm), dict(job.params)
+    cfg, alg, params = job.cfg, get_algorithm(job.algorithm), {**get_algorithm(job.algorithm).defaults,
+                                                                  **job.params}
     apply_matmul_policy(ctx.dtype)  # [precision hook]
+    pad_id = tokenizer.pad_token_id
     examples = encode_dataset(tokenizer, job.forget, cfg.max_length)
     accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, ctx.world, "unlearn")
     index_steps = plan_steps(len(examples), cfg.epochs, cfg.global_batch, job.seed, cfg.steps)
-    steps = build_steps(examples, index_steps, cfg.micro_batch, ctx, tokenizer.pad_token_id, model)
-    ref = reference_logps(model, examples, cfg.micro_batch, tokenizer.pad_token_id, ctx.device, ctx.packing,
-                          ctx.dtype) \
-        if alg.needs_reference else None
+    steps = build_steps(examples, index_steps, cfg.micro_batch, ctx, pad_id, model)
+    alternatives = (encode_dataset(tokenizer, idk_conversations(job.forget), cfg.max_length)
+                    if Need.ALTERNATIVE in alg.needs else None)
+    retain_weight = float(params.get(RETAIN_WEIGHT, 0.0)) if Need.RETAIN in alg.needs else 0.0
+    if retain_weight and not job.retain:
+        raise ValueError(f"{job.algorithm}: retain_weight {retain_weight:g} but the job has no retain set")
+    pairing = Pairing(encode_dataset(tokenizer, job.retain, cfg.max_length), job.seed) if retain_weight else None
+    ref = compute_reference(model, alg, examples, alternatives, cfg.micro_batch, pad_id, ctx.device, ctx.packing,
+                            ctx.dtype, job.start)
 
     raw0 = evaluator.raw(model, ctx.device, ctx.dtype, step=0)
     evals = [(0, relative(raw0, raw0))]
@@ -177,9 +170,12 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
                           world=ctx.world)
 
     def loss_fn(m, batch, step: Step) -> torch.Tensor:
-        logp, _ = sequence_logps(m, batch)
-        r = ref[batch.index.cpu()].to(logp) if ref is not None else None
-        return micro_batch_loss(alg.loss, logp, r, params, step, normalisation)
+        x = gather(m, batch, alg, params, ref, alternatives, pad_id)
+        loss = alg.loss(x, params) / normaliser(step, normalisation)
+        if pairing is not None:  # GradDiff's retain term, per retain sequence over the step's sequences
+            loss = loss + retain_weight * retain_nll(m, pairing, batch.index.cpu(), pad_id, batch.input_ids.device
+                                                     ) / step.sequences
+        return loss
 
     def after_step(record: StepRecord) -> bool:
         if on_step:

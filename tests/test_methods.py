@@ -1,0 +1,457 @@
+"""The local unlearning methods beyond the paper's three: each loss is its formula (checked by hand with `math` on
+small float64 inputs), the registry holds what each declares, docs/methods.md lists every method and knob, and
+every method unlearns on the tiny model through the shared loop (reteq.train.recipes.unlearn).
+
+Contract (reteq.algorithms.base): a loss returns the micro-batch's SUM of per-unit losses; minimising it pushes the
+forget responses down.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import model_cfg, refusal_finetune, reteq_cache  # noqa: F401  (session fixture)
+
+from reteq.algorithms import ALGORITHMS, RETAIN_WEIGHT, MethodInputs, Need, get_algorithm, register
+from reteq.algorithms.ceu import position_in_sequence
+from reteq.algorithms.rmu import control_vector
+from reteq.algorithms.undial import undial_target
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods.md"
+F64 = torch.float64
+
+# name -> (knobs with defaults, needs, normalisation): what each method declares
+DECLARED = {
+    "ga": ({}, set(), "token"),
+    "npo": ({"beta": 0.5}, {Need.REF_LOGPS}, "sequence"),
+    "simnpo": ({"beta": 1.0}, set(), "sequence"),
+    "wga": ({"beta": 1.0}, {Need.TOKEN_LOGPS}, "token"),
+    "satimp": ({"beta1": 5.0, "beta2": 1.0}, {Need.TOKEN_LOGPS}, "token"),
+    "undial": ({"strength": 10.0}, {Need.LOGITS, Need.REF_LOGITS}, "token"),
+    "ceu": ({"ignore_first": 1}, {Need.LOGITS}, "token"),
+    "me": ({}, {Need.LOGITS}, "token"),
+    "idknll": ({}, {Need.ALTERNATIVE}, "sequence"),
+    "idkdpo": ({"beta": 0.1}, {Need.ALTERNATIVE, Need.REF_LOGPS}, "sequence"),
+    "rmu": ({"layer": 1, "coeff": 20.0, RETAIN_WEIGHT: 0.0}, {Need.HIDDEN, Need.RETAIN}, "token"),
+    "graddiff": ({RETAIN_WEIGHT: 0.0}, {Need.RETAIN}, "token"),
+    "npo_retain": ({"beta": 0.5, RETAIN_WEIGHT: 0.0}, {Need.REF_LOGPS, Need.RETAIN}, "sequence"),
+}
+
+
+def _t(values, grad: bool = False) -> torch.Tensor:
+    return torch.tensor(values, dtype=F64, requires_grad=grad)
+
+
+def _f(t: torch.Tensor) -> float:
+    return float(t.detach())
+
+
+def _lse(row: list[float]) -> float:
+    m = max(row)
+    return m + math.log(sum(math.exp(v - m) for v in row))
+
+
+def _log_softmax(row: list[float]) -> list[float]:
+    lse = _lse(row)
+    return [v - lse for v in row]
+
+
+def _softmax(row: list[float]) -> list[float]:
+    return [math.exp(v) for v in _log_softmax(row)]
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _seq(n: int) -> MethodInputs:
+    """A MethodInputs of n dummy sequences (token-level methods read only their token fields)."""
+    return MethodInputs(torch.zeros(n, dtype=F64), torch.ones(n, dtype=torch.long))
+
+
+# ---- WGA and SatImp: token-weighted GA -------------------------------------------------------------------------------
+
+PROBS = [0.5, 0.2, 0.9, 0.01]
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0, 0.0])
+def test_wga_weights_each_tokens_log_prob_by_its_probability(beta):
+    logp = _t([math.log(p) for p in PROBS], grad=True)
+    x = _seq(2)
+    x.token_logp, x.token_owner = logp, torch.tensor([0, 0, 1, 1])
+    loss = get_algorithm("wga").loss(x, {"beta": beta})
+    loss.backward()
+    assert _f(loss) == pytest.approx(sum(p ** beta * math.log(p) for p in PROBS), rel=1e-12)
+    # the weight is detached: d loss / d log p_t = p_t^beta > 0, so minimising pushes every token down
+    assert logp.grad.tolist() == pytest.approx([p ** beta for p in PROBS], rel=1e-12)
+    if beta == 0.0:  # beta 0 is GA
+        assert _f(loss) == pytest.approx(sum(math.log(p) for p in PROBS), rel=1e-12)
+
+
+@pytest.mark.parametrize("beta1,beta2", [(5.0, 1.0), (1.0, 2.0), (0.0, 0.0)])
+def test_satimp_weights_by_saturation_and_importance(beta1, beta2):
+    logp = _t([math.log(p) for p in PROBS], grad=True)
+    x = _seq(2)
+    x.token_logp, x.token_owner = logp, torch.tensor([0, 0, 1, 1])
+    loss = get_algorithm("satimp").loss(x, {"beta1": beta1, "beta2": beta2})
+    loss.backward()
+    weights = [p ** beta1 * (1 - p) ** beta2 for p in PROBS]
+    assert _f(loss) == pytest.approx(sum(w * math.log(p) for w, p in zip(weights, PROBS)), rel=1e-12)
+    assert logp.grad.tolist() == pytest.approx(weights, rel=1e-12)
+
+
+# ---- UNDIAL, CE-U, ME: full-vocabulary losses ------------------------------------------------------------------------
+
+LOGITS = [[2.0, 0.5, -1.0, 0.0], [0.1, 3.0, 0.2, -0.7], [1.0, 1.0, 1.0, 1.0], [-2.0, 0.0, 4.0, 1.5],
+          [0.3, -0.3, 0.9, 2.2]]
+REF_LOGITS = [[1.5, 0.0, -0.5, 0.5], [0.0, 2.5, 0.0, 0.0], [0.2, 1.4, -1.0, 0.3], [-1.0, 0.5, 3.0, 1.0],
+              [0.0, 0.0, 0.0, 2.0]]
+LABELS = [0, 1, 3, 2, 3]
+OWNER = [0, 0, 0, 1, 1]  # two sequences: three response tokens, then two
+
+
+def _full(owner=OWNER) -> tuple[MethodInputs, torch.Tensor]:
+    logits = _t(LOGITS, grad=True)
+    x = _seq(max(owner) + 1)
+    x.logits, x.labels, x.token_owner = logits, torch.tensor(LABELS), torch.tensor(owner)
+    x.ref_logits = _t(REF_LOGITS)
+    return x, logits
+
+
+@pytest.mark.parametrize("strength", [10.0, 1.0, 0.0])
+def test_undial_distils_from_the_reference_with_the_label_demoted(strength):
+    x, logits = _full()
+    loss = get_algorithm("undial").loss(x, {"strength": strength})
+    loss.backward()
+    want, grads = 0.0, []
+    for z, r, y in zip(LOGITS, REF_LOGITS, LABELS):
+        q = _softmax([rv - (strength if v == y else 0.0) for v, rv in enumerate(r)])
+        want += -sum(qv * lv for qv, lv in zip(q, _log_softmax(z)))
+        grads.append([pv - qv for pv, qv in zip(_softmax(z), q)])  # d CE / d z = softmax(z) - q
+    assert _f(loss) == pytest.approx(want, rel=1e-12)
+    assert logits.grad.tolist() == [pytest.approx(g, abs=1e-12) for g in grads]
+    # the target: pi_ref with only the label's logit lowered by `strength`
+    target = undial_target(_t(REF_LOGITS), torch.tensor(LABELS), strength)
+    r, y = REF_LOGITS[0], LABELS[0]
+    denom = sum(math.exp(v) for v in r) - math.exp(r[y]) + math.exp(r[y] - strength)
+    assert target[0, y].item() == pytest.approx(math.exp(r[y] - strength) / denom, rel=1e-12)
+    assert target[0, 1].item() == pytest.approx(math.exp(r[1]) / denom, rel=1e-12)
+    if strength == 10.0:  # the label is well above its target: minimising lowers its logit
+        assert all(logits.grad[t, y] > 0 for t, y in enumerate(LABELS))
+
+
+def _ceu_by_hand(kept: list[int]) -> tuple[float, list[list[float]]]:
+    loss, grads = 0.0, [[0.0] * 4 for _ in LOGITS]
+    for t in kept:
+        z, y = LOGITS[t], LABELS[t]
+        rest = _lse([v for i, v in enumerate(z) if i != y])
+        q = [0.0 if i == y else math.exp(v - rest) for i, v in enumerate(z)]
+        loss += -sum(qv * lv for qv, lv in zip(q, _log_softmax(z)))
+        grads[t] = [pv - qv for pv, qv in zip(_softmax(z), q)]
+    return loss, grads
+
+
+@pytest.mark.parametrize("ignore_first,kept", [(1, [1, 2, 4]), (0, [0, 1, 2, 3, 4]), (2, [2]), (3, [])])
+def test_ceu_masks_the_label_and_skips_each_sequences_first_tokens(ignore_first, kept):
+    x, logits = _full()
+    loss = get_algorithm("ceu").loss(x, {"ignore_first": ignore_first})
+    loss.backward()
+    want, grads = _ceu_by_hand(kept)
+    assert _f(loss) == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert logits.grad.tolist() == [pytest.approx(g, abs=1e-12) for g in grads]
+    for t in kept:  # minimising moves mass off the label only: d/dz_y = p_y > 0
+        assert logits.grad[t, LABELS[t]] > 0
+
+
+def test_ceu_positions_follow_the_owner_runs_in_any_sequence_order():
+    """A packed batch lists its samples in row order, not by position in batch.index."""
+    assert position_in_sequence(torch.tensor(OWNER)).tolist() == [0, 1, 2, 0, 1]
+    assert position_in_sequence(torch.tensor([1, 1, 0, 0, 0, 2])).tolist() == [0, 1, 0, 1, 2, 0]
+    assert position_in_sequence(torch.tensor([], dtype=torch.long)).tolist() == []
+    x, _ = _full(owner=[1, 1, 0, 0, 0])
+    want, _ = _ceu_by_hand([1, 3, 4])
+    assert _f(get_algorithm("ceu").loss(x, {"ignore_first": 1})) == pytest.approx(want, rel=1e-12)
+
+
+def test_me_is_the_kl_from_uniform():
+    x, logits = _full()
+    loss = get_algorithm("me").loss(x, {})
+    loss.backward()
+    v = 4
+    want = sum(-math.log(v) - sum(_log_softmax(z)) / v for z in LOGITS)
+    assert _f(loss) == pytest.approx(want, rel=1e-12)
+    # d/dz_k = p_k - 1/V: minimising lowers every token above uniform, the label included
+    assert logits.grad.tolist() == [pytest.approx([p - 1 / v for p in _softmax(z)], abs=1e-12) for z in LOGITS]
+    x.logits = _t([[0.7] * 4, [-3.0] * 4])
+    assert _f(get_algorithm("me").loss(x, {})) == pytest.approx(0.0, abs=1e-12)  # uniform: nothing to forget
+
+
+# ---- IdkNLL and IdkDPO: the alternative answers ----------------------------------------------------------------------
+
+SEQ = [-12.0, -30.0, -5.0]
+REF = [-10.0, -31.0, -5.0]
+ALT = [-6.0, -20.0, -9.0]
+REF_ALT = [-8.0, -18.0, -9.0]
+ALT_TOKENS = [3, 4, 5]
+
+
+def _alt(seq=SEQ, ref=REF, alt=ALT, ref_alt=REF_ALT) -> tuple[MethodInputs, torch.Tensor, torch.Tensor]:
+    logp, a = _t(seq, grad=True), _t(alt, grad=True)
+    x = MethodInputs(logp, torch.tensor([4, 6, 2]), ref_seq_logp=_t(ref), alt_seq_logp=a,
+                     alt_seq_tokens=torch.tensor(ALT_TOKENS), ref_alt_seq_logp=_t(ref_alt))
+    return x, logp, a
+
+
+def test_idknll_is_the_alternatives_token_mean_nll():
+    x, _, alt = _alt()
+    loss = get_algorithm("idknll").loss(x, {})
+    loss.backward()
+    assert _f(loss) == pytest.approx(6 / 3 + 20 / 4 + 9 / 5, rel=1e-12)
+    assert alt.grad.tolist() == pytest.approx([-1 / 3, -1 / 4, -1 / 5], rel=1e-12)  # minimising raises them
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_idkdpo_prefers_the_alternative_over_the_forget_response(beta):
+    x, logp, alt = _alt()
+    loss = get_algorithm("idkdpo").loss(x, {"beta": beta})
+    loss.backward()
+    margins = [(a - ra) - (s - r) for s, r, a, ra in zip(SEQ, REF, ALT, REF_ALT)]
+    want = sum(-(2 / beta) * math.log(_sigmoid(beta * m)) for m in margins)
+    assert _f(loss) == pytest.approx(want, rel=1e-12)
+    # d/d logp = 2 sigmoid(-beta m) > 0 (push the forget response down), d/d alt the opposite
+    assert logp.grad.tolist() == pytest.approx([2 * _sigmoid(-beta * m) for m in margins], rel=1e-12)
+    assert alt.grad.tolist() == pytest.approx([-2 * _sigmoid(-beta * m) for m in margins], rel=1e-12)
+
+
+def test_idkdpo_at_the_reference_is_2_ln2_over_beta_per_sequence():
+    x, _, _ = _alt(ref=SEQ, ref_alt=ALT)
+    assert _f(get_algorithm("idkdpo").loss(x, {"beta": 0.1})) == pytest.approx(3 * 20 * math.log(2), rel=1e-12)
+
+
+# ---- RMU: hidden states towards a fixed random direction -------------------------------------------------------------
+
+def test_rmu_control_vector_is_seeded_fixed_and_has_norm_coeff():
+    u = control_vector(6, 20.0)
+    assert torch.equal(u, control_vector(6, 20.0))  # same for every leaf, whatever the global RNG did
+    torch.manual_seed(123)
+    assert torch.equal(u, control_vector(6, 20.0))
+    assert math.sqrt(sum(v * v for v in u.tolist())) == pytest.approx(20.0, rel=1e-12)
+    assert all(v >= 0 for v in u.tolist())  # torch.rand: a direction in the positive orthant, as the original
+    g = torch.Generator().manual_seed(0)
+    raw = torch.rand(6, generator=g, dtype=F64).tolist()
+    norm = math.sqrt(sum(v * v for v in raw))
+    assert u.tolist() == pytest.approx([20.0 * v / norm for v in raw], rel=1e-12)
+    assert control_vector(6, 5.0).tolist() == pytest.approx([5.0 / 20.0 * v for v in u.tolist()], rel=1e-12)
+    like = torch.zeros(1, dtype=torch.float32)
+    assert control_vector(6, 20.0, like).dtype == torch.float32
+
+
+def test_rmu_is_the_mean_squared_distance_to_the_control_vector():
+    hidden_rows = [[0.5, -1.0, 2.0, 0.0], [3.0, 1.0, -2.0, 4.0], [0.0, 0.0, 0.0, 0.0]]
+    hidden = _t(hidden_rows, grad=True)
+    x = _seq(2)
+    x.hidden, x.token_owner = hidden, torch.tensor([0, 0, 1])
+    loss = get_algorithm("rmu").loss(x, {"layer": 1, "coeff": 7.0, RETAIN_WEIGHT: 0.0})
+    loss.backward()
+    target = control_vector(4, 7.0).tolist()
+    want = sum(sum((h - c) ** 2 for h, c in zip(row, target)) / 4 for row in hidden_rows)
+    assert _f(loss) == pytest.approx(want, rel=1e-12)
+    assert hidden.grad.tolist() == [pytest.approx([2 * (h - c) / 4 for h, c in zip(row, target)], rel=1e-12)
+                                    for row in hidden_rows]
+    x.hidden = torch.stack([control_vector(4, 7.0)] * 3)
+    assert _f(get_algorithm("rmu").loss(x, {"layer": 1, "coeff": 7.0})) == pytest.approx(0.0, abs=1e-24)
+
+
+# ---- GradDiff and NPO+RT: the paper's methods plus the loop's retain term ---------------------------------------------
+
+@pytest.mark.parametrize("weight", [0.0, 2.5])
+def test_graddiff_is_ga_and_npo_retain_is_npo_in_the_loss(weight):
+    """The retain term is the loop's (recipes.unlearn), so the loss functions equal GA's and NPO's at any
+    retain_weight; at retain_weight 0 the loop adds nothing either (see the integration test)."""
+    x, _, _ = _alt()
+    ga = get_algorithm("ga").loss(x, {})
+    assert _f(get_algorithm("graddiff").loss(x, {RETAIN_WEIGHT: weight})) == _f(ga) == sum(SEQ)
+    for beta in (0.5, 0.1):
+        npo = get_algorithm("npo").loss(x, {"beta": beta})
+        assert _f(get_algorithm("npo_retain").loss(x, {"beta": beta, RETAIN_WEIGHT: weight})) == _f(npo)
+
+
+# ---- the registry ---------------------------------------------------------------------------------------------------
+
+def test_every_method_is_registered_with_what_it_declares():
+    assert set(ALGORITHMS) == set(DECLARED)
+    for name, (knobs, needs, normalisation) in DECLARED.items():
+        alg = ALGORITHMS[name]
+        assert dict(alg.defaults) == knobs, name
+        assert {k: type(v) for k, v in alg.defaults.items()} == {k: type(v) for k, v in knobs.items()}, name
+        assert alg.needs == frozenset(needs), name
+        assert alg.normalisation == normalisation, name
+        assert alg.source and alg.summary, name
+        assert alg.needs_reference == bool(needs & {Need.REF_LOGPS, Need.REF_LOGITS}), name
+    assert isinstance(ALGORITHMS["ceu"].defaults["ignore_first"], int)  # whole-number knobs
+    assert isinstance(ALGORITHMS["rmu"].defaults["layer"], int)
+    # hidden_states has layers + 1 entries: the default layer exists on the tiny model (2) and SmolLM2-135M (30)
+    assert 0 < ALGORITHMS["rmu"].defaults["layer"] < 2
+
+
+def test_every_method_needs_what_its_loss_reads():
+    """A declared need withheld is a clear error naming the method, not a None deep in torch."""
+    for name, (knobs, needs, _) in DECLARED.items():
+        if not needs - {Need.RETAIN}:
+            continue
+        with pytest.raises(ValueError, match=name):
+            get_algorithm(name).loss(_seq(2), dict(knobs))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"defaults": {"lr": 1.0}}, "reserved"),
+    ({"defaults": {"seed": 1, "beta": 1.0}}, "reserved"),
+    ({"needs": {Need.RETAIN}}, "retain_weight"),
+    ({"defaults": {"layer": 1}, "needs": {Need.RETAIN}}, "retain_weight"),
+    ({"needs": {Need.HIDDEN}}, "'layer'"),
+    ({"defaults": {RETAIN_WEIGHT: 0.0}, "needs": {Need.HIDDEN, Need.RETAIN}}, "'layer'"),
+    ({"normalisation": "batch"}, "normalisation"),
+])
+def test_register_rejects_a_bad_declaration(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        register("not_a_method", **kwargs)
+    assert "not_a_method" not in ALGORITHMS
+
+
+# ---- docs/methods.md ------------------------------------------------------------------------------------------------
+
+def docs_problems(text: str, algorithms) -> list[str]:
+    """What docs/methods.md's table lacks: a row per method (`| \\`name\\` |`), each of its knobs in that row."""
+    rows = {m.group(1): line for line in text.splitlines()
+            if (m := re.match(r"\|\s*`([a-z0-9_]+)`\s*\|", line))}
+    problems = []
+    for name, alg in algorithms.items():
+        if name not in rows:
+            problems.append(f"no row for {name}")
+            continue
+        problems += [f"{name}: knob {k} missing" for k in alg.knobs if f"`{k}" not in rows[name]]
+        problems += [f"{name}: need {n.value} missing" for n in alg.needs if n.value not in rows[name]]
+        if alg.normalisation not in rows[name]:
+            problems.append(f"{name}: normalisation missing")
+    return problems
+
+
+def test_docs_list_every_method_and_knob():
+    assert docs_problems(DOCS.read_text(), ALGORITHMS) == []
+
+
+def test_docs_check_fails_for_a_method_without_a_row():
+    def fake(x, params):
+        """Fake: a method added without its docs row."""
+        return x.seq_logp.sum()
+
+    try:
+        register("fake_undocumented", defaults={"gamma": 1.0})(fake)
+        assert docs_problems(DOCS.read_text(), ALGORITHMS) == ["no row for fake_undocumented"]
+    finally:
+        ALGORITHMS.pop("fake_undocumented", None)
+    # and a knob missing from a row
+    text = DOCS.read_text().replace("`beta1`", "beta one")
+    assert "satimp: knob beta1 missing" in docs_problems(text, ALGORITHMS)
+
+
+# ---- every method unlearns through the shared loop on the tiny model -------------------------------------------------
+
+STEPS, LR = 2, 1e-3
+
+
+def _forget_logp(model, tokenizer, convs) -> float:
+    """Mean summed response log-prob of the forget set (padded, no packing)."""
+    from reteq.data.tokenize import encode_dataset
+    from reteq.train.reference import reference_logps
+
+    examples = encode_dataset(tokenizer, convs, 96)
+    return float(reference_logps(model, examples, 32, tokenizer.pad_token_id, torch.device("cpu")).mean())
+
+
+def _rmu_distance(model, tokenizer, convs, layer: int, coeff: float) -> float:
+    """Mean over response tokens of mean_h (h_t - coeff u)^2 at `layer`: RMU's loss per token."""
+    from reteq.data.tokenize import collate, encode_dataset
+    from reteq.train.method_inputs import token_view
+
+    batch = collate(encode_dataset(tokenizer, convs, 96), tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = token_view(model, batch, hidden_layer=layer).hidden
+    return float((hidden - control_vector(hidden.size(-1), coeff, hidden)).pow(2).mean())
+
+
+def _run(algorithm: str, params: dict, retain: list[dict] | None = None):
+    from reteq.config import EvalConfig, UnlearnConfig
+    from reteq.eval.evaluator import Evaluator
+    from reteq.models import load_model, load_tokenizer
+    from reteq.train.recipes import UnlearnJob, WorkerContext, unlearn
+
+    ft = refusal_finetune()
+    mcfg = model_cfg()
+    tokenizer = load_tokenizer(mcfg)
+    model = load_model(mcfg)
+    model.load_state_dict(ft.state)
+    evaluator = Evaluator.build(EvalConfig(metrics=["forget"], forget_prompts=1), tokenizer, ft.convs, None, None)
+    cfg = UnlearnConfig(algorithms=[algorithm], lrs=[LR], steps=STEPS, global_batch=8, micro_batch=8,
+                        max_length=96, eval_every=STEPS)
+    before = {"logp": _forget_logp(model, tokenizer, ft.convs)}
+    if algorithm == "rmu":
+        before["rmu"] = _rmu_distance(model, tokenizer, ft.convs, params["layer"], params["coeff"])
+    torch.manual_seed(0)
+    job = UnlearnJob(cfg, algorithm, LR, params, ft.convs, retain=retain, start=f"test-methods-{algorithm}")
+    result = unlearn(model, tokenizer, job, evaluator, WorkerContext())
+    after = {"logp": _forget_logp(model, tokenizer, ft.convs)}
+    if algorithm == "rmu":
+        after["rmu"] = _rmu_distance(model, tokenizer, ft.convs, params["layer"], params["coeff"])
+    return result, before, after, tokenizer, model
+
+
+NEW = ["wga", "satimp", "undial", "ceu", "me", "idknll", "idkdpo", "rmu", "graddiff", "npo_retain"]
+
+
+@pytest.mark.usefixtures("reteq_cache")
+@pytest.mark.parametrize("algorithm", NEW)
+def test_each_method_unlearns_the_forget_responses(algorithm):
+    params = dict(ALGORITHMS[algorithm].defaults)
+    result, before, after, _, _ = _run(algorithm, params)
+    assert not result.collapsed
+    assert len(result.loop.records) == STEPS
+    assert all(math.isfinite(r.loss) for r in result.loop.records)
+    if algorithm == "rmu":
+        assert after["rmu"] < 0.95 * before["rmu"], (before, after)  # the states moved toward coeff x u
+    assert after["logp"] < before["logp"] - 0.5, (before, after)
+
+
+@pytest.mark.usefixtures("reteq_cache")
+@pytest.mark.parametrize("algorithm", ["graddiff", "npo_retain", "rmu"])
+def test_the_retain_term_is_added_by_the_loop(algorithm):
+    """retain_weight > 0 adds retain_weight x the step's retain partners' token-mean NLL / sequences to the first
+    step's loss (same start, same forget batch); at 0 nothing is added and no retain set is needed."""
+    from reteq.data.synthetic import knowledge
+    from reteq.data.tokenize import encode_dataset, plan_steps
+    from reteq.models import load_model, load_tokenizer
+    from reteq.train.method_inputs import Pairing, retain_nll
+
+    weight = 2.0
+    retain = knowledge(16, seed=0)
+    params = dict(ALGORITHMS[algorithm].defaults)
+    base, _, _, _, _ = _run(algorithm, params)
+    weighted, _, _, tokenizer, _ = _run(algorithm, {**params, RETAIN_WEIGHT: weight}, retain)
+    assert not weighted.collapsed
+    # the retain partners of the first step's forget examples, under the start checkpoint
+    model = load_model(model_cfg())
+    model.load_state_dict(refusal_finetune().state)
+    model.eval()
+    first = plan_steps(len(refusal_finetune().convs), 1.0, 8, 0, STEPS)[0]
+    pairing = Pairing(encode_dataset(load_tokenizer(model_cfg()), retain, 96), seed=0)
+    with torch.no_grad():
+        nll = float(retain_nll(model, pairing, torch.tensor(first), tokenizer.pad_token_id, torch.device("cpu")))
+    added = weighted.loop.records[0].loss - base.loop.records[0].loss
+    assert nll > 0
+    assert added == pytest.approx(weight * nll / 8, rel=1e-3), (added, nll)
+    with pytest.raises(ValueError, match="no retain set"):
+        _run(algorithm, {**params, RETAIN_WEIGHT: weight})
