@@ -61,6 +61,18 @@ CONFIG_CASES = {
     "unknown-dtype": (("models", 0, "dtype"), "fp16", "models[0].dtype", "'fp32', 'tf32' or 'bf16'"),
     "model-path-missing": (("models", 0, "source"), "./no/such/model", "models[0].source",
                            "model path ./no/such/model does not exist"),
+    # a method's knobs (unlearn.params): only methods the sweep runs, only knobs they declare, usable values
+    "params-unknown-method": (("unlearn", "params"), {"wgaa": {"beta": [1.0]}}, "unlearn.params",
+                              "unknown algorithm 'wgaa'"),
+    "params-unknown-knob": (("unlearn", "params"), {"npo": {"strength": [1.0]}}, "unlearn.params",
+                            "npo has no knob 'strength' (its knobs: beta)"),
+    "params-method-not-swept": (("unlearn", "params"), {"wga": {"beta": [1.0]}}, "unlearn",
+                                "which unlearn.algorithms does not sweep"),
+    "params-empty-grid": (("unlearn", "params"), {"npo": {"beta": []}}, "unlearn.params", "give at least one"),
+    "params-whole-number": (("unlearn", "params"), {"rmu": {"layer": [1.5]}}, "unlearn.params",
+                            "rmu.layer: takes whole numbers"),
+    "retain-stage-undeclared": (("unlearn", "retain_stage"), "S_R", "unlearn.retain_stage",
+                                "'S_R' is not a declared stage"),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from reteq.algorithms.base import RETAIN_WEIGHT, MethodInputs, Need, register
 
 
-@register("graddiff", defaults={RETAIN_WEIGHT: 0.0}, needs={Need.RETAIN}, normalisation="token",
+@register("graddiff", label="GradDiff", defaults={RETAIN_WEIGHT: 0.0}, needs={Need.RETAIN}, normalisation="token",
           source="Liu et al. 2022, arXiv:2203.12817; Maini et al. 2024, arXiv:2401.06121 (TOFU); "
                  "open-unlearning GradDiff (alpha = retain_weight, NLL retain loss)")
 def graddiff(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:

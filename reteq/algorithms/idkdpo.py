@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from reteq.algorithms.base import MethodInputs, Need, knob, register, required
 
 
-@register("idkdpo", defaults={"beta": 0.1}, needs={Need.ALTERNATIVE, Need.REF_LOGPS},
+@register("idkdpo", label="IdkDPO", defaults={"beta": 0.1}, needs={Need.ALTERNATIVE, Need.REF_LOGPS},
           source="Rafailov et al. 2023, arXiv:2305.18290; Maini et al. 2024, arXiv:2401.06121; "
                  "open-unlearning DPO (compute_dpo_loss, beta 0.1)")
 def idkdpo(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from reteq.algorithms.base import MethodInputs, Need, register, required
 
 
-@register("idknll", needs={Need.ALTERNATIVE},
+@register("idknll", label="IdkNLL", needs={Need.ALTERNATIVE},
           source="Maini et al. 2024, arXiv:2401.06121 (TOFU, IdK); open-unlearning IdkNLL (GradDiff on idk data)")
 def idknll(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """IdkNLL: minimise each alternative answer's token-mean NLL, -log pi(a|x) / |a|, per sequence."""

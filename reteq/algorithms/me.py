@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from reteq.algorithms.base import MethodInputs, Need, register, required
 
 
-@register("me", needs={Need.LOGITS}, normalisation="token",
+@register("me", label="ME", needs={Need.LOGITS}, normalisation="token",
           source="Yuan et al. 2024, arXiv:2410.08109 (ME); the authors' code (ME loss, forget term only)")
 def maximum_entropy(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """ME: minimise sum_t KL(Uniform || p_t) = sum_t (-log V - mean_v log p_t,v) over response tokens."""

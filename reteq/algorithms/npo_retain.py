@@ -16,7 +16,7 @@ from reteq.algorithms.base import RETAIN_WEIGHT, MethodInputs, Need, register
 from reteq.algorithms.npo import npo_terms
 
 
-@register("npo_retain", defaults={"beta": 0.5, RETAIN_WEIGHT: 0.0}, needs={Need.REF_LOGPS, Need.RETAIN},
+@register("npo_retain", label="NPO+RT", defaults={"beta": 0.5, RETAIN_WEIGHT: 0.0}, needs={Need.REF_LOGPS, Need.RETAIN},
           source="Zhang et al. 2024, arXiv:2404.05868 (NPO+RT); open-unlearning NPO (alpha = retain_weight)")
 def npo_retain(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """NPO+RT: NPO's -(2/beta) log sigmoid(-beta (log pi - log pi_ref)) per sequence, plus the loop's retain NLL."""

@@ -44,7 +44,7 @@ def control_vector(size: int, coeff: float, like: torch.Tensor | None = None) ->
     return v if like is None else v.to(device=like.device, dtype=like.dtype)
 
 
-@register("rmu", defaults={"layer": 1, "coeff": 20.0, RETAIN_WEIGHT: 0.0}, needs={Need.HIDDEN, Need.RETAIN},
+@register("rmu", label="RMU", defaults={"layer": 1, "coeff": 20.0, RETAIN_WEIGHT: 0.0}, needs={Need.HIDDEN, Need.RETAIN},
           normalisation="token",
           source="Li et al. 2024, arXiv:2403.03218 (WMDP, RMU); open-unlearning RMU (steering_coeff 20); "
                  "LoRA/all parameters and an NLL retain term here")

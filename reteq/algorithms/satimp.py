@@ -14,7 +14,7 @@ import torch
 from reteq.algorithms.base import MethodInputs, Need, knob, register, required
 
 
-@register("satimp", defaults={"beta1": 5.0, "beta2": 1.0}, needs={Need.TOKEN_LOGPS}, normalisation="token",
+@register("satimp", label="SatImp", defaults={"beta1": 5.0, "beta2": 1.0}, needs={Need.TOKEN_LOGPS}, normalisation="token",
           source="Yang et al. 2025, arXiv:2505.11953 (SatImp); open-unlearning SatImp (compute_satimp_loss, "
                  "beta1 5.0, beta2 1.0)")
 def satimp(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:

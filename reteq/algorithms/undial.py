@@ -25,7 +25,7 @@ def undial_target(ref_logits: torch.Tensor, labels: torch.Tensor, strength: floa
     return F.softmax(adjusted, dim=-1)
 
 
-@register("undial", defaults={"strength": 10.0}, needs={Need.LOGITS, Need.REF_LOGITS}, normalisation="token",
+@register("undial", label="UNDIAL", defaults={"strength": 10.0}, needs={Need.LOGITS, Need.REF_LOGITS}, normalisation="token",
           source="Dong et al. 2024, arXiv:2402.10052 (UNDIAL); open-unlearning UNDIAL (compute_undial_loss, "
                  "beta 10.0)")
 def undial(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from reteq.algorithms.base import MethodInputs, Need, knob, register, required
 
 
-@register("wga", defaults={"beta": 1.0}, needs={Need.TOKEN_LOGPS}, normalisation="token",
+@register("wga", label="WGA", defaults={"beta": 1.0}, needs={Need.TOKEN_LOGPS}, normalisation="token",
           source="Wang et al. 2025, arXiv:2502.19301 (WGA); open-unlearning WGA (compute_wga_loss, beta 1.0)")
 def wga(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """WGA: minimise sum_t p_t^beta log p_t over response tokens, the weight p_t^beta detached."""
