@@ -155,8 +155,10 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
     if retain_weight and not job.retain:
         raise ValueError(f"{job.algorithm}: retain_weight {retain_weight:g} but the job has no retain set")
     pairing = Pairing(encode_dataset(tokenizer, job.retain, cfg.max_length), job.seed) if retain_weight else None
+    # shared across leaves only by a single worker: ranks with different histories would disagree on a cache hit,
+    # and under ZeRO-3 the rank that runs the reference pass would wait in a collective for the one that skips it
     ref = compute_reference(model, alg, examples, alternatives, cfg.micro_batch, pad_id, ctx.device, ctx.packing,
-                            ctx.dtype, job.start)
+                            ctx.dtype, job.start if ctx.world == 1 else None)
 
     raw0 = evaluator.raw(model, ctx.device, ctx.dtype, step=0)
     evals = [(0, relative(raw0, raw0))]
