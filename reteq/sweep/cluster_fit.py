@@ -46,6 +46,7 @@ class Request:
     what: str  # for the error line, e.g. "a leaf's worker group (execution.workers x ...)"
     bundles: tuple[dict[str, float], ...]
     strategy: str = "PACK"
+    head_only: bool = False  # the launcher: pinned to the head (reteq.sweep.launcher.start_launcher)
 
 
 def node_types(path: str | Path) -> list[NodeType]:
@@ -79,9 +80,10 @@ def sweep_requests(cfg: SweepConfig) -> list[Request]:
     ds = load_deepspeed_config(ex.deepspeed) if ex.deepspeed else None
     trial = Request("a leaf's Tune trial", ({"CPU": TRIAL_DRIVER_CPUS},))
     if in_process(cfg, ds):  # one CPU worker, ZeRO-0: nodes and leaves are single tasks
-        return [Request("the sweep's launcher actor", ({"CPU": LAUNCHER_CPUS},)), trial,
-                Request(f"a node or leaf task (execution.cpus_per_worker {ex.cpus_per_worker:g})",
-                        ({"CPU": ex.cpus_per_worker},))]
+        task = {"CPU": ex.cpus_per_worker, **ex.worker_resources}
+        return [Request("the sweep's launcher actor (on the head)", ({"CPU": LAUNCHER_CPUS},), head_only=True),
+                trial, Request(f"a node or leaf task ({_shown(task)}: execution.cpus_per_worker, worker_resources)",
+                               (task,))]
     bundle = worker_bundle(cfg)
     shown = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
     return [trial, Request("a node's trainer task", ({"CPU": TRAINER_DRIVER_CPUS},)),
@@ -105,6 +107,8 @@ def placeable(req: Request, types: list[NodeType]) -> bool:
     """Whether some set of nodes the cluster may run can hold `req` at once. STRICT_PACK: one node holds every
     bundle. STRICT_SPREAD: each bundle on its own node. PACK/SPREAD: each bundle on some node, and the cluster at
     its largest holds them all (a greedy first-fit over nodes, largest first: exact for identical bundles)."""
+    if req.head_only:
+        types = [t for t in types if t.head]
     if req.strategy == "STRICT_PACK":
         return any(_fits(_summed(req.bundles), t.resources) for t in types)
     slots = [dict(t.resources) for t in types for _ in range(t.max_workers)]

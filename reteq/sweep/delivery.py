@@ -46,7 +46,7 @@ def local_store_root(default: str | Path) -> Path:
     if where and "{node}" in where:
         import ray
 
-        where = where.replace("{node}", ray.get_runtime_context().get_node_id()[:12])
+        where = where.replace("{node}", ray.get_runtime_context().get_node_id())
     return Path(where or default)
 
 

@@ -211,7 +211,7 @@ class RaySession:
             self.task_cpus = task_cpus(ex.cpus_per_worker, ex.max_concurrent_trials,
                                        ray.cluster_resources().get("CPU", 0))
             self.launcher = start_launcher()
-            self.launcher[0].warm.remote(self.task_cpus, trial_runtime_env())
+            self.launcher[0].warm.remote(self.task_cpus, trial_runtime_env(), dict(ex.worker_resources))
         self.mark("ray_start")
 
     def stop(self) -> None:
