@@ -92,3 +92,12 @@ def test_a_malformed_cluster_file_is_one_line_naming_file_and_field(tmp_path, ca
 
 def _unplaceable(config: str, types):
     return [r.what for r in sweep_requests(load_config(config)) if not placeable(r, types)]
+
+
+def test_the_launcher_must_fit_the_head(tmp_path):
+    """The launcher owns every node task and lives on the head: a head type with no CPU cannot hold it."""
+    no_cpu_head = tmp_path / "cluster.yaml"
+    no_cpu_head.write_text(yaml.safe_dump({"head_node_type": "h", "available_node_types": {
+        "h": {"resources": {"CPU": 0}}, "w": {"resources": {"CPU": 8}, "max_workers": 2}}}))
+    assert _unplaceable(str(REPO / "configs/demo.yaml"), node_types(no_cpu_head)) == [
+        "the sweep's launcher actor (on the head)"]
