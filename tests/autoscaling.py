@@ -7,8 +7,8 @@ the head) then starts and stops worker raylets on demand, as it launches and ter
 
 Traps, all checked on Ray 2.60 (docs/cluster.md, "Autoscaling and preemption"): Ray's `AutoscalingCluster` needs
 a YAML its wheel lacks and runs `ray stop --force` (every Ray process of the machine); the fake provider starts
-workers against GCS port 6379 (its `gcs_address` provider key is read but not passed on by `ray start`), so the
-head takes that port and the test refuses to start if anything else holds it. Everything started here is
+workers against GCS port 6379 (unless its provider config names a `gcs_address`, not tried here), so the head
+takes that port and the test refuses to start if anything else holds it. Everything started here is
 stopped by its own process ids; its own HOME keeps ~/.ray/auth_token (token auth) out.
 
 `ObjectStore` is moto's S3 server as a process of its own (`moto_server`), killed to make storage unreachable.
@@ -234,7 +234,7 @@ class Head:
                 p.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for p in alive:
             try:
                 p.kill()

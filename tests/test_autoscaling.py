@@ -140,7 +140,8 @@ def _preempt(head: Head, mark: Path, pid_dir: Path, job: subprocess.Popen, out: 
             pid = int(text.split(" pid ")[1])
             node = head.node_of(pid)
             assert node is not None, f"process {pid} runs on no worker node"
-            keys = [p.stem for p in pid_dir.glob("*.pid") if json.loads(p.read_text())["pid"] == pid]
+            mine = [p for p in pid_dir.glob("*.pid") if json.loads(p.read_text())["pid"] == pid]
+            keys = [p.stem for p in sorted(mine, key=lambda p: p.stat().st_mtime)]  # the stage it is in: last
             head.preempt(node)
             out.update(node=node, at=time.monotonic(), keys=keys)
             return
@@ -191,7 +192,8 @@ def test_sweep_through_the_autoscaler_survives_a_preempted_node_and_a_corrupt_ob
     (tmp_path / "job-1.log").write_text(logs)
     assert job.returncode == 0 and "succeeded" in logs, logs[-4000:]
     assert killed, "no worker node was preempted"
-    (killed["key"],) = [k for k in killed["keys"] if len(plan.nodes[k].prefix) >= 2]  # its stage, mid-training
+    killed["key"] = killed["keys"][-1]  # the stage it was training: its second, below one it trained itself
+    assert len(killed["keys"]) >= 2 and len(plan.nodes[killed["key"]].prefix) >= 2, killed
 
     # the autoscaler launched the workers (none at the start), never more than max_workers at once
     seen = h.seen
