@@ -3,7 +3,6 @@ before Ray starts; every shipped config fits cluster.yaml. No Ray here: the chec
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ SHIPPED = sorted(str(p) for p in [*REPO.glob("configs/paper/*.yaml"), REPO / "co
 def _paper(tmp_path: Path, **execution) -> str:
     raw = yaml.safe_load((REPO / "configs/paper/llama-3.2-1b.yaml").read_text())
     raw["execution"].update(execution)
+    raw["work_dir"] = str(tmp_path / "work")  # never made: every check here ends before a sweep starts
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -34,7 +34,15 @@ def test_every_shipped_config_fits_cluster_yaml(config, capsys):
     assert capsys.readouterr().out.strip() == f"{config}: ok"
 
 
-def test_a_trial_no_node_type_holds_is_one_line_exit_2_before_ray_starts(tmp_path, capsys):
+def test_a_trial_no_node_type_holds_is_one_line_exit_2_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import reteq.commands.sweep
+    import reteq.sweep.ray_session
+
+    def never(*args, **kwargs):
+        raise AssertionError("the sweep started")
+
+    monkeypatch.setattr(reteq.commands.sweep, "sweep_command", never)
+    monkeypatch.setattr(reteq.sweep.ray_session, "init_ray", never)
     config = _paper(tmp_path, workers=16)  # 16 GPUs under STRICT_PACK: the largest type has 8
     for verb in (["validate"], ["plan"], ["sweep", "--no-report"]):
         started = time.monotonic()
@@ -44,7 +52,7 @@ def test_a_trial_no_node_type_holds_is_one_line_exit_2_before_ray_starts(tmp_pat
         assert err[0].startswith(f"{config}: execution: a trial's worker group (execution.workers 16 x "), err
         assert f"fits no node type of {CLUSTER}" in err[0] and "PENDING forever" in err[0]
         assert time.monotonic() - started < 30
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "work").exists()
 
 
 def test_pack_spreads_over_nodes_but_strict_pack_needs_one(tmp_path):

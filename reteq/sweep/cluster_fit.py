@@ -8,7 +8,8 @@ cluster file the user will `ray up`: `reteq validate|plan|sweep CONFIG --cluster
 
 `sweep_requests` lists what reteq asks Ray for (the same numbers reteq.sweep's launcher, node tasks, Tune trials and
 TorchTrainer worker groups use); `unplaceable` compares them with the node types' `resources` (Ray adds memory and
-accelerator labels on its own; they are never requested here).
+accelerator labels on its own; they are never requested here). Only `--cluster` imports this module
+(reteq.commands.plan): Ray and torch load with it (~2 s), never for a plain `reteq validate`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from reteq.sweep.ray_session import LAUNCHER_CPUS, TRIAL_DRIVER_CPUS
 from reteq.sweep.worker import in_process
 from reteq.train.engine import load_deepspeed_config
 
-# imported only by `--cluster` (reteq.commands.plan): Ray and torch load with it (~2 s), never for a plain validate
 _EPS = 1e-9
 
 

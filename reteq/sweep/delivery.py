@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import ray
 
 from reteq import environment
 from reteq import tracking as T
@@ -44,8 +45,6 @@ def local_store_root(default: str | Path) -> Path:
     a store of its own, as separate machines have."""
     where = environment.get(environment.CHECKPOINT_STORE)
     if where and "{node}" in where:
-        import ray
-
         where = where.replace("{node}", ray.get_runtime_context().get_node_id())
     return Path(where or default)
 

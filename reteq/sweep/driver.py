@@ -105,7 +105,7 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
     dag = None
     try:
         for again in (False, True):  # a second round only when the first found corrupt artifacts (below)
-            before, dag = _round(cfg, plan, work, session, c, exp_id, parent, uri, attempt, mark)
+            before, dag = _round(cfg, plan, work, session, Attempt(c, exp_id, parent, uri, attempt), mark)
             lost = sorted(set(before) - set(record.finished_nodes(c, exp_id)))
             if dag is None or again or not lost:
                 break
@@ -143,10 +143,22 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
     return SweepOutcome(0 if ok else 1, dag, phases, uri)
 
 
-def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, c, exp_id: str, parent: str, uri: str,
-           attempt: str, mark) -> tuple[dict[str, dict], DagOutcome | None]:
+@dataclass(frozen=True)
+class Attempt:
+    """Where this attempt records: the MLflow client, experiment, parent run, tracking URI, and its own id."""
+
+    c: Any
+    exp_id: str
+    parent: str
+    uri: str
+    attempt: str
+
+
+def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, rec: Attempt, mark
+           ) -> tuple[dict[str, dict], DagOutcome | None]:
     """Find what is left (MLflow is the record), repair the local store, run the rest -> (the nodes that counted
     as finished when it started, what the DAG did: None when nothing was left)."""
+    c, exp_id, parent, uri, attempt = rec.c, rec.exp_id, rec.parent, rec.uri, rec.attempt
     done_leaves = record.finished_leaves(c, exp_id)
     todo = [leaf for leaf in plan.leaves if leaf.key not in done_leaves]
     records = [k for k in plan.records if k not in record.finished_records(c, exp_id)]  # theta_r evaluated
