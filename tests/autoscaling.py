@@ -17,6 +17,7 @@ stopped by its own process ids; its own HOME keeps ~/.ray/auth_token (token auth
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,3 +241,5 @@ class Head:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(self.temp, ignore_errors=True)
