@@ -22,13 +22,13 @@ EXIT_FAILED = 1
 def cmd_validate(args) -> int:
     from reteq.commands.plan import validate_command
 
-    return validate_command(args.config)
+    return validate_command(args.config, args.cluster)
 
 
 def cmd_plan(args) -> int:
     from reteq.commands.plan import plan_command
 
-    return plan_command(args.config, args.json)
+    return plan_command(args.config, args.json, args.cluster)
 
 
 def cmd_run_path(args) -> int:
@@ -40,10 +40,13 @@ def cmd_run_path(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from reteq.commands.plan import fits_cluster
     from reteq.commands.sweep import sweep_command
     from reteq.config import load_config
 
-    return sweep_command(load_config(args.config), work_dir=args.work_dir, report=not args.no_report)
+    cfg = load_config(args.config)
+    fits_cluster(cfg, args.config, args.cluster)
+    return sweep_command(cfg, work_dir=args.work_dir, report=not args.no_report)
 
 
 def cmd_report(args) -> int:
@@ -89,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check a sweep config; one line per problem")
     s.add_argument("config")
+    s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("plan", help="the DAG of stage nodes and unlearning runs, and a GPU-hour estimate")
     s.add_argument("config")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("run-path", help="one finetuning order and one unlearning run in one process (no Ray), for debugging")
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--work-dir")
     s.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
+    s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("report", help="MLflow -> polars -> altair -> report.html")

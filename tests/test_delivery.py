@@ -12,7 +12,7 @@ from helpers import model_cfg, reteq_cache  # noqa: F401
 from reteq import tracking as T
 from reteq.pipeline import CheckpointStore
 from reteq.sweep import lifecycle, record
-from reteq.sweep.delivery import mlflow_fetcher
+from reteq.sweep.delivery import CorruptArtifact, mlflow_fetcher
 from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.train.checkpoint import CheckpointError, is_complete, read_manifest, save_checkpoint
 from reteq.train.recipes import WorkerContext
@@ -70,7 +70,15 @@ def test_delivery_replaces_a_corrupt_local_copy_and_names_a_bad_artifact(tmp_pat
     assert fetch("unpublished", tmp_path / "machine" / "unpublished") is None
 
     artifact = Path(artifacts.removeprefix("file://")) / "test" / rid / "artifacts" / T.ARTIFACT_CHECKPOINT
+    # unreadable (object storage unreachable): an error, but the run stays the node's finished run
+    artifact.rename(artifact.with_name("away"))
+    with pytest.raises(CheckpointError, match=f"node {key}: MLflow run {rid}: checkpoint artifact unreadable"):
+        fetch(key, tmp_path / "other" / key)
+    assert record.finished_nodes(c, exp)[key]["run_id"] == rid
+    artifact.with_name("away").rename(artifact)
+    # read, and failing sha256: the run is marked corrupt on the spot, so the driver retrains the node
     (artifact / "model.safetensors").write_bytes(b"bad")
-    with pytest.raises(CheckpointError, match=f"node {key}: MLflow run {rid} holds a bad checkpoint"):
+    with pytest.raises(CorruptArtifact, match=f"node {key}: MLflow run {rid} holds a bad checkpoint"):
         fetch(key, tmp_path / "other" / key)
     assert not (tmp_path / "other" / key).exists()
+    assert record.finished_nodes(c, exp) == {} and c.get_run(rid).data.tags[T.TAG_STATUS] == T.STATUS_CORRUPT

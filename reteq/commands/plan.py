@@ -16,9 +16,20 @@ def _hub_sources(cfg: SweepConfig) -> list[tuple[str, DataSource]]:
     return [(field, s) for field, s in found if s is not None and s.kind == "hub"]
 
 
-def validate_command(config: str) -> int:
-    """The config (one line per problem) and, offline, that every hub source has a converter."""
+def fits_cluster(cfg: SweepConfig, config: str, cluster: str | None) -> None:
+    """With `--cluster FILE`: every resource request of the sweep fits a node type of FILE (one line, exit 2, when
+    a trial could never be placed: on an autoscaling cluster it would wait forever)."""
+    if cluster:
+        from reteq.sweep.cluster_fit import check_cluster_fit  # Ray and torch: only when asked
+
+        check_cluster_fit(cfg, config, cluster)
+
+
+def validate_command(config: str, cluster: str | None = None) -> int:
+    """The config (one line per problem), that its trials fit the named cluster file's node types, and, offline,
+    that every hub source has a converter."""
     cfg = load_config(config)
+    fits_cluster(cfg, config, cluster)
     for field, source in _hub_sources(cfg):
         try:
             converter_for(source)
@@ -28,8 +39,9 @@ def validate_command(config: str) -> int:
     return 0
 
 
-def plan_command(config: str, as_json: bool) -> int:
+def plan_command(config: str, as_json: bool, cluster: str | None = None) -> int:
     cfg = load_config(config)
+    fits_cluster(cfg, config, cluster)
     report = plan_report(cfg)
     print(json.dumps(report, indent=2) if as_json else format_plan(cfg, report))
     return 0

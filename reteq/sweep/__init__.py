@@ -7,4 +7,5 @@ process) -> execute (the plan as a DAG) -> nodes (stage nodes as Ray tasks chain
 worker group), launcher (submits from a placement group so nodes and leaves share warm workers), ray_session,
 stage_resume. MLflow: mlflow_store (the only client, the finished run of a key), record (runs, tags, resume),
 lifecycle (closing what a dead process left RUNNING), repair and delivery (checkpoints between the store and
-MLflow). lock (one sweep per work dir), faults (test-only fault injection)."""
+MLflow). lock (one sweep per work dir), faults (test-only fault injection), cluster_fit (every request of a
+sweep fits some node type of a cluster file: checked before Ray starts)."""

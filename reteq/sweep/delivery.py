@@ -6,6 +6,12 @@ published node. `mlflow_fetcher` finds the finished run of a node key (mlflow_st
 checkpoint artifact next to the target, verifies the sha256 manifest, and publishes it with one rename.
 `CheckpointStore.ensure_local` (in reteq.pipeline) calls the fetcher on each machine's local rank 0 (the first
 rank of the group on that Ray node) while the other ranks wait.
+
+An artifact that downloads but fails its sha256 (`CorruptArtifact`) is marked on the spot: its run stops being
+the node's finished run, so the driver retrains the node (reteq.sweep.driver, one more round) instead of every
+leaf below failing on the same bytes. A fresh autoscaled node has no local copy to fall back on, so object
+storage is the only copy it can check. An artifact that cannot be read at all (storage unreachable) is NOT
+marked: the bytes may be fine, and retraining would only hide the outage.
 """
 
 from __future__ import annotations
@@ -16,19 +22,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import ray
 
 from reteq import environment
 from reteq import tracking as T
+from reteq.sweep.lifecycle import finish_run
 from reteq.sweep.mlflow_store import finished_run, reader
 from reteq.train.checkpoint import CheckpointError, publish, verify_checkpoint
+
+
+class CorruptArtifact(CheckpointError):
+    """A node's MLflow checkpoint artifact was read and fails verification (sha256, zero-size tensor)."""
+
 
 Fetch = Callable[[str, Path], "Path | None"]  # (node key, target folder) -> target, or None when not published
 
 
 def local_store_root(default: str | Path) -> Path:
     """This machine's checkpoint store: $RETEQ_CHECKPOINT_STORE (set per node, e.g. a local NVMe folder) or the
-    sweep's `work_dir/checkpoints`."""
-    return Path(environment.get(environment.CHECKPOINT_STORE) or default)
+    sweep's `work_dir/checkpoints`. `{node}` in the variable is this Ray node's id: one value for every node of
+    a cluster whose nodes share a file system (a test cluster of raylets on one machine) still gives each node
+    a store of its own, as separate machines have."""
+    where = environment.get(environment.CHECKPOINT_STORE)
+    if where and "{node}" in where:
+        where = where.replace("{node}", ray.get_runtime_context().get_node_id())
+    return Path(where or default)
 
 
 def fetch_run_checkpoint(tracking_uri: str, run_id: str, key: str, target: Path) -> Path:
@@ -50,17 +68,30 @@ def fetch_run_checkpoint(tracking_uri: str, run_id: str, key: str, target: Path)
         try:
             verify_checkpoint(got, key)
         except CheckpointError as e:
-            raise CheckpointError(f"node {key}: MLflow run {run_id} holds a bad checkpoint ({e})") from None
+            raise CorruptArtifact(f"node {key}: MLflow run {run_id} holds a bad checkpoint ({e})") from None
         return publish(got, target, key)  # another process may have published it meanwhile: kept if complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def mark_corrupt(c, run_id: str, reason: str) -> None:
+    """The run's checkpoint cannot be trusted: it stops being the node's finished run (FAILED, status corrupt)."""
+    finish_run(c, run_id, T.STATUS_CORRUPT, f"{reason}; the node is retrained under a new run")
+
+
 def mlflow_fetcher(tracking_uri: str, experiment_id: str) -> Fetch:
-    """A Fetch that finds the node's finished run in MLflow and fetches its checkpoint (None: not published)."""
+    """A Fetch that finds the node's finished run in MLflow and fetches its checkpoint (None: not published).
+    A corrupt artifact marks its run (`mark_corrupt`) before the CorruptArtifact goes up."""
 
     def fetch(key: str, target: Path) -> Path | None:
-        run_id = finished_run(reader(tracking_uri), experiment_id, key)
-        return None if run_id is None else fetch_run_checkpoint(tracking_uri, run_id, key, target)
+        c = reader(tracking_uri)
+        run_id = finished_run(c, experiment_id, key)
+        if run_id is None:
+            return None
+        try:
+            return fetch_run_checkpoint(tracking_uri, run_id, key, target)
+        except CorruptArtifact as e:
+            mark_corrupt(c, run_id, str(e))
+            raise
 
     return fetch

@@ -104,40 +104,15 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
         print(f"closed {closed} run(s) left RUNNING by an earlier attempt that died (now KILLED)", flush=True)
     dag = None
     try:
-        done_leaves = record.finished_leaves(c, exp_id)
-        todo = [leaf for leaf in plan.leaves if leaf.key not in done_leaves]
-        records = [k for k in plan.records if k not in record.finished_records(c, exp_id)]  # theta_r evaluated
-        needed = {n.key for leaf in todo for dep in leaf_dependencies(leaf) for n in plan.chain(dep)}
-        needed |= {n.key for k in records for n in plan.chain(plan.records[k].node)}
-        reconcile_nodes(c, exp_id, parent, work / "checkpoints", plan.nodes,
-                        lambda n: record.node_tags(n, cfg.name, n.schedule or cfg.stage(n.stage).schedule),
-                        attempt, needed, echo=lambda m: print(m, flush=True))
-        done_nodes = record.finished_nodes(c, exp_id)
-        mark("resume_lookup")
-        summary = plan.summary()
-        print(f"sweep {cfg.name}: {summary['stage_nodes']} stage nodes ({summary['stage_runs_without_sharing']} "
-              f"without sharing), {summary['unlearn_runs']} unlearning runs; already done: "
-              f"{sum(k in done_nodes for k in plan.nodes)} nodes, {len(plan.leaves) - len(todo)} runs"
-              + (f", {len(plan.records) - len(records)} of {len(plan.records)} retrain records" if plan.records
-                 else ""), flush=True)
-        if todo or records:
-            environment.mark_fault_driver()
-            session.start()
-            check_resources(cfg)
-            settings = SweepRun(
-                config=cfg.model_dump(mode="json"), config_name=str(cfg.name), digest=cfg.digest(),
-                env=environment.worker_env(), attempt=attempt, tracking_uri=uri, experiment_id=exp_id,
-                parent_run_id=parent, checkpoints=str(work / "checkpoints"),
-                storage_path=cfg.execution.storage_path or str(work / "ray"),
-                deepspeed=str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
-                in_process=session.in_process, task_cpus=session.task_cpus,
-                runtime_env=trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
-            )
-            dag = run_dag(cfg, plan, todo, settings, done_nodes, records, session.launcher and session.launcher[0])
-            mark("dag")
-            print_resource_errors([r.error for r in dag.results or [] if r.error is not None])
-        else:
-            print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
+        for again in (False, True):  # a second round only when the first found corrupt artifacts (below)
+            before, dag = _round(cfg, plan, work, session, Attempt(c, exp_id, parent, uri, attempt), mark)
+            lost = sorted(set(before) - set(record.finished_nodes(c, exp_id)))
+            if dag is None or again or not lost:
+                break
+            # a trial fetched a node's artifact, found it failing sha256 and marked its run (reteq.sweep.delivery):
+            # no machine had a verified copy, so the node is retrained once and the leaves below it run again
+            print(f"{len(lost)} node checkpoint(s) failed sha256 in MLflow's artifact store and no machine had a "
+                  f"verified copy ({', '.join(k[:8] for k in lost)}): retraining them, then their leaves", flush=True)
     except BaseException as e:
         session.stop()
         full = full_disk(work) if isinstance(e, Exception) and describe(e) is None else None
@@ -168,6 +143,59 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
     return SweepOutcome(0 if ok else 1, dag, phases, uri)
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """Where this attempt records: the MLflow client, experiment, parent run, tracking URI, and its own id."""
+
+    c: Any
+    exp_id: str
+    parent: str
+    uri: str
+    attempt: str
+
+
+def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, rec: Attempt, mark
+           ) -> tuple[dict[str, dict], DagOutcome | None]:
+    """Find what is left (MLflow is the record), repair the local store, run the rest -> (the nodes that counted
+    as finished when it started, what the DAG did: None when nothing was left)."""
+    c, exp_id, parent, uri, attempt = rec.c, rec.exp_id, rec.parent, rec.uri, rec.attempt
+    done_leaves = record.finished_leaves(c, exp_id)
+    todo = [leaf for leaf in plan.leaves if leaf.key not in done_leaves]
+    records = [k for k in plan.records if k not in record.finished_records(c, exp_id)]  # theta_r evaluated
+    needed = {n.key for leaf in todo for dep in leaf_dependencies(leaf) for n in plan.chain(dep)}
+    needed |= {n.key for k in records for n in plan.chain(plan.records[k].node)}
+    reconcile_nodes(c, exp_id, parent, work / "checkpoints", plan.nodes,
+                    lambda n: record.node_tags(n, cfg.name, n.schedule or cfg.stage(n.stage).schedule),
+                    attempt, needed, echo=lambda m: print(m, flush=True))
+    done_nodes = record.finished_nodes(c, exp_id)
+    mark("resume_lookup")
+    summary = plan.summary()
+    print(f"sweep {cfg.name}: {summary['stage_nodes']} stage nodes ({summary['stage_runs_without_sharing']} "
+          f"without sharing), {summary['unlearn_runs']} unlearning runs; already done: "
+          f"{sum(k in done_nodes for k in plan.nodes)} nodes, {len(plan.leaves) - len(todo)} runs"
+          + (f", {len(plan.records) - len(records)} of {len(plan.records)} retrain records" if plan.records
+             else ""), flush=True)
+    if not (todo or records):
+        print("nothing to do: every node and unlearning run is already recorded in MLflow", flush=True)
+        return done_nodes, None
+    environment.mark_fault_driver()
+    session.start()
+    check_resources(cfg)
+    settings = SweepRun(
+        config=cfg.model_dump(mode="json"), config_name=str(cfg.name), digest=cfg.digest(),
+        env=environment.worker_env(), attempt=attempt, tracking_uri=uri, experiment_id=exp_id,
+        parent_run_id=parent, checkpoints=str(work / "checkpoints"),
+        storage_path=cfg.execution.storage_path or str(work / "ray"),
+        deepspeed=str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
+        in_process=session.in_process, task_cpus=session.task_cpus,
+        runtime_env=trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
+    )
+    dag = run_dag(cfg, plan, todo, settings, done_nodes, records, session.launcher and session.launcher[0])
+    mark("dag")
+    print_resource_errors([r.error for r in dag.results or [] if r.error is not None])
+    return done_nodes, dag
+
+
 def keep_workers(cfg: SweepConfig) -> int:
     """Idle Ray workers a local cluster started for this sweep keeps (ray_session.workers_to_keep)."""
     return workers_to_keep(cfg.execution.cpus_per_worker, cfg.execution.max_concurrent_trials)
@@ -195,7 +223,7 @@ class RaySession:
             self.task_cpus = task_cpus(ex.cpus_per_worker, ex.max_concurrent_trials,
                                        ray.cluster_resources().get("CPU", 0))
             self.launcher = start_launcher()
-            self.launcher[0].warm.remote(self.task_cpus, trial_runtime_env())
+            self.launcher[0].warm.remote(self.task_cpus, trial_runtime_env(), dict(ex.worker_resources))
         self.mark("ray_start")
 
     def stop(self) -> None:
@@ -300,11 +328,13 @@ def _axis_values(leaves: list) -> dict[str, list]:
 
 
 def check_resources(cfg: SweepConfig) -> None:
-    """Fail fast when a node or trial can never be scheduled (Ray would leave it PENDING forever)."""
+    """Fail fast when a node or trial can never be scheduled (Ray would leave it PENDING forever). A cluster
+    joined by address may be an autoscaler's, which starts with no workers (its head may have no CPU for a task):
+    there the check is `--cluster FILE` against its node types (reteq.sweep.cluster_fit), before Ray starts."""
     total = ray.cluster_resources()
     ex = cfg.execution
     need_cpu = ex.workers * ex.cpus_per_worker + (0 if ex.workers == 1 and not ex.use_gpu else TRIAL_DRIVER_CPUS)
-    if not ex.use_gpu and total.get("CPU", 0) < need_cpu:
+    if not ex.use_gpu and total.get("CPU", 0) < need_cpu and not environment.autoscaling():
         raise RuntimeError(f"execution: a node or trial needs {need_cpu:g} CPUs ({ex.workers} workers x "
                            f"{ex.cpus_per_worker:g}), the cluster has {total.get('CPU', 0):g}")
     if ex.use_gpu and total.get("GPU", 0) < ex.workers * ex.gpus_per_worker and not environment.autoscaling():

@@ -7,7 +7,9 @@ Off unless RETEQ_FAULT is set; the chaos tests set it. Format: `POINT[:N[:WHO]]`
 - N: fire at the N-th time this process reaches POINT (default 1);
 - WHO: `driver` (default: SIGKILL the `reteq sweep` process, RETEQ_DRIVER_PID, then this process) or
   `worker` (SIGKILL only this process: one Ray Train worker dies, once Train has committed the checkpoints it
-  reported, as a preemption minutes later would find them: Train's controller collects reports every 2 s).
+  reported, as a preemption minutes later would find them: Train's controller collects reports every 2 s) or
+  `node` (stop here, up to 5 min, while the test reclaims this process's whole Ray node, raylet and all, as a
+  cloud takes back a spot instance: tests/test_autoscaling.py reads the pid from the mark file).
 RETEQ_FAULT_MARK names a file created when the fault fires; while it exists the fault stays off, so a
 retried worker or a rerun does not die again.
 """
@@ -47,6 +49,12 @@ def fault(point: str) -> None:
             return
         os.write(fd, f"{point}:{n}:{who} pid {os.getpid()}\n".encode())
         os.close(fd)
+    if who == "node":
+        print(f"RETEQ_FAULT: waiting at {point} #{n} for this node to be reclaimed", flush=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+        return
     if who == "worker":
         _let_train_commit()
     print(f"RETEQ_FAULT: SIGKILL ({who}) at {point} #{n}", flush=True)

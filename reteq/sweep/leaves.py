@@ -111,6 +111,7 @@ def leaf_trial(config: dict[str, Any], settings: SweepRun | None = None, parents
     # fresh process that would pay all of that again. Tune retries the trial (max_failures) if the task dies.
     # "DEFAULT": outside the trial's placement group (one 0.05-CPU bundle), in the cluster's task pool
     task = leaf_task.options(num_cpus=settings.task_cpus, max_retries=0, scheduling_strategy="DEFAULT",
+                             resources=dict(cfg.execution.worker_resources),  # the leaf's one worker: pinned there
                              runtime_env=settings.runtime_env, name=f"leaf-{T.order_tag(leaf.order)}-{leaf.algorithm}")
     for ref in task.remote(settings, dict(config), published, started):
         tune.report(ray.get(ref))

@@ -140,7 +140,9 @@ def submit_nodes(cfg, plan, keys: list[str], settings_ref, done: dict[str, dict[
     opts = {"num_cpus": settings.task_cpus if settings.in_process else TRAINER_DRIVER_CPUS,
             "max_retries": ex.max_failures, "retry_exceptions": False,
             "runtime_env": settings.runtime_env,  # one pool of warm workers with the leaves
-            "scheduling_strategy": "DEFAULT"}  # never inside the submitter's placement group (launcher.Launcher)
+            "scheduling_strategy": "DEFAULT",  # never inside the submitter's placement group (launcher.Launcher)
+            # an in-process task is the node's one worker: it goes where execution.worker_resources pin workers
+            "resources": dict(ex.worker_resources) if settings.in_process else {}}
     for key in keys:
         node = plan.nodes[key]
         if key in done:

@@ -10,26 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reteq import tracking as T
-from reteq.sweep.delivery import fetch_run_checkpoint
-from reteq.sweep.lifecycle import finish_run, record_reused_node
+from reteq.sweep.delivery import CorruptArtifact, fetch_run_checkpoint, mark_corrupt
+from reteq.sweep.lifecycle import record_reused_node
 from reteq.sweep.mlflow_store import finished_runs
-from reteq.train.checkpoint import CheckpointError, discard, is_complete
+from reteq.train.checkpoint import discard, is_complete
 
 
 def fetch_node_checkpoint(c, key: str, run_id: str, target: Path) -> Path | None:
     """`run_id`'s checkpoint published at `target` (a corrupt copy there is replaced), or None after marking the
-    run corrupt when its artifact is unreadable or fails verification (the caller retrains the node)."""
+    run corrupt when its artifact fails verification (the caller retrains the node). An artifact that cannot be
+    read (object storage unreachable) raises its CheckpointError: the bytes may be fine, so nothing is marked."""
     try:
         return fetch_run_checkpoint(c.tracking_uri, run_id, key, target)
-    except CheckpointError as e:
+    except CorruptArtifact as e:
         mark_corrupt(c, run_id, str(e))
         return None
-
-
-def mark_corrupt(c, run_id: str, reason: str) -> None:
-    """The run's checkpoint cannot be trusted: it stops being the node's finished run (FAILED, status corrupt)."""
-    finish_run(c, run_id, T.STATUS_CORRUPT, f"{reason}; the node is retrained under a new run")
 
 
 # params: record (client, experiment, parent), store, nodes, tagging, attempt, needed keys, echo: all per caller

@@ -65,7 +65,8 @@ def submit_records(cfg, plan, records: list[str], settings_ref, node_refs: dict[
     ex = cfg.execution
     opts: dict[str, Any] = {"num_cpus": settings.task_cpus, "max_retries": ex.max_failures,
                             "retry_exceptions": False, "runtime_env": settings.runtime_env,
-                            "scheduling_strategy": "DEFAULT"}  # the warm workers of nodes and leaves (Launcher)
+                            "scheduling_strategy": "DEFAULT",  # the warm workers of nodes and leaves (Launcher)
+                            "resources": dict(ex.worker_resources)}  # it evaluates in this task: a worker's place
     if ex.use_gpu:
         opts["num_gpus"] = ex.gpus_per_worker
     return {k: record_task.options(name=f"retrain-{T.order_tag(plan.records[k].order)}", **opts)
