@@ -51,9 +51,10 @@ def _key(start: str, examples: list[Example], alternatives: list[Example] | None
     return h.hexdigest()
 
 
-# params: the model and the data, then how batches are built (micro, pad, device, packing, precision), and the
-# start checkpoint's key (None: no sharing across leaves)
+# The model and the data, then how batches are built (micro, pad, device, packing, precision), then the start
+# checkpoint's key (None: no sharing across leaves).
 @torch.no_grad()
+# params: what a reference pass reads, as above
 def compute_reference(model, alg: Algorithm, examples: list[Example], alternatives: list[Example] | None,
                       micro: int, pad_id: int, device, packing: bool = False, dtype: str = "fp32",
                       start: str | None = None) -> Reference | None:
