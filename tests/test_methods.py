@@ -1,6 +1,6 @@
 """The local unlearning methods beyond the paper's three: each loss is its formula (checked by hand with `math` on
-small float64 inputs), the registry holds what each declares, docs/methods.md lists every method and knob, and
-every method unlearns on the tiny model through the shared loop (reteq.train.recipes.unlearn).
+small float64 inputs). What each declares: tests/test_method_registry.py; each unlearning on the tiny model:
+tests/test_methods_unlearn.py.
 
 Contract (reteq.algorithms.base): a loss returns the micro-batch's SUM of per-unit losses; minimising it pushes the
 forget responses down.
@@ -9,37 +9,18 @@ forget responses down.
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import model_cfg, refusal_finetune, reteq_cache  # noqa: F401  (session fixture)
 
-from reteq.algorithms import ALGORITHMS, RETAIN_WEIGHT, MethodInputs, Need, get_algorithm, register
+from reteq.algorithms import RETAIN_WEIGHT, MethodInputs, get_algorithm
 from reteq.algorithms.ceu import position_in_sequence
 from reteq.algorithms.rmu import control_vector
 from reteq.algorithms.undial import undial_target
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods.md"
 F64 = torch.float64
 
-# name -> (knobs with defaults, needs, normalisation): what each method declares
-DECLARED = {
-    "ga": ({}, set(), "token"),
-    "npo": ({"beta": 0.5}, {Need.REF_LOGPS}, "sequence"),
-    "simnpo": ({"beta": 1.0}, set(), "sequence"),
-    "wga": ({"beta": 1.0}, {Need.TOKEN_LOGPS}, "token"),
-    "satimp": ({"beta1": 5.0, "beta2": 1.0}, {Need.TOKEN_LOGPS}, "token"),
-    "undial": ({"strength": 10.0}, {Need.LOGITS, Need.REF_LOGITS}, "token"),
-    "ceu": ({"ignore_first": 1}, {Need.LOGITS}, "token"),
-    "me": ({}, {Need.LOGITS}, "token"),
-    "idknll": ({}, {Need.ALTERNATIVE}, "sequence"),
-    "idkdpo": ({"beta": 0.1}, {Need.ALTERNATIVE, Need.REF_LOGPS}, "sequence"),
-    "rmu": ({"layer": 1, "coeff": 20.0, RETAIN_WEIGHT: 0.0}, {Need.HIDDEN, Need.RETAIN}, "token"),
-    "graddiff": ({RETAIN_WEIGHT: 0.0}, {Need.RETAIN}, "token"),
-    "npo_retain": ({"beta": 0.5, RETAIN_WEIGHT: 0.0}, {Need.REF_LOGPS, Need.RETAIN}, "sequence"),
-}
 
 
 def _t(values, grad: bool = False) -> torch.Tensor:
@@ -278,180 +259,3 @@ def test_graddiff_is_ga_and_npo_retain_is_npo_in_the_loss(weight):
     for beta in (0.5, 0.1):
         npo = get_algorithm("npo").loss(x, {"beta": beta})
         assert _f(get_algorithm("npo_retain").loss(x, {"beta": beta, RETAIN_WEIGHT: weight})) == _f(npo)
-
-
-# ---- the registry ---------------------------------------------------------------------------------------------------
-
-def test_every_method_is_registered_with_what_it_declares():
-    assert set(ALGORITHMS) == set(DECLARED)
-    for name, (knobs, needs, normalisation) in DECLARED.items():
-        alg = ALGORITHMS[name]
-        assert dict(alg.defaults) == knobs, name
-        assert {k: type(v) for k, v in alg.defaults.items()} == {k: type(v) for k, v in knobs.items()}, name
-        assert alg.needs == frozenset(needs), name
-        assert alg.normalisation == normalisation, name
-        assert alg.source and alg.summary, name
-        assert alg.needs_reference == bool(needs & {Need.REF_LOGPS, Need.REF_LOGITS}), name
-    assert isinstance(ALGORITHMS["ceu"].defaults["ignore_first"], int)  # whole-number knobs
-    assert isinstance(ALGORITHMS["rmu"].defaults["layer"], int)
-    # hidden_states has layers + 1 entries: the default layer exists on the tiny model (2) and SmolLM2-135M (30)
-    assert 0 < ALGORITHMS["rmu"].defaults["layer"] < 2
-
-
-def test_every_method_needs_what_its_loss_reads():
-    """A declared need withheld is a clear error naming the method, not a None deep in torch."""
-    for name, (knobs, needs, _) in DECLARED.items():
-        if not needs - {Need.RETAIN}:
-            continue
-        with pytest.raises(ValueError, match=name):
-            get_algorithm(name).loss(_seq(2), dict(knobs))
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    ({"defaults": {"lr": 1.0}}, "reserved"),
-    ({"defaults": {"seed": 1, "beta": 1.0}}, "reserved"),
-    ({"needs": {Need.RETAIN}}, "retain_weight"),
-    ({"defaults": {"layer": 1}, "needs": {Need.RETAIN}}, "retain_weight"),
-    ({"needs": {Need.HIDDEN}}, "'layer'"),
-    ({"defaults": {RETAIN_WEIGHT: 0.0}, "needs": {Need.HIDDEN, Need.RETAIN}}, "'layer'"),
-    ({"normalisation": "batch"}, "normalisation"),
-])
-def test_register_rejects_a_bad_declaration(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        register("not_a_method", **kwargs)
-    assert "not_a_method" not in ALGORITHMS
-
-
-# ---- docs/methods.md ------------------------------------------------------------------------------------------------
-
-def docs_problems(text: str, algorithms) -> list[str]:
-    """What docs/methods.md's table lacks: a row per method (`| \\`name\\` |`), each of its knobs in that row."""
-    rows = {m.group(1): line for line in text.splitlines()
-            if (m := re.match(r"\|\s*`([a-z0-9_]+)`\s*\|", line))}
-    problems = []
-    for name, alg in algorithms.items():
-        if name not in rows:
-            problems.append(f"no row for {name}")
-            continue
-        problems += [f"{name}: knob {k} missing" for k in alg.knobs if f"`{k}" not in rows[name]]
-        problems += [f"{name}: need {n.value} missing" for n in alg.needs if n.value not in rows[name]]
-        if alg.normalisation not in rows[name]:
-            problems.append(f"{name}: normalisation missing")
-    return problems
-
-
-def test_docs_list_every_method_and_knob():
-    assert docs_problems(DOCS.read_text(), ALGORITHMS) == []
-
-
-def test_docs_check_fails_for_a_method_without_a_row():
-    def fake(x, params):
-        """Fake: a method added without its docs row."""
-        return x.seq_logp.sum()
-
-    try:
-        register("fake_undocumented", defaults={"gamma": 1.0})(fake)
-        assert docs_problems(DOCS.read_text(), ALGORITHMS) == ["no row for fake_undocumented"]
-    finally:
-        ALGORITHMS.pop("fake_undocumented", None)
-    # and a knob missing from a row
-    text = DOCS.read_text().replace("`beta1`", "beta one")
-    assert "satimp: knob beta1 missing" in docs_problems(text, ALGORITHMS)
-
-
-# ---- every method unlearns through the shared loop on the tiny model -------------------------------------------------
-
-STEPS, LR = 2, 1e-3
-
-
-def _forget_logp(model, tokenizer, convs) -> float:
-    """Mean summed response log-prob of the forget set (padded, no packing)."""
-    from reteq.data.tokenize import encode_dataset
-    from reteq.train.reference import reference_logps
-
-    examples = encode_dataset(tokenizer, convs, 96)
-    return float(reference_logps(model, examples, 32, tokenizer.pad_token_id, torch.device("cpu")).mean())
-
-
-def _rmu_distance(model, tokenizer, convs, layer: int, coeff: float) -> float:
-    """Mean over response tokens of mean_h (h_t - coeff u)^2 at `layer`: RMU's loss per token."""
-    from reteq.data.tokenize import collate, encode_dataset
-    from reteq.train.method_inputs import token_view
-
-    batch = collate(encode_dataset(tokenizer, convs, 96), tokenizer.pad_token_id)
-    with torch.no_grad():
-        hidden = token_view(model, batch, hidden_layer=layer).hidden
-    return float((hidden - control_vector(hidden.size(-1), coeff, hidden)).pow(2).mean())
-
-
-def _run(algorithm: str, params: dict, retain: list[dict] | None = None):
-    from reteq.config import EvalConfig, UnlearnConfig
-    from reteq.eval.evaluator import Evaluator
-    from reteq.models import load_model, load_tokenizer
-    from reteq.train.recipes import UnlearnJob, WorkerContext, unlearn
-
-    ft = refusal_finetune()
-    mcfg = model_cfg()
-    tokenizer = load_tokenizer(mcfg)
-    model = load_model(mcfg)
-    model.load_state_dict(ft.state)
-    evaluator = Evaluator.build(EvalConfig(metrics=["forget"], forget_prompts=1), tokenizer, ft.convs, None, None)
-    cfg = UnlearnConfig(algorithms=[algorithm], lrs=[LR], steps=STEPS, global_batch=8, micro_batch=8,
-                        max_length=96, eval_every=STEPS)
-    before = {"logp": _forget_logp(model, tokenizer, ft.convs)}
-    if algorithm == "rmu":
-        before["rmu"] = _rmu_distance(model, tokenizer, ft.convs, params["layer"], params["coeff"])
-    torch.manual_seed(0)
-    job = UnlearnJob(cfg, algorithm, LR, params, ft.convs, retain=retain, start=f"test-methods-{algorithm}")
-    result = unlearn(model, tokenizer, job, evaluator, WorkerContext())
-    after = {"logp": _forget_logp(model, tokenizer, ft.convs)}
-    if algorithm == "rmu":
-        after["rmu"] = _rmu_distance(model, tokenizer, ft.convs, params["layer"], params["coeff"])
-    return result, before, after, tokenizer, model
-
-
-NEW = ["wga", "satimp", "undial", "ceu", "me", "idknll", "idkdpo", "rmu", "graddiff", "npo_retain"]
-
-
-@pytest.mark.usefixtures("reteq_cache")
-@pytest.mark.parametrize("algorithm", NEW)
-def test_each_method_unlearns_the_forget_responses(algorithm):
-    params = dict(ALGORITHMS[algorithm].defaults)
-    result, before, after, _, _ = _run(algorithm, params)
-    assert not result.collapsed
-    assert len(result.loop.records) == STEPS
-    assert all(math.isfinite(r.loss) for r in result.loop.records)
-    if algorithm == "rmu":
-        assert after["rmu"] < 0.95 * before["rmu"], (before, after)  # the states moved toward coeff x u
-    assert after["logp"] < before["logp"] - 0.5, (before, after)
-
-
-@pytest.mark.usefixtures("reteq_cache")
-@pytest.mark.parametrize("algorithm", ["graddiff", "npo_retain", "rmu"])
-def test_the_retain_term_is_added_by_the_loop(algorithm):
-    """retain_weight > 0 adds retain_weight x the step's retain partners' token-mean NLL / sequences to the first
-    step's loss (same start, same forget batch); at 0 nothing is added and no retain set is needed."""
-    from reteq.data.synthetic import knowledge
-    from reteq.data.tokenize import encode_dataset, plan_steps
-    from reteq.models import load_model, load_tokenizer
-    from reteq.train.method_inputs import Pairing, retain_nll
-
-    weight = 2.0
-    retain = knowledge(16, seed=0)
-    params = dict(ALGORITHMS[algorithm].defaults)
-    base, _, _, _, _ = _run(algorithm, params)
-    weighted, _, _, tokenizer, _ = _run(algorithm, {**params, RETAIN_WEIGHT: weight}, retain)
-    assert not weighted.collapsed
-    # the retain partners of the first step's forget examples, under the start checkpoint
-    model = load_model(model_cfg())
-    model.load_state_dict(refusal_finetune().state)
-    model.eval()
-    first = plan_steps(len(refusal_finetune().convs), 1.0, 8, 0, STEPS)[0]
-    pairing = Pairing(encode_dataset(load_tokenizer(model_cfg()), retain, 96), seed=0)
-    with torch.no_grad():
-        nll = float(retain_nll(model, pairing, torch.tensor(first), tokenizer.pad_token_id, torch.device("cpu")))
-    added = weighted.loop.records[0].loss - base.loop.records[0].loss
-    assert nll > 0
-    assert added == pytest.approx(weight * nll / 8, rel=1e-3), (added, nll)
-    with pytest.raises(ValueError, match="no retain set"):
-        _run(algorithm, {**params, RETAIN_WEIGHT: weight})
