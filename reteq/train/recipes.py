@@ -141,8 +141,8 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
             on_eval: Callable[[int, dict[str, float]], None] | None = None,
             on_step: Callable[[StepRecord], None] | None = None) -> UnlearnResult:
     """Unlearn the forget set with a local method; evaluate at step 0 and every `eval_every` steps."""
-    cfg, alg, params = job.cfg, get_algorithm(job.algorithm), {**get_algorithm(job.algorithm).defaults,
-                                                                  **job.params}
+    cfg, alg = job.cfg, get_algorithm(job.algorithm)
+    params = {**alg.defaults, **job.params}  # a knob the job leaves out takes the method's default
     apply_matmul_policy(ctx.dtype)  # [precision hook]
     pad_id = tokenizer.pad_token_id
     examples = encode_dataset(tokenizer, job.forget, cfg.max_length)
