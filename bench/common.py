@@ -68,7 +68,7 @@ def build_model(shape: str, *, device: torch.device, lora_rank: int = 0, lora_al
                 attn: str = "sdpa", seed: int = 0, frozen_bf16: bool = False, max_positions: int = 4096):
     """Random-init model of `shape` on `device`, fp32 weights (as reteq.models), optional LoRA adapters.
 
-    frozen_bf16: the LoRA base's Linear weights in bf16 (reteq.train.precision.frozen_linears_to_bf16; same
+    frozen_bf16: the LoRA base's Linear weights in bf16 (as reteq.train.precision.FrozenBase holds them; same
     numbers under bf16 autocast, half the memory). The model is built in bf16 on the device first then, so a
     14B model never holds a full fp32 copy.
     """

@@ -20,6 +20,9 @@ DATA_DIR = "RETEQ_DATA_DIR"  # prepared data shared by every sweep on this machi
 HOME = "RETEQ_HOME"  # where a relative work dir lives
 CHECKPOINT_STORE = "RETEQ_CHECKPOINT_STORE"  # this machine's checkpoint store (e.g. a local NVMe folder)
 AUTOSCALING = "RETEQ_AUTOSCALING"  # "1": the cluster grows on demand, so a missing GPU is no error yet
+# a file read instead of /proc/cpuinfo for the CPU's flags (reteq.hardware): a head whose CPU workers are another
+# machine type can point at theirs; tests use it to show what a CPU without bf16 units gets
+CPUINFO = "RETEQ_CPUINFO"
 
 # test hooks: only fault-injection and scheduling tests set these; a real run never should
 PID_DIR = "RETEQ_PID_DIR"  # each node task writes DIR/<node key>.pid at start (reteq.sweep.worker.test_hooks)

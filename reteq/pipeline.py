@@ -27,6 +27,7 @@ from reteq.models import fresh_adapter, load_model, load_tokenizer, partitioned_
 from reteq.plan import Plan, RetrainRecord, StageNode, UnlearnLeaf, method_inputs
 from reteq.train import collectives
 from reteq.train.checkpoint import CheckpointError, discard, gathered_state_dict, is_complete, save_checkpoint
+from reteq.train.precision import frozen_base_in
 from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
 from reteq.workdir import data_home, resolve_work_dir
 
@@ -274,7 +275,8 @@ def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path
     evaluator.probe = build_probe(cfg, tokenizer, data)
     if retrain is not None:  # theta_r's distributions, once per leaf, before the unlearned model is loaded
         reference = load_model(mcfg, checkpoint=retrain, trainable=False).to(ctx.device)
-        evaluator.probe.set_reference(reference, ctx.device, ctx.dtype)
+        with frozen_base_in(reference, ctx.scoring_dtype, ctx.holds_bf16_base):  # as the unlearned model's
+            evaluator.probe.set_reference(reference, ctx.device, ctx.scoring_dtype)
         del reference
     model = load_model(mcfg, checkpoint=parent)
     if cfg.unlearn.adapter == "fresh":  # the authors: a new LoRA on the merged finetuned weights
@@ -324,7 +326,9 @@ def record_retrain(run: RunContext, rec: RetrainRecord, checkpoint: Path, node_r
         hooks.retrain_started(rec, node_run_id, checkpoint)
         hooks.run_params(rec.key, {**T.protocol_params(cfg), **T.sample_params(evaluator.sample_hashes()),
                                    T.P_VOCAB_SIZE: str(len(tokenizer))})
-    raw = evaluator.raw(model, ctx.device, ctx.dtype)
+    ctx.apply_numerics()
+    with frozen_base_in(model, ctx.scoring_dtype, ctx.holds_bf16_base):  # as an unlearning run's step 0
+        raw = evaluator.raw(model, ctx.device, ctx.scoring_dtype)
     metrics = relative(raw, raw)
     if ctx.is_main:
         hooks.retrain_done(rec, metrics)

@@ -181,8 +181,26 @@ def _stage_examples(cfg: SweepConfig, name: str) -> int:
 
 
 def node_protocol(cfg: SweepConfig) -> dict:
-    """Protocol choices that change a stage node's training (docs/fidelity.md): how conversations render."""
-    return {"chat": cfg.chat.model_dump(mode="json")}
+    """Protocol choices that change a stage node's training (docs/fidelity.md): how conversations render, and
+    the CPU's denormal flushing where it applies (it can change numbers below 1.2e-38, so a checkpoint says which
+    setting produced it; keys recorded before the setting existed are those of GPU runs or of flushing off)."""
+    out: dict = {"chat": cfg.chat.model_dump(mode="json")}
+    if cfg.execution.flushes_denormals:
+        out["flush_denormal"] = True
+    return out
+
+
+# EvalConfig fields added after leaf keys v2, in a key only when set away from their default (None / every group
+# at every eval step), so every key recorded before them is unchanged
+_LATER_EVAL_FIELDS = ("dtype", "schedule")
+
+
+def eval_identity(cfg: SweepConfig) -> dict:
+    """The eval settings in a leaf's or a retrain record's key."""
+    e = cfg.eval
+    defaults = type(e)()
+    later = {f for f in _LATER_EVAL_FIELDS if getattr(e, f) == getattr(defaults, f)}
+    return e.model_dump(mode="json", exclude=later)
 
 
 def leaf_protocol(cfg: SweepConfig, algorithm: str) -> dict:
@@ -220,7 +238,7 @@ def leaf_key(cfg: SweepConfig, parent: str, algorithm: str, lr: float, params: d
     protocol choices; not the grid lists (`_GRID_FIELDS`), so a wider grid keeps every finished leaf's key."""
     settings = cfg.unlearn.model_dump(mode="json", exclude=_GRID_FIELDS)
     parts = [LEAF_KEY_VERSION, parent, algorithm, lr, dict(sorted(params.items())), seed, cfg.forget_stage,
-             settings, cfg.eval.model_dump(mode="json"), leaf_protocol(cfg, algorithm)]
+             settings, eval_identity(cfg), leaf_protocol(cfg, algorithm)]
     extra = method_inputs(cfg, algorithm, params)
     return _hash(parts + [extra] if extra else parts)
 
@@ -244,7 +262,7 @@ def record_key(cfg: SweepConfig, node: str) -> str:
     and knowledge stages' data, the eval settings, how chats render), as a leaf's key does."""
     data = {s: cfg.stage(s).source.model_dump(mode="json") for s in (cfg.forget_stage, cfg.eval.knowledge_stage)
             if s}
-    return _hash([RECORD_KEY_VERSION, node, cfg.forget_stage, data, cfg.eval.model_dump(mode="json"),
+    return _hash([RECORD_KEY_VERSION, node, cfg.forget_stage, data, eval_identity(cfg),
                   node_protocol(cfg)])
 
 

@@ -86,6 +86,7 @@ M_DEPTH_U = "depth/U_logp"  # ... of the unlearned compliance phrasing U
 M_RE_LOGP_MSE = "re/logp_mse"  # mean over probe pairs of (s_u(t) - s_r)^2, s = per-token mean log-prob
 M_RE_KL = "re/kl"  # mean over probe target positions of KL(pi_u(t) || pi_r) (next-token distributions)
 RE_METRICS = (M_RE_LOGP_MSE, M_RE_KL)
+M_TIME = "time/{}_s"  # an unlearning run's wall seconds by part: train, reference, forget, tofu, math, depth, re
 M_CHILDREN_FAILED = "sweep/children_failed"  # on the parent run, logged once per attempt (step 0)
 M_SWEEP_PHASE = "sweep/phase_s/{}"  # parent run: seconds from the attempt's start to the end of a driver phase
 

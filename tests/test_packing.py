@@ -224,7 +224,7 @@ def test_frozen_bf16_base_weights_change_nothing_under_bf16_autocast():
     from transformers import AutoModelForCausalLM
 
     from reteq.tiny import ensure_tiny_model
-    from reteq.train.precision import autocast, frozen_linears_to_bf16
+    from reteq.train.precision import FrozenBase, autocast
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), dtype=torch.float32)
@@ -240,7 +240,14 @@ def test_frozen_bf16_base_weights_change_nothing_under_bf16_autocast():
         return logp.detach(), torch.cat([p.grad.flatten() for p in lora.parameters() if p.grad is not None])
 
     a, ga = run()
-    assert frozen_linears_to_bf16(lora) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head is tied
+    base = FrozenBase(lora)
+    linears = [m for m in lora.modules() if isinstance(m, torch.nn.Linear)]
+    originals = [(m.weight.data_ptr(), m.weight.dtype) for m in linears]
+    assert len(base) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head is tied
+    base.use("bf16")
     assert model.lm_head.weight.dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     b, gb = run()
     assert torch.equal(a, b) and torch.equal(ga, gb)
+    base.use("fp32")  # an fp32 evaluation sees the untouched originals, not bf16 values cast back
+    assert [(m.weight.data_ptr(), m.weight.dtype) for m in linears] == originals

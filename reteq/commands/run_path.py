@@ -123,8 +123,7 @@ def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None)
     preflight(cfg, data, report=lambda line: print(f"preflight: {line}", flush=True))
     work = resolve_work_dir(work_dir or cfg.work_dir)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    ctx = WorkerContext(dtype=cfg.model(leaf.model).dtype, packing=cfg.execution.packing,
-                        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = WorkerContext.for_model(cfg, leaf.model, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
     print(f"path {leaf.model} {'>'.join(leaf.order)} (p={leaf.p}) | {leaf.algorithm} lr={leaf.lr:g} "
           f"{T.params_tag(leaf.params)} seed={leaf.seed}", flush=True)

@@ -10,7 +10,11 @@ re/logp_mse, re/kl      distance to the retrain node theta_r on the probe set (r
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -42,6 +46,7 @@ class Evaluator:
     seed: int = 0
     depth_rows: list[dict[str, str]] = field(default_factory=list)  # Section 4.3: prompt + R/C/U responses
     probe: Probe | None = None  # retrain equivalence: prediction vectors and re/* (reteq.eval.probe)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per metric group, summed over calls
 
     @property
     def forget_targets(self) -> tuple[str, ...]:
@@ -72,40 +77,61 @@ class Evaluator:
                    know if "tofu" in cfg.metrics else [], (math_items or []) if "math" in cfg.metrics else [], seed,
                    depth)
 
-    def _pairs(self) -> tuple[list, list]:
-        forget = [encode_prompt_target(self.tokenizer, q, t) for q in self.forget_questions
-                  for t in self.forget_targets]
-        know = [encode_prompt_target(self.tokenizer, q, a) for q, a in self.knowledge_pairs]
-        return forget, know
+    @cached_property
+    def _forget_pairs(self) -> list:
+        """(prompt ids, target ids) of every forget question x target, encoded once per evaluator."""
+        return [encode_prompt_target(self.tokenizer, q, t) for q in self.forget_questions for t in self.forget_targets]
 
-    def raw(self, model, device: torch.device, dtype: str = "fp32", step: int | None = None) -> dict[str, float]:
-        """Absolute metrics of `model` now (no reference to step 0); `step` labels the probe vectors kept."""
+    @cached_property
+    def _knowledge_pairs(self) -> list:
+        return [encode_prompt_target(self.tokenizer, q, a) for q, a in self.knowledge_pairs]
+
+    def raw(self, model, device: torch.device, dtype: str = "fp32", step: int | None = None,
+            last: int | None = None) -> dict[str, float]:
+        """Absolute metrics of `model` now (no reference to step 0); `step` labels the probe vectors kept. With
+        `last` (the run's last step), only the groups eval.schedule has due at `step` run; without, all."""
         out: dict[str, float] = {}
-        if self.probe is not None:
-            out.update(self.probe.measure(model, device, dtype, step))
+
+        def due(group: str) -> bool:
+            return last is None or step is None or self.cfg.schedule.due(group, step, last)
+
         pad = self.tokenizer.pad_token_id
-        forget_pairs, know_pairs = self._pairs()
-        scores = score_pairs(model, forget_pairs + know_pairs, pad_id=pad, batch_size=self.cfg.batch_size,
-                             device=device, dtype=dtype)
-        if forget_pairs:
-            n_t = len(self.forget_targets)
-            f = torch.tensor(scores[: len(forget_pairs)]).view(-1, n_t)
+        if self.probe is not None and due("re"):
+            with self._timer("re"):
+                out.update(self.probe.measure(model, device, dtype, step))
+        if self.forget_questions and due("forget"):
+            with self._timer("forget"):
+                f = torch.tensor(score_pairs(model, self._forget_pairs, pad_id=pad, batch_size=self.cfg.batch_size,
+                                             device=device, dtype=dtype)).view(-1, len(self.forget_targets))
             out[T.M_FORGET_LABEL] = float(f[:, 0].mean())
             out[T.M_FORGET_PARAPHRASE] = float(f[:, 1:].mean())
             out[T.M_FORGET_ALL] = float(f.mean())
-        if know_pairs:
-            out[T.M_TOFU_LOGP] = float(torch.tensor(scores[len(forget_pairs):]).mean())
-        if self.depth_rows:
-            out.update(self._depth(model, device, dtype))
-        if self.math_items:
-            decoding = Decoding(samples=self.cfg.math_samples, greedy=self.cfg.greedy,
-                                temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
-                                batch_size=self.cfg.batch_size, seed=self.seed, dtype=dtype)
-            prompts = [self.cfg.math_prompt.replace("{question}", q) for q, _ in self.math_items]
-            answers = generate_answers(model, self.tokenizer, prompts, decoding, device)
+        if self.knowledge_pairs and due("tofu"):
+            with self._timer("tofu"):
+                scores = score_pairs(model, self._knowledge_pairs, pad_id=pad, batch_size=self.cfg.batch_size, device=device,
+                                     dtype=dtype)
+            out[T.M_TOFU_LOGP] = float(torch.tensor(scores).mean())
+        if self.depth_rows and due("depth"):
+            with self._timer("depth"):
+                out.update(self._depth(model, device, dtype))
+        if self.math_items and due("math"):
+            with self._timer("math"):
+                decoding = Decoding(samples=self.cfg.math_samples, greedy=self.cfg.greedy,
+                                    temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
+                                    batch_size=self.cfg.batch_size, seed=self.seed, dtype=dtype)
+                prompts = [self.cfg.math_prompt.replace("{question}", q) for q, _ in self.math_items]
+                answers = generate_answers(model, self.tokenizer, prompts, decoding, device)
             out[T.M_MATH_ACC] = accuracy(answers, [r for _, r in self.math_items])
         return out
 
+    @contextmanager
+    def _timer(self, group: str) -> Iterator[None]:
+        """Add the block's wall seconds to `seconds[group]` (the leaf's time split, logged as time/* metrics)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[group] = self.seconds.get(group, 0.0) + time.perf_counter() - start
 
     def _depth(self, model, device, dtype) -> dict[str, float]:
         """Mean per-token log-prob of R, C and U given their shared prompt (superficial vs deep forgetting)."""

@@ -262,6 +262,8 @@ class MlflowHooks(Hooks):
                 path = Path(tmp) / T.PREDICTIONS_FILE
                 vectors.write_parquet(path)
                 self.c.log_artifact(self.run_ids[leaf.key], str(path), artifact_path=T.ARTIFACT_PREDICTIONS)
+        seconds = getattr(result, "seconds", {})  # where the leaf's time went (bench/cpu_precision.py reads it)
+        self._metrics(leaf.key, {T.M_TIME.format(part): s for part, s in seconds.items()}, 0)
         self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
 
     def run_id(self, key: str) -> str:

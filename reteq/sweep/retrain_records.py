@@ -48,8 +48,7 @@ def _context(cfg, model: str):
     from reteq.train.recipes import WorkerContext
 
     if cfg.execution.use_gpu and torch.cuda.is_available():
-        return WorkerContext(device=torch.device("cuda", 0), dtype=cfg.model(model).dtype,
-                             packing=cfg.execution.packing)
+        return WorkerContext.for_model(cfg, model, device=torch.device("cuda", 0))
     return worker.worker_context(cfg, model, worker.Rank())
 
 

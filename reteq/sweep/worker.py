@@ -128,8 +128,8 @@ def worker_context(cfg, model: str, r: Rank):
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.execution.cpus_per_worker)))
     local_rank = machine_local_rank(r.rank, device) if r.world > 1 else r.local_rank
-    return WorkerContext(rank=r.rank, world=r.world, device=device, ds_config=r.ds, dtype=cfg.model(model).dtype,
-                         packing=cfg.execution.packing, local_rank=local_rank)
+    return WorkerContext.for_model(cfg, model, rank=r.rank, world=r.world, device=device, ds_config=r.ds,
+                                   local_rank=local_rank)
 
 
 def machine_local_rank(rank: int, device) -> int:

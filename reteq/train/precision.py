@@ -1,18 +1,30 @@
-"""Precision policy: where the paper's fidelity (fp32) is traded for speed. Set per model (`ModelConfig.dtype`);
-`reteq.train.recipes` applies it at the start of every finetuning stage and unlearning run.
+"""Precision policy: where the paper's fidelity (fp32) is traded for speed, and the CPU numerics around it.
+
+Training precision is set per model (`ModelConfig.dtype`), evaluation precision per sweep (`eval.dtype`, default:
+the model's); `reteq.train.recipes` applies them at the start of every finetuning stage and unlearning run.
 
 fp32  fp32 weights and matmuls (TF32 off): the paper's setting, slowest on tensor-core GPUs (measured on one
       H200, Llama-3.2-1B LoRA r64: 7.4k tokens/s).
 tf32  fp32 weights, TF32 tensor-core matmuls (10-bit mantissa inputs, fp32 accumulate): 3.4x fp32 there
-      (25.2k tokens/s); log-probs drift slightly from fp32.
+      (25.2k tokens/s); log-probs drift slightly from fp32. On a CPU the same as fp32.
 bf16  fp32 master weights, bf16 autocast for forward/backward: 5.4x fp32 there (40.4k tokens/s); log-probs
-      differ from fp32 at the 1e-2 level, so compare runs (and paths) only within one policy.
-On CPU, tf32 is the same as fp32 and bf16 autocast is usually slower than fp32. Trade-offs: docs/performance.md.
+      differ from fp32 at the 1e-2 level, so compare runs (and paths) only within one policy. On a CPU with
+      AMX or AVX512-BF16 units oneDNN runs bf16 matmuls natively: measured 1.5-1.9x fp32 for LoRA training and
+      2.3-2.8x for scoring on SmolLM2-135M (docs/performance.md); without them bf16 is emulated and slower than
+      fp32, so a CPU sweep asking for bf16 there is refused before it starts (reteq.hardware).
+While bf16 autocast is on, a LoRA model's frozen base Linear weights are held in bf16 (`bf16_frozen_weights`):
+autocast rounds them to bf16 at every matmul anyway, so the numbers are the same, without the per-matmul cast.
+
+Denormals: a saturated loss (NPO/SimNPO far past its margin, GA on a label at log-prob -inf) gives subnormal
+gradients, and x86 CPUs compute on subnormals about 25x slower. `execution.flush_denormal` (on by default for
+CPU workers) flushes them to zero (FTZ/DAZ); it changes only numbers below 1.2e-38, and node and leaf keys record
+it (reteq.plan.node_protocol). Trade-offs: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -28,26 +40,68 @@ def apply_matmul_policy(dtype: str) -> None:
     torch.backends.cudnn.allow_tf32 = allow
 
 
+def apply_flush_denormal(on: bool) -> None:
+    """Flush subnormal floats to zero on this process's CPU math (process-wide, so set at every job start: a warm
+    worker runs jobs of several sweeps). A CPU without FTZ/DAZ support (not x86 SSE3) keeps denormals."""
+    torch.set_flush_denormal(on)
+
+
 def autocast(dtype: str, device: torch.device):
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
-    """Under the bf16 policy, store frozen Linear weights (a LoRA model's base) in bf16; returns how many.
-
-    Same numbers: autocast rounds those weights to bf16 at every matmul anyway. What changes: half the weight
-    memory and no fp32->bf16 weight cast per forward. Weights tied to an embedding (a tied lm_head) stay fp32,
-    so the residual stream stays fp32 as under plain autocast. Only for dtype "bf16" with autocast on.
-    """
+def _frozen_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Linear layers whose weight is a frozen fp32 tensor, not tied to an embedding (a tied lm_head stays fp32,
+    so the residual stream and the logits stay as under plain autocast) and not partitioned by ZeRO-3."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    n = 0
-    for m in model.modules():
-        if not isinstance(m, torch.nn.Linear) or m.weight.requires_grad or id(m.weight) in tied:
-            continue
-        m.weight.data = m.weight.data.to(torch.bfloat16)
-        if m.bias is not None and not m.bias.requires_grad:
-            m.bias.data = m.bias.data.to(torch.bfloat16)
-        n += 1
-    return n
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+            and m.weight.dtype == torch.float32 and id(m.weight) not in tied
+            and getattr(m.weight, "ds_id", None) is None]
+
+
+class FrozenBase:
+    """A LoRA model's frozen base Linear weights (and frozen biases), shown to the model in fp32 (the originals,
+    never modified) or in bf16 (copies made once): `use("bf16")` while bf16 autocast computes, `use(other)` for
+    an fp32/tf32 evaluation of the same model, `restore()` at the end.
+
+    Same numbers as plain autocast (it rounds those weights to bf16 at every matmul anyway), without that cast
+    per matmul and with half the weight bytes read: measured 1.13x train and 1.15x scoring over autocast alone
+    on SmolLM2 (docs/performance.md). Only on a CPU device: the fp32 originals stay alive beside the copies
+    (+50% of the base's memory), which a 14B base on a GPU cannot spare, and a GPU's casts are a small share of
+    its matmul time (`enabled`: the caller's decision, WorkerContext.holds_bf16_base). A fully trainable model has
+    nothing frozen and nothing changes."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool = True):
+        self._layers = _frozen_linears(model) if enabled else []
+        self._fp32 = [(m.weight.data, m.bias.data if m.bias is not None and not m.bias.requires_grad else None)
+                      for m in self._layers]
+        self._bf16: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def use(self, dtype: str) -> None:
+        if dtype == "bf16" and self._bf16 is None:
+            self._bf16 = [(w.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16)) for w, b in self._fp32]
+        tensors = self._bf16 if dtype == "bf16" else self._fp32
+        for m, (weight, bias) in zip(self._layers, tensors or []):
+            m.weight.data = weight
+            if bias is not None:
+                m.bias.data = bias
+
+    def restore(self) -> None:
+        self.use("fp32")
+        self._bf16 = None
+
+
+@contextlib.contextmanager
+def frozen_base_in(model: torch.nn.Module, dtype: str, enabled: bool = True) -> Iterator[FrozenBase]:
+    """`model`'s frozen base in bf16 while inside when `dtype` is "bf16" (FrozenBase), fp32 again on exit."""
+    base = FrozenBase(model, enabled)
+    base.use(dtype)
+    try:
+        yield base
+    finally:
+        base.restore()

@@ -7,7 +7,9 @@ WorkerContext says which worker this is and whether DeepSpeed drives the step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +17,7 @@ import torch
 
 from reteq.algorithms import get_algorithm
 from reteq.algorithms.base import RETAIN_WEIGHT, Need
-from reteq.config import StageConfig, UnlearnConfig
+from reteq.config import StageConfig, SweepConfig, UnlearnConfig
 from reteq.data.alternatives import idk_conversations
 from reteq.data.packing import layout_for, packed_micro_batches, padding_fraction
 from reteq.data.tokenize import Example, encode_dataset, micro_batches, plan_steps
@@ -24,7 +26,7 @@ from reteq.train.engine import OptimSpec, build_engine
 from reteq.train.logprobs import batch_token_logps
 from reteq.train.loop import LoopResult, Step, StepRecord, train_loop
 from reteq.train.method_inputs import Pairing, gather, retain_nll
-from reteq.train.precision import apply_matmul_policy
+from reteq.train.precision import FrozenBase, apply_flush_denormal, apply_matmul_policy, frozen_base_in
 from reteq.train.reference import compute_reference
 
 
@@ -35,14 +37,56 @@ class WorkerContext:
     local_rank: int = 0  # rank among this machine's workers: local rank 0 fetches checkpoints for its machine
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ds_config: dict[str, Any] | None = None
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # training precision (reteq.train.precision)
     # [packing hook] pack variable-length samples into rows (reteq.data.packing) instead of padding them;
     # same losses and gradients to float rounding. Set from `execution.packing` by whoever builds the context.
     packing: bool = True
+    eval_dtype: str | None = None  # evaluation precision; None: `dtype`
+    flush_denormal: bool = False  # flush subnormals to zero on this CPU (execution.flush_denormal, CPU workers)
+
+    @classmethod
+    def for_model(cls, cfg: SweepConfig, model: str, **where: Any) -> WorkerContext:
+        """The context of a job on `model` of sweep `cfg`: its precisions, packing and denormal setting from the
+        config; `where` says which worker this is (rank, world, local_rank, device, ds_config)."""
+        device = where.get("device", torch.device("cpu"))
+        return cls(dtype=cfg.model(model).dtype, eval_dtype=cfg.eval.dtype, packing=cfg.execution.packing,
+                   flush_denormal=cfg.execution.flush_denormal and device.type == "cpu", **where)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def scoring_dtype(self) -> str:
+        return self.eval_dtype or self.dtype
+
+    @property
+    def holds_bf16_base(self) -> bool:
+        """Whether a LoRA base is held in bf16 while bf16 computes (reteq.train.precision.FrozenBase): on a CPU,
+        where the cast per matmul is a visible cost, and not under ZeRO-3, whose partitioned weights are no
+        plain tensors to swap."""
+        zero = int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+        return self.device.type == "cpu" and zero < 3 and "bf16" in (self.dtype, self.scoring_dtype)
+
+    def apply_numerics(self) -> None:
+        """At every job start (process-wide settings; a warm worker runs jobs of several sweeps): TF32 as the
+        training precision says, denormals flushed or not."""
+        apply_matmul_policy(self.dtype)
+        apply_flush_denormal(self.flush_denormal)
+
+
+@contextmanager
+def evaluating(base: FrozenBase, ctx: WorkerContext) -> Iterator[str]:
+    """Evaluation under `ctx`'s evaluation precision (its TF32 setting; the frozen base in bf16 under bf16), the
+    training precision's back on exit. Yields the dtype to score under."""
+    dtype = ctx.scoring_dtype
+    apply_matmul_policy(dtype)
+    base.use(dtype)
+    try:
+        yield dtype
+    finally:
+        base.use(ctx.dtype)
+        apply_matmul_policy(ctx.dtype)
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int, where: str) -> int:
@@ -73,7 +117,7 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
     """Train one stage with a fresh optimizer and schedule; token-mean cross-entropy on response tokens.
     `resume` (reteq.sweep.stage_resume.StageResume, every rank): load its state and skip its steps, and save
     mid-stage checkpoints."""
-    apply_matmul_policy(ctx.dtype)  # [precision hook] TF32 on only under dtype tf32
+    ctx.apply_numerics()  # [precision hook] TF32 on only under dtype tf32; denormals as configured
     examples = encode_dataset(tokenizer, convs, stage.max_length)
     accum = accumulation_steps(stage.global_batch, stage.micro_batch, ctx.world, f"stages.{stage.name}")
     index_steps = plan_steps(len(examples), stage.epochs, stage.global_batch, seed)
@@ -95,8 +139,9 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
 
     if resume is not None:
         resume.load(engine)
-    result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step,
-                        first_step=resume.step if resume is not None else 0)
+    with frozen_base_in(engine.module, ctx.dtype, ctx.holds_bf16_base):  # [precision hook] a LoRA base in bf16 under bf16
+        result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step,
+                            first_step=resume.step if resume is not None else 0)
     pad = padding_fraction([b for s in steps for b in s.micro_batches])
     stats = {"steps": len(steps), "padding_fraction": pad, "examples": len(examples)}
     return engine.module, result, stats
@@ -131,6 +176,8 @@ class UnlearnResult:
     loop: LoopResult
     steps: int
     vectors: Any = None  # polars frame of the probe's per-pair vectors (step x pair), set by pipeline.run_leaf
+    # wall seconds by part: train (optimizer steps), reference (pi_ref pass), and each eval group (Evaluator)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def collapsed(self) -> bool:
@@ -140,10 +187,11 @@ class UnlearnResult:
 def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: WorkerContext,
             on_eval: Callable[[int, dict[str, float]], None] | None = None,
             on_step: Callable[[StepRecord], None] | None = None) -> UnlearnResult:
-    """Unlearn the forget set with a local method; evaluate at step 0 and every `eval_every` steps."""
+    """Unlearn the forget set with a local method; evaluate at step 0 and every `eval_every` steps (each metric
+    group when eval.schedule says, every group at step 0 and the last step)."""
     cfg, alg = job.cfg, get_algorithm(job.algorithm)
     params = {**alg.defaults, **job.params}  # a knob the job leaves out takes the method's default
-    apply_matmul_policy(ctx.dtype)  # [precision hook]
+    ctx.apply_numerics()  # [precision hook]
     pad_id = tokenizer.pad_token_id
     examples = encode_dataset(tokenizer, job.forget, cfg.max_length)
     accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, ctx.world, "unlearn")
@@ -155,43 +203,52 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
     if retain_weight and not job.retain:
         raise ValueError(f"{job.algorithm}: retain_weight {retain_weight:g} but the job has no retain set")
     pairing = Pairing(encode_dataset(tokenizer, job.retain, cfg.max_length), job.seed) if retain_weight else None
-    # shared across leaves only by a single worker: ranks with different histories would disagree on a cache hit,
-    # and under ZeRO-3 the rank that runs the reference pass would wait in a collective for the one that skips it
-    ref = compute_reference(model, alg, examples, alternatives, cfg.micro_batch, pad_id, ctx.device, ctx.packing,
-                            ctx.dtype, job.start if ctx.world == 1 else None)
+    with frozen_base_in(model, ctx.dtype, ctx.holds_bf16_base) as base:  # [precision hook] a LoRA base in bf16 under bf16
+        # shared across leaves only by a single worker: ranks with different histories would disagree on a cache
+        # hit, and under ZeRO-3 the rank that runs the reference pass would wait in a collective for the one that
+        # skips it
+        start = time.perf_counter()
+        ref = compute_reference(model, alg, examples, alternatives, cfg.micro_batch, pad_id, ctx.device,
+                                ctx.packing, ctx.dtype, job.start if ctx.world == 1 else None)
+        seconds = {"reference": time.perf_counter() - start}
 
-    raw0 = evaluator.raw(model, ctx.device, ctx.dtype, step=0)
-    evals = [(0, relative(raw0, raw0))]
-    if on_eval:
-        on_eval(0, evals[0][1])
+        def evaluate(m, step: int) -> dict[str, float]:
+            with evaluating(base, ctx) as dtype:
+                return evaluator.raw(m, ctx.device, dtype, step=step, last=len(steps))
 
-    spec = OptimSpec(cfg.optimizer, job.lr, len(steps), cfg.schedule, cfg.warmup_frac, cfg.decay_frac,
-                     cfg.min_lr_ratio, cfg.warmup_steps)
-    normalisation = cfg.normalisation(job.algorithm)
-    engine = build_engine(model, spec, ds_config=ctx.ds_config, micro_batch=cfg.micro_batch, accumulation=accum,
-                          world=ctx.world)
+        raw0 = evaluate(model, 0)
+        evals = [(0, relative(raw0, raw0))]
+        if on_eval:
+            on_eval(0, evals[0][1])
 
-    def loss_fn(m, batch, step: Step) -> torch.Tensor:
-        x = gather(m, batch, alg, params, ref, alternatives, pad_id)
-        loss = alg.loss(x, params) / normaliser(step, normalisation)
-        if pairing is not None:  # GradDiff's retain term, per retain sequence over the step's sequences
-            loss = loss + retain_weight * retain_nll(m, pairing, batch.index.cpu(), pad_id, batch.input_ids.device
-                                                     ) / step.sequences
-        return loss
+        spec = OptimSpec(cfg.optimizer, job.lr, len(steps), cfg.schedule, cfg.warmup_frac, cfg.decay_frac,
+                         cfg.min_lr_ratio, cfg.warmup_steps)
+        normalisation = cfg.normalisation(job.algorithm)
+        engine = build_engine(model, spec, ds_config=ctx.ds_config, micro_batch=cfg.micro_batch,
+                              accumulation=accum, world=ctx.world)
 
-    def after_step(record: StepRecord) -> bool:
-        if on_step:
-            on_step(record)
-        if record.step % cfg.eval_every == 0 or record.step == len(steps):
-            metrics = relative(evaluator.raw(engine.module, ctx.device, ctx.dtype, step=record.step), raw0)
-            evals.append((record.step, metrics))
-            if on_eval:
-                on_eval(record.step, metrics)
-            return not all(math.isfinite(v) for v in metrics.values())
-        return False
+        def loss_fn(m, batch, step: Step) -> torch.Tensor:
+            x = gather(m, batch, alg, params, ref, alternatives, pad_id)
+            loss = alg.loss(x, params) / normaliser(step, normalisation)
+            if pairing is not None:  # GradDiff's retain term, per retain sequence over the step's sequences
+                loss = loss + retain_weight * retain_nll(m, pairing, batch.index.cpu(), pad_id,
+                                                         batch.input_ids.device) / step.sequences
+            return loss
 
-    loop = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step)
+        def after_step(record: StepRecord) -> bool:
+            if on_step:
+                on_step(record)
+            if record.step % cfg.eval_every == 0 or record.step == len(steps):
+                metrics = relative(evaluate(engine.module, record.step), raw0)
+                evals.append((record.step, metrics))
+                if on_eval:
+                    on_eval(record.step, metrics)
+                return not all(math.isfinite(v) for v in metrics.values())
+            return False
+
+        loop = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step)
     if loop.stopped_early:  # evaluation went non-finite: treat as collapse, keep the last finite metrics
         loop.collapsed = True
         evals.pop()
-    return UnlearnResult(evals, loop, len(steps))
+    seconds["train"] = sum(r.seconds for r in loop.records)
+    return UnlearnResult(evals, loop, len(steps), seconds={**seconds, **evaluator.seconds})
