@@ -25,6 +25,10 @@ def test_two_seed_slice_writes_leaves_csv_and_consistent_statistics(ray_cluster,
     raw = tiny_sweep(tmp_path / "work", name="slice", retain=("tofu",), positions=(1, 2), algorithms=("ga", "npo"),
                      lrs=(3e-3,), workers=1, deepspeed="zero0_fp32.json")
     raw["seeds"] = [0, 1]
+    # batches of 4 of the 8 rows: each seed's shuffle makes other batches, so the seeds' scores differ (with one
+    # batch of all 8 rows and no adapter to initialise, two seeds train identical models: a degenerate pairing)
+    for part in (*raw["stages"], raw["unlearn"]):
+        part["global_batch"] = 4
     cfg = parse_config(raw)
     assert len(build_plan(cfg).leaves) == 2 * 2 * 2
     outcome = run_sweep(cfg)  # the sweep writes its report, and leaves.csv beside it
@@ -50,8 +54,8 @@ def test_two_seed_slice_writes_leaves_csv_and_consistent_statistics(ray_cluster,
         d = [by[(2, s)] - by[(1, s)] for s in (0, 1)]
         assert row["n_pairs"] == 2 and row["mean_diff"] == pytest.approx(sum(d) / 2, abs=1e-9)
         t, p = R.paired_t(d)
-        if math.isfinite(t):
-            assert row["t"] == pytest.approx(t) and row["t_pvalue"] == pytest.approx(p)
+        assert d[0] != d[1] and math.isfinite(t), d  # the seeds differ, so the paired test is not degenerate
+        assert row["t"] == pytest.approx(t) and row["t_pvalue"] == pytest.approx(p)
         assert row["signflip_pvalue"] == pytest.approx(R.sign_flip_p(d))  # 2 of 4, or 4 of 4 when d's signs differ
         means = {q: mine.filter(pl.col("p") == q)["forget_score"].mean() for q in (1, 2)}
         assert row["last_is_lowest"] == (means[2] < means[1])

@@ -6,6 +6,13 @@ collapsed run stops early). The forget score, TOFU utility and math utility are 
 (logged, or derived from their raw metric exactly as reteq.analysis.tables does). A metric a leaf never logged
 (math evaluated only at the ends, or not at all; no θ_r) is an empty cell, never an error; a leaf whose run
 finished without metrics still has its row.
+
+Columns: run_id (the MLflow run); model, method, params (the knobs, canonical "beta=0.5"), one column per knob
+name, lr, scheduler (the finetuning schedule), seed, order ("inst>tofu>math>U"), p, status (done | collapsed);
+last_step; forget_score (mean log-prob of the label and paraphrases at step 0 minus at the last step, nats/token;
+higher = more forgetting); label_logp, paraphrase_logp, all_logp (forget targets), tofu_logp (knowledge answers),
+math_acc (fraction of right '####' answers), re_distance (re/logp_mse to theta_r), re_kl, each _start and _end;
+tofu_utility (1 - |tofu_logp change|) and math_utility (math_acc change) at the last step.
 """
 
 from __future__ import annotations
