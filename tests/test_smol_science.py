@@ -76,3 +76,14 @@ def test_every_departure_in_the_config_header_is_in_fidelity_md():
     section = section[:section.find("\n## ", 5)] if "\n## " in section[5:] else section
     for topic in topics:
         assert f"| {topic} |" in section, topic
+
+
+def test_fidelity_md_points_only_to_files_of_this_repository():
+    """Every reteq path docs/fidelity.md names exists here (a glob matches something); the authors' and
+    torchtune's files are named as theirs, never as paths of this repository."""
+    doc = (ROOT / "docs" / "fidelity.md").read_text()
+    paths = set(re.findall(r"(?<![\w/])((?:reteq|configs|docs|tests|bench|rayjobs|paper)/[\w./*-]*\w)", doc))
+    assert {"reteq/config_protocol.py", "configs/smol_science.yaml"} <= paths
+    missing = sorted(p for p in paths if not list(ROOT.glob(p)))
+    assert not missing, missing
+    assert "PAPER.md" not in doc  # a file outside the repository
