@@ -46,6 +46,7 @@ STATS_TITLE = "Recency statistics over seeds"
 DEPTH_THRESHOLDS = (0.5, 0.0)  # defaults of eval.depth_fall, eval.depth_margin
 
 
+# params: where to read and write, plus the sweep's own analysis settings (depth thresholds, forget target)
 def write_report(
     tracking_uri: str,
     experiment: str,
