@@ -1,5 +1,5 @@
 """A 2-seed x 2-position x 2-method slice of configs/smol_science.yaml's design, on the tiny built-in model through
-a real sweep (Ray Tune + MLflow) and `reteq report`: leaves.csv has one row per leaf with the issue's columns,
+a real sweep (Ray Tune + MLflow) and `reteq report --leaves-out`: leaves.csv has one row per leaf with the issue's columns,
 and the recency statistics in the report agree with leaves.csv recomputed by hand."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 from reteq.analysis import recency_stats as R
 from reteq.analysis import report
 from reteq.analysis.leaves import REQUIRED
+from reteq.cli import main
 from reteq.commands.sweep import run_sweep
 from reteq.config import parse_config
 from reteq.plan import build_plan
@@ -31,10 +32,15 @@ def test_two_seed_slice_writes_leaves_csv_and_consistent_statistics(ray_cluster,
         part["global_batch"] = 4
     cfg = parse_config(raw)
     assert len(build_plan(cfg).leaves) == 2 * 2 * 2
-    outcome = run_sweep(cfg)  # the sweep writes its report, and leaves.csv beside it
+    outcome = run_sweep(cfg, report=False)
     assert outcome.code == 0, outcome
+    # `reteq report` writes leaves.csv beside report.html and copies it where --leaves-out says
+    copy = tmp_path / "docs" / "results_smol" / "leaves.csv"
+    assert main(["report", "--experiment", "slice", "--work-dir", str(tmp_path / "work"),
+                 "--leaves-out", str(copy)]) == 0
 
     out = tmp_path / "work" / "report"
+    assert copy.read_bytes() == (out / "leaves.csv").read_bytes()
     leaves = pl.read_csv(out / "leaves.csv")
     assert set(REQUIRED) <= set(leaves.columns)
     assert leaves.height == 8
