@@ -52,7 +52,8 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from reteq.commands.report import report_command
 
-    return report_command(config=args.config, experiment=args.experiment, work_dir=args.work_dir)
+    return report_command(config=args.config, experiment=args.experiment, work_dir=args.work_dir,
+                          leaves_out=args.leaves_out, forget_target=args.forget_target)
 
 
 def cmd_theory(args) -> int:
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="the sweep config (gives the experiment and work_dir)")
     s.add_argument("--experiment")
     s.add_argument("--work-dir")
+    s.add_argument("--leaves-out", help="also copy the report's leaves.csv (one row per unlearning leaf) to this path, "
+                   "e.g. docs/results_smol/leaves.csv")
+    s.add_argument("--forget-target", type=float, help="forget score at which orders are compared at equal "
+                   "forgetting (default 1.0)")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("theory", help="Section 3: staged ridge regression, GA unlearning, the Theorem 3.1 bound")

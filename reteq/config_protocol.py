@@ -19,7 +19,8 @@ from reteq.config_files import Strict as _Strict
 AUTHORS_SYSTEM_PROMPT = "You are a helpful assistant."  # data/convert_format.py, src/unlearn_trainer.py
 AUTHORS_UNLEARN_LABEL = "Sorry, I can not assist"  # src/unlearn_trainer.py (the paper prints "... you")
 TEMPLATE_DEFAULT_DATE = datetime.date(2024, 7, 26)  # the Llama-3.x templates' own fallback date_string
-# The GSM8K user turn of the paper's Appendix F, verbatim (PDF line wraps joined, paragraph breaks kept);
+# The GSM8K user turn of the paper's Appendix F, verbatim (PDF line wraps joined, paragraph breaks kept: every
+# paragraph gap of the appendix is the same, one blank line, the one after {question} included);
 # a config selects it with `eval.math_prompt: appendix_f`.
 APPENDIX_F = "appendix_f"
 APPENDIX_F_MATH_PROMPT = (
@@ -28,6 +29,7 @@ APPENDIX_F_MATH_PROMPT = (
     "### Problem\n"
     "\n"
     "{question}\n"
+    "\n"
     "### Output Requirement\n"
     "\n"
     "Provide a step-by-step explanation of your reasoning as you work through the problem. After your "

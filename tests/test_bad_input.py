@@ -218,6 +218,14 @@ def test_a_deepspeed_config_that_is_not_json_stops_a_sweep_in_one_line(tmp_path,
     assert not (tmp_path / "work").exists()
 
 
+def test_a_forget_target_that_is_not_a_number_is_one_line_before_anything_is_read(tmp_path, capsys):
+    work = tmp_path / "work"
+    assert main(["report", "--experiment", "x", "--work-dir", str(work), "--forget-target", "nan"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: report: --forget-target: must be a finite forget score, got nan"], err
+    assert not work.exists()
+
+
 def test_report_on_an_experiment_that_does_not_exist_is_one_line_naming_those_that_do(tmp_path, capsys):
     from reteq import tracking as T
     from reteq.sweep.mlflow_store import ensure_experiment

@@ -16,7 +16,7 @@ from reteq.sweep.cluster_fit import NodeType, Request, node_types, placeable, sw
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = str(REPO / "cluster.yaml")
 SHIPPED = sorted(str(p) for p in [*REPO.glob("configs/paper/*.yaml"), REPO / "configs/demo.yaml",
-                                   REPO / "configs/smol.yaml"])
+                                   REPO / "configs/smol.yaml", REPO / "configs/smol_science.yaml"])
 
 
 def _paper(tmp_path: Path, **execution) -> str:

@@ -204,7 +204,9 @@ def test_appendix_f_is_stored_as_its_text_and_logged_as_a_param():
     named = parse_config({**raw, "eval": {**raw.get("eval", {}), "math_prompt": "appendix_f"}})
     spelled = parse_config({**raw, "eval": {**raw.get("eval", {}), "math_prompt": APPENDIX_F_MATH_PROMPT}})
     assert named.eval.math_prompt == APPENDIX_F_MATH_PROMPT
-    assert APPENDIX_F_MATH_PROMPT.startswith("Solve the following math problem.\n\n### Problem\n\n{question}\n")
+    assert APPENDIX_F_MATH_PROMPT.startswith("Solve the following math problem.\n\n### Problem\n\n{question}\n\n"
+                                             "### Output Requirement\n\n")
+    assert "\n" not in APPENDIX_F_MATH_PROMPT.replace("\n\n", "")  # every paragraph gap is one blank line
     assert APPENDIX_F_MATH_PROMPT.endswith("should end with:\n\n#### 42")
     assert _keys(named.model_dump(mode="json")) == _keys(spelled.model_dump(mode="json"))  # one prompt, one key
     params = T.protocol_params(named, "ga")

@@ -7,11 +7,13 @@ import sys
 import types
 
 import polars as pl
+import pytest
 from analysis_fixtures import CELLS, EXPERIMENT, write_planted
 from mlflow import MlflowClient
 
 from reteq import tracking as T
 from reteq.analysis import report, tables
+from reteq.analysis.leaves import REQUIRED
 from reteq.analysis.mlflow_report import log_report
 from reteq.analysis.section import Section
 from reteq.sweep import mlflow_ui
@@ -68,7 +70,7 @@ def test_full_report(sqlite_tracking, tmp_path):
     assert "&lt;b&gt;bold?&lt;/b&gt;" in page and "<b>bold?</b>" not in page  # plan text escaped
     # each analysis section links the runs it was drawn from: reteq's saved views of the unlearning curves
     view = html.escape(mlflow_ui.view_url(exp_id, T.VIEW_CURVES), quote=True)
-    assert page.count(f'<a href="{view}">') == 5  # findings, Table 1, divergence, recency, figures
+    assert page.count(f'<a href="{view}">') == 6  # findings, Table 1, divergence, recency, its statistics, figures
     assert html.escape(mlflow_ui.runs_url(exp_id, mlflow_ui.RE_FILTER), quote=True) in page
 
     # the report inside MLflow: logged under report/ of the sweep's parent run, whose experiment gets the views
@@ -81,6 +83,25 @@ def test_full_report(sqlite_tracking, tmp_path):
     tags = client.get_experiment(exp_id).tags
     assert tags[T.TAG_EXPERIMENT_KIND] == T.EXPERIMENT_KIND_TRAINING and T.TAG_SAVED_VIEW.format(T.VIEW_CURVES) in tags
     assert "<script src=" not in page
+
+    # leaves.csv: one row per unlearning leaf, the columns, and the statistics agree with it
+    leaves = pl.read_csv(out / "leaves.csv")
+    assert leaves.height == len(CELLS) * 4 and set(REQUIRED) <= set(leaves.columns)
+    assert leaves["re_distance_end"].null_count() == leaves.height  # no θ_r in the planted sweep: empty cells
+    ga4 = leaves.filter((pl.col("method") == "ga") & (pl.col("lr") == 1e-5) & (pl.col("scheduler") == "wsd")
+                        & (pl.col("p") == 4)).sort("seed")
+    assert ga4["forget_score"].to_list() == pytest.approx([0.5, 0.6, 0.7])  # FINAL_SCORE + 0.1 * seed
+    assert ga4["math_acc_start"].to_list() == pytest.approx([0.3] * 3)
+    assert ga4["math_acc_end"].to_list() == pytest.approx([0.3 - 0.08] * 3)
+    assert report.STATS_TITLE in text
+    stats = pl.read_csv(out / "tables" / f"{report._slug(report.TABLE_STATS_TESTS)}.csv")
+    npo = stats.filter((pl.col("method") == "npo") & (pl.col("other_p") == 2)).row(0, named=True)
+    # NPO p=4 vs p=2 per seed: (0.5 - 2.0, 0.6 - 2.1, 1.2 - 0.4) -- seed 2 is planted without recency
+    d = [-1.5, -1.5, 0.8]
+    assert npo["n_pairs"] == 3 and npo["mean_diff"] == pytest.approx(sum(d) / 3)
+    assert npo["signflip_pvalue"] == pytest.approx(4 / 8)  # |sum| 2.2 reached by 4 of the 8 sign flips
+    intervals = pl.read_csv(out / "tables" / f"{report._slug(report.TABLE_STATS_INTERVALS)}.csv")
+    assert intervals.height == leaves.select("method", "lr", "scheduler", "p").unique().height
 
 
 def _theory_module(section_or_error):
@@ -134,6 +155,10 @@ def test_report_on_partial_and_empty_experiments(sqlite_tracking, tmp_path, monk
     assert (tmp_path / "partial" / "tables" / "extra_table.csv").read_text().splitlines() == ["a", "1", "2"]
     assert "http://mlflow:8080/#/experiments/" in text
     assert "figure3" not in text  # no TOFU curve: Figure 3 is skipped, not drawn half-empty
+    leaves = pl.read_csv(tmp_path / "partial" / "leaves.csv")  # no math, no TOFU, no score logged: empty cells
+    assert leaves.height == 6 * 4 and leaves["forget_score"].null_count() == 0  # derived from forget/all_logp
+    for column in ("math_acc_start", "math_acc_end", "tofu_utility", "re_distance_end"):
+        assert leaves[column].null_count() == leaves.height, column
     assert "closed-form divergence beats the bound" in text and "Theory grid" in text
     assert text.index("Theory (Section 3)") < text.index("Extra notes")
 
@@ -150,3 +175,5 @@ def test_report_on_partial_and_empty_experiments(sqlite_tracking, tmp_path, monk
     assert "No figure has data" in text
     assert "data:image/png" not in text
     assert "The theory section failed: RuntimeError: grid missing" in text
+    assert pl.read_csv(tmp_path / "bare" / "leaves.csv").columns[:3] == ["run_id", "model", "method"]  # no leaf
+    assert "none here" in text

@@ -17,6 +17,7 @@ import polars as pl
 
 from reteq import tracking as T
 from reteq.analysis.gaps import gap, growth_rate
+from reteq.analysis.student_t import t_ppf
 
 CELL = ["model", "algorithm", "lr", "params", "scheduler", "seed"]
 SETTING = ["model", "algorithm", "lr", "params", "scheduler"]  # a cell without its seed
@@ -238,9 +239,7 @@ def recency_over_seeds(metrics: pl.DataFrame, confidence: float = 0.95) -> pl.Da
 
 def t_quantiles(ns: list[int], confidence: float) -> dict[int, float]:
     """Student-t quantile for each sample size n >= 2 (the interval's half-width is q * std / sqrt(n))."""
-    from scipy.stats import t as student_t  # scipy ships with mlflow; imported late to keep import light
-
-    return {n: float(student_t.ppf((1 + confidence) / 2, n - 1)) for n in ns if n and n >= 2}
+    return {n: t_ppf((1 + confidence) / 2, n - 1) for n in ns if n and n >= 2}
 
 
 def seed_summary(metrics: pl.DataFrame, confidence: float = 0.95) -> pl.DataFrame:

@@ -20,7 +20,10 @@ import polars as pl
 from reteq import tracking as T
 from reteq.analysis import charts as C
 from reteq.analysis import divergence as D
+from reteq.analysis import recency_stats as RS
 from reteq.analysis import tables as TB
+from reteq.analysis.leaves import FILE as LEAVES_FILE
+from reteq.analysis.leaves import leaves_table
 from reteq.analysis.load import experiment_id, load_metrics, load_run_record
 from reteq.analysis.paper_numbers import PAPER_RECENCY_CLAIM, paper_recency
 from reteq.analysis.section import Section
@@ -36,9 +39,14 @@ TABLE_RECENCY_SEEDS = "Recency over seeds (95% intervals)"
 TABLE_RUNS = "Runs"
 TABLE_RUN_COUNTS = "Runs per kind and status"
 TABLE_EXCLUDED = "Runs excluded from the analysis, and why"
+TABLE_STATS_INTERVALS = "Recency statistics: final forget score per p, seed mean and 95% t-interval"
+TABLE_STATS_TESTS = "Recency statistics: last p against each other p, paired by seed"
+TABLE_STATS_EQUAL = "Recency at equal forgetting"
+STATS_TITLE = "Recency statistics over seeds"
 DEPTH_THRESHOLDS = (0.5, 0.0)  # defaults of eval.depth_fall, eval.depth_margin
 
 
+# params: where to read and write, plus the sweep's own analysis settings (depth thresholds, forget target)
 def write_report(
     tracking_uri: str,
     experiment: str,
@@ -47,16 +55,21 @@ def write_report(
     extra_sections: Iterable[Section] = (),
     ui_base: str = DEFAULT_UI_BASE,
     depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
+    forget_target: float = RS.EQUAL_FORGETTING_TARGET,
 ) -> Path:
-    """Analyse one sweep's experiment and write out_dir/report.html (+ tables/, charts/); returns its path.
+    """Analyse one sweep's experiment and write out_dir/report.html (+ tables/, charts/, leaves.csv); returns the
+    page's path.
 
-    depth_thresholds: (eval.depth_fall, eval.depth_margin) of the sweep, for the superficial/deep label."""
+    depth_thresholds: (eval.depth_fall, eval.depth_margin) of the sweep, for the superficial/deep label;
+    forget_target: the forget score at which orders are compared at equal forgetting (reteq.analysis.recency_stats)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exp_id = experiment_id(tracking_uri, experiment)
     runs, excluded = load_run_record(tracking_uri, experiment)
     metrics = load_metrics(tracking_uri, experiment, runs=runs)
-    sections = analysis_sections(runs, metrics, exp_id, ui_base, depth_thresholds)
+    leaves = leaves_table(runs, metrics)
+    leaves.write_csv(out / LEAVES_FILE)  # every leaf, so anyone can recompute the tables (reteq.analysis.leaves)
+    sections = analysis_sections(runs, metrics, exp_id, ui_base, depth_thresholds, forget_target, leaves)
     from reteq.analysis import retrain as RE
     from reteq.analysis.re_section import retrain_section
 
@@ -85,8 +98,10 @@ def write_report(
 def analysis_sections(
     runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, ui_base: str = DEFAULT_UI_BASE,
     depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
+    forget_target: float = RS.EQUAL_FORGETTING_TARGET, leaves: pl.DataFrame | None = None,
 ) -> list[Section]:
-    """The LLM analysis as report sections: findings, Table 1, divergence, recency, figures, runs."""
+    """The LLM analysis as report sections: findings, Table 1, divergence, recency (per cell and over seeds),
+    figures, runs. `leaves` (reteq.analysis.leaves) is computed from runs and metrics when not given."""
     key = D.primary_forget_metric(metrics)
     divergence = D.path_divergence(metrics)
     growth = D.growth_rates(divergence)
@@ -139,8 +154,34 @@ def analysis_sections(
     chart = figures.charts.pop("divergence_growth", None)
     if chart is not None:
         div.charts["divergence_growth"] = chart
-    sections += [div, recency_section, figures, _runs_section(runs, exp_id, ui_base)]
+    leaves = leaves_table(runs, metrics) if leaves is None else leaves
+    sections += [div, recency_section, recency_stats_section(leaves, forget_target), figures,
+                 _runs_section(runs, exp_id, ui_base)]
     return sections
+
+
+def recency_stats_section(leaves: pl.DataFrame, forget_target: float = RS.EQUAL_FORGETTING_TARGET) -> Section:
+    """Seed intervals per p, paired tests of the last p, recency at equal forgetting (reteq.analysis.recency_stats),
+    computed from the leaves table that is written beside the report as leaves.csv."""
+    intervals = RS.per_p_intervals(leaves)
+    tests = RS.recency_tests(leaves)
+    equal = RS.equal_forgetting(leaves, forget_target)
+    section = Section(STATS_TITLE, paragraphs=[RS.summary(tests, intervals, equal)])
+    section.paragraphs.append(
+        f"Computed from {LEAVES_FILE} beside this page (one row per unlearning leaf). A setting is model x method "
+        "x lr x knobs x scheduler. Per p: the seed mean of the final forget score with a two-sided 95% Student-t "
+        "interval (mean ± t(0.975, n-1) · sd / √n). The last-learned order (largest p) is compared with each "
+        "other order over the seeds both have, paired by seed: d = score(last p) - score(other p); a two-sided "
+        "paired t-test (t = mean d / (sd d / √n), n-1 degrees of freedom) and an exact two-sided sign-flip "
+        "permutation test (all 2^n sign assignments of d; no normality assumed). Negative mean_diff = the last "
+        "order forgot less. p-values are per comparison, not corrected for multiplicity. Equal forgetting: per "
+        f"method, the lr at which the first order's seed-mean forget score reaches {forget_target:g}, by linear "
+        "interpolation in log(lr) between the two neighbouring swept lrs (no extrapolation), and every order's "
+        "seed-mean score interpolated at that lr.")
+    for title, table in ((TABLE_STATS_INTERVALS, intervals), (TABLE_STATS_TESTS, tests), (TABLE_STATS_EQUAL, equal)):
+        if table.height:
+            section.tables[title] = table
+    return section
 
 
 def _link_sections(sections: list[Section], exp_id: str, ui_base: str) -> None:

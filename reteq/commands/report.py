@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,11 @@ from reteq.sweep.mlflow_store import reader
 from reteq.workdir import resolve_work_dir
 
 
-def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None) -> Path:
-    """report.html of a sweep, with the plan and, when it was run into the same store, the theory grid; logged as
-    artifacts of the sweep's parent run."""
+def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment: str | None = None,
+                       forget_target: float | None = None) -> Path:
+    """report.html (and leaves.csv) of a sweep, with the plan and, when it was run into the same store, the theory
+    grid; logged as artifacts of the sweep's parent run. forget_target: the equal-forgetting score (default
+    reteq.analysis.recency_stats.EQUAL_FORGETTING_TARGET)."""
     from reteq.analysis.report import write_report
     from reteq.estimate import format_plan, plan_report
     from reteq.theory.report import theory_section
@@ -28,8 +32,9 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     section = theory_section(uri, T.THEORY_EXPERIMENT) if name != T.THEORY_EXPERIMENT else None
     extra = [section] if section is not None else []
     depth = (cfg.eval.depth_fall, cfg.eval.depth_margin) if cfg is not None else (0.5, 0.0)
+    target = {} if forget_target is None else {"forget_target": forget_target}
     path = write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
-                        depth_thresholds=depth)
+                        depth_thresholds=depth, **target)
     from reteq.analysis.mlflow_report import log_report
 
     try:  # the report inside MLflow too; the file on disk is the result, so a store that refuses is only noted
@@ -41,15 +46,27 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     return path
 
 
-def report_command(config: str | None, experiment: str | None, work_dir: str | None) -> int:
+def report_command(config: str | None, experiment: str | None, work_dir: str | None,
+                   leaves_out: str | None = None, forget_target: float | None = None) -> int:
+    """The report of a sweep; `leaves_out` also copies its leaves.csv there (docs/results_smol/leaves.csv is
+    written so: `reteq report configs/smol_science.yaml --leaves-out docs/results_smol/leaves.csv`)."""
+    if forget_target is not None and not math.isfinite(forget_target):
+        raise BadInput(f"report: --forget-target: must be a finite forget score, got {forget_target}")
     cfg = load_config(config) if config else None
     if cfg is None and not experiment:
         raise BadInput("report: give a sweep config or --experiment NAME")
     work = resolve_work_dir(work_dir or (cfg.work_dir if cfg else "runs/demo"))
     uri = (cfg.execution.tracking_uri if cfg else None) or T.default_tracking_uri(work)
     experiment_id(uri, experiment or cfg.name)  # a typo, or no store yet: one line (exit 2), before any reading
-    out = write_sweep_report(cfg, uri, work, experiment)
+    out = write_sweep_report(cfg, uri, work, experiment, forget_target)
     print(f"report: {out}")
+    if leaves_out:
+        from reteq.analysis.leaves import FILE
+
+        target = Path(leaves_out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out.parent / FILE, target)
+        print(f"report: leaves table copied to {target}")
     return 0
 
 
