@@ -15,6 +15,15 @@ from reteq.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
+# Bounds on what a config file may make the parser do (docs/security.md): a sweep config is a few KB, so these
+# refuse only hostile or broken files. An alias bomb (`b: [*a, *a, ...]` nested) is a few hundred bytes that
+# expand to billions of values: PyYAML shares the aliased nodes, so the file composes fast, but anything that
+# walks the result (pydantic, an error message) walks every copy. The expanded size is counted on the node graph
+# (each node once, memoised) before anything is constructed.
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB
+MAX_ALIASES = 100  # `*name` uses in one file
+MAX_EXPANDED_NODES = 100_000  # scalars + collections once every alias is expanded
+
 
 class Strict(BaseModel):
     """The base of every config model: an unknown field (a typo) is an error, not ignored; values are frozen."""
@@ -50,13 +59,82 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that counts alias uses while composing (refused past MAX_ALIASES)."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _TooBig(f"more than {MAX_ALIASES} YAML aliases")
+        return super().compose_node(parent, index)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has once every alias is expanded, without expanding it (memoised per node;
+    iterative, so a deep file cannot exhaust the stack); _TooBig past MAX_EXPANDED_NODES or on a cycle."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [x for pair in node.value for x in pair]
+        if not children_done:
+            if id(node) in open_:
+                raise _TooBig("a recursive YAML alias")
+            open_.add(id(node))
+            stack.append((node, True))
+            for k in kids:
+                if id(k) in open_:
+                    raise _TooBig("a recursive YAML alias")
+                stack.append((k, False))
+            continue
+        open_.discard(id(node))
+        size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+        if size[id(node)] > MAX_EXPANDED_NODES:
+            raise _TooBig(f"expands to more than {MAX_EXPANDED_NODES} values")
+    return size[id(root)]
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load with bounds: at most MAX_ALIASES alias uses and MAX_EXPANDED_NODES values once expanded
+    (`_TooBig` otherwise), checked on the composed node graph before any Python object is built."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | Path, *, empty_ok: bool = False) -> dict[str, Any]:
-    """A YAML file's top-level mapping; ConfigError (one line) when it is missing, not YAML or not a mapping."""
+    """A YAML file's top-level mapping; ConfigError (one line) when it is missing, over MAX_CONFIG_BYTES, not
+    YAML, over the alias bounds (`safe_yaml`) or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: file does not exist"])
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: file is {path.stat().st_size} bytes; a config may be at most "
+                           f"{MAX_CONFIG_BYTES} bytes"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_yaml(path.read_text())
+    except _TooBig as e:
+        raise ConfigError([f"{path}: refused: {e} (docs/security.md)"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
     if raw is None and empty_ok:

@@ -38,6 +38,10 @@ TAG_TRIAL = "reteq.trial"  # key of the leaf whose trial started the run (nodes 
 TAG_ERROR = "reteq.error"  # why a run ended FAILED or KILLED (the exception, or who closed it and why)
 TAG_RECORDED_ON_REUSE = "reteq.recorded_on_reuse"  # "1": record written for a checkpoint found in the store
 TAG_RESUMED_FROM_STEP = "reteq.resumed_from_step"  # finetune run: steps its Ray Train checkpoint had done
+# the sweep's parent run: the sha256 of a mid-stage Ray Train checkpoint's manifest, logged as a param (MLflow
+# params cannot be changed once logged) when the checkpoint is saved; a retried worker group loads a checkpoint
+# only if its manifest hashes to this (reteq.sweep.stage_resume). {node}: the node key's first 16 digits.
+P_STAGE_CHECKPOINT = "reteq.stage_checkpoint.{node}.{step}.{nonce}"
 TAG_CHILDREN_FAILED = "reteq.children_failed"  # on the parent run: child runs of this attempt that did not finish
 TAG_MLFLOW_PARENT = "mlflow.parentRunId"  # MLflow's own tag: a child run's parent (the UI nests runs by it)
 
