@@ -5,11 +5,12 @@ Shared by the sweep config (reteq.config) and the theory grid's config (reteq.th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from reteq.errors import ConfigError
 
@@ -33,6 +34,38 @@ class Strict(BaseModel):
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
+# Sane bounds (docs/security.md): far above any real sweep, low enough that a typo or a hostile file is refused
+# at validate instead of allocating or looping for hours. `--max-leaves` raises the grid's.
+MAX_LEAVES = 10_000  # unlearning runs in one sweep (validate / plan / sweep: --max-leaves N goes past it)
+MAX_ROWS = 10_000_000  # rows of one data source
+MAX_LENGTH = 131_072  # tokens of one sequence
+MAX_STEPS = 10_000_000  # optimizer steps, eval and checkpoint intervals
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 20  # sequences in one batch
+MAX_WORKERS = 4096  # Ray Train workers, concurrent trials
+MAX_CPUS = 1024.0  # CPUs (or GPUs) per worker
+MAX_SAMPLES = 100_000  # eval questions, samples per question, probe pairs
+
+# A name (sweep, model, stage) becomes an MLflow experiment, a run filter, a Tune run folder and a file name:
+# it must be a name, not a path or a quote (docs/security.md).
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def _is_name(v: str) -> str:
+    if not _NAME.fullmatch(v):
+        raise ValueError(f"{clip(repr(v), 80)} is not a name: 1-64 letters, digits, '.', '_' or '-', starting "
+                         f"with a letter or digit ({NAME_PATTERN})")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_is_name)]
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters (an error line never carries a whole hostile value)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
@@ -52,10 +85,15 @@ def _message(err: dict[str, Any]) -> str:
         msg = "unknown field"
     if err.get("type") == "missing":
         msg = "required field is missing"
+    got = clip(repr(err.get("input")), 60)
     if err.get("type") in ("float_parsing", "float_type"):
-        msg = f"not a number ({err.get('input')!r})"
+        msg = f"not a number ({got})"
     if err.get("type") == "greater_than":
-        msg = f"must be > {err.get('ctx', {}).get('gt')} (got {err.get('input')!r})"
+        msg = f"must be > {err.get('ctx', {}).get('gt')} (got {got})"
+    if err.get("type") == "less_than_equal":
+        msg = f"must be <= {err.get('ctx', {}).get('le')} (got {got}; docs/security.md lists the bounds)"
+    if err.get("type") == "finite_number":
+        msg = f"must be a finite number (got {got})"
     return msg
 
 
@@ -104,7 +142,7 @@ def _expanded_size(root: yaml.Node) -> int:
         open_.discard(id(node))
         size[id(node)] = 1 + sum(size[id(k)] for k in kids)
         if size[id(node)] > MAX_EXPANDED_NODES:
-            raise _TooBig(f"expands to more than {MAX_EXPANDED_NODES} values")
+            raise _TooBig(f"its YAML aliases expand to more than {MAX_EXPANDED_NODES} values")
     return size[id(root)]
 
 
@@ -144,10 +182,11 @@ def read_yaml_mapping(path: str | Path, *, empty_ok: bool = False) -> dict[str, 
     return raw
 
 
-def validated(model: type[M], raw: dict[str, Any], source: str) -> M:
-    """`model.model_validate(raw)`, every problem as one `source: field: reason` line of a ConfigError."""
+def validated(model: type[M], raw: dict[str, Any], source: str, context: dict[str, Any] | None = None) -> M:
+    """`model.model_validate(raw)`, every problem as one `source: field: reason` line of a ConfigError;
+    `context`: what validators read besides the file (the command's limits, e.g. `max_leaves`)."""
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context=context)
     except ValidationError as e:
         lines = []
         for err in e.errors():

@@ -68,7 +68,7 @@ def plan_of(settings: SweepRun):
     environment.apply_worker_env(settings.env)
     digest = settings.digest
     if digest not in _CACHE:
-        cfg = parse_config(settings.config, source=settings.config_name)
+        cfg = parse_config(settings.config, source=settings.config_name, max_leaves=None)  # the driver checked
         _CACHE.clear()
         _CACHE[digest] = (cfg, build_plan(cfg), None)
     return _CACHE[digest][:2]
