@@ -44,6 +44,7 @@ from reteq.config_protocol import (  # noqa: F401 - the protocol's models and co
 from reteq.digest import spec_hash
 from reteq.errors import ModelError
 from reteq.model_files import locate_gguf
+from reteq.redact import has_secret, redact
 
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = ("fp32", "tf32", "bf16")
@@ -261,7 +262,8 @@ class ExecutionConfig(_Strict):
         "(DeepSpeed): a retried worker group resumes from the last one instead of the node's start; 0 = off")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); null = plain torch")
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or SQLite in work_dir")
-    storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray")
+    storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray. "
+                                     "No credentials in it: Ray copies it into its run state and trial envs")
     tokens_per_gpu_second: float = Field(
         40_000, gt=0, allow_inf_nan=False, description="throughput used by `reteq plan` to estimate GPU-hours (measure with bench/)"
     )
@@ -270,6 +272,18 @@ class ExecutionConfig(_Strict):
         "checkpoint fetch; the autoscaler launches a node with enough GPUs). PACK lets Ray's autoscaler spread a "
         "4-worker trial over four 1-GPU nodes; SPREAD asks for that. Ranks on other nodes fetch checkpoints from "
         "MLflow (docs/cluster.md, 'Placement')")
+    @field_validator("storage_path")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        """Ray pickles its storage settings into the run's state (tuner.pkl) and Tune hands AWS_* variables to
+        every trial's runtime env, which Ray logs: storage credentials come from the machine's own credential
+        chain (an instance profile, or the service user's env file), never from the config."""
+        if v and has_secret(v):
+            raise ValueError(f"{redact(v)} carries a credential; give storage credentials through the machine's "
+                             "credential chain (instance profile, AWS_* in the service's env file), not the "
+                             "config (docs/security.md)")
+        return v
+
     packing: bool = Field(
         True, description="pack variable-length samples into rows (no cross-sample attention) instead of padding "
         "them: same losses to float rounding, fewer wasted tokens (docs/performance.md); false = padded batches")

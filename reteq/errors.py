@@ -2,16 +2,18 @@
 
 The `reteq` command catches `BadInput` (and nothing narrower), prints one line per problem and exits 2; any
 other exception is a bug and keeps its traceback. Subclasses exist only where a caller must tell them apart.
-This module imports nothing, so every layer (bench/ included) can raise these without pulling in pydantic.
+This module imports only reteq.redact (stdlib `re`), so every layer (bench/ included) can raise these without pulling in pydantic.
 """
 
 from __future__ import annotations
+
+from reteq.redact import redact
 
 MAX_LINE = 400  # characters of one error line: a hostile value is named, never printed whole
 
 
 def _line(text: str) -> str:
-    text = str(text).replace("\n", " ")
+    text = redact(str(text).replace("\n", " "))
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 

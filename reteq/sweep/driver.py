@@ -27,6 +27,7 @@ cores, more than a demo node's training (docs/benchmarks.md). Multi-worker and G
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from ray import tune
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import SweepConfig
+from reteq.redact import TRACKING_PASSWORD, TRACKING_USERNAME, redact, tracking_credentials
 from reteq.resources import ResourceError, describe, full_disk, one_line, writing
 from reteq.sweep import lifecycle, record
 from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
@@ -73,7 +75,8 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
     def mark(phase: str) -> None:
         phases[phase] = round(time.perf_counter() - start, 2)
 
-    uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
+    uri, secrets = tracking_credentials(cfg.execution.tracking_uri or T.default_tracking_uri(work))
+    os.environ.update(secrets)  # MLflow's client sends them as basic auth; the URI reteq prints holds none
     store = uri.removeprefix("sqlite:///")
     attempt = lifecycle.new_attempt()
 
@@ -139,7 +142,7 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
           + ("" if ok else "; FAILED:"))
     if not ok:
         print_failures(plan, dag)
-    print(f"MLflow: {uri} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
+    print(f"MLflow: {redact(uri)} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
     return SweepOutcome(0 if ok else 1, dag, phases, uri)
 
 
@@ -181,11 +184,12 @@ def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, rec: Attempt
     environment.mark_fault_driver()
     session.start()
     check_resources(cfg)
+    secrets = {k: os.environ[k] for k in (TRACKING_USERNAME, TRACKING_PASSWORD) if k in os.environ}
     settings = SweepRun(
         config=cfg.model_dump(mode="json"), config_name=str(cfg.name), digest=cfg.digest(),
         env=environment.worker_env(), attempt=attempt, tracking_uri=uri, experiment_id=exp_id,
         parent_run_id=parent, checkpoints=str(work / "checkpoints"),
-        storage_path=cfg.execution.storage_path or str(work / "ray"),
+        storage_path=cfg.execution.storage_path or str(work / "ray"), secrets=ray.put(secrets) if secrets else None,
         deepspeed=str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
         in_process=session.in_process, task_cpus=session.task_cpus,
         runtime_env=trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
@@ -310,7 +314,8 @@ def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[st
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),
                                     max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=settings.storage_path, verbose=1,
+        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=settings.storage_path,
+                                  verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=ex.max_failures),
                                   callbacks=[ConsoleLines(watch, len(todo))]),
     )
