@@ -33,6 +33,8 @@ TAG_RETRAIN_KEY = "reteq.retrain_key"  # on an unlearning or retrain run: the no
 TAG_RETRAIN_BASELINE = "reteq.retrain_baseline"  # "true" on a finetune node run that is some path's theta_r
 TAG_RETRAIN_ONLY = "reteq.retrain_only"  # "true" on a finetune node run that only retrain paths need
 TAG_NODE_RUN = "reteq.node_run_id"  # on a retrain run: the run id of theta_r's finetune node (its checkpoint)
+# the experiment's lease (reteq.sweep.lock.ExperimentLease): which live sweep holds it, from which work dir
+TAG_LEASE = "reteq.lease"
 TAG_ATTEMPT = "reteq.attempt"  # id of the `reteq sweep` process (one attempt of a sweep) that started the run
 TAG_TRIAL = "reteq.trial"  # key of the leaf whose trial started the run (nodes are trained inside a leaf's trial)
 TAG_ERROR = "reteq.error"  # why a run ended FAILED or KILLED (the exception, or who closed it and why)

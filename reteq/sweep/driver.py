@@ -47,6 +47,7 @@ from reteq.sweep import lifecycle, record
 from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
 from reteq.sweep.launcher import start_launcher, stop_launcher
 from reteq.sweep.leaves import AXES, axes, knob_axes, leaf_trial
+from reteq.sweep.lock import ExperimentLease
 from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.nodes import leaf_dependencies, needed_nodes, submit_nodes
 from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, trial_runtime_env, workers_to_keep
@@ -66,9 +67,19 @@ class SweepOutcome:
 
 
 def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
-    """The sweep itself, run while this process holds the work dir: every RUNNING run of an earlier attempt is
-    dead, so it is closed first; the local store is repaired and recorded before any trial uses it. The report
-    is the caller's (reteq.commands.sweep)."""
+    """The sweep itself, run while this process holds the work dir and, in the tracking store, the experiment's
+    lease (reteq.sweep.lock.ExperimentLease; a live sweep from another work dir stops this one, exit 2, before
+    anything is touched): every RUNNING run of an earlier attempt is dead, so it is closed first; the local store
+    is repaired and recorded before any trial uses it. The report is the caller's (reteq.commands.sweep)."""
+    lease: list[ExperimentLease] = []
+    try:
+        return _run_leased(cfg, plan, work, lease)
+    finally:
+        for held in lease:
+            held.release()
+
+
+def _run_leased(cfg: SweepConfig, plan, work: Path, lease: list) -> SweepOutcome:
     start = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -84,6 +95,7 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
         with writing("the MLflow store", store):
             exp_id = ensure_experiment(uri, cfg.name, T.default_artifact_root(work))
             c = tracking_client(uri)
+            lease.append(ExperimentLease(uri, cfg.name, work, attempt).acquire(c, exp_id))
             parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
             c.set_tag(parent, T.TAG_ATTEMPT, attempt)
             record.log_sweep_config(c, parent, cfg)
