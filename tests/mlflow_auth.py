@@ -1,21 +1,40 @@
-"""A real `mlflow server --app-name basic-auth` on 127.0.0.1, set up the way docs/cluster.md sets up the
-cluster's: an auth config that denies by default, the admin password and the Flask secret from an environment
-file readable only by its owner (never on the command line)."""
+"""cluster.yaml's tracking server, run here: the head's secrets made by its own setup step (with HOME pointing at
+a temp dir), then its systemd unit's `mlflow server --app-name basic-auth` ExecStart line with the head's
+variables filled in for this machine (127.0.0.1 for the private address, a free port, SQLite and a local folder
+for PostgreSQL and S3), its Environment= lines and its EnvironmentFile as the service's environment."""
 
 from __future__ import annotations
 
 import os
-import secrets
+import shlex
 import signal
+import string
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import yaml
 from distributed import free_port
 
-BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cluster() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def unit_lines(prefix: str) -> list[str]:
+    """The lines of the systemd unit head_setup_commands writes that start with `prefix` (e.g. "ExecStart=")."""
+    return [line.strip().removeprefix(prefix) for cmd in cluster()["head_setup_commands"]
+            for line in cmd.splitlines() if line.strip().startswith(prefix)]
+
+
+def secrets_step() -> str:
+    """The head_setup_commands step that makes ~/.reteq/mlflow-server.env and mlflow-client.env."""
+    [step] = [c for c in cluster()["head_setup_commands"] if "mlflow-server.env" in c and "openssl rand" in c]
+    return step
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -30,29 +49,31 @@ def read_env_file(path: Path) -> dict[str, str]:
 class AuthServer:
     def __init__(self, root: Path):
         self.root, self.port = root, free_port()
-        self.password = "pw-" + secrets.token_hex(12)
+        self.home = root / "home"
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = root / "server.log"
+        self.password = ""
 
     def start(self, timeout: float = 240) -> AuthServer:
-        ini = self.root / "basic_auth.ini"
-        ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                       f"database_uri = sqlite:///{self.root / 'auth.db'}\nadmin_username = admin\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        env_file = self.root / "mlflow-server.env"
-        env_file.touch(mode=0o600)
-        env_file.write_text(f"MLFLOW_AUTH_ADMIN_PASSWORD={self.password}\n"
-                            f"MLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(16)}\n"
-                            f"MLFLOW_AUTH_CONFIG_PATH={ini}\n")
-        env = {**os.environ, **read_env_file(env_file), "MLFLOW_DISABLE_TELEMETRY": "true"}
+        self.home.mkdir(parents=True)
+        subprocess.run(["bash", "-c", secrets_step()], env={**os.environ, "HOME": str(self.home)}, check=True)
+        client = read_env_file(self.home / ".reteq" / "mlflow-client.env")
+        self.user, self.password = client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]
+        fill = {"HOME": str(self.home), "RETEQ_HEAD_IP": "127.0.0.1",
+                "RETEQ_MLFLOW_DB": f"sqlite:///{self.root / 'mlflow.db'}", "RETEQ_S3": (self.root / "s3").as_uri()}
+        [exec_start] = unit_lines("ExecStart=")
+        line = exec_start.replace("$HOME/venv/bin/", f"{Path(sys.executable).parent}/")
+        assert "--port 5000" in line, line
+        cmd = shlex.split(string.Template(line.replace("--port 5000", f"--port {self.port}")).substitute(fill))
+        env = {**os.environ, "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"}
+        for assignment in unit_lines("Environment="):
+            k, _, v = string.Template(assignment).substitute(fill).partition("=")
+            env[k] = v
+        [env_file] = unit_lines("EnvironmentFile=")
+        env.update(read_env_file(Path(string.Template(env_file).substitute(fill))))
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                 "--default-artifact-root", str(self.root / "artifacts")],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]

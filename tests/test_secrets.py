@@ -39,20 +39,23 @@ def _get(url: str, user: str | None = None, password: str | None = None) -> int:
     if user is not None:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        return urllib.request.urlopen(req, timeout=10).status
+        return urllib.request.urlopen(req, timeout=120).status  # a loaded 2-core machine answers slowly
     except urllib.error.HTTPError as e:
         return e.code
 
 
 def test_the_tracking_server_refuses_clients_without_credentials(server, monkeypatch):
+    """cluster.yaml's own unit and secrets step, run here (tests/mlflow_auth.py)."""
+    for f in ("mlflow-server.env", "mlflow-client.env"):
+        assert (server.home / ".reteq" / f).stat().st_mode & 0o777 == 0o600  # the service user's alone
     assert _get(server.url) == 401
     assert _get(server.url, "admin", "wrong") == 401
-    assert _get(server.url, "admin", server.password) == 200
+    assert _get(server.url, server.user, server.password) == 200
     monkeypatch.delenv(TRACKING_USERNAME, raising=False)
     monkeypatch.delenv(TRACKING_PASSWORD, raising=False)
     with pytest.raises(mlflow.exceptions.MlflowException, match="401|not authenticated"):
         mlflow.MlflowClient(server.url).search_experiments()
-    monkeypatch.setenv(TRACKING_USERNAME, "admin")
+    monkeypatch.setenv(TRACKING_USERNAME, server.user)
     monkeypatch.setenv(TRACKING_PASSWORD, server.password)
     assert mlflow.MlflowClient(server.url).create_experiment("authenticated")
     assert server.password not in server.log.read_text()
