@@ -2,8 +2,9 @@
 replaced wherever reteq prints, logs to MLflow or writes a file (docs/security.md).
 
 The one sanctioned place for a password is the process environment or an env file readable by one user
-(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, AWS_*): a URI carrying one still works, and what reteq
-says about it is redacted. This module imports nothing but `re`, so every layer can use it.
+(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; S3 keys: the machine's credential chain): a URI carrying
+one still works (a storage_path with one is refused at validate), and what reteq
+says about it is redacted. This module imports only the standard library, so every layer can use it.
 """
 
 from __future__ import annotations

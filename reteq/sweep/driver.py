@@ -27,7 +27,6 @@ cores, more than a demo node's training (docs/benchmarks.md). Multi-worker and G
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ from ray import tune
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import SweepConfig
-from reteq.redact import TRACKING_PASSWORD, TRACKING_USERNAME, redact, tracking_credentials
+from reteq.redact import redact, tracking_credentials
 from reteq.resources import ResourceError, describe, full_disk, one_line, writing
 from reteq.sweep import lifecycle, record
 from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
@@ -86,8 +85,8 @@ def _run_leased(cfg: SweepConfig, plan, work: Path, lease: list) -> SweepOutcome
     def mark(phase: str) -> None:
         phases[phase] = round(time.perf_counter() - start, 2)
 
-    uri, secrets = tracking_credentials(cfg.execution.tracking_uri or T.default_tracking_uri(work))
-    os.environ.update(secrets)  # MLflow's client sends them as basic auth; the URI reteq prints holds none
+    uri, credentials = tracking_credentials(cfg.execution.tracking_uri or T.default_tracking_uri(work))
+    environment.export_tracking_credentials(credentials)  # MLflow sends them as basic auth; the URI holds none
     store = uri.removeprefix("sqlite:///")
     attempt = lifecycle.new_attempt()
 
@@ -196,7 +195,7 @@ def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, rec: Attempt
     environment.mark_fault_driver()
     session.start()
     check_resources(cfg)
-    secrets = {k: os.environ[k] for k in (TRACKING_USERNAME, TRACKING_PASSWORD) if k in os.environ}
+    secrets = environment.export_tracking_credentials({})
     settings = SweepRun(
         config=cfg.model_dump(mode="json"), config_name=str(cfg.name), digest=cfg.digest(),
         env=environment.worker_env(), attempt=attempt, tracking_uri=uri, experiment_id=exp_id,
