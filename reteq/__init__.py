@@ -3,7 +3,7 @@
 Layers, bottom to top; a module imports only from its own layer or below (tests/test_layers.py checks it,
 and that no import cycle exists inside reteq, function-level imports included):
 
-1. foundation  environment (process variables), errors (BadInput), resources (disk errors as one line), tracking (MLflow names), digest (content hashes), model_files (where weights
+1. foundation  environment (process variables), errors (BadInput), redact (secrets out of output), resources (disk errors as one line), tracking (MLflow names), digest (content hashes), model_files (where weights
                are), algorithms (losses)
 2. config      the typed sweep config
 3. data        sources, hub converters, prepare, tokenising, packing

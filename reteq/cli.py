@@ -22,13 +22,13 @@ EXIT_FAILED = 1
 def cmd_validate(args) -> int:
     from reteq.commands.plan import validate_command
 
-    return validate_command(args.config, args.cluster)
+    return validate_command(args.config, args.cluster, args.max_leaves)
 
 
 def cmd_plan(args) -> int:
     from reteq.commands.plan import plan_command
 
-    return plan_command(args.config, args.json, args.cluster)
+    return plan_command(args.config, args.json, args.cluster, args.max_leaves)
 
 
 def cmd_run_path(args) -> int:
@@ -44,7 +44,7 @@ def cmd_sweep(args) -> int:
     from reteq.commands.sweep import sweep_command
     from reteq.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, max_leaves=args.max_leaves)
     fits_cluster(cfg, args.config, args.cluster)
     return sweep_command(cfg, work_dir=args.work_dir, report=not args.no_report)
 
@@ -87,6 +87,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _max_leaves(p: argparse.ArgumentParser) -> None:
+    from reteq.config_files import MAX_LEAVES
+
+    p.add_argument("--max-leaves", type=int, default=MAX_LEAVES, metavar="N",
+                   help=f"refuse a grid of more than N unlearning runs (default {MAX_LEAVES}; docs/security.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="reteq", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
@@ -94,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a sweep config; one line per problem")
     s.add_argument("config")
     s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
+    _max_leaves(s)
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("plan", help="the DAG of stage nodes and unlearning runs, and a GPU-hour estimate")
     s.add_argument("config")
     s.add_argument("--json", action="store_true")
     s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
+    _max_leaves(s)
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("run-path", help="one finetuning order and one unlearning run in one process (no Ray), for debugging")
@@ -118,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir")
     s.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
     s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
+    _max_leaves(s)
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("report", help="MLflow -> polars -> altair -> report.html")

@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from reteq.config_files import PositiveFloat, read_yaml_mapping, validated
+from reteq.config_files import (
+    MAX_BATCH,
+    MAX_CPUS,
+    MAX_EPOCHS,
+    MAX_LEAVES,
+    MAX_LENGTH,
+    MAX_ROWS,
+    MAX_SAMPLES,
+    MAX_STEPS,
+    MAX_WORKERS,
+    Name,
+    PositiveFloat,
+    read_yaml_mapping,
+    validated,
+)
 from reteq.config_files import Strict as _Strict
 from reteq.config_protocol import (  # noqa: F401 - the protocol's models and constants, importable from here too
     APPENDIX_F,
@@ -30,10 +45,12 @@ from reteq.digest import spec_hash
 from reteq.errors import ModelError
 from reteq.hardware import cpu_bf16_units
 from reteq.model_files import locate_gguf
+from reteq.redact import has_secret, redact
 
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = ("fp32", "tf32", "bf16")
 ZERO_OPTIMIZERS = ("adamw",)  # reteq optimizers DeepSpeed ZeRO >= 1 accepts (torch AdamW is on its list)
+
 
 
 class LoraConfig(_Strict):
@@ -49,7 +66,8 @@ class LoraConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = Field(description="short name used in tags, tables and figures, e.g. llama-3.2-1b")
+    name: Name = Field(description="short name used in tags, tables and figures, e.g. llama-3.2-1b "
+                       "(config_files.NAME_PATTERN)")
     source: str = Field(description="hub id, local directory, GGUF file, package:<module>/<file> (a file an "
                         "installed Python package ships), or 'builtin:tiny' (the offline tiny Llama); "
                         "reteq.model_files lists the forms")
@@ -106,7 +124,7 @@ class DataSource(_Strict):
     subset: str | None = None
     split: str = "train"
     revision: str | None = None
-    n: int | None = Field(None, gt=0, description="number of rows to keep (synthetic: to generate)")
+    n: int | None = Field(None, gt=0, le=MAX_ROWS, description="number of rows to keep (synthetic: to generate)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -124,17 +142,17 @@ class DataSource(_Strict):
 
 
 class StageConfig(_Strict):
-    name: str = Field(description="stage name used in orders, e.g. inst, tofu, math, U")
+    name: Name = Field(description="stage name used in orders, e.g. inst, tofu, math, U (config_files.NAME_PATTERN)")
     source: DataSource
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS)
     lr: PositiveFloat = 1e-5
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_frac: float = Field(0.02, ge=0, lt=1, description="paper: 2% warmup")
     decay_frac: float = Field(0.02, ge=0, lt=1, description="paper: 2% decay (WSD)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="WSD decays to this fraction of peak (authors' code)")
-    global_batch: int = Field(128, gt=0, description="sequences per optimizer step, across all workers")
-    micro_batch: int = Field(8, gt=0, description="sequences per forward pass on one worker")
-    max_length: int = Field(1024, gt=8, description="longer conversations are truncated")
+    global_batch: int = Field(128, gt=0, le=MAX_BATCH, description="sequences per optimizer step, across all workers")
+    micro_batch: int = Field(8, gt=0, le=MAX_BATCH, description="sequences per forward pass on one worker")
+    max_length: int = Field(1024, gt=8, le=MAX_LENGTH, description="longer conversations are truncated")
     max_truncated_frac: float = Field(
         0.0, ge=0, le=1, description="share of this stage's rows allowed to exceed max_length (and, for the forget "
         "stage, unlearn.max_length); above it the preflight and `reteq data prepare` stop with one line. A check, "
@@ -213,12 +231,12 @@ class EvalConfig(_Strict):
         "question (default: the bare question, as the math stage trains it); `appendix_f` = the paper's "
         "Appendix F prompt (reteq.config_protocol.APPENDIX_F_MATH_PROMPT), stored as its full text")
     math_source: DataSource | None = Field(None, description="held-out math questions (GSM8K test split)")
-    math_questions: int = Field(32, gt=0)
-    math_samples: int = Field(5, gt=0, description="sampled answers per question (paper: 5)")
+    math_questions: int = Field(32, gt=0, le=MAX_SAMPLES)
+    math_samples: int = Field(5, gt=0, le=MAX_SAMPLES, description="sampled answers per question (paper: 5)")
     greedy: bool = Field(False, description="greedy decoding instead of sampling (then 1 sample suffices)")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(256, gt=0)
-    batch_size: int = Field(32, gt=0, description="sequences per scoring / generation batch")
+    temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
+    max_new_tokens: int = Field(256, gt=0, le=MAX_LENGTH)
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="sequences per scoring / generation batch")
     dtype: Literal["fp32", "tf32", "bf16"] | None = Field(
         None, description="evaluation precision (scoring, generation, the probe); null = the model's dtype. "
         "bf16 scores 2.3-2.8x faster than fp32 on a CPU with bf16 units and moves the paper's metrics by the "
@@ -228,7 +246,7 @@ class EvalConfig(_Strict):
     # ---- retrain equivalence (docs/retrain_equivalence.md) ----
     retrain: bool = Field(True, description="plan each path's retrain node theta_r (the order without the forget "
                           "stage) and log re/logp_mse and re/kl against it at every eval step; false = neither")
-    probe_size: int = Field(64, gt=0, description="probe pairs scored at every eval step for the prediction "
+    probe_size: int = Field(64, gt=0, le=MAX_SAMPLES, description="probe pairs scored at every eval step for the prediction "
                             "vectors (split evenly over each stage's data, the forget questions and held-out "
                             "prompts); the per-pair vectors are stored as a Parquet artifact per unlearning run")
     probe_seed: int = Field(0, description="seed of the probe sample; the same probe set for every run of a sweep")
@@ -240,9 +258,9 @@ class EvalConfig(_Strict):
     @field_validator("forget_prompts", "knowledge_prompts", mode="before")
     @classmethod
     def _sample_size(cls, v: Any) -> int | str:
-        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SAMPLES):
             return v
-        raise ValueError(f"must be a number > 0 or 'all' (got {v!r})")
+        raise ValueError(f"must be a number in 1..{MAX_SAMPLES} or 'all' (got {str(v)[:40]!r})")
 
     @field_validator("math_prompt", mode="before")
     @classmethod
@@ -260,32 +278,45 @@ class EvalConfig(_Strict):
 class ExecutionConfig(_Strict):
     """How the sweep runs: Ray Train workers, DeepSpeed, concurrency, tracking."""
 
-    workers: int = Field(1, gt=0, description="Ray Train workers per trial (data parallel)")
+    workers: int = Field(1, gt=0, le=MAX_WORKERS, description="Ray Train workers per trial (data parallel)")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)
-    max_concurrent_trials: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_CPUS, allow_inf_nan=False)
+    gpus_per_worker: float = Field(1.0, ge=0, le=MAX_CPUS, allow_inf_nan=False)
+    max_concurrent_trials: int = Field(1, gt=0, le=MAX_WORKERS)
     worker_resources: dict[str, PositiveFloat] = Field(
         default_factory=dict, description="extra Ray resources per worker, e.g. {'accelerator_type:H100': 0.001} "
         "to pin a GPU type, or a custom node resource to force placement")
     max_failures: int = Field(
-        2, ge=0, description="retries of a stage node or unlearning trial whose worker died or whose machine was "
+        2, ge=0, le=1000, description="retries of a stage node or unlearning trial whose worker died or whose machine was "
         "preempted (Ray task max_retries, Ray Train and Ray Tune FailureConfig); after that its branch fails, "
         "named, and the rest of the sweep finishes")
     checkpoint_every: int = Field(
-        0, ge=0, description="optimizer steps between mid-stage checkpoints of a stage node trained by Ray Train "
+        0, ge=0, le=MAX_STEPS, description="optimizer steps between mid-stage checkpoints of a stage node trained by Ray Train "
         "(DeepSpeed): a retried worker group resumes from the last one instead of the node's start; 0 = off")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); null = plain torch")
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or SQLite in work_dir")
-    storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray")
+    storage_path: str | None = Field(None, description="Ray storage (local dir or s3://...); default work_dir/ray. "
+                                     "No credentials in it: Ray copies it into its run state and trial envs")
     tokens_per_gpu_second: float = Field(
-        40_000, gt=0, description="throughput used by `reteq plan` to estimate GPU-hours (measure with bench/)"
+        40_000, gt=0, allow_inf_nan=False, description="throughput used by `reteq plan` to estimate GPU-hours (measure with bench/)"
     )
     placement: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="Ray placement of a trial's workers. STRICT_PACK: all on one node (NVLink, one "
         "checkpoint fetch; the autoscaler launches a node with enough GPUs). PACK lets Ray's autoscaler spread a "
         "4-worker trial over four 1-GPU nodes; SPREAD asks for that. Ranks on other nodes fetch checkpoints from "
         "MLflow (docs/cluster.md, 'Placement')")
+    @field_validator("storage_path")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        """Ray pickles its storage settings into the run's state (tuner.pkl) and Tune hands AWS_* variables to
+        every trial's runtime env, which Ray logs: storage credentials come from the machine's own credential
+        chain (an instance profile, or the service user's env file), never from the config."""
+        if v and has_secret(v):
+            raise ValueError(f"{redact(v)} carries a credential; give storage credentials through the machine's "
+                             "credential chain (instance profile, AWS_* in the service's env file), not the "
+                             "config (docs/security.md)")
+        return v
+
     packing: bool = Field(
         True, description="pack variable-length samples into rows (no cross-sample attention) instead of padding "
         "them: same losses to float rounding, fewer wasted tokens (docs/performance.md); false = padded batches")
@@ -301,7 +332,7 @@ class ExecutionConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    name: str
+    name: Name = Field(description="the sweep's name: its MLflow experiment and Tune run (config_files.NAME_PATTERN)")
     work_dir: str = Field("runs/default", description="checkpoints, MLflow store and report live here")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     models: list[ModelConfig] = Field(min_length=1)
@@ -316,7 +347,8 @@ class SweepConfig(_Strict):
         None, description="finetune every order once per schedule, overriding stages[*].schedule (Fig. 8)")
 
     @model_validator(mode="after")
-    def _consistent(self) -> SweepConfig:
+    def _consistent(self, info: ValidationInfo) -> SweepConfig:
+        self._grid_within(info.context.get("max_leaves", MAX_LEAVES) if info.context else MAX_LEAVES)
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stages: duplicate stage names {names}")
@@ -354,6 +386,26 @@ class SweepConfig(_Strict):
         if wants and cpu_bf16_units() is None:
             raise ValueError(f"{wants[0]}: bf16 on CPU workers needs AMX or AVX512-BF16 units and this CPU has "
                              "neither (bf16 would be emulated, slower than fp32); use fp32 or GPU workers")
+
+    def leaf_count(self) -> int:
+        """Unlearning runs the grid makes, counted from the grids' lengths without expanding any of them."""
+        o, u = self.orders, self.unlearn
+        orders = (len(o.explicit) if o.explicit is not None else
+                  math.factorial(len(self.stages)) if o.all_permutations else len(o.forget_positions or []))
+        knobs = sum(math.prod(len(u.betas_for(a)) if k == "beta" else len(u.params.get(a, {}).get(k) or [0])
+                              for k in _defaults(a)) for a in u.algorithms)
+        return len(self.models) * len(self.seeds) * len(self.schedule_grid()) * orders * len(u.lrs) * knobs
+
+    def _grid_within(self, limit: int | None) -> None:
+        """Refuse a grid over `limit` unlearning runs before anything expands it (all_permutations over 11
+        stages is 40 million orders); None: no limit (a worker re-reading a config its driver checked)."""
+        if limit is None:
+            return
+        n = self.leaf_count()
+        if n > limit:
+            raise ValueError(f"orders/unlearn: the grid has {n} unlearning runs, over the limit of {limit} "
+                             f"(models x seeds x schedules x orders x lrs x knobs); pass --max-leaves {n} to "
+                             "go past it")
 
     def _retain_set_declared(self, names: list[str]) -> None:
         """A method with a retain term reads `retain_stage` (else the knowledge stage): a declared stage other
@@ -435,10 +487,17 @@ class SweepConfig(_Strict):
         return spec_hash(self.model_dump(mode="json"), length=12)
 
 
-def load_config(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep YAML; raise ConfigError with one line per problem."""
-    return parse_config(read_yaml_mapping(path), source=str(path))
+def _defaults(algorithm: str) -> dict[str, float]:
+    from reteq.algorithms import ALGORITHMS
+
+    return ALGORITHMS[algorithm].defaults
 
 
-def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
-    return validated(SweepConfig, raw, source)
+def load_config(path: str | Path, max_leaves: int | None = MAX_LEAVES) -> SweepConfig:
+    """Read and validate a sweep YAML; raise ConfigError with one line per problem. `max_leaves`: the most
+    unlearning runs the grid may have (None: any)."""
+    return parse_config(read_yaml_mapping(path), source=str(path), max_leaves=max_leaves)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>", max_leaves: int | None = MAX_LEAVES) -> SweepConfig:
+    return validated(SweepConfig, raw, source, context={"max_leaves": max_leaves})

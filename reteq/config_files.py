@@ -5,15 +5,25 @@ Shared by the sweep config (reteq.config) and the theory grid's config (reteq.th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from reteq.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+
+# Bounds on what a config file may make the parser do (docs/security.md): a sweep config is a few KB, so these
+# refuse only hostile or broken files. An alias bomb (`b: [*a, *a, ...]` nested) is a few hundred bytes that
+# expand to billions of values: PyYAML shares the aliased nodes, so the file composes fast, but anything that
+# walks the result (pydantic, an error message) walks every copy. The expanded size is counted on the node graph
+# (each node once, memoised) before anything is constructed.
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB
+MAX_ALIASES = 100  # `*name` uses in one file
+MAX_EXPANDED_NODES = 100_000  # scalars + collections once every alias is expanded
 
 
 class Strict(BaseModel):
@@ -23,6 +33,38 @@ class Strict(BaseModel):
 
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+# Sane bounds (docs/security.md): far above any real sweep, low enough that a typo or a hostile file is refused
+# at validate instead of allocating or looping for hours. `--max-leaves` raises the grid's.
+MAX_LEAVES = 10_000  # unlearning runs in one sweep (validate / plan / sweep: --max-leaves N goes past it)
+MAX_ROWS = 10_000_000  # rows of one data source
+MAX_LENGTH = 131_072  # tokens of one sequence
+MAX_STEPS = 10_000_000  # optimizer steps, eval and checkpoint intervals
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 20  # sequences in one batch
+MAX_WORKERS = 4096  # Ray Train workers, concurrent trials
+MAX_CPUS = 1024.0  # CPUs (or GPUs) per worker
+MAX_SAMPLES = 100_000  # eval questions, samples per question, probe pairs
+
+# A name (sweep, model, stage) becomes an MLflow experiment, a run filter, a Tune run folder and a file name:
+# it must be a name, not a path or a quote (docs/security.md).
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def _is_name(v: str) -> str:
+    if not _NAME.fullmatch(v):
+        raise ValueError(f"{clip(repr(v), 80)} is not a name: 1-64 letters, digits, '.', '_' or '-', starting "
+                         f"with a letter or digit ({NAME_PATTERN})")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_is_name)]
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters (an error line never carries a whole hostile value)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -43,20 +85,94 @@ def _message(err: dict[str, Any]) -> str:
         msg = "unknown field"
     if err.get("type") == "missing":
         msg = "required field is missing"
+    got = clip(repr(err.get("input")), 60)
     if err.get("type") in ("float_parsing", "float_type"):
-        msg = f"not a number ({err.get('input')!r})"
+        msg = f"not a number ({got})"
     if err.get("type") == "greater_than":
-        msg = f"must be > {err.get('ctx', {}).get('gt')} (got {err.get('input')!r})"
+        msg = f"must be > {err.get('ctx', {}).get('gt')} (got {got})"
+    if err.get("type") == "less_than_equal":
+        msg = f"must be <= {err.get('ctx', {}).get('le')} (got {got}; docs/security.md lists the bounds)"
+    if err.get("type") == "finite_number":
+        msg = f"must be a finite number (got {got})"
     return msg
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that counts alias uses while composing (refused past MAX_ALIASES)."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _TooBig(f"more than {MAX_ALIASES} YAML aliases")
+        return super().compose_node(parent, index)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has once every alias is expanded, without expanding it (memoised per node;
+    iterative, so a deep file cannot exhaust the stack); _TooBig past MAX_EXPANDED_NODES or on a cycle."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [x for pair in node.value for x in pair]
+        if not children_done:
+            if id(node) in open_:
+                raise _TooBig("a recursive YAML alias")
+            open_.add(id(node))
+            stack.append((node, True))
+            for k in kids:
+                if id(k) in open_:
+                    raise _TooBig("a recursive YAML alias")
+                stack.append((k, False))
+            continue
+        open_.discard(id(node))
+        size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+        if size[id(node)] > MAX_EXPANDED_NODES:
+            raise _TooBig(f"its YAML aliases expand to more than {MAX_EXPANDED_NODES} values")
+    return size[id(root)]
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load with bounds: at most MAX_ALIASES alias uses and MAX_EXPANDED_NODES values once expanded
+    (`_TooBig` otherwise), checked on the composed node graph before any Python object is built."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | Path, *, empty_ok: bool = False) -> dict[str, Any]:
-    """A YAML file's top-level mapping; ConfigError (one line) when it is missing, not YAML or not a mapping."""
+    """A YAML file's top-level mapping; ConfigError (one line) when it is missing, over MAX_CONFIG_BYTES, not
+    YAML, over the alias bounds (`safe_yaml`) or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: file does not exist"])
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: file is {path.stat().st_size} bytes; a config may be at most "
+                           f"{MAX_CONFIG_BYTES} bytes"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_yaml(path.read_text())
+    except _TooBig as e:
+        raise ConfigError([f"{path}: refused: {e} (docs/security.md)"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
     if raw is None and empty_ok:
@@ -66,10 +182,11 @@ def read_yaml_mapping(path: str | Path, *, empty_ok: bool = False) -> dict[str, 
     return raw
 
 
-def validated(model: type[M], raw: dict[str, Any], source: str) -> M:
-    """`model.model_validate(raw)`, every problem as one `source: field: reason` line of a ConfigError."""
+def validated(model: type[M], raw: dict[str, Any], source: str, context: dict[str, Any] | None = None) -> M:
+    """`model.model_validate(raw)`, every problem as one `source: field: reason` line of a ConfigError;
+    `context`: what validators read besides the file (the command's limits, e.g. `max_leaves`)."""
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context=context)
     except ValidationError as e:
         lines = []
         for err in e.errors():

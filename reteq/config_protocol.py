@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from reteq.config_files import PositiveFloat
+from reteq.config_files import MAX_BATCH, MAX_EPOCHS, MAX_LENGTH, MAX_STEPS, PositiveFloat
 from reteq.config_files import Strict as _Strict
 
 AUTHORS_SYSTEM_PROMPT = "You are a helpful assistant."  # data/convert_format.py, src/unlearn_trainer.py
@@ -80,19 +80,20 @@ class UnlearnConfig(_Strict):
     retain_stage: str | None = Field(
         None, description="stage whose conversations form the retain set of methods with a retain term "
         "(graddiff, npo_retain, rmu with retain_weight > 0); default: eval.knowledge_stage")
-    steps: int | None = Field(None, gt=0, description="optimizer steps; default: one epoch of the forget set")
-    epochs: float = Field(1.0, gt=0)
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="optimizer steps; default: one epoch of the "
+                              "forget set")
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS)
     schedule: Literal["wsd", "cosine", "constant"] = "constant"
     warmup_frac: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_frac "
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="warmup in optimizer steps; overrides warmup_frac "
                                      "(the authors' unlearn config: 5)")
     decay_frac: float = Field(0.0, ge=0, lt=1, description="WSD: fraction of steps in the final linear decay "
                               "(the authors' get_wsd drop_iter: 0.8, i.e. decay from 20% of the steps on)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="WSD decays to this fraction of peak (authors: 0.1)")
-    global_batch: int = Field(128, gt=0)
-    micro_batch: int = Field(8, gt=0)
-    max_length: int = Field(512, gt=8)
-    eval_every: int = Field(1, description="evaluate at step 0 and every k optimizer steps")
+    global_batch: int = Field(128, gt=0, le=MAX_BATCH)
+    micro_batch: int = Field(8, gt=0, le=MAX_BATCH)
+    max_length: int = Field(512, gt=8, le=MAX_LENGTH)
+    eval_every: int = Field(1, le=MAX_STEPS, description="evaluate at step 0 and every k optimizer steps")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     loss_normalisation: dict[str, Literal["sequence", "token"]] = Field(
         default_factory=lambda: {"ga": "token", "npo": "sequence", "simnpo": "sequence"},

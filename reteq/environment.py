@@ -115,3 +115,14 @@ def apply_worker_env(env: dict[str, str]) -> None:
 def tune_trial_env(default: dict[str, str], propagate) -> dict[str, str]:
     """Ray Tune's trial env: its defaults plus the driver's values of the variables it propagates."""
     return {**default, **{k: os.environ[k] for k in sorted(propagate) if k in os.environ}}
+
+
+TRACKING_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # MLflow's basic-auth client
+
+
+def export_tracking_credentials(credentials: dict[str, str]) -> dict[str, str]:
+    """Set the MLflow credentials taken out of a tracking URI (reteq.redact.tracking_credentials) in this
+    process, where MLflow's client reads them; return every one this process now holds (also those its
+    environment had already), for the sweep's workers (reteq.sweep.settings.SweepRun.secrets)."""
+    os.environ.update(credentials)
+    return {k: os.environ[k] for k in TRACKING_CREDENTIALS if k in os.environ}

@@ -2,17 +2,27 @@
 
 The `reteq` command catches `BadInput` (and nothing narrower), prints one line per problem and exits 2; any
 other exception is a bug and keeps its traceback. Subclasses exist only where a caller must tell them apart.
-This module imports nothing, so every layer (bench/ included) can raise these without pulling in pydantic.
+This module imports only reteq.redact (stdlib `re`), so every layer (bench/ included) can raise these without pulling in pydantic.
 """
 
 from __future__ import annotations
 
+from reteq.redact import redact
+
+MAX_LINE = 400  # characters of one error line: a hostile value is named, never printed whole
+
+
+def _line(text: str) -> str:
+    text = redact(str(text).replace("\n", " "))
+    return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
+
 
 class BadInput(Exception):
-    """Input that cannot be used. `lines` holds one `file: field: reason` line per problem."""
+    """Input that cannot be used. `lines` holds one `file: field: reason` line per problem (at most MAX_LINE
+    characters each)."""
 
     def __init__(self, message: str = "", lines: list[str] | None = None):
-        self.lines = list(lines) if lines is not None else [" ".join(str(message).split())]
+        self.lines = [_line(x) for x in lines] if lines is not None else [_line(" ".join(str(message).split()))]
         super().__init__("\n".join(self.lines))
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from reteq.redact import redact
+
 _PROBLEMS = (  # (text in an error message, what it means)
     ("No space left on device", "disk full"),
     ("database or disk is full", "disk full"),
@@ -73,7 +75,7 @@ def one_line(error: BaseException) -> str:
     problem = describe(error)
     if problem is not None and not problem.startswith("?:"):
         return problem
-    lines = [x.strip() for x in str(error).splitlines() if x.strip() and not _NOISE.match(x)]
+    lines = [x.strip() for x in redact(str(error)).splitlines() if x.strip() and not _NOISE.match(x)]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 

@@ -33,11 +33,17 @@ TAG_RETRAIN_KEY = "reteq.retrain_key"  # on an unlearning or retrain run: the no
 TAG_RETRAIN_BASELINE = "reteq.retrain_baseline"  # "true" on a finetune node run that is some path's theta_r
 TAG_RETRAIN_ONLY = "reteq.retrain_only"  # "true" on a finetune node run that only retrain paths need
 TAG_NODE_RUN = "reteq.node_run_id"  # on a retrain run: the run id of theta_r's finetune node (its checkpoint)
+# the experiment's lease (reteq.sweep.lock.ExperimentLease): which live sweep holds it, from which work dir
+TAG_LEASE = "reteq.lease"
 TAG_ATTEMPT = "reteq.attempt"  # id of the `reteq sweep` process (one attempt of a sweep) that started the run
 TAG_TRIAL = "reteq.trial"  # key of the leaf whose trial started the run (nodes are trained inside a leaf's trial)
 TAG_ERROR = "reteq.error"  # why a run ended FAILED or KILLED (the exception, or who closed it and why)
 TAG_RECORDED_ON_REUSE = "reteq.recorded_on_reuse"  # "1": record written for a checkpoint found in the store
 TAG_RESUMED_FROM_STEP = "reteq.resumed_from_step"  # finetune run: steps its Ray Train checkpoint had done
+# the sweep's parent run: the sha256 of a mid-stage Ray Train checkpoint's manifest, logged as a param (MLflow
+# params cannot be changed once logged) when the checkpoint is saved; a retried worker group loads a checkpoint
+# only if its manifest hashes to this (reteq.sweep.stage_resume). {node}: the node key's first 16 digits.
+P_STAGE_CHECKPOINT = "reteq.stage_checkpoint.{node}.{step}.{nonce}"
 TAG_CHILDREN_FAILED = "reteq.children_failed"  # on the parent run: child runs of this attempt that did not finish
 TAG_MLFLOW_PARENT = "mlflow.parentRunId"  # MLflow's own tag: a child run's parent (the UI nests runs by it)
 

@@ -237,3 +237,43 @@ def deepspeed_engine_step(rank: int, world: int, out: str) -> None:
     engine.micro_step(engine.model(torch.ones(1, 4)).sum())
     write_result(out, rank, {"shm_op": ds_comm.cdb.shm_comm_op is not None,
                              "weight": engine.module.weight.detach().flatten().tolist()})
+
+
+def stage_checkpoint_round_trip(rank: int, world: int, out: str, uri: str, run_id: str) -> None:
+    """reteq's DeepSpeedEngine (ZeRO-2, fp32) on a tiny Linear: two steps, a mid-stage checkpoint saved the way a
+    Ray Train rank saves one (its own dir; rank 0 records the digest in MLflow), the ranks' dirs merged as Ray
+    Train merges them, then a fresh engine loads it verified and weights-only and takes the same third step."""
+    import shutil
+
+    from reteq.sweep.stage_resume import ParentRunParams, load_deepspeed_state, save_deepspeed_state
+    from reteq.train import collectives
+    from reteq.train.engine import DeepSpeedEngine, OptimSpec
+
+    ds = {"zero_optimization": {"stage": 2}}
+    spec = OptimSpec("adamw", 1e-2, total_steps=3, schedule="cosine")
+    digests = ParentRunParams(uri, run_id)
+    x = torch.arange(4.0).reshape(1, 4) + rank
+
+    def engine():
+        torch.manual_seed(0)
+        return DeepSpeedEngine(torch.nn.Linear(4, 1), spec, ds, micro_batch=1, accumulation=1, world=world)
+
+    a = engine()
+    for _ in range(2):
+        a.micro_step(a.model(x).pow(2).sum())
+    mine = Path(out) / f"rank{rank}-ckpt"
+    mine.mkdir()
+    digest = save_deepspeed_state(a, mine, "node-key-0123456789abcdef", 2, 3, rank, digests)
+    collectives.barrier(torch.device("cpu"))
+    merged = Path(out) / "ckpt"
+    if rank == 0:
+        for r in range(world):
+            shutil.copytree(Path(out) / f"rank{r}-ckpt", merged, dirs_exist_ok=True)
+    collectives.barrier(torch.device("cpu"))
+    a.micro_step(a.model(x).pow(2).sum())
+    b = engine()
+    step = load_deepspeed_state(b, merged, "node-key-0123456789abcdef", digests)
+    b.micro_step(b.model(x).pow(2).sum())
+    write_result(out, rank, {"digest": digest, "step": step, "loaded_engine": type(b.model.checkpoint_engine).__name__,
+                             "a": a.module.weight.detach().flatten().tolist(),
+                             "b": b.module.weight.detach().flatten().tolist()})

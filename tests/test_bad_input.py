@@ -73,6 +73,19 @@ CONFIG_CASES = {
                             "rmu.layer: takes whole numbers"),
     "retain-stage-undeclared": (("unlearn", "retain_stage"), "S_R", "unlearn.retain_stage",
                                 "'S_R' is not a declared stage"),
+    # names are names (config_files.NAME_PATTERN): never a path, a quote or a run filter (docs/security.md)
+    "sweep-name-is-a-path": (("name",), "../../../x", "name", "'../../../x' is not a name"),
+    "sweep-name-has-a-quote": (("name",), "it's", "name", "is not a name"),
+    "sweep-name-too-long": (("name",), "a" * 65, "name", "is not a name: 1-64 letters"),
+    "model-name-is-a-path": (("models", 0, "name"), "a/b", "models[0].name", "'a/b' is not a name"),
+    "stage-name-has-a-space": (("stages", 0, "name"), "in st", "stages[0].name", "'in st' is not a name"),
+    # numbers beyond sane bounds (reteq.config_files MAX_*)
+    "unlearn-steps-1e15": (("unlearn", "steps"), 1e15, "unlearn.steps", "must be <= 10000000"),
+    "rows-1e15": (("stages", 0, "source", "n"), 1e15, "stages[0].source.n", "must be <= 10000000"),
+    "max-length-1e12": (("stages", 0, "max_length"), 1e12, "stages[0].max_length", "must be <= 131072"),
+    "unlearn-max-length-1e12": (("unlearn", "max_length"), 1e12, "unlearn.max_length", "must be <= 131072"),
+    "math-samples-1e9": (("eval", "math_samples"), 10**9, "eval.math_samples", "must be <= 100000"),
+    "forget-prompts-1e9": (("eval", "forget_prompts"), 10**9, "eval.forget_prompts", "a number in 1..100000"),
 }
 
 
@@ -84,6 +97,21 @@ def test_config_problem_is_one_line_with_file_and_field(tmp_path, capsys, case):
     line = _run_path(tmp_path, capsys, raw)
     assert line.startswith(f"{tmp_path / 'sweep.yaml'}: {field}"), line
     assert reason in line, line
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("cpus_per_worker", float("inf"), "must be a finite number"),
+    ("cpus_per_worker", float("nan"), "must be a finite number"),
+    ("cpus_per_worker", 1e6, "must be <= 1024"),
+    ("gpus_per_worker", float("inf"), "must be a finite number"),
+    ("workers", 10**6, "must be <= 4096"),
+    ("max_concurrent_trials", 10**9, "must be <= 4096"),
+], ids=["cpus-inf", "cpus-nan", "cpus-1e6", "gpus-inf", "workers-1e6", "concurrent-1e9"])
+def test_execution_numbers_beyond_bounds_are_one_line(tmp_path, capsys, field, value, reason):
+    raw = sweep_dict(tmp_path)
+    raw.setdefault("execution", {})[field] = value
+    line = _run_path(tmp_path, capsys, raw)
+    assert line.startswith(f"{tmp_path / 'sweep.yaml'}: execution.{field}: {reason}"), line
 
 
 def test_absolute_model_path_missing(tmp_path, capsys):
@@ -242,3 +270,91 @@ def test_report_on_an_experiment_that_does_not_exist_is_one_line_naming_those_th
     assert main(["report", "--experiment", "tiny-sweep-typo", "--work-dir", str(work)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'tiny-sweep-typo'" in err[0] and "it has: Default, tiny-sweep" in err[0], err
+
+
+# ---- bounded parsing and planning: each refusal in <= 5 s and <= 1 GiB, one line, exit 2 (docs/security.md) ------
+
+_BOUNDED = """
+import json, resource, sys, time
+t = time.perf_counter()
+from reteq.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "s": time.perf_counter() - t,
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _bounded(*argv: str) -> tuple[str, dict]:
+    """`reteq ARGV` in its own process: (its stderr, {rc, seconds after import, peak RSS in MiB})."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _BOUNDED, *argv], capture_output=True, text=True, timeout=60)
+    return p.stderr, json.loads(p.stdout.splitlines()[-1])
+
+
+def _refused_fast(err: str, stats: dict, start: str, reason: str) -> None:
+    lines = err.splitlines()
+    assert stats["rc"] == EXIT_BAD_INPUT and len(lines) == 1, (stats, err[-2000:])
+    assert lines[0].startswith(start) and reason in lines[0] and len(lines[0]) <= 400, lines[0]
+    assert stats["s"] <= 5 and stats["rss_mib"] <= 1024, stats
+
+
+BOMB = "a: &a [" + ", ".join(["lol"] * 9) + "]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_a_yaml_alias_bomb_is_refused_fast(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB + "name: x\n")
+    assert 300 < len(BOMB) < 1500  # 9^9 = 387 million strings once expanded
+    err, stats = _bounded("validate", str(bomb))
+    _refused_fast(err, stats, f"{bomb}: refused: ", "YAML")
+
+
+def test_a_recursive_alias_and_an_oversized_file_are_refused(tmp_path):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("a: &a [*a]\n")
+    err, stats = _bounded("validate", str(loop))
+    _refused_fast(err, stats, f"{loop}: refused: ", "a recursive YAML alias")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    err, stats = _bounded("plan", str(big))
+    _refused_fast(err, stats, f"{big}: file is ", "a config may be at most 1048576 bytes")
+
+
+def test_a_grid_over_the_leaf_limit_is_refused_by_validate_and_plan(tmp_path):
+    raw = sweep_dict(tmp_path)
+    raw["seeds"] = list(range(1000))
+    raw["unlearn"]["lrs"] = [1e-3 * (1 + i) for i in range(1000)]  # 10^6 unlearning runs
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    for verb in ("validate", "plan"):
+        err, stats = _bounded(verb, str(config))
+        _refused_fast(err, stats, f"{config}: orders/unlearn: the grid has 1000000 unlearning runs, over the "
+                      "limit of 10000", "pass --max-leaves 1000000")
+
+
+def test_all_permutations_of_eleven_stages_is_refused(tmp_path):
+    raw = sweep_dict(tmp_path)
+    raw["stages"] += [{**raw["stages"][0], "name": f"extra{i}"} for i in range(7)]
+    raw["orders"] = {"all_permutations": True}
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    err, stats = _bounded("plan", str(config))
+    _refused_fast(err, stats, f"{config}: orders/unlearn: the grid has 39916800 unlearning runs", "--max-leaves")
+
+
+def test_max_leaves_is_the_explicit_way_past_the_limit(tmp_path, capsys):
+    raw = sweep_dict(tmp_path)
+    raw["unlearn"]["lrs"] = [1e-3 * (1 + i) for i in range(10_001)]
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    assert "10001 unlearning runs" in capsys.readouterr().err
+    assert main(["validate", str(config), "--max-leaves", "10001"]) == 0
+    assert capsys.readouterr().out.strip() == f"{config}: ok"
+
+
+def test_an_error_line_never_carries_a_whole_hostile_value(tmp_path, capsys):
+    raw = sweep_dict(tmp_path)
+    raw["stages"][1]["lr"] = "x" * 100_000
+    line = _run_path(tmp_path, capsys, raw)
+    assert line.startswith(f"{tmp_path / 'sweep.yaml'}: stages[1].lr: not a number ('xxx") and len(line) <= 400

@@ -165,7 +165,7 @@ def test_head_runs_mlflow_server_with_postgresql_store_and_s3_artifacts(cluster)
     server = re.search(r"mlflow server (.*)", text)
     assert server, "head_setup_commands must start `mlflow server`"
     args = server.group(1)
-    assert re.search(r"--host 0\.0\.0\.0\b", args) and re.search(r"--port 5000\b", args)
+    assert re.search(r"--host \$RETEQ_HEAD_IP\b", args) and re.search(r"--port 5000\b", args)  # private only
     backend = _expand(re.search(r"--backend-store-uri (\S+)", args).group(1), env)
     artifacts = _expand(re.search(r"--artifacts-destination (\S+)", args).group(1), env)
     assert backend.startswith("postgresql+psycopg://"), backend  # SQLAlchemy's psycopg 3 driver, named
@@ -173,6 +173,27 @@ def test_head_runs_mlflow_server_with_postgresql_store_and_s3_artifacts(cluster)
     assert "postgresql" in text, "PostgreSQL must be installed on the head"
     lock = (ROOT / "requirements.lock").read_text()
     assert re.search(r"^psycopg\[binary\]==", lock, re.M), "the driver comes with requirements.lock on every node"
+
+
+def test_the_tracking_server_is_authenticated_and_its_secrets_live_in_files_only(cluster):
+    """MLflow's basic-auth app; its secrets in 0600 env files made on the head (tests/test_secrets.py runs that
+    step and the unit, and shows a client without credentials refused), none in this file or on a command line."""
+    from reteq.redact import redact
+
+    text = (ROOT / "cluster.yaml").read_text()
+    assert redact(text) == text, "a URI with a password in cluster.yaml"
+    assert "PASSWORD 'mlflow'" not in text and "mlflow:mlflow@" not in text
+    head = "\n".join(cluster["head_setup_commands"])
+    [exec_start] = [x for x in head.splitlines() if x.strip().startswith("ExecStart=")]
+    assert "--app-name basic-auth" in exec_start and "PASSWORD" not in exec_start.upper()
+    assert "EnvironmentFile=$HOME/.reteq/mlflow-server.env" in head
+    assert "umask 077" in head and "chmod 600 ~/.reteq/mlflow-server.env ~/.reteq/mlflow-client.env" in head
+    assert "default_permission = NO_PERMISSIONS" in head
+    assert "ALTER ROLE mlflow PASSWORD '$PGPASSWORD'" in head  # through psql's stdin (a heredoc), not argv
+    env = "\n".join(cluster["setup_commands"])
+    assert "mlflow-client.env" in env and "-r \\$HOME/.reteq/mlflow-client.env" in env  # sourced where it exists
+    lock = (ROOT / "requirements.lock").read_text()
+    assert re.search(r"^Flask-WTF==", lock, re.M), "mlflow[auth]'s dependency comes with requirements.lock"
 
 
 def test_file_mounts_skip_local_venv_and_runs(cluster):

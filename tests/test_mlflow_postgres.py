@@ -109,11 +109,13 @@ def postgres():
 def mlflow_server(postgres, tmp_path):
     """cluster.yaml's ExecStart line with the head's variables filled in for this machine: the venv's bin for
     $HOME/venv/bin, this PostgreSQL in the URI shape cluster.yaml uses, a local folder for $RETEQ_S3, and
-    127.0.0.1 plus a free port for the head's 0.0.0.0:5000."""
+    127.0.0.1 plus a free port for the head's private address and port 5000 (without the auth app)."""
     line = server_command_line()
     port = _free_port()
-    assert "--host 0.0.0.0 --port 5000" in line, line
-    line = line.replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")
+    assert "--host $RETEQ_HEAD_IP --port 5000" in line, line
+    line = line.replace("--host $RETEQ_HEAD_IP --port 5000", f"--host 127.0.0.1 --port {port}")
+    # the basic-auth app and its secrets are tests/test_secrets.py's; here the PostgreSQL store is under test
+    line = line.replace(" --app-name basic-auth", "")
     line = line.replace("$HOME/venv/bin/", f"{Path(sys.executable).parent}/")
     db = cluster_env_value("RETEQ_MLFLOW_DB").replace("@127.0.0.1:5432/", f"@127.0.0.1:{postgres.port}/")
     assert db.startswith("postgresql+psycopg://"), db  # the driver requirements.lock installs

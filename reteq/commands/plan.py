@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from reteq.config import DataSource, SweepConfig, load_config
+from reteq.config import MAX_LEAVES, DataSource, SweepConfig, load_config
 from reteq.data.hub import converter_for
 from reteq.errors import HubDataError
 from reteq.estimate import format_plan, plan_report
@@ -25,10 +25,10 @@ def fits_cluster(cfg: SweepConfig, config: str, cluster: str | None) -> None:
         check_cluster_fit(cfg, config, cluster)
 
 
-def validate_command(config: str, cluster: str | None = None) -> int:
+def validate_command(config: str, cluster: str | None = None, max_leaves: int = MAX_LEAVES) -> int:
     """The config (one line per problem), that its trials fit the named cluster file's node types, and, offline,
-    that every hub source has a converter."""
-    cfg = load_config(config)
+    that every hub source has a converter; a grid over `max_leaves` unlearning runs is refused."""
+    cfg = load_config(config, max_leaves=max_leaves)
     fits_cluster(cfg, config, cluster)
     for field, source in _hub_sources(cfg):
         try:
@@ -39,8 +39,8 @@ def validate_command(config: str, cluster: str | None = None) -> int:
     return 0
 
 
-def plan_command(config: str, as_json: bool, cluster: str | None = None) -> int:
-    cfg = load_config(config)
+def plan_command(config: str, as_json: bool, cluster: str | None = None, max_leaves: int = MAX_LEAVES) -> int:
+    cfg = load_config(config, max_leaves=max_leaves)
     fits_cluster(cfg, config, cluster)
     report = plan_report(cfg)
     print(json.dumps(report, indent=2) if as_json else format_plan(cfg, report))

@@ -12,6 +12,7 @@ from reteq import tracking as T
 from reteq.analysis.load import experiment_id
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.redact import redact
 from reteq.sweep import mlflow_ui
 from reteq.sweep.mlflow_store import reader
 from reteq.workdir import resolve_work_dir
@@ -76,7 +77,7 @@ def ui_command(work_dir: str, port: int) -> int:
     work = resolve_work_dir(work_dir)
     uri = T.default_tracking_uri(work)
     base = f"http://127.0.0.1:{port}"
-    print(f"MLflow UI for {uri} on {base} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {redact(uri)} on {base} (Ctrl-C to stop)", flush=True)
     if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
         for name, exp_id, views in mlflow_ui.prepare_store(reader(uri)):
             url = mlflow_ui.view_url(exp_id, base=base) if views else mlflow_ui.experiment_url(exp_id, base)

@@ -7,6 +7,7 @@ import sys
 from contextlib import redirect_stdout
 
 from reteq import tracking as tk
+from reteq.redact import redact
 from reteq.theory.grid import load_theory_config, run_theory_grid
 from reteq.workdir import resolve_work_dir
 
@@ -35,5 +36,5 @@ def theory_command(config_path: str | None, work_dir: str, as_json: bool) -> int
             f"Theorem 3.1 bound held on {summary['bound_holds']}/{summary['instances']} ({share:.1%}); "
             f"t0 inside the {cfg.steps}-step horizon on {summary['nonvacuous']}"
         )
-        print(f"MLflow: {uri}  experiment '{summary['experiment']}' (id {summary['experiment_id']})")
+        print(f"MLflow: {redact(uri)}  experiment '{summary['experiment']}' (id {summary['experiment_id']})")
     return 0 if summary["bound_holds"] == summary["instances"] else 1

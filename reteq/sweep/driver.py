@@ -40,11 +40,13 @@ from ray import tune
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import SweepConfig
+from reteq.redact import redact, tracking_credentials
 from reteq.resources import ResourceError, describe, full_disk, one_line, writing
 from reteq.sweep import lifecycle, record
 from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
 from reteq.sweep.launcher import start_launcher, stop_launcher
 from reteq.sweep.leaves import AXES, axes, knob_axes, leaf_trial
+from reteq.sweep.lock import ExperimentLease
 from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.nodes import leaf_dependencies, needed_nodes, submit_nodes
 from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, trial_runtime_env, workers_to_keep
@@ -64,16 +66,27 @@ class SweepOutcome:
 
 
 def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
-    """The sweep itself, run while this process holds the work dir: every RUNNING run of an earlier attempt is
-    dead, so it is closed first; the local store is repaired and recorded before any trial uses it. The report
-    is the caller's (reteq.commands.sweep)."""
+    """The sweep itself, run while this process holds the work dir and, in the tracking store, the experiment's
+    lease (reteq.sweep.lock.ExperimentLease; a live sweep from another work dir stops this one, exit 2, before
+    anything is touched): every RUNNING run of an earlier attempt is dead, so it is closed first; the local store
+    is repaired and recorded before any trial uses it. The report is the caller's (reteq.commands.sweep)."""
+    lease: list[ExperimentLease] = []
+    try:
+        return _run_leased(cfg, plan, work, lease)
+    finally:
+        for held in lease:
+            held.release()
+
+
+def _run_leased(cfg: SweepConfig, plan, work: Path, lease: list) -> SweepOutcome:
     start = time.perf_counter()
     phases: dict[str, float] = {}
 
     def mark(phase: str) -> None:
         phases[phase] = round(time.perf_counter() - start, 2)
 
-    uri = cfg.execution.tracking_uri or T.default_tracking_uri(work)
+    uri, credentials = tracking_credentials(cfg.execution.tracking_uri or T.default_tracking_uri(work))
+    environment.export_tracking_credentials(credentials)  # MLflow sends them as basic auth; the URI holds none
     store = uri.removeprefix("sqlite:///")
     attempt = lifecycle.new_attempt()
 
@@ -81,6 +94,7 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
         with writing("the MLflow store", store):
             exp_id = ensure_experiment(uri, cfg.name, T.default_artifact_root(work))
             c = tracking_client(uri)
+            lease.append(ExperimentLease(uri, cfg.name, work, attempt).acquire(c, exp_id))
             parent = record.parent_run(c, exp_id, cfg.name, cfg.digest())
             c.set_tag(parent, T.TAG_ATTEMPT, attempt)
             record.log_sweep_config(c, parent, cfg)
@@ -139,7 +153,7 @@ def run_locked(cfg: SweepConfig, plan, work: Path) -> SweepOutcome:
           + ("" if ok else "; FAILED:"))
     if not ok:
         print_failures(plan, dag)
-    print(f"MLflow: {uri} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
+    print(f"MLflow: {redact(uri)} (experiment '{cfg.name}'); browse with: reteq ui --work-dir {work}")
     return SweepOutcome(0 if ok else 1, dag, phases, uri)
 
 
@@ -181,11 +195,12 @@ def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, rec: Attempt
     environment.mark_fault_driver()
     session.start()
     check_resources(cfg)
+    secrets = environment.export_tracking_credentials({})
     settings = SweepRun(
         config=cfg.model_dump(mode="json"), config_name=str(cfg.name), digest=cfg.digest(),
         env=environment.worker_env(), attempt=attempt, tracking_uri=uri, experiment_id=exp_id,
         parent_run_id=parent, checkpoints=str(work / "checkpoints"),
-        storage_path=cfg.execution.storage_path or str(work / "ray"),
+        storage_path=cfg.execution.storage_path or str(work / "ray"), secrets=ray.put(secrets) if secrets else None,
         deepspeed=str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
         in_process=session.in_process, task_cpus=session.task_cpus,
         runtime_env=trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
@@ -310,7 +325,8 @@ def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[st
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),
                                     max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=settings.storage_path, verbose=1,
+        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=settings.storage_path,
+                                  verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=ex.max_failures),
                                   callbacks=[ConsoleLines(watch, len(todo))]),
     )

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.redact import redact
 from reteq.sweep.mlflow_store import COUNTED, finished_run, finished_runs
 from reteq.sweep.mlflow_store import search_runs as search
 from reteq.train.checkpoint import checkpoint_manifest
@@ -37,7 +38,7 @@ def finish_run(c, run_id: str, status: str, reason: str | None = None, tags: dic
 
     values = {**(tags or {}), T.TAG_STATUS: status}
     if reason:
-        values[T.TAG_ERROR] = reason[:4000]
+        values[T.TAG_ERROR] = redact(reason)[:4000]
     c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
     c.set_terminated(run_id, _MLFLOW_STATUS.get(status, T.RUN_FAILED))
 

@@ -28,7 +28,7 @@ from reteq.resources import one_line
 from reteq.sweep import worker
 from reteq.sweep.mlflow_store import finished_run, reader
 from reteq.sweep.settings import SweepRun
-from reteq.sweep.stage_resume import StageResume
+from reteq.sweep.stage_resume import ParentRunParams, StageResume
 from reteq.sweep.worker import NodeFailed
 
 # Imports inside functions below are heavy (torch through reteq.pipeline, Ray Train): the driver and the light
@@ -68,7 +68,9 @@ def node_worker_loop(config: dict[str, Any]) -> None:
     c = ray.train.get_context()
     r = worker.Rank(c.get_world_rank(), c.get_world_size(), worker.deepspeed_config(settings), c.get_local_rank())
     # DeepSpeed saves the state to resume from; plain torch workers (deepspeed: null) restart the stage
-    resume = StageResume.from_ray_train(config["key"], cfg.execution.checkpoint_every, r.rank) if r.ds else None
+    digests = ParentRunParams(settings.tracking_uri, settings.parent_run_id)  # where checkpoint digests live
+    resume = (StageResume.from_ray_train(config["key"], cfg.execution.checkpoint_every, r.rank, digests)
+              if r.ds else None)
     info = train_rank(settings, config["key"], config["parent"], r, resume)
     ray.train.report(info)
 

@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param
 from reteq import tracking as T
 from reteq.pipeline import Hooks
 from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
+from reteq.redact import redact, redact_tree
 from reteq.sweep.faults import fault
 from reteq.sweep.lifecycle import finish_run, record_reused_node
 from reteq.sweep.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
@@ -59,10 +60,10 @@ def sweep_params(cfg) -> dict[str, str]:
 
 def log_sweep_config(c, run_id: str, cfg) -> None:
     """The parent run carries the resolved config (an artifact) and its key params."""
-    c.log_batch(run_id, params=[Param(k, v) for k, v in sweep_params(cfg).items()])
+    c.log_batch(run_id, params=[Param(k, redact(v)) for k, v in sweep_params(cfg).items()])
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / T.CONFIG_FILE
-        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        path = Path(tmp) / T.CONFIG_FILE  # passwords in tracking_uri / storage_path stay out (reteq.redact)
+        path.write_text(yaml.safe_dump(redact_tree(cfg.model_dump(mode="json")), sort_keys=False))
         c.log_artifact(run_id, str(path), artifact_path=T.ARTIFACT_CONFIG)
 
 

@@ -28,3 +28,8 @@ class SweepRun:
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Tune's trial env, computed on the driver
     env: dict[str, str] = field(default_factory=dict)  # environment.worker_env(), applied in every worker
     attempt: str = ""  # this `reteq sweep` process (lifecycle.new_attempt): who started a run
+    # MLflow credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD, from the driver's environment or taken out of an
+    # http tracking_uri by reteq.redact.tracking_credentials): an object ref of their dict, set in each worker's
+    # process environment by worker.plan_of. A ref, not the values: Tune pickles its trainable's parameters into
+    # the run's state (tuner.pkl) in storage_path, and a Ray runtime_env is recorded in Ray's logs
+    secrets: Any = None

@@ -65,10 +65,10 @@ def release_memory() -> None:
 def plan_of(settings: SweepRun):
     """(cfg, plan) for this sweep, parsed once per process; imports neither torch nor MLflow (a Tune trial that
     only drives a task or a trainer stays a light process)."""
-    environment.apply_worker_env(settings.env)
+    environment.apply_worker_env({**settings.env, **(ray.get(settings.secrets) if settings.secrets else {})})
     digest = settings.digest
     if digest not in _CACHE:
-        cfg = parse_config(settings.config, source=settings.config_name)
+        cfg = parse_config(settings.config, source=settings.config_name, max_leaves=None)  # the driver checked
         _CACHE.clear()
         _CACHE[digest] = (cfg, build_plan(cfg), None)
     return _CACHE[digest][:2]

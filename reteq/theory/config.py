@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reteq import tracking as tk
-from reteq.config_files import read_yaml_mapping, validated
+from reteq.config_files import Name, read_yaml_mapping, validated
 
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -22,8 +22,9 @@ class TheoryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(
-        tk.THEORY_EXPERIMENT, min_length=1, description="sweep name: the reteq.sweep tag and the Tune run name"
+    name: Name = Field(
+        tk.THEORY_EXPERIMENT, description="sweep name: the reteq.sweep tag and the Tune run name "
+        "(config_files.NAME_PATTERN)"
     )
     d: list[PosInt] = Field([40, 80], min_length=1, description="parameter dimensions")
     stage_sizes: list[tuple[PosInt, PosInt]] = Field(
