@@ -122,6 +122,17 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None and math.isfinite(float(norm)) else float("nan")
 
 
+def deepspeed_needed(ds_config: dict[str, Any] | None) -> bool:
+    """False when a DeepSpeed config has nothing to do for ONE CPU worker (none, or ZeRO-0 in fp32 without
+    clipping): plain torch then does the same arithmetic without a process group or `import deepspeed`, so
+    the sweep runs such work in process (reteq.sweep.worker.in_process) and so does reteq.sweep.worlds."""
+    if ds_config is None:
+        return False
+    zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    half = any(ds_config.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
+    return zero != 0 or half or bool(float(ds_config.get("gradient_clipping", 0) or 0))
+
+
 def build_engine(model, spec: OptimSpec, *, ds_config: dict[str, Any] | None, micro_batch: int,
                  accumulation: int, world: int):
     if ds_config is None:
