@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import model_dict, reteq_cache, stage_dict, sweep_dict  # noqa: F401
+from helpers import reteq_cache  # noqa: F401
 from safetensors.torch import load_file
 
 from reteq.config import parse_config
+from reteq.config_files import read_yaml_mapping
 from reteq.sweep.worlds import TOLERANCE, differences, largest, trace, trace_with_ray_train
 from reteq.train.recipes import WorkerContext
 
@@ -40,22 +41,22 @@ def deepspeed(zero: int) -> dict:
 
 
 def config(work: Path):
-    """Order tofu > U (two stage nodes, tofu also theta_r), LoRA with dropout, GA / NPO / WGA for 2 steps at a
-    global batch of 8 in micro-batches of 4; forget, TOFU and retrain-distance metrics at every step."""
-    raw = sweep_dict(work, models=[model_dict({"r": 4, "alpha": 8, "dropout": 0.1})],
-                     stages=[stage_dict("tofu", 16), stage_dict("U", 16)],
-                     orders={"forget_positions": [2], "retain_order": ["tofu"]})
-    raw["unlearn"].update(algorithms=list(METHODS), micro_batch=4, steps=2)
-    raw["eval"].update(metrics=["forget", "tofu"], probe_size=8)
-    raw["execution"] = {"workers": 2, "cpus_per_worker": 0.45}
+    """configs/ablations/workers_tiny.yaml: order tofu > U (two stage nodes, tofu also theta_r), LoRA with
+    dropout, GA / NPO / WGA for 2 steps at a global batch of 8 in micro-batches of 4; forget, TOFU and
+    retrain-distance metrics at every step."""
+    raw = read_yaml_mapping(REPO / "configs" / "ablations" / "workers_tiny.yaml")
+    raw["work_dir"] = str(work)
+    raw["execution"]["deepspeed"] = None  # each job names its own
     return parse_config(raw)
 
 
-def job(root: Path, world: int, zero: int, name: str = "", **extra) -> dict:
-    """One trace's settings for reteq.sweep.worlds.trace_with_ray_train, in its own folder."""
+def job(root: Path, world: int, zero: int | None, name: str = "", **extra) -> dict:
+    """One trace's settings for reteq.sweep.worlds.trace_with_ray_train, in its own folder; zero None: plain
+    torch (deepspeed: null)."""
     where = root / f"w{world}-zero{zero}{name}"
     where.mkdir(parents=True)
-    return {"ds": deepspeed(zero), "store": str(where / "store"), "out": str(where / "trace.json"), **extra}
+    return {"ds": None if zero is None else deepspeed(zero), "store": str(where / "store"),
+            "out": str(where / "trace.json"), **extra}
 
 
 def copy_store(src: str, dst: str) -> str:
@@ -65,8 +66,9 @@ def copy_store(src: str, dst: str) -> str:
 
 @pytest.fixture(scope="module")
 def worlds(ray_cluster, tmp_path_factory):
-    """{(world, zero): trace} for 1 and 2 workers under ZeRO 0, 2, 3, plus ("cross", 2): 2 workers' NPO leaf
-    from the 1-worker ZeRO-0 nodes, and ("cross", 1): 1 worker's from the 2-worker ZeRO-3 nodes.
+    """{(world, zero): trace} for 1 and 2 workers under ZeRO 0, 2, 3, plus (2, "plain"): 2 plain torch workers
+    (deepspeed: null), ("cross", 2): 2 workers' NPO leaf from the 1-worker ZeRO-0 nodes, and ("cross", 1):
+    1 worker's from the 2-worker ZeRO-3 nodes.
 
     1 worker under ZeRO-0 runs here, in process with plain torch, as the sweep runs it (reteq.sweep.worker.
     in_process); then the 1-worker group (ZeRO-2, 3) and the 2-worker group (ZeRO-0, 2, 3 and the cross leaf)
@@ -78,13 +80,13 @@ def worlds(ray_cluster, tmp_path_factory):
     one = [job(root, 1, z) for z in ZEROS[1:]]
     cross = job(root, 2, 0, name="cross", algorithms=[CROSS])
     cross["store"] = copy_store(plain["store"], cross["store"])
-    two = [job(root, 2, z) for z in ZEROS] + [cross]
+    two = [job(root, 2, z) for z in ZEROS] + [cross, job(root, 2, None)]
     with ThreadPoolExecutor(2) as pool:
         groups = [pool.submit(trace_with_ray_train, cfg, n, jobs, root / "ray", f"w{n}") for n, jobs in
                   ((1, one), (2, two))]
         done_one, done_two = (g.result() for g in groups)
     traces.update(zip([(1, z) for z in ZEROS[1:]], done_one, strict=True))
-    traces.update(zip([(2, z) for z in ZEROS] + [("cross", 2)], done_two, strict=True))
+    traces.update(zip([(2, z) for z in ZEROS] + [("cross", 2), (2, "plain")], done_two, strict=True))
     store = copy_store(two[2]["store"], str(root / "cross1-store"))
     traces[("cross", 1)] = trace(cfg, WorkerContext(packing=cfg.execution.packing), store, [CROSS])
     traces["stores"] = {(1, 0): plain["store"]} | {(1, z): one[i]["store"] for i, z in enumerate(ZEROS[1:])} | {
@@ -118,6 +120,16 @@ def test_one_and_two_workers_agree(worlds, zero):
     report(f"ZeRO-{zero}, 1 vs 2 workers", diffs)
     assert {"loss/ga", "loss/npo", "loss/wga", "forget/score", "utility/tofu_logp", "re/logp_mse"} <= diffs.keys()
     assert len([k for k in diffs if k.startswith("loss/tiny")]) == 2  # both nodes compared
+    assert largest(diffs)[1] <= TOLERANCE, diffs
+
+
+def test_two_plain_torch_workers_sum_their_gradients(worlds):
+    """deepspeed: null with 2 workers: PlainEngine all-reduces the gradients (each rank alone would step on half
+    the batch, and rank 0 would publish its half-trained model)."""
+    plain = worlds[(2, "plain")]
+    assert plain["engine"] == "torch" and plain["world"] == 2
+    diffs = differences(worlds[(1, 0)], plain)
+    report("plain torch, 1 vs 2 workers", diffs)
     assert largest(diffs)[1] <= TOLERANCE, diffs
 
 
