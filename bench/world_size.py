@@ -11,7 +11,7 @@ micro_batch x the largest count).
         --deepspeed configs/deepspeed/zero2_fp32.json
     # SmolLM2-135M (configs/ablations/smol_workers2.yaml), one order's stage nodes + one GA leaf, cut short
     nice python bench/world_size.py configs/ablations/smol_workers2.yaml --workers 1,2 --launcher ray \
-        --order inst,U --algorithms ga --stage-steps 2 --unlearn-steps 2 --set eval.math_questions=2 ...
+        --order tofu,U --algorithms ga --stage-steps 2 --unlearn-steps 2 --set eval.math_questions=2 ...
     # GPUs (bench/gpu_suite.sh): 1 GPU and every GPU of the node, NCCL, no Ray
     python bench/world_size.py configs/ablations/workers_tiny.yaml --gpu --workers 1,all
 
@@ -39,6 +39,7 @@ import yaml  # noqa: E402  (transformers' dependency: on the GPU image too)
 
 from reteq.config import parse_config  # noqa: E402
 from reteq.config_files import read_yaml_mapping  # noqa: E402
+from reteq.errors import BadInput  # noqa: E402
 from reteq.sweep.worlds import TOLERANCE, differences, largest  # noqa: E402  (no Ray at import)
 
 
@@ -47,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("config", help="a sweep YAML")
     p.add_argument("--workers", default="1,2", help="comma list of worker counts, the first is the baseline; "
                    "'all' = every GPU of this machine")
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: the config's execution.deepspeed)")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON, or 'none' for plain torch (default: the "
+                   "config's execution.deepspeed)")
     p.add_argument("--launcher", choices=("torch", "ray"), default="torch")
     p.add_argument("--gpu", action="store_true", help="one GPU per rank (NCCL); sets execution.use_gpu")
     p.add_argument("--order", default=None, help="one stage order, e.g. inst,U (default: the config's orders)")
@@ -64,10 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def shaped_config(args: argparse.Namespace) -> dict:
     """The config as the comparison runs it: one order, the chosen methods, stages cut to --stage-steps."""
     raw = read_yaml_mapping(args.config)
-    if args.order:
-        raw["orders"] = {"explicit": [args.order.split(",")]}
+    if args.order:  # an explicit order is a permutation of the declared stages: keep only its own
+        order = args.order.split(",")
+        raw["orders"] = {"explicit": [order]}
+        raw["stages"] = [s for s in raw["stages"] if s["name"] in order]
     if args.algorithms:
-        raw["unlearn"]["algorithms"] = args.algorithms.split(",")
+        keep = args.algorithms.split(",")
+        raw["unlearn"]["algorithms"] = keep
+        for grid in ("betas", "params"):  # the knobs of methods left out would be refused
+            if isinstance(raw["unlearn"].get(grid), dict):
+                raw["unlearn"][grid] = {m: v for m, v in raw["unlearn"][grid].items() if m in keep}
     if args.unlearn_steps:
         raw["unlearn"]["steps"] = args.unlearn_steps
     if args.stage_steps:  # plan_steps draws round(n x epochs) rows: exactly steps x global_batch of them
@@ -81,8 +89,8 @@ def shaped_config(args: argparse.Namespace) -> dict:
             node = node.setdefault(part, {})
         node[last] = yaml.safe_load(value)
     ex = raw.setdefault("execution", {})
-    if args.deepspeed:
-        ex["deepspeed"] = args.deepspeed
+    if args.deepspeed:  # "none": plain torch (several workers then sum their gradients: PlainEngine)
+        ex["deepspeed"] = None if args.deepspeed == "none" else args.deepspeed
     if ex.get("deepspeed") and not Path(ex["deepspeed"]).is_absolute():
         ex["deepspeed"] = str(ROOT / ex["deepspeed"])
     ex["use_gpu"] = bool(args.gpu)
@@ -118,7 +126,7 @@ def rank_main(rank: int, world: int, raw: dict, store: str, out: str, port: int,
     cfg = parse_config(raw)
     ds = load_deepspeed_config(cfg.execution.deepspeed) if cfg.execution.deepspeed else None
     ds = engine_config(ds, world, gpu)
-    if ds is not None:  # DeepSpeed wants a process group even for one rank
+    if ds is not None or world > 1:  # DeepSpeed wants a process group even for one rank
         dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
     ctx = WorkerContext(rank=rank, world=world, local_rank=rank, device=device, ds_config=ds,
                         dtype=cfg.models[0].dtype, packing=cfg.execution.packing)
@@ -157,15 +165,29 @@ def trace_with_ray(raw: dict, world: int, store: Path, out: Path, work: Path) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for k, v in {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                 "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(k, v)
     if not args.gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    raw = shaped_config(args)
-    parse_config(raw, source=args.config)  # bad input stops here, before any rank starts
+    try:  # bad input stops here, one line, before any rank starts
+        raw = shaped_config(args)
+        parse_config(raw, source=args.config)
+    except (BadInput, OSError, KeyError, ValueError) as e:
+        print(e if isinstance(e, BadInput) else f"{args.config}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    counts = worker_counts(args.workers, args.gpu)
+    if len(set(counts)) == 1:
+        print(f"one worker count ({counts[0]}): this compares two runs of it (repeatability only)", flush=True)
+    cfg = parse_config(raw, source=args.config)
+    for where, part in [(f"stages.{s.name}", s) for s in cfg.stages] + [("unlearn", cfg.unlearn)]:
+        if part.global_batch % (part.micro_batch * max(counts)):
+            print(f"{args.config}: {where}: global_batch {part.global_batch} does not split into micro-batches of "
+                  f"{part.micro_batch} over {max(counts)} workers", file=sys.stderr)
+            return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="reteq-worlds-")).resolve()
     raw["work_dir"] = str(work / "work")
-    counts = worker_counts(args.workers, args.gpu)
     print(f"{args.config}: workers {counts}, launcher {args.launcher}, deepspeed {raw['execution'].get('deepspeed')}, "
           f"{'GPU' if args.gpu else 'CPU'}; work in {work}", flush=True)
     traces = []
