@@ -73,6 +73,9 @@ CONFIG_CASES = {
                             "rmu.layer: takes whole numbers"),
     "retain-stage-undeclared": (("unlearn", "retain_stage"), "S_R", "unlearn.retain_stage",
                                 "'S_R' is not a declared stage"),
+    # a global batch of 8 in micro-batches of 4 cannot split over 3 workers (docs/cluster.md: across worker counts)
+    "batch-does-not-split-over-workers": (("execution",), {"workers": 3}, "stages[0].global_batch",
+                                          "does not split into micro-batches of 4 over execution.workers 3"),
 }
 
 
