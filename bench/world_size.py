@@ -11,7 +11,7 @@ micro_batch x the largest count).
         --deepspeed configs/deepspeed/zero2_fp32.json
     # SmolLM2-135M (configs/ablations/smol_workers2.yaml), one order's stage nodes + one GA leaf, cut short
     nice python bench/world_size.py configs/ablations/smol_workers2.yaml --workers 1,2 --launcher ray \
-        --order tofu,U --algorithms ga --stage-steps 2 --unlearn-steps 2 --set eval.math_questions=2 ...
+        --order tofu,U --algorithms ga --stage-steps 2 --unlearn-steps 2 --set "seeds=[0]" ...
     # GPUs (bench/gpu_suite.sh): 1 GPU and every GPU of the node, NCCL, no Ray
     python bench/world_size.py configs/ablations/workers_tiny.yaml --gpu --workers 1,all
 
