@@ -100,11 +100,15 @@ def _zero(ds: dict[str, Any] | None) -> int:
     return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
 
 
-def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """Largest |a - b| per quantity over every node, leaf and step that trace `b` holds: `loss/<node label>`,
-    `loss/<algorithm>`, and each eval metric by its MLflow name (over every leaf and eval step). `b` may hold
-    fewer nodes than `a` (its leaves read `a`'s checkpoints); anything `b` has that `a` lacks, or a different
-    number of steps, raises ValueError: a missing step is a disagreement, not a zero difference."""
+def differences(a: dict[str, Any], b: dict[str, Any], partial: bool = False) -> dict[str, float]:
+    """Largest |a - b| per quantity over every node, leaf and step: `loss/<node label>`, `loss/<algorithm>`, and
+    each eval metric by its MLflow name (over every leaf and eval step). `partial`: `b` may hold fewer nodes and
+    leaves than `a` (e.g. its leaves read `a`'s checkpoints instead of training nodes). A node, leaf, step or
+    metric one trace has and the other lacks raises ValueError: a missing step is a disagreement, not a zero
+    difference."""
+    for kind in ("nodes", "leaves"):
+        if not partial and a[kind].keys() != b[kind].keys():
+            raise ValueError(f"the traces hold different {kind}: {len(a[kind])} against {len(b[kind])}")
     out: dict[str, float] = {}
 
     def put(name: str, x: float, y: float) -> None:
@@ -126,6 +130,8 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
                     raise ValueError(f"{mine['label']}: eval steps {sorted(theirs['evals'])} against "
                                      f"{sorted(mine['evals'])}")
                 for step, metrics in mine["evals"].items():
+                    if theirs["evals"][step].keys() != metrics.keys():
+                        raise ValueError(f"{mine['label']}: step {step} has other metrics")
                     for metric, y in metrics.items():
                         put(metric, theirs["evals"][step][metric], y)
     return dict(sorted(out.items()))
