@@ -40,6 +40,7 @@ import yaml  # noqa: E402  (transformers' dependency: on the GPU image too)
 from reteq.config import parse_config  # noqa: E402
 from reteq.config_files import read_yaml_mapping  # noqa: E402
 from reteq.errors import BadInput  # noqa: E402
+from reteq.pipeline import DataCache, preflight  # noqa: E402
 from reteq.sweep.worlds import TOLERANCE, differences, largest  # noqa: E402  (no Ray at import)
 
 
@@ -81,13 +82,16 @@ def shaped_config(args: argparse.Namespace) -> dict:
     if args.stage_steps:  # plan_steps draws round(n x epochs) rows: exactly steps x global_batch of them
         for stage in raw["stages"]:
             stage["epochs"] = args.stage_steps * stage["global_batch"] / stage["source"]["n"]
-    for item in args.set:
+    for item in args.set:  # a dotted path; a list item by its index (stages.0.max_length=64)
         key, _, value = item.partition("=")
         *path, last = key.split(".")
         node = raw
         for part in path:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
     ex = raw.setdefault("execution", {})
     if args.deepspeed:  # "none": plain torch (several workers then sum their gradients: PlainEngine)
         ex["deepspeed"] = None if args.deepspeed == "none" else args.deepspeed
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
     try:  # bad input stops here, one line, before any rank starts
         raw = shaped_config(args)
         parse_config(raw, source=args.config)
-    except (BadInput, OSError, KeyError, ValueError) as e:
+    except (BadInput, OSError, KeyError, IndexError, ValueError, TypeError) as e:
         print(e if isinstance(e, BadInput) else f"{args.config}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     counts = worker_counts(args.workers, args.gpu)
@@ -186,6 +190,11 @@ def main(argv=None) -> int:
             print(f"{args.config}: {where}: global_batch {part.global_batch} does not split into micro-batches of "
                   f"{part.micro_batch} over {max(counts)} workers", file=sys.stderr)
             return 2
+    try:  # models built or converted once (the tiny model, a GGUF file), every stage's data readable
+        preflight(cfg, DataCache(cfg))
+    except BadInput as e:
+        print(f"{args.config}: {e}", file=sys.stderr)
+        return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="reteq-worlds-")).resolve()
     raw["work_dir"] = str(work / "work")
     print(f"{args.config}: workers {counts}, launcher {args.launcher}, deepspeed {raw['execution'].get('deepspeed')}, "
