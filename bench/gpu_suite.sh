@@ -7,6 +7,11 @@
 # Runs are ordered by importance and share a wall-clock budget (SUITE_BUDGET_S, default 450 s): a run that
 # would not fit is skipped and says so, and every run has its own timeout, so the log always comes back.
 # What each run measures (see docs/performance.md, "GPU suite", for how to read and record the numbers):
+#   0 workers-gpu  results across worker counts (bench/world_size.py, docs/cluster.md): the tiny model's stage
+#                nodes and GA / NPO / WGA leaves (configs/ablations/workers_tiny.yaml) on 1 GPU and on every GPU
+#                of the node (NCCL), printing the largest difference of any loss or eval metric; ZeRO-2 fp32 when
+#                deepspeed is importable, else plain torch. Needs pydantic (reteq.config), which comes with
+#                deepspeed's carried wheels. On a 1-GPU machine it compares two 1-GPU runs (repeatability only).
 #   1 env        GPU, driver, versions, whether flash-attn is importable
 #   2 pack-1b    Llama-3.2-1B LoRA r64, finetune steps: fp32 (TF32 off, the paper's setting) and tf32,
 #                padded vs packed; global batch 64, chat lengths log-normal median 256 in [64, 1024]
@@ -76,6 +81,14 @@ else
   B1=64; B2=320
 fi
 
+# a correctness check first (about a minute): the same numbers on 1 GPU and on all of them
+if "$PY" -c "import pydantic, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  if "$PY" -c "import deepspeed" 2>/dev/null; then WDS=configs/deepspeed/zero2_fp32.json; else WDS=none; fi
+  run workers-gpu 120 bench/world_size.py configs/ablations/workers_tiny.yaml --gpu --workers 1,all \
+    --deepspeed $WDS --work /tmp/reteq-workers-gpu
+else
+  echo "=== SKIP workers-gpu: needs a GPU and pydantic (carried with deepspeed: ../shared/STACK.md)" >> "$LOG"
+fi
 run pack-1b 120 bench/packing_throughput.py --shape $M1 --precisions fp32,tf32 --modes padded,packed \
   --phases finetune --global-batch $GB --micro-batch $MB --steps 2 --warmup-steps 1 "${LENS[@]}" "${X[@]}"
 run pack-1b-bf16 90 bench/packing_throughput.py --shape $M1 --precisions bf16 --modes padded,unsorted,packed \

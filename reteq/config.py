@@ -365,6 +365,7 @@ class SweepConfig(_Strict):
         self._optimizers_run_under_zero()
         self._eval_schedule_on_eval_steps()
         self._bf16_runs_on_this_cpu()
+        self._batches_split_over_workers()
         return self
 
     def _eval_schedule_on_eval_steps(self) -> None:
@@ -406,6 +407,18 @@ class SweepConfig(_Strict):
             raise ValueError(f"orders/unlearn: the grid has {n} unlearning runs, over the limit of {limit} "
                              f"(models x seeds x schedules x orders x lrs x knobs); pass --max-leaves {n} to "
                              "go past it")
+
+    def _batches_split_over_workers(self) -> None:
+        """Every global batch splits into whole micro-batches over `execution.workers` (one worker accumulates
+        them all, N workers take an equal share): the same global batch at any worker count, and a config that
+        cannot split fails here rather than in a worker once the sweep has started."""
+        workers = self.execution.workers
+        parts = [(f"stages[{i}]", s) for i, s in enumerate(self.stages)] + [("unlearn", self.unlearn)]
+        for where, part in parts:
+            if part.global_batch % (part.micro_batch * workers):
+                raise ValueError(f"{where}.global_batch: {part.global_batch} does not split into micro-batches of "
+                                 f"{part.micro_batch} over execution.workers {workers} (make it a multiple of "
+                                 f"{part.micro_batch * workers}, or lower micro_batch)")
 
     def _retain_set_declared(self, names: list[str]) -> None:
         """A method with a retain term reads `retain_stage` (else the knowledge stage): a declared stage other

@@ -86,6 +86,9 @@ CONFIG_CASES = {
     "unlearn-max-length-1e12": (("unlearn", "max_length"), 1e12, "unlearn.max_length", "must be <= 131072"),
     "math-samples-1e9": (("eval", "math_samples"), 10**9, "eval.math_samples", "must be <= 100000"),
     "forget-prompts-1e9": (("eval", "forget_prompts"), 10**9, "eval.forget_prompts", "a number in 1..100000"),
+    # a global batch of 8 in micro-batches of 4 cannot split over 3 workers (docs/cluster.md: across worker counts)
+    "batch-does-not-split-over-workers": (("execution",), {"workers": 3}, "stages[0].global_batch",
+                                          "does not split into micro-batches of 4 over execution.workers 3"),
 }
 
 

@@ -251,3 +251,28 @@ def test_frozen_bf16_base_weights_change_nothing_under_bf16_autocast():
     assert torch.equal(a, b) and torch.equal(ga, gb)
     base.use("fp32")  # an fp32 evaluation sees the untouched originals, not bf16 values cast back
     assert [(m.weight.data_ptr(), m.weight.dtype) for m in linears] == originals
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_global_step_splits_into_the_same_micro_batches_at_any_worker_count(packed):
+    """1 worker accumulating 4 micro-batches, 2 workers taking 2 each, 4 taking 1: the step's micro-batches are
+    the same (same samples, same rows), each with the same slot in the global step, which seeds its dropout
+    (reteq.train.loop.micro_batch_seed); so the summed gradient does not depend on the worker count."""
+    ex = _examples(16, seed=5)
+    step = list(range(16))
+    random.Random(1).shuffle(step)
+
+    def split(world: int) -> dict[int, tuple]:
+        out = {}
+        for rank in range(world):
+            batches = (packed_micro_batches(ex, step, 4, rank, world, pad_id=0) if packed
+                       else micro_batches(ex, step, 4, rank, world, pad_id=0))
+            assert len(batches) == 4 // world  # every worker the same number of micro-steps
+            for b in batches:
+                assert b.slot not in out
+                out[b.slot] = (b.input_ids.tolist(), b.labels.tolist(), b.index.tolist())
+        return out
+
+    one = split(1)
+    assert sorted(one) == [0, 1, 2, 3]
+    assert split(2) == one and split(4) == one

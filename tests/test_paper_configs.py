@@ -35,7 +35,8 @@ def rcu_files(tmp_path, monkeypatch):
 
 def test_there_is_one_paper_config_per_base_model():
     assert {p.stem for p in (ROOT / "configs" / "paper").glob("*.yaml")} == set(TABLE_2)
-    assert len(CONFIGS) == 10  # 5 paper + seeds, lr_grid, scheduler, superficial (1B), superficial_3b
+    assert len(CONFIGS) == 12  # 5 paper + seeds, lr_grid, scheduler, superficial (1B), superficial_3b,
+    # smol_workers2, workers_tiny
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -155,3 +156,22 @@ def test_every_config_validates_and_plans_with_a_gpu_hour_estimate(path, capsys)
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
     assert "GPU-hours" in out and "stage nodes:" in out
+
+
+def test_the_worker_count_variants_change_only_how_each_step_is_split():
+    """configs/ablations/smol_workers2.yaml is configs/smol.yaml on 2 ZeRO-2 workers: the same global batches and
+    everything else, micro-batches of 4 so each step splits over the workers (docs/cluster.md, "Results across
+    worker counts"); workers_tiny.yaml's global batches split over 1 or 2 workers."""
+    smol = load_config(ROOT / "configs" / "smol.yaml").model_dump(mode="json")
+    two = load_config(ROOT / "configs" / "ablations" / "smol_workers2.yaml").model_dump(mode="json")
+    assert (two["execution"]["workers"], two["execution"]["deepspeed"]) == (2, "configs/deepspeed/zero2_fp32.json")
+    for part in (*smol["stages"], smol["unlearn"], *two["stages"], two["unlearn"]):
+        assert part["global_batch"] == 8
+        part["micro_batch"] = None
+    for cfg in (smol, two):
+        cfg.update(name=None, work_dir=None, execution=None)
+    assert smol == two
+    tiny = load_config(ROOT / "configs" / "ablations" / "workers_tiny.yaml")
+    assert all(part.global_batch % (part.micro_batch * 2) == 0 for part in (*tiny.stages, tiny.unlearn))
+    assert tiny.models[0].lora is not None and tiny.models[0].lora.dropout > 0
+    assert tiny.unlearn.algorithms == ["ga", "npo", "wga"]

@@ -49,6 +49,7 @@ class PackedBatch:
     index: torch.Tensor  # (N,) dataset positions, in sample order
     n_tokens: int  # real (non-pad) tokens
     layout: str = "rows"
+    slot: int = 0  # which micro-batch of its global step, counted over all workers (seeds its dropout)
 
     packed = True  # class attribute: lets callers tell a PackedBatch from a padded Batch without importing it
 
@@ -62,7 +63,7 @@ class PackedBatch:
 
     def to(self, device) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.seq_ids.to(device),
-                           self.labels.to(device), self.index.to(device), self.n_tokens, self.layout)
+                           self.labels.to(device), self.index.to(device), self.n_tokens, self.layout, self.slot)
 
 
 def is_packed(batch) -> bool:
@@ -168,6 +169,9 @@ def packed_micro_batches(examples: Sequence[ExampleLike], step_indices: list[int
     workers. The step's samples are balanced over all workers' micro-batches by tokens, not by count (about
     micro_batch x mean-length tokens each), then each micro-batch is packed: "varlen" into one row, "rows" into
     rows no wider than the step's longest sample (the padded path's widest row), at the width that pads least.
+    The plan covers the whole global step (per_worker x world slots, the same for 1 worker accumulating and N
+    workers: the global batch fixes it) and worker r takes slots r x per_worker onwards, so the global step's
+    micro-batches, and so its gradient, do not depend on the worker count; each batch keeps its slot number.
     """
     chosen = [examples[i] for i in step_indices]
     lengths = [len(e.input_ids) for e in chosen]
@@ -181,7 +185,9 @@ def packed_micro_batches(examples: Sequence[ExampleLike], step_indices: list[int
         members = sorted(i for row in plan[s] for i in row)
         local = {i: k for k, i in enumerate(members)}
         rows = [[local[i] for i in row] for row in plan[s]] if layout == "rows" else None
-        out.append(pack([chosen[i] for i in members], pad_id, layout=layout, rows=rows))
+        batch = pack([chosen[i] for i in members], pad_id, layout=layout, rows=rows)
+        batch.slot = s
+        out.append(batch)
     return out
 
 

@@ -204,6 +204,7 @@ class Batch:
     labels: torch.Tensor
     index: torch.Tensor  # (B,) dataset positions
     n_tokens: int  # real (non-pad) tokens
+    slot: int = 0  # which micro-batch of its global step, counted over all workers (seeds its dropout)
 
     @property
     def n_label_tokens(self) -> int:
@@ -211,7 +212,7 @@ class Batch:
 
     def to(self, device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.index.to(device), self.n_tokens)
+                     self.index.to(device), self.n_tokens, self.slot)
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -248,8 +249,14 @@ def plan_steps(n_examples: int, epochs: float, global_batch: int, seed: int, ste
 
 def micro_batches(examples: list[Example], step_indices: list[int], micro_batch: int, rank: int, world: int,
                   pad_id: int) -> list[Batch]:
-    """This worker's micro-batches of one step: sorted by length so each micro-batch pads little."""
+    """This worker's micro-batches of one step: sorted by length so each micro-batch pads little. The step's
+    chunks do not depend on the worker count (worker r takes chunks r, r + world, ...), and each batch keeps
+    its chunk's number as its `slot`."""
     chosen = sorted((examples[i] for i in step_indices), key=lambda e: len(e.input_ids))
     chunks = [chosen[i:i + micro_batch] for i in range(0, len(chosen), micro_batch)]
-    mine = chunks[rank::world]
-    return [collate(c, pad_id) for c in mine]
+    out = []
+    for slot in range(rank, len(chunks), world):
+        batch = collate(chunks[slot], pad_id)
+        batch.slot = slot
+        out.append(batch)
+    return out

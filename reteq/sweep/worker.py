@@ -95,14 +95,10 @@ def in_process(cfg, ds: dict[str, Any] | None) -> bool:
     """True when one CPU worker and a DeepSpeed config with nothing to do (ZeRO-0, fp32, no clipping): the
     work then runs in the task or trial itself with plain torch, the same arithmetic without a worker group,
     a process group or `import deepspeed`. Multi-worker and GPU work keeps Ray Train + DeepSpeed."""
+    from reteq.train.engine import deepspeed_needed
+
     ex = cfg.execution
-    if ex.workers != 1 or ex.use_gpu:
-        return False
-    if ds is None:
-        return True
-    zero = int(ds.get("zero_optimization", {}).get("stage", 0))
-    half = any(ds.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
-    return zero == 0 and not half and not float(ds.get("gradient_clipping", 0) or 0)
+    return ex.workers == 1 and not ex.use_gpu and not deepspeed_needed(ds)
 
 
 @dataclass(frozen=True)

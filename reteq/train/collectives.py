@@ -40,6 +40,25 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum every parameter's gradient over all ranks, in place, as one flat buffer (one collective): plain
+    torch data parallelism (each rank's loss already carries its share of the global batch, so the sum is the
+    global gradient). A parameter without a gradient on this rank contributes zeros. Nothing outside a group."""
+    if not active() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = check_device(torch.cat([g.reshape(-1) for g in grads]), grads[0].device)
+    dist.all_reduce(flat)
+    at = 0
+    for p, g in zip(params, grads, strict=True):
+        summed = flat[at:at + g.numel()].view_as(g)
+        at += g.numel()
+        if p.grad is None:
+            p.grad = summed.clone()
+        else:
+            p.grad.copy_(summed)
+
+
 def broadcast_object(obj: Any, device: torch.device, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank; the pickled bytes travel in a tensor on the worker's device."""
     if not active():

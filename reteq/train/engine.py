@@ -1,6 +1,7 @@
 """Engines: who owns backward and the optimizer step. The training loop talks only to this interface.
 
-PlainEngine      torch AdamW/SGD + LambdaLR; gradient accumulation by calling backward several times.
+PlainEngine      torch AdamW/SGD + LambdaLR; gradient accumulation by calling backward several times; several
+                 workers (deepspeed: null) sum their gradients before the step.
 DeepSpeedEngine  `deepspeed.initialize` with a client torch optimizer (no C++ op compile) and our schedule;
                  ZeRO stage and precision come from a JSON in configs/deepspeed/. Runs on CPU with gloo too.
 Both are built fresh for every stage: the paper re-initialises the optimizer and schedule at each stage.
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from reteq.errors import BadInput
+from reteq.train.collectives import all_reduce_grads
 from reteq.train.schedules import lr_multiplier
 
 
@@ -52,9 +54,13 @@ def _grad_norm(params) -> float:
 
 
 class PlainEngine:
-    def __init__(self, model: torch.nn.Module, spec: OptimSpec):
+    """Several workers (`world` > 1, deepspeed: null): each backward adds this rank's share of the global loss,
+    and the step first sums the gradients over the ranks, so every rank takes the same step as one worker."""
+
+    def __init__(self, model: torch.nn.Module, spec: OptimSpec, world: int = 1):
         self.model = model
         self.module = model
+        self.world = world
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, spec)
         self.scheduler = make_scheduler(self.optimizer, spec)
@@ -68,6 +74,8 @@ class PlainEngine:
         loss.backward()
 
     def optimizer_step(self) -> float:
+        if self.world > 1:
+            all_reduce_grads(self.params)
         norm = _grad_norm(self.params)
         self.optimizer.step()
         self.scheduler.step()
@@ -122,8 +130,19 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None and math.isfinite(float(norm)) else float("nan")
 
 
+def deepspeed_needed(ds_config: dict[str, Any] | None) -> bool:
+    """False when a DeepSpeed config has nothing to do for ONE CPU worker (none, or ZeRO-0 in fp32 without
+    clipping): plain torch then does the same arithmetic without a process group or `import deepspeed`, so
+    the sweep runs such work in process (reteq.sweep.worker.in_process) and so does reteq.sweep.worlds."""
+    if ds_config is None:
+        return False
+    zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    half = any(ds_config.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
+    return zero != 0 or half or bool(float(ds_config.get("gradient_clipping", 0) or 0))
+
+
 def build_engine(model, spec: OptimSpec, *, ds_config: dict[str, Any] | None, micro_batch: int,
                  accumulation: int, world: int):
     if ds_config is None:
-        return PlainEngine(model, spec)
+        return PlainEngine(model, spec, world)
     return DeepSpeedEngine(model, spec, ds_config, micro_batch, accumulation, world)

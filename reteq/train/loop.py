@@ -7,6 +7,7 @@ same gradient as one big batch.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -53,20 +54,33 @@ class LoopResult:
     stopped_early: bool = False
 
 
+def micro_batch_seed(seed: int, step: int, slot: int) -> int:
+    """The torch seed of one micro-batch's forward (its dropout masks): the run's seed (a node's comes from its
+    key), the step and the micro-batch's slot in the global step. Never the rank: a micro-batch draws the same
+    masks whether one worker accumulates it or another worker of N takes it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{slot}".encode()).digest()[:8], "little") >> 1
+
+
+# the engine, its steps and loss, where they run (device, precision), then three knobs of the run
+# params: the step callback, the resume point and the dropout seed
 def train_loop(engine, steps: list[Step], loss_fn: LossFn, *, device: torch.device, dtype: str = "fp32",
-               on_step: Callable[[StepRecord], bool | None] | None = None, first_step: int = 0) -> LoopResult:
+               on_step: Callable[[StepRecord], bool | None] | None = None, first_step: int = 0,
+               seed: int = 0) -> LoopResult:
     """Run every step; `on_step` may return True to stop early (e.g. after a collapse seen in evaluation).
     `first_step`: steps already done (a resumed stage, its engine state loaded): they are skipped, and the
-    records continue from first_step + 1."""
+    records continue from first_step + 1. `seed`: each micro-batch's forward runs under
+    `micro_batch_seed(seed, step, slot)`, in a forked RNG (the caller's random state is left as it was)."""
     result = LoopResult()
     engine.model.train()
+    forked = [device] if device.type == "cuda" else []
     for i, step in enumerate(steps[first_step:], start=first_step + 1):
         start = time.perf_counter()
         lr = engine.lr
         step_loss, tokens, padded = 0.0, 0, 0
         for batch in step.micro_batches:
             batch = batch.to(device)
-            with autocast(dtype, device):
+            with torch.random.fork_rng(devices=forked), autocast(dtype, device):
+                torch.manual_seed(micro_batch_seed(seed, i, batch.slot))
                 loss = loss_fn(engine.model, batch, step)
             value = float(loss.detach())
             if not math.isfinite(all_reduce_sum(0.0 if math.isfinite(value) else math.inf, device)):

@@ -141,7 +141,7 @@ def finetune_stage(model, tokenizer, stage: StageConfig, convs: list[dict], ctx:
         resume.load(engine)
     with frozen_base_in(engine.module, ctx.dtype, ctx.holds_bf16_base):  # [precision hook] a LoRA base in bf16 under bf16
         result = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step,
-                            first_step=resume.step if resume is not None else 0)
+                            first_step=resume.step if resume is not None else 0, seed=seed)
     pad = padding_fraction([b for s in steps for b in s.micro_batches])
     stats = {"steps": len(steps), "padding_fraction": pad, "examples": len(examples)}
     return engine.module, result, stats
@@ -246,7 +246,8 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
                 return not all(math.isfinite(v) for v in metrics.values())
             return False
 
-        loop = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step)
+        loop = train_loop(engine, steps, loss_fn, device=ctx.device, dtype=ctx.dtype, on_step=after_step,
+                          seed=job.seed)
     if loop.stopped_early:  # evaluation went non-finite: treat as collapse, keep the last finite metrics
         loop.collapsed = True
         evals.pop()
