@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from reteq.algorithms import MethodInputs, get_algorithm  # noqa: E402
+from reteq.algorithms import get_algorithm  # noqa: E402
+from reteq.algorithms.base import MethodInputs  # noqa: E402
 from reteq.data.packing import layout_for, pack, packed_micro_batches, padding_fraction  # noqa: E402
 from reteq.train.engine import OptimSpec, build_engine, load_deepspeed_config  # noqa: E402
 from reteq.train.logprobs import batch_token_logps, sequence_logps  # noqa: E402

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from common import HEAVY, LORA_TARGETS, SHAPES, init_single_process_distributed, machine  # noqa: E402  (bench/common.py: one table of shapes)
 
-from reteq.algorithms import MethodInputs, get_algorithm  # noqa: E402
+from reteq.algorithms import get_algorithm  # noqa: E402
+from reteq.algorithms.base import MethodInputs  # noqa: E402
 from reteq.data.tokenize import IGNORE, Example, micro_batches, plan_steps  # noqa: E402
 from reteq.train.engine import OptimSpec, build_engine, load_deepspeed_config  # noqa: E402
 from reteq.train.logprobs import sequence_logps, token_logps  # noqa: E402

@@ -35,7 +35,7 @@ def cmd_run_path(args) -> int:
     from reteq.commands.run_path import PathFlags, run_path_command
 
     flags = PathFlags(model=args.model, order=args.order, algorithm=args.algorithm, lr=args.lr, beta=args.beta,
-                      seed=args.seed)
+                      seed=args.seed, params=tuple(args.param))
     return run_path_command(args.config, flags, work_dir=args.work_dir)
 
 
@@ -115,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--model", help="model name (default: the first)")
     s.add_argument("--order", help="comma-separated stage order, e.g. inst,tofu,math,U (default: the first)")
-    s.add_argument("--algorithm", help="ga | npo | simnpo (default: the first)")
+    s.add_argument("--algorithm", help="a method of docs/methods.md, e.g. ga, npo, simnpo (default: the first)")
     s.add_argument("--lr", type=float, help="unlearning lr (default: the first)")
-    s.add_argument("--beta", type=float, help="NPO/SimNPO beta (default: the first of the grid)")
+    s.add_argument("--beta", type=float, help="the method's beta: the same as --param <algorithm>.beta=<value>")
+    s.add_argument("--param", action="append", default=[], metavar="METHOD.KNOB=VALUE",
+                   help="set one of the leaf's method knobs, e.g. npo.beta=0.5 or rmu.layer=2 (repeatable; "
+                        "default: each knob's first grid value; docs/methods.md lists them)")
     s.add_argument("--seed", type=int, help="seed (default: the first)")
     s.add_argument("--work-dir", help="override the config's work_dir")
     s.set_defaults(fn=cmd_run_path)

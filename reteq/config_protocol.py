@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from reteq.algorithms import ALGORITHMS
 from reteq.config_files import MAX_BATCH, MAX_EPOCHS, MAX_LENGTH, MAX_STEPS, PositiveFloat
 from reteq.config_files import Strict as _Strict
 
@@ -116,8 +116,6 @@ class UnlearnConfig(_Strict):
     @field_validator("algorithms")
     @classmethod
     def _known_algorithms(cls, names: list[str]) -> list[str]:
-        from reteq.algorithms import ALGORITHMS
-
         for name in names:
             if name not in ALGORITHMS:
                 raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(ALGORITHMS))})")
@@ -126,8 +124,6 @@ class UnlearnConfig(_Strict):
     @field_validator("loss_normalisation")
     @classmethod
     def _known_normalised(cls, v: dict[str, str]) -> dict[str, str]:
-        from reteq.algorithms import ALGORITHMS
-
         unknown = sorted(set(v) - set(ALGORITHMS))
         if unknown:
             raise ValueError(f"unknown algorithm(s) {unknown} (known: {', '.join(sorted(ALGORITHMS))})")
@@ -136,27 +132,18 @@ class UnlearnConfig(_Strict):
     @field_validator("params")
     @classmethod
     def _known_knobs(cls, v: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
-        from reteq.algorithms import ALGORITHMS
-
         for name, grid in v.items():
             alg = ALGORITHMS.get(name)
             if alg is None:
                 raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(sorted(ALGORITHMS))})")
             for k, values in grid.items():
-                if k not in alg.defaults:
-                    raise ValueError(f"{name} has no knob {k!r} (its knobs: {', '.join(alg.knobs) or 'none'})")
-                if not values:
-                    raise ValueError(f"{name}.{k}: give at least one value")
-                if isinstance(alg.defaults[k], int) and any(float(x) != int(x) for x in values):
-                    raise ValueError(f"{name}.{k}: takes whole numbers, got {values}")
-                if any(not math.isfinite(x) for x in values):
-                    raise ValueError(f"{name}.{k}: values must be finite, got {values}")
+                problem = alg.check(k, values)  # its knobs, their bounds and whole numbers (reteq.algorithms)
+                if problem:
+                    raise ValueError(problem)
         return v
 
     def normalisation(self, algorithm: str) -> str:
         """`sequence` or `token` for this algorithm (unlisted: the method's own, reteq.algorithms)."""
-        from reteq.algorithms import ALGORITHMS
-
         return self.loss_normalisation.get(algorithm, ALGORITHMS[algorithm].normalisation)
 
     @model_validator(mode="after")
@@ -173,8 +160,6 @@ class UnlearnConfig(_Strict):
 
     def betas_for(self, algorithm: str) -> list[float | None]:
         """The beta grid of this algorithm ([None] for a method without beta)."""
-        from reteq.algorithms import ALGORITHMS
-
         if not ALGORITHMS[algorithm].uses_beta:
             return [None]
         grid = self.params.get(algorithm, {}).get("beta") or self.betas.get(algorithm)
@@ -182,11 +167,11 @@ class UnlearnConfig(_Strict):
 
     def knob_grid(self, algorithm: str) -> list[dict[str, float]]:
         """Every combination of this algorithm's knob values, each knob's grid or its default; [{}] for GA.
-        Values keep the type of the method's default (RMU's layer is an int)."""
-        from reteq.algorithms import ALGORITHMS
-
-        defaults = ALGORITHMS[algorithm].defaults
+        Values keep the type of the method's default (RMU's layer is an int); a knob added after keys were
+        recorded is left out at its default (reteq.algorithms.method.Knob.later), so those keys are unchanged."""
+        method = ALGORITHMS[algorithm]
+        defaults = method.defaults
         grids = {k: (self.betas_for(algorithm) if k == "beta" else
                      self.params.get(algorithm, {}).get(k) or [d]) for k, d in defaults.items()}
-        return [{k: type(defaults[k])(v) for k, v in zip(grids, combo)}
+        return [method.keyed({k: type(defaults[k])(v) for k, v in zip(grids, combo)})
                 for combo in itertools.product(*grids.values())]

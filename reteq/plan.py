@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field, replace
 
-from reteq.algorithms import ALGORITHMS, RETAIN_WEIGHT, Need
+from reteq.algorithms import ALGORITHMS, Need
 from reteq.config import SweepConfig
 from reteq.data.alternatives import ALTERNATIVES_VERSION
 from reteq.digest import spec_hash as _hash
@@ -249,7 +249,7 @@ def method_inputs(cfg: SweepConfig, algorithm: str, params: dict[str, float]) ->
     ones recorded before methods could read more."""
     alg = ALGORITHMS[algorithm]
     extra: dict = {}
-    if Need.RETAIN in alg.needs and params.get(RETAIN_WEIGHT, 0) > 0:
+    if alg.reads_retain_at(params):  # the one rule (reteq.algorithms.method.Method)
         extra["retain"] = {"stage": cfg.retain_stage,
                            "source": cfg.stage(cfg.retain_stage).source.model_dump(mode="json")}
     if Need.ALTERNATIVE in alg.needs:

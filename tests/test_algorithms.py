@@ -14,7 +14,9 @@ import pytest
 import torch
 from helpers import model_cfg, refusal_finetune, reteq_cache  # noqa: F401  (session fixture)
 
-from reteq.algorithms import ALGORITHMS, MethodInputs, Need, get_algorithm
+from reteq.algorithms import ALGORITHMS, Need, get_algorithm
+from reteq.algorithms.base import LOSSES, MethodInputs, implements
+from reteq.algorithms.ga_config import METHOD as GA
 from reteq.config import EvalConfig, UnlearnConfig
 from reteq.data.forget_targets import UNLEARN_LABEL
 
@@ -168,9 +170,7 @@ def test_each_method_lowers_the_unlearn_labels_log_prob(algorithm, beta):
 
 def test_a_second_method_under_a_taken_name_is_an_error():
     """A duplicate name used to replace the first method silently (a sweep would run the wrong loss)."""
-    from reteq.algorithms import ALGORITHMS, register
-
-    before = ALGORITHMS["ga"]
-    with pytest.raises(ValueError, match="'ga' is already registered by reteq.algorithms.ga"):
-        register("ga")(lambda logp, ref, params: logp.mean())
-    assert ALGORITHMS["ga"] is before
+    before = get_algorithm("ga")
+    with pytest.raises(ValueError, match="'ga' is already implemented by reteq.algorithms.ga"):
+        implements(GA)(lambda x, params: x.seq_logp.mean())
+    assert LOSSES["ga"] is before

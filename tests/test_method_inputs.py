@@ -137,26 +137,30 @@ def test_the_reference_is_cached_per_start_key():
 
 # ---- gather: exactly what the method declared ------------------------------------------------------------------
 
-SEQ = {"seq_logp", "seq_tokens"}
+SEQ = {"seq_logp", "seq_tokens"}  # every method gets these
 TOKENS = {"token_logp", "token_owner", "labels"}
-FILLED = {
-    "ga": SEQ, "simnpo": SEQ, "graddiff": SEQ,
-    "npo": SEQ | {"ref_seq_logp"}, "npo_retain": SEQ | {"ref_seq_logp"},
-    "wga": SEQ | TOKENS, "satimp": SEQ | TOKENS,
-    "ceu": SEQ | TOKENS | {"logits"}, "me": SEQ | TOKENS | {"logits"},
-    "undial": SEQ | TOKENS | {"logits", "ref_logits"},
-    "rmu": SEQ | TOKENS | {"hidden"},
-    "idknll": SEQ | {"alt_seq_logp", "alt_seq_tokens"},
-    "idkdpo": SEQ | {"ref_seq_logp", "alt_seq_logp", "alt_seq_tokens", "ref_alt_seq_logp"},
+# what each Need makes gather fill (per Need, not per method: a new method adds no row here)
+FILLS = {
+    Need.TOKEN_LOGPS: TOKENS, Need.LOGITS: TOKENS | {"logits"}, Need.REF_LOGITS: TOKENS | {"ref_logits"},
+    Need.HIDDEN: TOKENS | {"hidden"}, Need.REF_LOGPS: {"ref_seq_logp"},
+    Need.ALTERNATIVE: {"alt_seq_logp", "alt_seq_tokens"}, Need.RETAIN: set(),  # the loop reads retain itself
 }
 
 
-def test_every_method_has_its_expected_inputs():
-    assert set(FILLED) == set(ALGORITHMS)
+def expected(needs: frozenset[Need]) -> set[str]:
+    """The MethodInputs fields gather fills for these needs."""
+    both = {"ref_alt_seq_logp"} if {Need.ALTERNATIVE, Need.REF_LOGPS} <= needs else set()
+    return SEQ.union(*(FILLS[n] for n in needs)) | both
+
+
+def test_every_need_says_what_it_fills():
+    assert set(FILLS) == set(Need)
+    assert expected(ALGORITHMS["idkdpo"].needs) == SEQ | {"ref_seq_logp", "alt_seq_logp", "alt_seq_tokens",
+                                                        "ref_alt_seq_logp"}
 
 
 @pytest.mark.usefixtures("reteq_cache")
-@pytest.mark.parametrize("name", sorted(FILLED))
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_gather_fills_only_what_the_method_declared(name):
     from reteq.data.packing import pack
     from reteq.data.tokenize import encode_dataset
@@ -173,7 +177,7 @@ def test_gather_fills_only_what_the_method_declared(name):
     with torch.no_grad():
         x = gather(model, batch, alg, dict(alg.defaults), ref, alternatives, pad)
     filled = {f.name for f in dataclasses.fields(x) if getattr(x, f.name) is not None}
-    assert filled == FILLED[name]
+    assert filled == expected(alg.needs)
     # at the start checkpoint every reference value equals the model's own, example by example
     if x.ref_seq_logp is not None:
         assert torch.allclose(x.ref_seq_logp, x.seq_logp.to(x.ref_seq_logp), **TOL)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from helpers import model_cfg, refusal_finetune, reteq_cache  # noqa: F401  (session fixture)
 
-from reteq.algorithms import RETAIN_WEIGHT, MethodInputs, get_algorithm
+from reteq.algorithms import RETAIN_WEIGHT, get_algorithm
+from reteq.algorithms.base import MethodInputs
 from reteq.algorithms.ceu import position_in_sequence
 from reteq.algorithms.rmu import control_vector
 from reteq.algorithms.undial import undial_target
@@ -193,6 +194,37 @@ def test_idknll_is_the_alternatives_token_mean_nll():
     loss.backward()
     assert _f(loss) == pytest.approx(6 / 3 + 20 / 4 + 9 / 5, rel=1e-12)
     assert alt.grad.tolist() == pytest.approx([-1 / 3, -1 / 4, -1 / 5], rel=1e-12)  # minimising raises them
+
+
+def test_idknll_batch_token_mean_is_the_steps_token_mean():
+    """batch_token_mean 1 (TOFU): sum_i NLL_i / mean |a| per micro-batch, so that the loop's division by the step's
+    sequences gives the token mean over all the step's alternative tokens, micro-batches included."""
+    x, _, alt = _alt()
+    x.alt_mean_tokens = 5.0  # the whole step's mean alternative length (here: a step of 6 sequences, 30 tokens)
+    loss = get_algorithm("idknll").loss(x, {"batch_token_mean": 1})
+    loss.backward()
+    assert _f(loss) == pytest.approx((6 + 20 + 9) / 5, rel=1e-12)
+    assert _f(loss) / 6 == pytest.approx(35 / 30, rel=1e-12)  # divided by the step's 6 sequences: per token
+    assert alt.grad.tolist() == pytest.approx([-1 / 5] * 3, rel=1e-12)  # every token weighs the same
+    assert _f(get_algorithm("idknll").loss(_alt()[0], {"batch_token_mean": 0})) == pytest.approx(
+        6 / 3 + 20 / 4 + 9 / 5, rel=1e-12)  # 0: the default, unchanged
+    with pytest.raises(ValueError, match="idknll needs the step's mean alternative length"):
+        get_algorithm("idknll").loss(_alt()[0], {"batch_token_mean": 1})
+
+
+def test_simnpo_length_norm_is_fan_et_al():
+    """length_norm 1: -(2/beta) log sigmoid(-beta log pi(y) / |y|); 0 (the default) the summed log-prob."""
+    logp = _t([-6.0, -2.0], grad=True)
+    x = MethodInputs(logp, torch.tensor([3, 1]))
+    beta = 2.5
+    loss = get_algorithm("simnpo").loss(x, {"beta": beta, "length_norm": 1})
+    loss.backward()
+    # both scores are -2: 2 x -(2/2.5) log sigmoid(5) = 1.6 log(1 + e^-5)
+    assert _f(loss) == pytest.approx(1.6 * math.log1p(math.exp(-5)), rel=1e-12)
+    # d/dlogp_i = (2/beta) sigmoid(beta s_i) beta / |y_i| = 2 sigmoid(-5) / |y_i|
+    assert logp.grad.tolist() == pytest.approx([2 * _sigmoid(-5) / 3, 2 * _sigmoid(-5)], rel=1e-12)
+    summed = get_algorithm("simnpo").loss(MethodInputs(_t([-6.0, -2.0]), torch.tensor([3, 1])), {"beta": beta})
+    assert _f(summed) == pytest.approx(0.8 * (math.log1p(math.exp(-15)) + math.log1p(math.exp(-5))), rel=1e-12)
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0])

@@ -20,7 +20,9 @@ from reteq.plan import build_plan
 from tests.sweep_configs import REPO, tiny_sweep
 
 # a second value for one knob of some methods: their grid is a product, and a knob axis varies
-GRID = {"wga": {"beta": [0.5, 1.0]}, "rmu": {"coeff": [5.0]}, "graddiff": {"retain_weight": [0.0, 1.0]}}
+# (and a knob added after keys were recorded, set away from its default: it becomes an axis too)
+GRID = {"wga": {"beta": [0.5, 1.0]}, "rmu": {"coeff": [5.0]}, "graddiff": {"retain_weight": [0.0, 1.0]},
+        "simnpo": {"length_norm": [1]}}
 
 
 def test_the_shipped_methods_config_validates_and_plans_every_method_with_its_knobs():
@@ -29,8 +31,9 @@ def test_the_shipped_methods_config_validates_and_plans_every_method_with_its_kn
     plan = build_plan(cfg)
     per_path = sum(len(cfg.unlearn.knob_grid(a)) for a in cfg.unlearn.algorithms) * len(cfg.unlearn.lrs)
     assert len(plan.leaves) == per_path * len(cfg.stage_orders()) * len(cfg.seeds)
-    for leaf in plan.leaves:  # each leaf carries exactly its own method's knobs
-        assert set(leaf.params) == set(ALGORITHMS[leaf.algorithm].knobs), leaf.algorithm
+    for leaf in plan.leaves:  # each leaf carries exactly its own method's knobs (a later one only when set)
+        knobs = ALGORITHMS[leaf.algorithm].knobs
+        assert set(leaf.params) == {k for k, knob in knobs.items() if not knob.later}, leaf.algorithm
 
 
 def _runs(cfg, kind: str) -> list:
@@ -71,7 +74,9 @@ def test_every_method_runs_through_tune_and_appears_in_the_report(ray_cluster, t
 
     # Tune's table (of the first run: every method but ME) has one column per knob axis
     df = first.dag.results.get_dataframe()
-    for knob in {k for a in names if a != "me" for k in ALGORITHMS[a].knobs}:
+    axes = {k for leaf in plan.leaves if leaf.algorithm != "me" for k in leaf.params}
+    assert "length_norm" in axes
+    for knob in axes:
         assert f"config/{knob}" in df.columns, knob
 
     # the report's Table 1 has a column per (method, knob setting), a row per p

@@ -223,7 +223,8 @@ def test_npo_and_simnpo_like_rules_move_theta_and_stay_bounded():
 def test_rules_are_the_registry_losses_with_minus_squared_residual_as_log_likelihood(rule, beta):
     """Cross-check against reteq.algorithms (torch): one step of our rule = one SGD step on its loss."""
     torch = pytest.importorskip("torch")
-    from reteq.algorithms import MethodInputs, get_algorithm
+    from reteq.algorithms import get_algorithm
+    from reteq.algorithms.base import MethodInputs
 
     inst = make_instance(d=15, n_a=3, n_b=3, k=4, m=8, mu=1.0, eta=0.3, seed=2)
     start = unlearn_trajectory(inst.theta_ab, inst.X_U, inst.y_U, inst.eta, 3, rule, beta)[3]  # away from ref

@@ -1,10 +1,12 @@
-"""The registry every unlearning method enters, and what a method can ask the shared loop for.
+"""The torch side of every unlearning method: what a loss receives (`MethodInputs`), what it returns, and the
+registry of losses (`implements`); what a method declares lives without torch in reteq.algorithms.method.
 
 A method is a loss over one micro-batch of the forget set, `loss(x: MethodInputs, params) -> scalar`, that
 returns the micro-batch's SUM of per-unit losses (a unit is a sequence or a response token, as the method
 says); the loop divides by the global batch's sequences or response tokens (`UnlearnConfig.loss_normalisation`,
 defaulting to the method's own `normalisation`), so accumulation and data parallelism give one big batch's
-gradient. `params` holds the method's knobs by name, each one a Tune axis (`unlearn.params`).
+gradient. `params` holds every one of the method's knobs by name (a leaf's own values over the defaults), each
+one a Tune axis (`unlearn.params`).
 
 A method declares what it `needs` (the `Need` flags) and gets exactly that: the loop computes no full-vocabulary
 logits, reference pass, hidden states, retain or alternative batch that no swept method asks for. Reference
@@ -15,22 +17,11 @@ step, and looked up by example (reteq.train.reference); open-unlearning runs a r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass, fields
 
 import torch
 
-
-class Need(str, Enum):
-    """What a method reads beyond each forget sequence's summed log-prob (which every method gets)."""
-
-    TOKEN_LOGPS = "token_logps"  # per-token log-probs of the response (x.token_logp, x.token_owner)
-    LOGITS = "logits"  # full-vocabulary logits at the response positions (x.logits, x.labels)
-    REF_LOGPS = "ref_logps"  # summed response log-probs under the start checkpoint (x.ref_seq_logp)
-    REF_LOGITS = "ref_logits"  # the start checkpoint's logits at the response positions (x.ref_logits)
-    HIDDEN = "hidden"  # hidden states at the response tokens after layer `params["layer"]` (x.hidden)
-    RETAIN = "retain"  # a retain batch: the loop adds retain_weight x its token-mean NLL per sequence
-    ALTERNATIVE = "alternative"  # a refusal-style alternative answer per forget prompt (x.alt_seq_logp, ...)
+from reteq.algorithms.method import Method
 
 
 @dataclass
@@ -53,6 +44,7 @@ class MethodInputs:
     alt_seq_logp: torch.Tensor | None = None  # (B,) summed log-prob of each prompt's alternative answer
     alt_seq_tokens: torch.Tensor | None = None  # (B,)
     ref_alt_seq_logp: torch.Tensor | None = None  # (B,) the same under the start checkpoint
+    alt_mean_tokens: float | None = None  # alternatives' mean length over the whole step (all micro-batches)
 
     @classmethod
     def of_sequences(cls, seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor | None = None) -> MethodInputs:
@@ -62,70 +54,27 @@ class MethodInputs:
 
 
 LossFn = Callable[[MethodInputs, Mapping[str, float]], torch.Tensor]
-# Knob names become Tune config keys, analysis columns and MLflow params beside these: they cannot be knobs.
-RESERVED_KNOBS = frozenset({"model", "order", "p", "algorithm", "lr", "seed", "schedule", "scheduler", "step",
-                            "params", "kind", "status", "run_id", "metric", "value"})
-RETAIN_WEIGHT = "retain_weight"  # the knob of every method that needs RETAIN (0: the paper's local setting)
 
 
-@dataclass(frozen=True)
-class Algorithm:
-    name: str
+@dataclass(frozen=True, kw_only=True)
+class Algorithm(Method):
+    """A declared method with its loss: what the training loop runs."""
+
     loss: LossFn
-    defaults: Mapping[str, float] = field(default_factory=dict)  # its knobs and their default values
-    needs: frozenset[Need] = frozenset()
-    normalisation: str = "sequence"  # what its loss sums over: "sequence" or "token" (see module docstring)
-    source: str = ""  # paper and reference implementation, for docs/methods.md
-    summary: str = ""
-    label: str = ""  # as tables and figures print it ("WGA"); default: the name
-
-    @property
-    def display(self) -> str:
-        return self.label or self.name
-
-    @property
-    def needs_reference(self) -> bool:
-        return bool(self.needs & {Need.REF_LOGPS, Need.REF_LOGITS})
-
-    @property
-    def uses_beta(self) -> bool:
-        """Whether the legacy `unlearn.betas` grid applies (it is `unlearn.params.<method>.beta`)."""
-        return "beta" in self.defaults
-
-    @property
-    def default_beta(self) -> float | None:
-        return self.defaults.get("beta")
-
-    @property
-    def knobs(self) -> tuple[str, ...]:
-        return tuple(self.defaults)
 
 
-ALGORITHMS: dict[str, Algorithm] = {}
+LOSSES: dict[str, Algorithm] = {}  # filled as reteq.algorithms.load_losses imports each method's loss module
 
 
-# params: the method's name, then what it declares: knobs, needs, normalisation, source, label
-def register(name: str, *, defaults: Mapping[str, float] | None = None, needs: set[Need] | frozenset = frozenset(),
-             normalisation: str = "sequence", source: str = "", label: str = "") -> Callable[[LossFn], LossFn]:
-    """Enter a loss into the registry under `name`; a second method under a taken name is an error."""
-    knobs = dict(defaults or {})
-    bad = sorted(set(knobs) & RESERVED_KNOBS)
-    if bad:
-        raise ValueError(f"algorithm {name!r}: knob name(s) {bad} are reserved (sweep axes and columns)")
-    if Need.RETAIN in needs and RETAIN_WEIGHT not in knobs:
-        raise ValueError(f"algorithm {name!r} needs a retain batch but has no {RETAIN_WEIGHT!r} knob")
-    if Need.HIDDEN in needs and "layer" not in knobs:
-        raise ValueError(f"algorithm {name!r} needs hidden states but has no 'layer' knob")
-    if normalisation not in ("sequence", "token"):
-        raise ValueError(f"algorithm {name!r}: normalisation must be 'sequence' or 'token'")
+def implements(method: Method) -> Callable[[LossFn], LossFn]:
+    """Enter `fn` as the loss of the declared `method`; a second loss for one method is an error."""
 
     def deco(fn: LossFn) -> LossFn:
-        known = ALGORITHMS.get(name)
+        known = LOSSES.get(method.name)
         if known is not None and _origin(known.loss) != _origin(fn):  # a module reloaded registers its own again
-            raise ValueError(f"algorithm {name!r} is already registered by {_origin(known.loss)}; "
-                             f"{_origin(fn)} must use another name")
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        ALGORITHMS[name] = Algorithm(name, fn, knobs, frozenset(needs), normalisation, source, summary, label)
+            raise ValueError(f"algorithm {method.name!r} is already implemented by {_origin(known.loss)}; "
+                             f"{_origin(fn)} must declare another method")
+        LOSSES[method.name] = Algorithm(**{f.name: getattr(method, f.name) for f in fields(method)}, loss=fn)
         return fn
 
     return deco
@@ -146,7 +95,7 @@ def knob(params: Mapping[str, float], name: str, algorithm: str) -> float:
 def required(value: torch.Tensor | None, what: str, algorithm: str) -> torch.Tensor:
     """An input the method declared; None means the loop was not asked for it (a registration bug)."""
     if value is None:
-        raise ValueError(f"{algorithm} needs {what}: declare it in its register(needs=...)")
+        raise ValueError(f"{algorithm} needs {what}: declare it in its METHOD (needs=...)")
     return value
 
 

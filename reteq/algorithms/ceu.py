@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from reteq.algorithms.base import MethodInputs, Need, knob, register, required
+from reteq.algorithms.base import MethodInputs, implements, knob, required
+from reteq.algorithms.ceu_config import METHOD
 
 
 def position_in_sequence(owner: torch.Tensor) -> torch.Tensor:
@@ -30,8 +31,7 @@ def position_in_sequence(owner: torch.Tensor) -> torch.Tensor:
     return torch.arange(n, device=owner.device) - starts[run]
 
 
-@register("ceu", label="CE-U", defaults={"ignore_first": 1}, needs={Need.LOGITS}, normalisation="token",
-          source="Yang 2025, arXiv:2503.01224 (CE-U); open-unlearning CEU (ignore_first_n_answer_tokens 1)")
+@implements(METHOD)
 def ceu(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """CE-U: minimise sum_t CE(z_t, softmax(stopgrad(z_t) with the label at -inf)) past ignore_first tokens.
 

@@ -4,11 +4,11 @@ from collections.abc import Mapping
 
 import torch
 
-from reteq.algorithms.base import MethodInputs, register
+from reteq.algorithms.base import MethodInputs, implements
+from reteq.algorithms.ga_config import METHOD
 
 
-@register("ga", normalisation="token",
-          source="the paper's GA; authors' NegCE loss (src/loss.py); open-unlearning GradAscent")
+@implements(METHOD)
 def gradient_ascent(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """GA: minimise log pi(y|x), summed over the response (the authors normalise per response token)."""
     return x.seq_logp.sum()

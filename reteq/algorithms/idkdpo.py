@@ -14,12 +14,11 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from reteq.algorithms.base import MethodInputs, Need, knob, register, required
+from reteq.algorithms.base import MethodInputs, implements, knob, required
+from reteq.algorithms.idkdpo_config import METHOD
 
 
-@register("idkdpo", label="IdkDPO", defaults={"beta": 0.1}, needs={Need.ALTERNATIVE, Need.REF_LOGPS},
-          source="Rafailov et al. 2023, arXiv:2305.18290; Maini et al. 2024, arXiv:2401.06121; "
-                 "open-unlearning DPO (compute_dpo_loss, beta 0.1)")
+@implements(METHOD)
 def idkdpo(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """IdkDPO: minimise -(2/beta) log sigmoid(beta ((alt - ref_alt) - (logp - ref))) per sequence."""
     beta = knob(params, "beta", "idkdpo")

@@ -5,8 +5,8 @@ token's prediction uniform.
 
 Zero when the model predicts nothing at the forget positions; it bounds the push where GA diverges (the label's
 log-prob tends to -log V, not -inf). Summed over response tokens; the loop divides by the global batch's response
-tokens (the paper's per-token mean). The paper pairs it with a retain term (AP); reteq's `me` is the forget term
-alone, the paper's local setting.
+tokens (the paper's per-token mean). Yuan et al. pair ME with GD on the retain set (ME+GD; AP, answer
+preservation, goes with their IdK objective); reteq's `me` is the forget term alone, the paper's local setting.
 """
 
 import math
@@ -15,11 +15,11 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from reteq.algorithms.base import MethodInputs, Need, register, required
+from reteq.algorithms.base import MethodInputs, implements, required
+from reteq.algorithms.me_config import METHOD
 
 
-@register("me", label="ME", needs={Need.LOGITS}, normalisation="token",
-          source="Yuan et al. 2024, arXiv:2410.08109 (ME); the authors' code (ME loss, forget term only)")
+@implements(METHOD)
 def maximum_entropy(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """ME: minimise sum_t KL(Uniform || p_t) = sum_t (-log V - mean_v log p_t,v) over response tokens."""
     logits = required(x.logits, "logits", "me")

@@ -5,7 +5,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from reteq.algorithms.base import MethodInputs, Need, knob, register, required
+from reteq.algorithms.base import MethodInputs, implements, knob, required
+from reteq.algorithms.npo_config import METHOD
 
 
 def npo_terms(x: MethodInputs, params: Mapping[str, float], algorithm: str) -> torch.Tensor:
@@ -15,8 +16,7 @@ def npo_terms(x: MethodInputs, params: Mapping[str, float], algorithm: str) -> t
     return -(2.0 / beta) * F.logsigmoid(-beta * (x.seq_logp - ref))
 
 
-@register("npo", defaults={"beta": 0.5}, needs={Need.REF_LOGPS},
-          source="Zhang et al. 2024, arXiv:2404.05868; open-unlearning NPO; the paper's beta 0.5")
+@implements(METHOD)
 def npo(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """NPO: minimise -(2/beta) log sigmoid(-beta (log pi - log pi_ref)) per sequence."""
     return npo_terms(x, params, "npo").sum()

@@ -5,19 +5,19 @@ retain set.
 
 The forget term is reteq.algorithms.npo's; the loop adds the retain term (reteq.train.recipes.unlearn). At
 retain_weight 0 (the default) it IS npo: the paper's local setting. Per sequence; the loop divides by the
-global batch's sequences.
+global batch's sequences. The retain NLL is averaged as `retain_token_mean` says (docs/methods.md).
 """
 
 from collections.abc import Mapping
 
 import torch
 
-from reteq.algorithms.base import RETAIN_WEIGHT, MethodInputs, Need, register
+from reteq.algorithms.base import MethodInputs, implements
 from reteq.algorithms.npo import npo_terms
+from reteq.algorithms.npo_retain_config import METHOD
 
 
-@register("npo_retain", label="NPO+RT", defaults={"beta": 0.5, RETAIN_WEIGHT: 0.0}, needs={Need.REF_LOGPS, Need.RETAIN},
-          source="Zhang et al. 2024, arXiv:2404.05868 (NPO+RT); open-unlearning NPO (alpha = retain_weight)")
+@implements(METHOD)
 def npo_retain(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """NPO+RT: NPO's -(2/beta) log sigmoid(-beta (log pi - log pi_ref)) per sequence, plus the loop's retain NLL."""
     return npo_terms(x, params, "npo_retain").sum()

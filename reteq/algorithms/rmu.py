@@ -11,12 +11,15 @@ global batch's response tokens (the original takes each sequence's token mean, t
 What differs from the original (and open-unlearning's RMU):
 - reteq trains the run's parameters as every other method does (its LoRA adapter, or the full model), not the
   MLP down-projections of the three layers up to the steered one alone;
-- the retain term is the loop's token-mean NLL on the retain set (`retain_weight`, 0 = the paper's local
-  setting), not the original's activation matching against the frozen model (alpha x MSE to pi_ref's states);
+- the retain term is the loop's NLL on the retain set (`retain_weight`, 0 = the paper's local setting;
+  `retain_token_mean` says how it is averaged), not the original's activation matching against the frozen
+  model (alpha x MSE to pi_ref's states);
 - `layer` defaults to 1 so it is valid on the 2-layer tiny model and on SmolLM2-135M (30 layers): hidden_states
   has layers + 1 entries, and in transformers' Llama-style models the last one is after the final norm. The
-  original steers the output of `model.layers.7` of 7B models (hidden_states[8], so `layer: 8` here) with
-  coeff 6.5-300 (open-unlearning: class default 20): tune both per model with `unlearn.params.rmu`.
+  original steers the output of `model.layers.7` of 7B models (hidden_states[8], so `layer: 8` here). `coeff`
+  scales with the norm of the hidden states at that layer, so no one value carries across models: the original
+  tunes it per model (its Zephyr-7B run: 6.5), open-unlearning's class default is 20. Tune both per model with
+  `unlearn.params.rmu`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from collections.abc import Mapping
 
 import torch
 
-from reteq.algorithms.base import RETAIN_WEIGHT, MethodInputs, Need, knob, register, required
+from reteq.algorithms.base import MethodInputs, implements, knob, required
+from reteq.algorithms.rmu_config import METHOD
 
 SEED = 0  # the control direction's seed: fixed, so every leaf (every order) steers towards the same target
 
@@ -44,10 +48,7 @@ def control_vector(size: int, coeff: float, like: torch.Tensor | None = None) ->
     return v if like is None else v.to(device=like.device, dtype=like.dtype)
 
 
-@register("rmu", label="RMU", defaults={"layer": 1, "coeff": 20.0, RETAIN_WEIGHT: 0.0}, needs={Need.HIDDEN, Need.RETAIN},
-          normalisation="token",
-          source="Li et al. 2024, arXiv:2403.03218 (WMDP, RMU); open-unlearning RMU (steering_coeff 20); "
-                 "LoRA/all parameters and an NLL retain term here")
+@implements(METHOD)
 def rmu(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """RMU: minimise sum_t mean_h (h_t - coeff u)^2 over response tokens' hidden states at `layer`."""
     coeff = knob(params, "coeff", "rmu")

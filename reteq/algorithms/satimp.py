@@ -11,12 +11,11 @@ from collections.abc import Mapping
 
 import torch
 
-from reteq.algorithms.base import MethodInputs, Need, knob, register, required
+from reteq.algorithms.base import MethodInputs, implements, knob, required
+from reteq.algorithms.satimp_config import METHOD
 
 
-@register("satimp", label="SatImp", defaults={"beta1": 5.0, "beta2": 1.0}, needs={Need.TOKEN_LOGPS}, normalisation="token",
-          source="Yang et al. 2025, arXiv:2505.11953 (SatImp); open-unlearning SatImp (compute_satimp_loss, "
-                 "beta1 5.0, beta2 1.0)")
+@implements(METHOD)
 def satimp(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """SatImp: minimise sum_t p_t^beta1 (1 - p_t)^beta2 log p_t over response tokens, the weight detached."""
     beta1, beta2 = knob(params, "beta1", "satimp"), knob(params, "beta2", "satimp")

@@ -7,7 +7,8 @@ z_t: the model's logits that predict response token y_t; z_ref,t: the start chec
 computed once per leaf where open-unlearning runs the teacher every step). The target keeps pi_ref's distribution
 over every other token and only demotes the one to forget, so the push is bounded (the loss is minimal at the
 target). `strength` is open-unlearning's `beta` (10.0). Summed over response tokens; the loop divides by the
-global batch's response tokens (open-unlearning's mean).
+global batch's response tokens. open-unlearning's compute_undial_loss divides by every position of the batch,
+prompt and padding included, so its divisor is not the response-token count (docs/methods.md).
 """
 
 from collections.abc import Mapping
@@ -15,7 +16,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from reteq.algorithms.base import MethodInputs, Need, knob, register, required
+from reteq.algorithms.base import MethodInputs, implements, knob, required
+from reteq.algorithms.undial_config import METHOD
 
 
 def undial_target(ref_logits: torch.Tensor, labels: torch.Tensor, strength: float) -> torch.Tensor:
@@ -25,9 +27,7 @@ def undial_target(ref_logits: torch.Tensor, labels: torch.Tensor, strength: floa
     return F.softmax(adjusted, dim=-1)
 
 
-@register("undial", label="UNDIAL", defaults={"strength": 10.0}, needs={Need.LOGITS, Need.REF_LOGITS}, normalisation="token",
-          source="Dong et al. 2024, arXiv:2402.10052 (UNDIAL); open-unlearning UNDIAL (compute_undial_loss, "
-                 "beta 10.0)")
+@implements(METHOD)
 def undial(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """UNDIAL: minimise sum_t CE(z_t, softmax(z_ref,t - strength onehot(y_t))) over response tokens."""
     strength = knob(params, "strength", "undial")

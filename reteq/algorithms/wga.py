@@ -11,11 +11,11 @@ from collections.abc import Mapping
 
 import torch
 
-from reteq.algorithms.base import MethodInputs, Need, knob, register, required
+from reteq.algorithms.base import MethodInputs, implements, knob, required
+from reteq.algorithms.wga_config import METHOD
 
 
-@register("wga", label="WGA", defaults={"beta": 1.0}, needs={Need.TOKEN_LOGPS}, normalisation="token",
-          source="Wang et al. 2025, arXiv:2502.19301 (WGA); open-unlearning WGA (compute_wga_loss, beta 1.0)")
+@implements(METHOD)
 def wga(x: MethodInputs, params: Mapping[str, float]) -> torch.Tensor:
     """WGA: minimise sum_t p_t^beta log p_t over response tokens, the weight p_t^beta detached."""
     beta = knob(params, "beta", "wga")

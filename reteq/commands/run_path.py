@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from reteq import tracking as T
+from reteq.algorithms import ALGORITHMS
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
 from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, preflight, run_leaf
@@ -76,23 +77,39 @@ class PathFlags:
     order: str | None = None  # comma-separated finetuning order, e.g. "inst,tofu,math,U"
     algorithm: str | None = None
     lr: float | None = None
-    beta: float | None = None
+    beta: float | None = None  # the same as params ("<algorithm>.beta=<value>",), kept for older scripts
     seed: int | None = None
+    params: tuple[str, ...] = ()  # "<method>.<knob>=<value>" each, e.g. "npo.beta=0.5" (--param)
+
+
+def knob_setting(text: str, algorithm: str) -> tuple[str, float]:
+    """`--param <method>.<knob>=<value>` as (knob, value), checked against the method's declared knobs and bounds
+    (reteq.algorithms); the method must be the leaf's."""
+    name, sep, raw = text.partition("=")
+    method, dot, knob = name.strip().partition(".")
+    if not (sep and dot and method and knob):
+        raise BadInput(f"--param {text}: write <method>.<knob>=<value>, e.g. npo.beta=0.5")
+    if method != algorithm:
+        raise BadInput(f"--param {text}: the leaf runs {algorithm}, not {method} (choose it with --algorithm)")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadInput(f"--param {text}: {raw.strip()!r} is not a number") from None
+    problem = ALGORITHMS[algorithm].check(knob, [value])
+    if problem:
+        raise BadInput(f"--param {text}: {problem}")
+    default = ALGORITHMS[algorithm].knobs[knob].default
+    return knob, type(default)(value)
 
 
 def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     """The leaf the flags name; unset flags take the first value of the config's grid."""
-    from reteq.algorithms import get_algorithm
-
     plan = build_plan(cfg)
     want_order = tuple(flags.order.split(",")) if flags.order else None
     if want_order and sorted(want_order) != sorted(s.name for s in cfg.stages):
         raise BadInput(f"--order: {','.join(want_order)} is not a permutation of the declared stages")
-    if flags.algorithm is not None:
-        try:
-            get_algorithm(flags.algorithm)
-        except ValueError as e:
-            raise BadInput(f"--algorithm: {e}") from None
+    if flags.algorithm is not None and flags.algorithm not in ALGORITHMS:
+        raise BadInput(f"--algorithm: unknown algorithm {flags.algorithm!r} (known: {', '.join(sorted(ALGORITHMS))})")
     if flags.lr is not None and not 0 < flags.lr < math.inf:
         raise BadInput(f"--lr: must be a finite number > 0 (got {flags.lr})")
     if flags.beta is not None and not 0 < flags.beta < math.inf:
@@ -107,10 +124,11 @@ def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     parent = plan.add_order(cfg, m, o, s, base.schedule)  # the order may lie outside the config's grid
     retrain = plan.add_retrain(cfg, m, tuple(o), s, base.schedule) if cfg.eval.retrain else None
     params = cfg.unlearn.knob_grid(alg)[0]  # each knob's first grid value (or its default)
-    if flags.beta is not None:
-        if "beta" not in params:
-            raise BadInput(f"--beta: {alg} has no beta knob (its knobs: {', '.join(params) or 'none'})")
-        params["beta"] = flags.beta
+    method = ALGORITHMS[alg]
+    if flags.beta is not None and "beta" not in method.knobs:
+        raise BadInput(f"--beta: {alg} has no beta knob (its knobs: {', '.join(method.knobs) or 'none'})")
+    settings = ((f"{alg}.beta={flags.beta!r}",) if flags.beta is not None else ()) + flags.params  # --beta: alias
+    params = method.keyed({**params, **dict(knob_setting(text, alg) for text in settings)})
     leaf = replace(base, model=m, order=tuple(o), p=o.index(cfg.forget_stage) + 1, algorithm=alg,
                    lr=flags.lr or base.lr, params=params, seed=s, parent=parent, retrain=retrain)
     return leaf, plan

@@ -27,6 +27,7 @@ class Step:
     micro_batches: list[Batch]
     label_tokens: int  # response tokens in the whole global batch (all workers)
     sequences: int  # sequences in the whole global batch
+    index: tuple[int, ...] = ()  # the whole global batch's example indices (what a step-wide mean reads)
 
 
 LossFn = Callable[[torch.nn.Module, Batch, Step], torch.Tensor]

@@ -1,4 +1,4 @@
-"""What the shared unlearning loop hands a method: exactly the inputs it declared (reteq.algorithms.base.Need).
+"""What the shared unlearning loop hands a method: exactly the inputs it declared (reteq.algorithms.method.Need).
 
 One forward pass per forget micro-batch. Without LOGITS or HIDDEN it is the training path of every other loss
 (`batch_token_logps`, which for one packed row projects only the label positions onto the vocabulary); with
@@ -9,12 +9,13 @@ answers and retain examples are paired with forget examples by their index and g
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from reteq.algorithms.base import Algorithm, MethodInputs, Need
+from reteq.algorithms.base import Algorithm, MethodInputs
+from reteq.algorithms.method import Need
 from reteq.data.packing import is_packed
 from reteq.data.tokenize import Example, collate
 from reteq.train.logprobs import (
@@ -94,9 +95,20 @@ class Pairing:
         return self.retain[self.order[forget_index % len(self.order)]]
 
 
-def retain_nll(model, pairing: Pairing, index: torch.Tensor, pad_id: int, device) -> torch.Tensor:
-    """Sum over the micro-batch's retain partners of their token-mean NLL (GradDiff's retain loss)."""
+def mean_tokens(examples: Mapping[int, Example] | list[Example] | Pairing, index: Sequence[int]) -> float:
+    """The mean response length of the examples paired with a step's forget indices (all workers): the
+    per-sequence divisor that makes a sum over sequences, divided by the step's sequences, a token mean."""
+    return sum(examples[i].n_label_tokens for i in index) / max(len(index), 1)
+
+
+def retain_nll(model, pairing: Pairing, index: torch.Tensor, pad_id: int, device,
+               step_mean_tokens: float | None = None) -> torch.Tensor:
+    """The micro-batch's retain NLL, summed over its retain partners: each partner's token mean (-log pi(r) / |r|,
+    retain_token_mean 0), or its summed NLL over `step_mean_tokens`, the step's mean retain length (1: divided by
+    the step's sequences, the token mean over all the step's retain tokens, open-unlearning's)."""
     view = token_view(model, paired_batch(pairing, index, pad_id).to(device))
+    if step_mean_tokens is not None:
+        return -view.seq_logp.sum() / step_mean_tokens
     return (-view.seq_logp / view.seq_tokens.clamp_min(1)).sum()
 
 

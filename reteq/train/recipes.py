@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from reteq.algorithms import get_algorithm
-from reteq.algorithms.base import RETAIN_WEIGHT, Need
+from reteq.algorithms.method import RETAIN_TOKEN_MEAN, RETAIN_WEIGHT, Need
 from reteq.config import StageConfig, SweepConfig, UnlearnConfig
 from reteq.data.alternatives import idk_conversations
 from reteq.data.packing import layout_for, packed_micro_batches, padding_fraction
@@ -25,7 +25,7 @@ from reteq.eval.evaluator import Evaluator, relative
 from reteq.train.engine import OptimSpec, build_engine
 from reteq.train.logprobs import batch_token_logps
 from reteq.train.loop import LoopResult, Step, StepRecord, train_loop
-from reteq.train.method_inputs import Pairing, gather, retain_nll
+from reteq.train.method_inputs import Pairing, gather, mean_tokens, retain_nll
 from reteq.train.precision import FrozenBase, apply_flush_denormal, apply_matmul_policy, frozen_base_in
 from reteq.train.reference import compute_reference
 
@@ -105,7 +105,7 @@ def build_steps(examples: list[Example], index_steps: list[list[int]], micro: in
             mbs = packed_micro_batches(examples, idx, micro, ctx.rank, ctx.world, pad_id, layout_for(model))
         else:
             mbs = micro_batches(examples, idx, micro, ctx.rank, ctx.world, pad_id)
-        steps.append(Step(mbs, label_tokens, len(idx)))
+        steps.append(Step(mbs, label_tokens, len(idx), tuple(idx)))
     return steps
 
 
@@ -199,7 +199,7 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
     steps = build_steps(examples, index_steps, cfg.micro_batch, ctx, pad_id, model)
     alternatives = (encode_dataset(tokenizer, idk_conversations(job.forget), cfg.max_length)
                     if Need.ALTERNATIVE in alg.needs else None)
-    retain_weight = float(params.get(RETAIN_WEIGHT, 0.0)) if Need.RETAIN in alg.needs else 0.0
+    retain_weight = float(params[RETAIN_WEIGHT]) if alg.reads_retain_at(params) else 0.0
     if retain_weight and not job.retain:
         raise ValueError(f"{job.algorithm}: retain_weight {retain_weight:g} but the job has no retain set")
     pairing = Pairing(encode_dataset(tokenizer, job.retain, cfg.max_length), job.seed) if retain_weight else None
@@ -229,10 +229,13 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
 
         def loss_fn(m, batch, step: Step) -> torch.Tensor:
             x = gather(m, batch, alg, params, ref, alternatives, pad_id)
+            if alternatives is not None:
+                x.alt_mean_tokens = mean_tokens(alternatives, step.index)
             loss = alg.loss(x, params) / normaliser(step, normalisation)
-            if pairing is not None:  # GradDiff's retain term, per retain sequence over the step's sequences
+            if pairing is not None:  # the retain term over the step's sequences (RETAIN_TOKEN_MEAN: which mean)
+                per = mean_tokens(pairing, step.index) if params.get(RETAIN_TOKEN_MEAN) else None
                 loss = loss + retain_weight * retain_nll(m, pairing, batch.index.cpu(), pad_id,
-                                                         batch.input_ids.device) / step.sequences
+                                                         batch.input_ids.device, per) / step.sequences
             return loss
 
         def after_step(record: StepRecord) -> bool:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from reteq.algorithms.base import Algorithm, Need
+from reteq.algorithms.base import Algorithm
+from reteq.algorithms.method import Need
 from reteq.data.packing import layout_for, pack
 from reteq.data.tokenize import Example, collate
 from reteq.train.logprobs import sequence_logps
