@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "reteq"
 # fails test_every_module_has_a_layer instead of landing in the top layer unchecked.
 ROOT_PACKAGE = "reteq"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("reteq.environment", "reteq.errors", "reteq.redact", "reteq.resources", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.model_files",
+    ("foundation", ("reteq.environment", "reteq.hardware", "reteq.errors", "reteq.redact", "reteq.resources", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.model_files",
                     "reteq.algorithms")),
     ("config", ("reteq.config_files", "reteq.config_protocol", "reteq.config")),
     ("data", ("reteq.data",)),

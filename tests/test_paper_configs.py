@@ -35,8 +35,8 @@ def rcu_files(tmp_path, monkeypatch):
 
 def test_there_is_one_paper_config_per_base_model():
     assert {p.stem for p in (ROOT / "configs" / "paper").glob("*.yaml")} == set(TABLE_2)
-    assert len(CONFIGS) == 12  # 5 paper + seeds, lr_grid, scheduler, superficial (1B), superficial_3b,
-    # smol_workers2, workers_tiny
+    assert len(CONFIGS) == 13  # 5 paper + seeds, lr_grid, scheduler, superficial (1B), superficial_3b,
+    # smol_workers2, smol_eval_fp32, workers_tiny
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -161,7 +161,8 @@ def test_every_config_validates_and_plans_with_a_gpu_hour_estimate(path, capsys)
 def test_the_worker_count_variants_change_only_how_each_step_is_split():
     """configs/ablations/smol_workers2.yaml is configs/smol.yaml on 2 ZeRO-2 workers: the same global batches and
     everything else, micro-batches of 4 so each step splits over the workers (docs/cluster.md, "Results across
-    worker counts"); workers_tiny.yaml's global batches split over 1 or 2 workers."""
+    worker counts"), in fp32 (as measured there, before smol.yaml moved to bf16); workers_tiny.yaml's global
+    batches split over 1 or 2 workers."""
     smol = load_config(ROOT / "configs" / "smol.yaml").model_dump(mode="json")
     two = load_config(ROOT / "configs" / "ablations" / "smol_workers2.yaml").model_dump(mode="json")
     assert (two["execution"]["workers"], two["execution"]["deepspeed"]) == (2, "configs/deepspeed/zero2_fp32.json")
@@ -170,6 +171,9 @@ def test_the_worker_count_variants_change_only_how_each_step_is_split():
         part["micro_batch"] = None
     for cfg in (smol, two):
         cfg.update(name=None, work_dir=None, execution=None)
+        cfg["models"][0]["dtype"] = None
+        cfg["eval"].update(dtype=None, schedule=None)
+    assert two["models"][0]["lora"] == smol["models"][0]["lora"]
     assert smol == two
     tiny = load_config(ROOT / "configs" / "ablations" / "workers_tiny.yaml")
     assert all(part.global_batch % (part.micro_batch * 2) == 0 for part in (*tiny.stages, tiny.unlearn))
