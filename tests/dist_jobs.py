@@ -131,6 +131,7 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
 
     raw = yaml.safe_load(Path(config).read_text())
     raw["models"] = [model_dict({"r": 4, "alpha": 8})]
+    raw["chat"] = {**raw.get("chat", {}), "template": "hf"}  # the tiny tokenizer has no Llama-3 special tokens
     raw["work_dir"] = out
     for stage in raw["stages"]:
         stage.update(epochs=1, lr=0.05)

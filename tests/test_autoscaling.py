@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import string
 import subprocess
 import sys
 import threading
@@ -42,7 +40,7 @@ from reteq.plan import build_plan
 from reteq.tiny import cache_root
 from tests.autoscaling import Head, ObjectStore, fake_cluster, free_port
 from tests.sweep_configs import REPO, tiny_sweep, write
-from tests.test_mlflow_postgres import PG_BIN, Postgres, cluster_env_value, server_command_line
+from tests.test_mlflow_postgres import PG_BIN, Postgres, head_server_command
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("reteq_cache")]
 
@@ -74,11 +72,7 @@ def s3_mlflow(object_store, tmp_path):
     assert PG_BIN, "PostgreSQL binaries absent: `apt-get install postgresql`, as .ci/run does"
     pg = Postgres().start()
     port = free_port()
-    line = server_command_line().replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")
-    line = line.replace("$HOME/venv/bin/", f"{Path(sys.executable).parent}/")
-    db = cluster_env_value("RETEQ_MLFLOW_DB").replace("@127.0.0.1:5432/", f"@127.0.0.1:{pg.port}/")
-    cmd = shlex.split(string.Template(line).substitute(RETEQ_MLFLOW_DB=db,
-                                                       RETEQ_S3=f"s3://{object_store.bucket}/{PREFIX}"))
+    cmd = head_server_command(port, pg.port, f"s3://{object_store.bucket}/{PREFIX}")
     env = {**os.environ, **object_store.env(), "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(tmp_path / "mlflow-server.log", "w")

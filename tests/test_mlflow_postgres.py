@@ -53,6 +53,21 @@ def server_command_line() -> str:
     return lines[0].removeprefix("ExecStart=")
 
 
+def head_server_command(port: int, pg_port: int, artifacts_uri: str) -> list[str]:
+    """cluster.yaml's ExecStart line with the head's variables filled in for this machine: the venv's bin for
+    $HOME/venv/bin, a PostgreSQL on `pg_port` in the URI shape cluster.yaml uses, `artifacts_uri` for $RETEQ_S3,
+    and 127.0.0.1:`port` for the head's private address and port 5000, without the basic-auth app (that app and
+    its secrets are tests/test_secrets.py's; here the store is under test)."""
+    line = server_command_line()
+    assert "--host $RETEQ_HEAD_IP --port 5000" in line, line  # private only
+    line = line.replace("--host $RETEQ_HEAD_IP --port 5000", f"--host 127.0.0.1 --port {port}")
+    line = line.replace(" --app-name basic-auth", "")
+    line = line.replace("$HOME/venv/bin/", f"{Path(sys.executable).parent}/")
+    db = cluster_env_value("RETEQ_MLFLOW_DB").replace("@127.0.0.1:5432/", f"@127.0.0.1:{pg_port}/")
+    assert db.startswith("postgresql+psycopg://"), db  # the driver requirements.lock installs
+    return shlex.split(string.Template(line).substitute(RETEQ_MLFLOW_DB=db, RETEQ_S3=artifacts_uri))
+
+
 def cluster_env_value(name: str) -> str:
     """A variable's value as cluster.yaml's setup_commands write it to ~/reteq.env."""
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
@@ -107,20 +122,10 @@ def postgres():
 
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
-    """cluster.yaml's ExecStart line with the head's variables filled in for this machine: the venv's bin for
-    $HOME/venv/bin, this PostgreSQL in the URI shape cluster.yaml uses, a local folder for $RETEQ_S3, and
-    127.0.0.1 plus a free port for the head's private address and port 5000 (without the auth app)."""
-    line = server_command_line()
+    """cluster.yaml's MLflow server on this PostgreSQL, its artifacts in a local folder."""
     port = _free_port()
-    assert "--host $RETEQ_HEAD_IP --port 5000" in line, line
-    line = line.replace("--host $RETEQ_HEAD_IP --port 5000", f"--host 127.0.0.1 --port {port}")
-    # the basic-auth app and its secrets are tests/test_secrets.py's; here the PostgreSQL store is under test
-    line = line.replace(" --app-name basic-auth", "")
-    line = line.replace("$HOME/venv/bin/", f"{Path(sys.executable).parent}/")
-    db = cluster_env_value("RETEQ_MLFLOW_DB").replace("@127.0.0.1:5432/", f"@127.0.0.1:{postgres.port}/")
-    assert db.startswith("postgresql+psycopg://"), db  # the driver requirements.lock installs
     artifacts = tmp_path / "s3"
-    cmd = shlex.split(string.Template(line).substitute(RETEQ_MLFLOW_DB=db, RETEQ_S3=artifacts.as_uri()))
+    cmd = head_server_command(port, postgres.port, artifacts.as_uri())
     log = open(tmp_path / "mlflow-server.log", "w")
     # the environment, not the command: uvicorn kills a worker that misses a 5 s health ping, which a loaded
     # 2-core test machine does (an endless restart loop); a head node has the cores to answer

@@ -172,8 +172,8 @@ def test_eval_samples_span_categories_and_authors_and_are_seeded():
 
 
 @pytest.mark.parametrize("section,field,value,message", [
-    ("eval", "forget_prompts", 0, "eval.forget_prompts: must be a number > 0 or 'all' (got 0)"),
-    ("eval", "knowledge_prompts", "most", "eval.knowledge_prompts: must be a number > 0 or 'all' (got 'most')"),
+    ("eval", "forget_prompts", 0, "eval.forget_prompts: must be a number in 1..100000 or 'all' (got '0')"),
+    ("eval", "knowledge_prompts", "most", "eval.knowledge_prompts: must be a number in 1..100000 or 'all' (got 'most')"),
     ("eval", "math_prompt", "Solve it.", "eval.math_prompt: must contain {question}"),
     ("unlearn", "loss_normalisation", {"gd": "token"}, "unlearn.loss_normalisation: unknown algorithm(s) ['gd']"),
     ("chat", "label_tokens", "body", "chat.label_tokens: "),

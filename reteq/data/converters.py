@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from reteq.config import DataSource
-from reteq.errors import HubDataError, MalformedRowError
+from reteq.errors import MAX_LINE, HubDataError, MalformedRowError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -54,11 +54,11 @@ def register(name: str, *, version: str, hub_ids: tuple[str, ...] = (), descript
 
 
 def access_help(dataset_id: str) -> str:
-    """How to get a dataset that could not be loaded here (gated, private, or no network)."""
-    return (f"if it is gated, log in (`huggingface-cli login` or `hf auth login`, or set HF_TOKEN) and "
-            f"accept its terms at https://huggingface.co/datasets/{dataset_id}; without network access, run "
-            "`reteq data prepare CONFIG` on a machine that has access and copy its output folder (Parquet "
-            "files and manifest.json) here")
+    """How to get a dataset that could not be loaded here (gated, private, or no network): short, because it
+    ends a one-line error of at most MAX_LINE characters."""
+    return (f"gated: `huggingface-cli login` (or HF_TOKEN), accept its terms at "
+            f"https://huggingface.co/datasets/{dataset_id}; offline: run `reteq data prepare CONFIG` where there "
+            "is access and copy its output folder here")
 
 
 def load_hub_dataset(source: DataSource, split: str | None = None) -> Dataset:
@@ -79,10 +79,12 @@ def load_hub_dataset(source: DataSource, split: str | None = None) -> Dataset:
     except KeyboardInterrupt:
         raise
     except Exception as e:  # datasets raises many types: ConnectionError, GatedRepoError, FileNotFound...
-        detail = " ".join(str(e).split())[:300] or type(e).__name__
         where = f"subset={source.subset!r}, split={split!r}, revision={source.revision!r}"
-        raise HubDataError(f"cannot load hub dataset {source.id!r} ({where}): {type(e).__name__}: {detail}; "
-                           f"{access_help(source.id or '')}") from None
+        head, tail = f"cannot load hub dataset {source.id!r} ({where}): {type(e).__name__}: ", \
+            f"; {access_help(source.id or '')}"
+        # The cause gets what the line has left, so the way out (the tail) is never cut off.
+        detail = " ".join(str(e).split())[:max(40, MAX_LINE - len(head) - len(tail))] or type(e).__name__
+        raise HubDataError(head + detail + tail) from None
 
 
 # ---- helpers shared by converters --------------------------------------------------------------------------
