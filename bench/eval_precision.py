@@ -44,7 +44,8 @@ def main() -> None:
     keep = IDENTITY + ["value"]
     both = (frames["bf16"].select(keep).rename({"value": "bf16"})
             .join(frames["fp32"].select(keep).rename({"value": "fp32"}), on=IDENTITY, how="inner", nulls_equal=True)
-            .filter(~pl.col("metric").str.starts_with("time/") & ~pl.col("metric").str.starts_with("train/"))
+            # scores only: timings, training losses and MLflow's system monitor differ between any two runs
+            .filter(~pl.col("metric").str.contains(r"^(time|train|system)/"))
             .with_columns(diff=(pl.col("bf16") - pl.col("fp32")).abs()))
     print(f"{both.height} (run, step, metric) values matched between {args.bf16} and {args.fp32}")
     worst = (both.sort("diff", descending=True).group_by("metric", maintain_order=True)
@@ -54,7 +55,7 @@ def main() -> None:
     with pl.Config(tbl_rows=40, tbl_width_chars=200, fmt_str_lengths=60):
         print(worst)
     tables = {name: final_forget(frames[name]) for name in frames}
-    joined = tables["bf16"].join(tables["fp32"], on=["algorithm", "params", "p"], suffix="_fp32")
+    joined = tables["bf16"].join(tables["fp32"], on=["algorithm", "params", "p"], suffix="_fp32", nulls_equal=True)
     flips = 0
     for (alg, params), part in joined.group_by(["algorithm", "params"], maintain_order=True):
         part = part.sort("p")
