@@ -87,9 +87,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _max_leaves(p: argparse.ArgumentParser) -> None:
+def _grid_limits(p: argparse.ArgumentParser) -> None:
+    """What validate, plan and sweep check a grid against: a cluster's node types and a bound on its size."""
     from reteq.config_files import MAX_LEAVES
 
+    p.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
     p.add_argument("--max-leaves", type=int, default=MAX_LEAVES, metavar="N",
                    help=f"refuse a grid of more than N unlearning runs (default {MAX_LEAVES}; docs/security.md)")
 
@@ -100,15 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check a sweep config; one line per problem")
     s.add_argument("config")
-    s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
-    _max_leaves(s)
+    _grid_limits(s)
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("plan", help="the DAG of stage nodes and unlearning runs, and a GPU-hour estimate")
     s.add_argument("config")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
-    _max_leaves(s)
+    _grid_limits(s)
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("run-path", help="one finetuning order and one unlearning run in one process (no Ray), for debugging")
@@ -129,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--work-dir")
     s.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
-    s.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
-    _max_leaves(s)
+    _grid_limits(s)
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("report", help="MLflow -> polars -> altair -> report.html")

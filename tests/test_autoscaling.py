@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import polars as pl
@@ -40,7 +39,7 @@ from reteq.plan import build_plan
 from reteq.tiny import cache_root
 from tests.autoscaling import Head, ObjectStore, fake_cluster, free_port
 from tests.sweep_configs import REPO, tiny_sweep, write
-from tests.test_mlflow_postgres import PG_BIN, Postgres, head_server_command
+from tests.test_mlflow_postgres import PG_BIN, Postgres, head_server, head_server_command
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("reteq_cache")]
 
@@ -73,26 +72,10 @@ def s3_mlflow(object_store, tmp_path):
     pg = Postgres().start()
     port = free_port()
     cmd = head_server_command(port, pg.port, f"s3://{object_store.bucket}/{PREFIX}")
-    env = {**os.environ, **object_store.env(), "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "MLflow server did not answer within 300 s"
-                time.sleep(1)
-        yield uri
+        with head_server(cmd, tmp_path / "mlflow-server.log", port, object_store.env()) as uri:
+            yield uri
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
-        log.close()
         pg.stop()
 
 

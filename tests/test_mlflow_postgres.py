@@ -10,6 +10,7 @@ skipped, saying why, only where those binaries are absent.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shlex
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -66,6 +68,39 @@ def head_server_command(port: int, pg_port: int, artifacts_uri: str) -> list[str
     db = cluster_env_value("RETEQ_MLFLOW_DB").replace("@127.0.0.1:5432/", f"@127.0.0.1:{pg_port}/")
     assert db.startswith("postgresql+psycopg://"), db  # the driver requirements.lock installs
     return shlex.split(string.Template(line).substitute(RETEQ_MLFLOW_DB=db, RETEQ_S3=artifacts_uri))
+
+
+@contextlib.contextmanager
+def head_server(cmd: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`cmd` (a head_server_command) as a process group until the block ends; yields its URI once it answers."""
+    # the environment, not the command: uvicorn kills a worker that misses a 5 s health ping, which a loaded
+    # 2-core test machine does (an endless restart loop); a head node has the cores to answer
+    env = {**os.environ, **(env or {}), "MLFLOW_DISABLE_TELEMETRY": "true", "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1",
+                                                timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "MLflow server did not answer within 300 s"
+                time.sleep(2)
+            yield uri
+        finally:
+            os.killpg(server.pid, 15)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, 9)
+                server.wait()
 
 
 def cluster_env_value(name: str) -> str:
@@ -126,34 +161,8 @@ def mlflow_server(postgres, tmp_path):
     port = _free_port()
     artifacts = tmp_path / "s3"
     cmd = head_server_command(port, postgres.port, artifacts.as_uri())
-    log = open(tmp_path / "mlflow-server.log", "w")
-    # the environment, not the command: uvicorn kills a worker that misses a 5 s health ping, which a loaded
-    # 2-core test machine does (an endless restart loop); a head node has the cores to answer
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "UVICORN_TIMEOUT_WORKER_HEALTHCHECK": "120"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "MLflow server did not answer within 300 s"
-            time.sleep(2)
+    with head_server(cmd, tmp_path / "mlflow-server.log", port) as uri:
         yield uri, artifacts
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()
-        log.close()
 
 
 def test_cluster_server_command_names_an_installed_driver():
