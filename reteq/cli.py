@@ -22,13 +22,13 @@ EXIT_FAILED = 1
 def cmd_validate(args) -> int:
     from reteq.commands.plan import validate_command
 
-    return validate_command(args.config, args.cluster, args.max_leaves)
+    return validate_command(args.config, args.cluster, args.max_leaves, tuple(args.set))
 
 
 def cmd_plan(args) -> int:
     from reteq.commands.plan import plan_command
 
-    return plan_command(args.config, args.json, args.cluster, args.max_leaves)
+    return plan_command(args.config, args.json, args.cluster, args.max_leaves, tuple(args.set))
 
 
 def cmd_run_path(args) -> int:
@@ -36,7 +36,7 @@ def cmd_run_path(args) -> int:
 
     flags = PathFlags(model=args.model, order=args.order, algorithm=args.algorithm, lr=args.lr, beta=args.beta,
                       seed=args.seed, params=tuple(args.param))
-    return run_path_command(args.config, flags, work_dir=args.work_dir)
+    return run_path_command(args.config, flags, work_dir=args.work_dir, overrides=tuple(args.set))
 
 
 def cmd_sweep(args) -> int:
@@ -44,7 +44,7 @@ def cmd_sweep(args) -> int:
     from reteq.commands.sweep import sweep_command
     from reteq.config import load_config
 
-    cfg = load_config(args.config, max_leaves=args.max_leaves)
+    cfg = load_config(args.config, max_leaves=args.max_leaves, overrides=tuple(args.set))
     fits_cluster(cfg, args.config, args.cluster)
     return sweep_command(cfg, work_dir=args.work_dir, report=not args.no_report)
 
@@ -87,6 +87,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one config field for this command, VALUE in YAML (repeatable), e.g. "
+                   "--set seeds=[0,1] --set unlearn.algorithms=[ga,npo]: a slice of a design keeps its leaf keys")
+
+
 def _grid_limits(p: argparse.ArgumentParser) -> None:
     """What validate, plan and sweep check a grid against: a cluster's node types and a bound on its size."""
     from reteq.config_files import MAX_LEAVES
@@ -103,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a sweep config; one line per problem")
     s.add_argument("config")
     _grid_limits(s)
+    _overrides(s)
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("plan", help="the DAG of stage nodes and unlearning runs, and a GPU-hour estimate")
     s.add_argument("config")
     s.add_argument("--json", action="store_true")
     _grid_limits(s)
+    _overrides(s)
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("run-path", help="one finetuning order and one unlearning run in one process (no Ray), for debugging")
@@ -123,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: each knob's first grid value; docs/methods.md lists them)")
     s.add_argument("--seed", type=int, help="seed (default: the first)")
     s.add_argument("--work-dir", help="override the config's work_dir")
+    _overrides(s)
     s.set_defaults(fn=cmd_run_path)
 
     s = sub.add_parser("sweep", help="the whole grid through Ray Tune + Ray Train, recorded in MLflow")
@@ -130,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir")
     s.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
     _grid_limits(s)
+    _overrides(s)
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("report", help="MLflow -> polars -> altair -> report.html")
@@ -175,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as e:  # every bad-input path, hub data included; anything else is a bug: traceback
         config = str(getattr(args, "config", None) or "")
         for line in e.lines:  # a line names the config file first, or it is `error: <flag or field>: reason`
-            print(line if config and line.startswith(f"{config}: ") else f"error: {line}", file=sys.stderr)
+            named = config and line.startswith((f"{config}: ", f"{config} (with --set "))
+            print(line if named else f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # a full or read-only disk is one line too (exit 1); anything else keeps its traceback
 

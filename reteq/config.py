@@ -28,6 +28,7 @@ from reteq.config_files import (
     MAX_WORKERS,
     Name,
     PositiveFloat,
+    apply_overrides,
     read_yaml_mapping,
     validated,
 )
@@ -506,10 +507,13 @@ def _defaults(algorithm: str) -> dict[str, float]:
     return ALGORITHMS[algorithm].defaults
 
 
-def load_config(path: str | Path, max_leaves: int | None = MAX_LEAVES) -> SweepConfig:
+def load_config(path: str | Path, max_leaves: int | None = MAX_LEAVES, overrides: tuple[str, ...] = ()) -> SweepConfig:
     """Read and validate a sweep YAML; raise ConfigError with one line per problem. `max_leaves`: the most
-    unlearning runs the grid may have (None: any)."""
-    return parse_config(read_yaml_mapping(path), source=str(path), max_leaves=max_leaves)
+    unlearning runs the grid may have (None: any); `overrides`: `--set FIELD=VALUE` flags (apply_overrides),
+    named in the source of every problem line so a bad value is traced to the flag, not the file."""
+    raw = apply_overrides(read_yaml_mapping(path), overrides, str(path))
+    source = f"{path} (with --set {', '.join(o.partition('=')[0] for o in overrides)})" if overrides else str(path)
+    return parse_config(raw, source=source, max_leaves=max_leaves)
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", max_leaves: int | None = MAX_LEAVES) -> SweepConfig:

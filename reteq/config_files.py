@@ -5,6 +5,7 @@ Shared by the sweep config (reteq.config) and the theory grid's config (reteq.th
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -180,6 +181,58 @@ def read_yaml_mapping(path: str | Path, *, empty_ok: bool = False) -> dict[str, 
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: top level must be a mapping"])
     return raw
+
+
+MAX_OVERRIDES = 64  # `--set` flags on one command line
+
+
+def apply_overrides(raw: dict[str, Any], overrides: tuple[str, ...] | list[str], source: str) -> dict[str, Any]:
+    """`raw` with each `FIELD=VALUE` of `--set` applied, e.g. `seeds=[0,1]`, `unlearn.lrs=[3e-4]`,
+    `stages.0.lr=5e-5`. FIELD is a dotted path (a number picks a list item; a missing mapping is created);
+    VALUE is YAML, read with the file's bounds. Why: a slice of a design (fewer seeds, methods or lrs) is the
+    same config with a few fields changed, and its leaves keep the keys the whole design gives them, so running
+    the whole design later reuses every leaf the slice finished. Problems: one line naming `--set FIELD`."""
+    if len(overrides) > MAX_OVERRIDES:
+        raise ConfigError([f"{source}: at most {MAX_OVERRIDES} --set flags (got {len(overrides)})"])
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, eq, value = text.partition("=")
+        where = f"{source}: --set {clip(path, 80)}"
+        if not eq or not path.strip():
+            raise ConfigError([f"{source}: --set {clip(text, 80)!r}: expected FIELD=VALUE, e.g. seeds=[0,1]"])
+        try:
+            parsed = safe_yaml(value)
+        except _TooBig as e:
+            raise ConfigError([f"{where}: refused: {e} (docs/security.md)"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{where}: value is not valid YAML ({str(e).splitlines()[0]})"]) from None
+        *parents, last = path.strip().split(".")
+        node: Any = out
+        for part in parents:
+            node = _child(node, part, where, create=True)
+        if isinstance(node, list):
+            node[_index(node, last, where)] = parsed
+        elif isinstance(node, dict):
+            node[last] = parsed
+        else:
+            raise ConfigError([f"{where}: {clip(last, 40)!r} is inside a {type(node).__name__}, not a mapping or list"])
+    return out
+
+
+def _index(items: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError([f"{where}: {clip(part, 40)!r} is not an item of a list of {len(items)}"])
+    return int(part)
+
+
+def _child(node: Any, part: str, where: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError([f"{where}: {clip(part, 40)!r} is inside a {type(node).__name__}, not a mapping or list"])
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
 
 
 def validated(model: type[M], raw: dict[str, Any], source: str, context: dict[str, Any] | None = None) -> M:

@@ -25,10 +25,11 @@ def fits_cluster(cfg: SweepConfig, config: str, cluster: str | None) -> None:
         check_cluster_fit(cfg, config, cluster)
 
 
-def validate_command(config: str, cluster: str | None = None, max_leaves: int = MAX_LEAVES) -> int:
+def validate_command(config: str, cluster: str | None = None, max_leaves: int = MAX_LEAVES,
+                     overrides: tuple[str, ...] = ()) -> int:
     """The config (one line per problem), that its trials fit the named cluster file's node types, and, offline,
     that every hub source has a converter; a grid over `max_leaves` unlearning runs is refused."""
-    cfg = load_config(config, max_leaves=max_leaves)
+    cfg = load_config(config, max_leaves=max_leaves, overrides=overrides)
     fits_cluster(cfg, config, cluster)
     for field, source in _hub_sources(cfg):
         try:
@@ -39,8 +40,9 @@ def validate_command(config: str, cluster: str | None = None, max_leaves: int = 
     return 0
 
 
-def plan_command(config: str, as_json: bool, cluster: str | None = None, max_leaves: int = MAX_LEAVES) -> int:
-    cfg = load_config(config, max_leaves=max_leaves)
+def plan_command(config: str, as_json: bool, cluster: str | None = None, max_leaves: int = MAX_LEAVES,
+                 overrides: tuple[str, ...] = ()) -> int:
+    cfg = load_config(config, max_leaves=max_leaves, overrides=overrides)
     fits_cluster(cfg, config, cluster)
     report = plan_report(cfg)
     print(json.dumps(report, indent=2) if as_json else format_plan(cfg, report))

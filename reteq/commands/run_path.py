@@ -134,8 +134,9 @@ def choose_leaf(cfg: SweepConfig, flags: PathFlags) -> tuple[UnlearnLeaf, Plan]:
     return leaf, plan
 
 
-def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None) -> int:
-    cfg = load_config(config)
+def run_path_command(config: str, flags: PathFlags, work_dir: str | None = None,
+                     overrides: tuple[str, ...] = ()) -> int:
+    cfg = load_config(config, overrides=overrides)
     leaf, plan = choose_leaf(cfg, flags)
     data = DataCache(cfg)
     preflight(cfg, data, report=lambda line: print(f"preflight: {line}", flush=True))
