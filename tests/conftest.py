@@ -19,11 +19,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
-@pytest.fixture(autouse=True)
-def _environment_restored():
-    """Every test leaves os.environ as it found it: in-process sweeps export MLFLOW_TRACKING_URI (mlflow's
+def _restored_environment():
+    """os.environ as it was found, afterwards: in-process sweeps export MLFLOW_TRACKING_URI (mlflow's
     set_tracking_uri does), and a leaked one silently points a later test's `default_tracking_uri` at an
-    earlier test's store. MLflow's own module-level URI goes back too. Each test starts without one, so a
+    earlier test's store. MLflow's own module-level URI goes back too. The block starts without one, so a
     developer's exported MLFLOW_TRACKING_URI never receives test runs."""
     import sys
 
@@ -40,6 +39,20 @@ def _environment_restored():
     utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
     if utils is not None and utils._tracking_uri != uri_before:
         utils._tracking_uri = uri_before
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Around every test."""
+    yield from _restored_environment()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_environment_restored():
+    """Around every module, so its module-scoped fixtures start clean too: a fixture that made a store in
+    tests/test_checkpoint_code.py once sent tests/test_mlflow_ui.py's sweep into that store (autouse fixtures
+    of a scope are set up before the other fixtures of that scope)."""
+    yield from _restored_environment()
 
 
 @pytest.fixture(scope="session")
