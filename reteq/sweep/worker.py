@@ -27,6 +27,7 @@ import ray
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import parse_config
+from reteq.errors import ReteqError
 from reteq.plan import build_plan
 from reteq.sweep.lifecycle import close_trial_runs
 from reteq.sweep.settings import SweepRun
@@ -37,7 +38,7 @@ from reteq.sweep.settings import SweepRun
 _CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
 
 
-class NodeFailed(RuntimeError):
+class NodeFailed(ReteqError, RuntimeError):
     """A stage node could not be trained; `key` names it (and leaves below it report it)."""
 
     def __init__(self, key: str, message: str):

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from reteq.errors import ReteqError
 
-class CollectiveDeviceError(RuntimeError):
+
+class CollectiveDeviceError(ReteqError, RuntimeError):
     """A tensor bound for a collective is not on the worker's device (NCCL would fail on it)."""
 
 
