@@ -25,7 +25,7 @@ from reteq.config import parse_config
 from reteq.plan import build_plan
 from reteq.sweep import lifecycle, record
 from reteq.sweep.lock import WorkDirBusy, WorkDirLock
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.repair import reconcile_nodes
 from reteq.train.checkpoint import is_complete, save_checkpoint
 

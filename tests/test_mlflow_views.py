@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from reteq import tracking as T
 from reteq.sweep import mlflow_ui, record
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq.mlflow_store import ensure_experiment, tracking_client
 
 
 def test_new_and_reopened_experiments_open_as_model_training(sqlite_tracking):

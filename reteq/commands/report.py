@@ -12,9 +12,9 @@ from reteq import tracking as T
 from reteq.analysis.load import experiment_id
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.mlflow_store import reader
 from reteq.redact import redact
 from reteq.sweep import mlflow_ui
-from reteq.sweep.mlflow_store import reader
 from reteq.workdir import resolve_work_dir
 
 

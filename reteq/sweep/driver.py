@@ -40,6 +40,7 @@ from ray import tune
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import SweepConfig
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.redact import redact, tracking_credentials
 from reteq.resources import ResourceError, describe, full_disk, one_line, writing
 from reteq.sweep import lifecycle, record
@@ -47,7 +48,6 @@ from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
 from reteq.sweep.launcher import start_launcher, stop_launcher
 from reteq.sweep.leaves import AXES, axes, knob_axes, leaf_trial
 from reteq.sweep.lock import ExperimentLease
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.nodes import leaf_dependencies, needed_nodes, submit_nodes
 from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, trial_runtime_env, workers_to_keep
 from reteq.sweep.repair import reconcile_nodes

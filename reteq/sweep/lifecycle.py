@@ -16,9 +16,9 @@ import uuid
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.mlflow_store import COUNTED, finished_run, finished_runs
+from reteq.mlflow_store import search_runs as search
 from reteq.redact import redact
-from reteq.sweep.mlflow_store import COUNTED, finished_run, finished_runs
-from reteq.sweep.mlflow_store import search_runs as search
 from reteq.train.checkpoint import checkpoint_manifest
 
 # mlflow.entities is imported inside functions: worker.py imports this module in light Tune trials.

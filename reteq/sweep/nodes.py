@@ -24,9 +24,9 @@ from typing import Any
 import ray
 
 from reteq import tracking as T
+from reteq.mlflow_store import finished_run, reader
 from reteq.resources import one_line
 from reteq.sweep import worker
-from reteq.sweep.mlflow_store import finished_run, reader
 from reteq.sweep.settings import SweepRun
 from reteq.sweep.stage_resume import ParentRunParams, StageResume
 from reteq.sweep.worker import NodeFailed

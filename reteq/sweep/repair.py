@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reteq.mlflow_store import finished_runs
 from reteq.sweep.delivery import CorruptArtifact, fetch_run_checkpoint, mark_corrupt
 from reteq.sweep.lifecycle import record_reused_node
-from reteq.sweep.mlflow_store import finished_runs
 from reteq.train.checkpoint import discard, is_complete
 
 

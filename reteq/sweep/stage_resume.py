@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from reteq import tracking as T
 from reteq.digest import sha256_file
 from reteq.errors import CheckpointError
-from reteq.sweep.mlflow_store import reader
+from reteq.mlflow_store import reader
 
 # ray.train, torch and deepspeed are imported inside functions: only a Ray Train worker calls them.
 

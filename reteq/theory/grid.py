@@ -32,7 +32,7 @@ from reteq import environment
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
 from reteq.errors import BadInput
-from reteq.sweep.mlflow_store import ensure_experiment, reader, tracking_client
+from reteq.mlflow_store import ensure_experiment, reader, tracking_client
 from reteq.sweep.ray_session import init_ray
 from reteq.theory.beyond import retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)

@@ -14,7 +14,7 @@ import polars as pl
 
 from reteq import tracking as tk
 from reteq.analysis.section import Section
-from reteq.sweep.mlflow_store import reader, search_runs
+from reteq.mlflow_store import reader, search_runs
 from reteq.theory import grid as g
 
 TITLE = "Theory: path dependence of gradient-ascent unlearning in linear regression (Section 3)"

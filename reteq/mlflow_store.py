@@ -102,8 +102,6 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None) -> str:
 
     Its artifacts go to `<artifact_root>/<name>` for a local store; a tracking server picks its own.
     """
-    from reteq.sweep.mlflow_ui import mark_training
-
     c = tracking_client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -117,6 +115,12 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None) -> str:
     exp_id = c.create_experiment(name, artifact_location=location)
     mark_training(c, exp_id)
     return exp_id
+
+
+def mark_training(client, exp_id: str, tags: dict[str, str] | None = None) -> None:
+    """Tag the experiment as model training (the MLflow UI then opens its runs page), unless it already is."""
+    if (tags or {}).get(T.TAG_EXPERIMENT_KIND) != T.EXPERIMENT_KIND_TRAINING:
+        client.set_experiment_tag(exp_id, T.TAG_EXPERIMENT_KIND, T.EXPERIMENT_KIND_TRAINING)
 
 
 def iter_runs(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None,
