@@ -13,6 +13,7 @@ import html
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -46,22 +47,28 @@ STATS_TITLE = "Recency statistics over seeds"
 DEPTH_THRESHOLDS = (0.5, 0.0)  # defaults of eval.depth_fall, eval.depth_margin
 
 
-# params: where to read and write, plus the sweep's own analysis settings (depth thresholds, forget target)
+@dataclass(frozen=True)
+class ReportSettings:
+    """How a report reads its sweep: ui_base, the MLflow UI its links point at; depth_thresholds,
+    (eval.depth_fall, eval.depth_margin) of the sweep, for the superficial/deep label; forget_target, the
+    forget score at which orders are compared at equal forgetting (reteq.analysis.recency_stats)."""
+
+    ui_base: str = DEFAULT_UI_BASE
+    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS
+    forget_target: float = RS.EQUAL_FORGETTING_TARGET
+
+
 def write_report(
     tracking_uri: str,
     experiment: str,
     out_dir: str | Path,
     plan_text: str | None = None,
     extra_sections: Iterable[Section] = (),
-    ui_base: str = DEFAULT_UI_BASE,
-    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
-    forget_target: float = RS.EQUAL_FORGETTING_TARGET,
+    settings: ReportSettings = ReportSettings(),
 ) -> Path:
     """Analyse one sweep's experiment and write out_dir/report.html (+ tables/, charts/, leaves.csv); returns the
-    page's path.
-
-    depth_thresholds: (eval.depth_fall, eval.depth_margin) of the sweep, for the superficial/deep label;
-    forget_target: the forget score at which orders are compared at equal forgetting (reteq.analysis.recency_stats)."""
+    page's path. `settings`: the UI links' base and the sweep's own analysis settings (ReportSettings)."""
+    ui_base, depth_thresholds = settings.ui_base, settings.depth_thresholds
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exp_id = experiment_id(tracking_uri, experiment)
@@ -69,7 +76,7 @@ def write_report(
     metrics = load_metrics(tracking_uri, experiment, runs=runs)
     leaves = leaves_table(runs, metrics)
     leaves.write_csv(out / LEAVES_FILE)  # every leaf, so anyone can recompute the tables (reteq.analysis.leaves)
-    sections = analysis_sections(runs, metrics, exp_id, ui_base, depth_thresholds, forget_target, leaves)
+    sections = analysis_sections(runs, metrics, exp_id, settings, leaves)
     from reteq.analysis import retrain as RE
     from reteq.analysis.re_section import retrain_section
 
@@ -96,9 +103,8 @@ def write_report(
 
 
 def analysis_sections(
-    runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, ui_base: str = DEFAULT_UI_BASE,
-    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
-    forget_target: float = RS.EQUAL_FORGETTING_TARGET, leaves: pl.DataFrame | None = None,
+    runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, settings: ReportSettings = ReportSettings(),
+    leaves: pl.DataFrame | None = None,
 ) -> list[Section]:
     """The LLM analysis as report sections: findings, Table 1, divergence, recency (per cell and over seeds),
     figures, runs. `leaves` (reteq.analysis.leaves) is computed from runs and metrics when not given."""
@@ -148,15 +154,16 @@ def analysis_sections(
     )
     from reteq.analysis.retrain import depth_labels
 
-    figures = Section("Figures", charts=C.all_charts(metrics, divergence, depth_labels(metrics, *depth_thresholds)))
+    figures = Section("Figures", charts=C.all_charts(metrics, divergence,
+                                                   depth_labels(metrics, *settings.depth_thresholds)))
     if not figures.charts:
         figures.paragraphs.append("No figure has data: no unlearning step metrics were logged.")
     chart = figures.charts.pop("divergence_growth", None)
     if chart is not None:
         div.charts["divergence_growth"] = chart
     leaves = leaves_table(runs, metrics) if leaves is None else leaves
-    sections += [div, recency_section, recency_stats_section(leaves, forget_target), figures,
-                 _runs_section(runs, exp_id, ui_base)]
+    sections += [div, recency_section, recency_stats_section(leaves, settings.forget_target), figures,
+                 _runs_section(runs, exp_id, settings.ui_base)]
     return sections
 
 

@@ -23,7 +23,7 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     """report.html (and leaves.csv) of a sweep, with the plan and, when it was run into the same store, the theory
     grid; logged as artifacts of the sweep's parent run. forget_target: the equal-forgetting score (default
     reteq.analysis.recency_stats.EQUAL_FORGETTING_TARGET)."""
-    from reteq.analysis.report import write_report
+    from reteq.analysis.report import ReportSettings, write_report
     from reteq.estimate import format_plan, plan_report
     from reteq.theory.report import theory_section
 
@@ -35,7 +35,7 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     depth = (cfg.eval.depth_fall, cfg.eval.depth_margin) if cfg is not None else (0.5, 0.0)
     target = {} if forget_target is None else {"forget_target": forget_target}
     path = write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
-                        depth_thresholds=depth, **target)
+                        settings=ReportSettings(depth_thresholds=depth, **target))
     from reteq.analysis.mlflow_report import log_report
 
     try:  # the report inside MLflow too; the file on disk is the result, so a store that refuses is only noted

@@ -34,7 +34,7 @@ from reteq.analysis.gaps import growth_rate
 from reteq.errors import BadInput
 from reteq.mlflow_store import ensure_experiment, reader, tracking_client
 from reteq.sweep.ray_session import init_ray
-from reteq.theory.beyond import retrain_gaps, rule_divergence
+from reteq.theory.beyond import Unlearning, retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
 from reteq.theory.linear import Instance, bound_check, make_instance
 
@@ -57,7 +57,7 @@ def evaluate_instance(inst: Instance, steps: int) -> dict[str, Any]:
     start = max(q.t0, 0)
     growth = growth_rate(t[start:], divergence[start:])
     stages = [(inst.X_A, inst.y_A), (inst.X_B, inst.y_B), (inst.X_U, inst.y_U)]
-    gaps = retrain_gaps(stages, 2, inst.X_test, inst.mu, inst.eta, steps)
+    gaps = retrain_gaps(stages, 2, inst.X_test, inst.mu, Unlearning(inst.eta, steps))
     retrain_gap = gaps.gaps.max(axis=0)
     positions = np.array([order.index(2) + 1 for order in gaps.orders])
     summary = {
@@ -75,7 +75,7 @@ def evaluate_instance(inst: Instance, steps: int) -> dict[str, Any]:
     for key, rule in ((tk.M_THEORY_NPO_DIVERGENCE, "npo"), (tk.M_THEORY_SIMNPO_DIVERGENCE, "simnpo")):
         summary[key] = float(
             rule_divergence(
-                inst.theta_ab, inst.theta_ba, inst.X_U, inst.y_U, inst.X_test, inst.eta, steps, rule
+                inst.theta_ab, inst.theta_ba, inst.X_U, inst.y_U, inst.X_test, Unlearning(inst.eta, steps, rule)
             )[-1]
         )
     params = {
