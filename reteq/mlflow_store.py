@@ -41,6 +41,7 @@ def reader(uri: str):
 
 def point_fluent_api(uri: str | None) -> None:
     """mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI (None: back to MLflow's default)."""
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -62,6 +63,7 @@ def _new_sqlite_store(db: Path) -> None:
     existing file, so two processes creating one store both open the same whole file."""
     if db.exists() or not db.parent.is_dir():
         return  # an existing store, or a path MLflow itself should report on
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     import mlflow
 
     template = cache_root() / f"mlflow-schema-{mlflow.__version__}.db"
@@ -75,6 +77,7 @@ def _new_sqlite_store(db: Path) -> None:
 
 
 def _build_template(path: Path) -> None:
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(f"{SQLITE}{path}", path.parent.as_uri())._dispose_engine()  # migrates, adds experiment 0

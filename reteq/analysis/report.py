@@ -22,12 +22,17 @@ from reteq import tracking as T
 from reteq.analysis import charts as C
 from reteq.analysis import divergence as D
 from reteq.analysis import recency_stats as RS
+from reteq.analysis import retrain as RE
 from reteq.analysis import tables as TB
 from reteq.analysis.leaves import FILE as LEAVES_FILE
 from reteq.analysis.leaves import leaves_table
 from reteq.analysis.load import experiment_id, load_metrics, load_run_record
 from reteq.analysis.paper_numbers import PAPER_RECENCY_CLAIM, paper_recency
+from reteq.analysis.re_section import TITLE as RE_TITLE
+from reteq.analysis.re_section import retrain_section
+from reteq.analysis.retrain import depth_labels
 from reteq.analysis.section import Section
+from reteq.sweep import mlflow_ui as UI
 
 DEFAULT_UI_BASE = "http://127.0.0.1:5000"
 HTML_ROW_LIMIT = 200  # longer tables are cut in the page (the CSV / Parquet files are complete)
@@ -77,8 +82,6 @@ def write_report(
     leaves = leaves_table(runs, metrics)
     leaves.write_csv(out / LEAVES_FILE)  # every leaf, so anyone can recompute the tables (reteq.analysis.leaves)
     sections = analysis_sections(runs, metrics, exp_id, settings, leaves)
-    from reteq.analysis import retrain as RE
-    from reteq.analysis.re_section import retrain_section
 
     re = retrain_section(metrics, RE.load_vectors(tracking_uri, runs), RE.vocab_size(tracking_uri, runs),
                          RE.depth_labels(metrics, *depth_thresholds),
@@ -152,7 +155,6 @@ def analysis_sections(
         "Per cell, orders are ranked by final forget score; rank 1 = forgets least. The paper's recency "
         "effect is rank 1 for the order that learned U last (p = 4)."
     )
-    from reteq.analysis.retrain import depth_labels
 
     figures = Section("Figures", charts=C.all_charts(metrics, divergence,
                                                    depth_labels(metrics, *settings.depth_thresholds)))
@@ -194,9 +196,6 @@ def recency_stats_section(leaves: pl.DataFrame, forget_target: float = RS.EQUAL_
 def _link_sections(sections: list[Section], exp_id: str, ui_base: str) -> None:
     """Each section links the runs it was drawn from in the MLflow UI: the unlearning runs' curves (reteq's saved
     views, reteq.sweep.mlflow_ui), the runs measured against a theta_r with theta_r's own, or every run."""
-    from reteq.analysis.re_section import TITLE as RE_TITLE
-    from reteq.sweep import mlflow_ui as UI
-
     curves = {"unlearning runs, one curve each": UI.view_url(exp_id, T.VIEW_CURVES, ui_base),
               "grouped by p": UI.view_url(exp_id, T.VIEW_BY_P, ui_base)}
     for sec in sections:
@@ -316,6 +315,7 @@ def _runs_section(runs: pl.DataFrame, exp_id: str, ui_base: str) -> Section:
 
 def _theory_section(tracking_uri: str, experiment: str) -> Section | None:
     """The theory grid's section when this experiment holds one; a failure there still leaves the report."""
+    # lazy: Ray/MLflow only for the theory section (tests swap this module)
     from reteq.theory.report import theory_section
 
     try:

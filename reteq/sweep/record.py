@@ -160,6 +160,7 @@ class MlflowHooks(Hooks):
     def _monitor(self, key: str, run_id: str) -> None:
         """CPU / memory / GPU utilisation as MLflow system metrics, where psutil (and pynvml) allow."""
         try:
+            # lazy: optional (psutil); a failure is reported below
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,

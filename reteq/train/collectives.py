@@ -107,6 +107,7 @@ SHM_OP = "deepspeed_shm_comm"
 def import_deepspeed():
     """`import deepspeed`, with the CPU-only shared-memory op switched off (above) -> the module. Call it before
     anything starts DeepSpeed's comm backend (deepspeed.initialize, zero.Init)."""
+    # lazy: optional DeepSpeed, only on its path
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
