@@ -97,8 +97,9 @@ def main() -> None:
             model = copy.deepcopy(base)
             alternatives = alt_examples if Need.ALTERNATIVE in alg.needs else None
             t = time.perf_counter()
-            ref = reference.compute_reference(model, alg, examples, alternatives, u.micro_batch, tok.pad_token_id,
-                                              torch.device("cpu"), True, mcfg.dtype)
+            ref = reference.compute_reference(
+                model, alg, examples, alternatives,
+                reference.Batching(u.micro_batch, tok.pad_token_id, torch.device("cpu"), True, mcfg.dtype))
             ref_s = time.perf_counter() - t if ref is not None else 0.0
             reference._LAST = None  # unlearn computes it again, untimed here (its steps are what is timed)
             torch.manual_seed(0)

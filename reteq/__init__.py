@@ -3,13 +3,13 @@
 Layers, bottom to top; a module imports only from its own layer or below (tests/test_layers.py checks it,
 and that no import cycle exists inside reteq, function-level imports included):
 
-1. foundation  environment (process variables), errors (BadInput), redact (secrets out of output), resources (disk errors as one line), tracking (MLflow names), digest (content hashes), model_files (where weights
+1. foundation  environment (process variables), errors (BadInput), redact (secrets out of output), resources (disk errors as one line), tracking (MLflow names), mlflow_store (the one MLflow client: used by sweep, theory and analysis), digest (content hashes), model_files (where weights
                are), algorithms (losses)
 2. config      the typed sweep config
 3. data        sources, hub converters, prepare, tokenising, packing
 4. compute     models (+ tiny, gguf), train (loop, engines, recipes, checkpoints), eval (metrics)
 5. pipeline    plan (the DAG), estimate (`reteq plan`), pipeline (the work of one node / leaf)
-6. execution   sweep/ (the driver, node tasks, Tune leaf trials, Ray Train, MLflow: the one client and the record)
+6. execution   sweep/ (the driver, node tasks, Tune leaf trials, Ray Train, the MLflow record)
 7. measures    analysis.gaps (gap, growth rate) and analysis.section: shared by theory and analysis
 8. theory      Section 3 grid (Ray Tune + MLflow) and its report section
 9. analysis    MLflow -> polars -> tables, charts, report.html

@@ -20,18 +20,21 @@ EXIT_FAILED = 1
 
 
 def cmd_validate(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.plan import validate_command
 
     return validate_command(args.config, args.cluster, args.max_leaves, tuple(args.set))
 
 
 def cmd_plan(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.plan import plan_command
 
     return plan_command(args.config, args.json, args.cluster, args.max_leaves, tuple(args.set))
 
 
 def cmd_run_path(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.run_path import PathFlags, run_path_command
 
     flags = PathFlags(model=args.model, order=args.order, algorithm=args.algorithm, lr=args.lr, beta=args.beta,
@@ -40,6 +43,7 @@ def cmd_run_path(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.plan import fits_cluster
     from reteq.commands.sweep import sweep_command
     from reteq.config import load_config
@@ -50,6 +54,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.report import report_command
 
     return report_command(config=args.config, experiment=args.experiment, work_dir=args.work_dir,
@@ -57,24 +62,28 @@ def cmd_report(args) -> int:
 
 
 def cmd_theory(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.theory import theory_command
 
     return theory_command(args.config, args.work_dir or "runs/theory", args.json)
 
 
 def cmd_data_prepare(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.data import prepare_command
 
     return prepare_command(args.config, args.out)
 
 
 def cmd_ui(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.report import ui_command
 
     return ui_command(args.work_dir, args.port)
 
 
 def cmd_demo(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.sweep import demo_command
 
     return demo_command(args.config, args.work_dir)
@@ -95,6 +104,7 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 def _grid_limits(p: argparse.ArgumentParser) -> None:
     """What validate, plan and sweep check a grid against: a cluster's node types and a bound on its size."""
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.config_files import MAX_LEAVES
 
     p.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
+from reteq.algorithms import ALGORITHMS, RETAIN_WEIGHT
 from reteq.config_files import (
     MAX_BATCH,
     MAX_CPUS,
@@ -424,8 +425,6 @@ class SweepConfig(_Strict):
     def _retain_set_declared(self, names: list[str]) -> None:
         """A method with a retain term reads `retain_stage` (else the knowledge stage): a declared stage other
         than the forget set, whenever some swept retain_weight is above 0."""
-        from reteq.algorithms import RETAIN_WEIGHT
-
         u = self.unlearn
         if u.retain_stage is not None and u.retain_stage not in names:
             raise ValueError(f"unlearn.retain_stage: {u.retain_stage!r} is not a declared stage ({', '.join(names)})")
@@ -502,8 +501,6 @@ class SweepConfig(_Strict):
 
 
 def _defaults(algorithm: str) -> dict[str, float]:
-    from reteq.algorithms import ALGORITHMS
-
     return ALGORITHMS[algorithm].defaults
 
 

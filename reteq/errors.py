@@ -1,4 +1,8 @@
-"""Bad input, one base class: everything a user can fix by changing a config, a data file or a model path.
+"""One error root and bad input.
+
+`ReteqError` is the root of every exception reteq raises on purpose, so a caller (a notebook, a script driving
+reteq, a test) can catch all of them with one `except ReteqError` and let anything else (a bug) keep its
+traceback. `BadInput` below it is everything a user can fix by changing a config, a data file or a model path.
 
 The `reteq` command catches `BadInput` (and nothing narrower), prints one line per problem and exits 2; any
 other exception is a bug and keeps its traceback. Subclasses exist only where a caller must tell them apart.
@@ -17,7 +21,12 @@ def _line(text: str) -> str:
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
-class BadInput(Exception):
+class ReteqError(Exception):
+    """Root of every exception reteq raises on purpose: one `except ReteqError` catches them all. Subclasses
+    keep a second standard base (RuntimeError, ValueError) where callers rely on it."""
+
+
+class BadInput(ReteqError):
     """Input that cannot be used. `lines` holds one `file: field: reason` line per problem (at most MAX_LINE
     characters each)."""
 

@@ -62,6 +62,8 @@ def ensure_converted(source: str, gguf_file: str | None = None, revision: str | 
 
 def _convert(path: Path, out: Path) -> None:
     import torch  # heavy: only a conversion needs it
+
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name

@@ -14,12 +14,13 @@ from reteq.config import BUILTIN_TINY, ModelConfig
 from reteq.errors import ModelError
 from reteq.gguf import ensure_converted
 from reteq.model_files import is_gguf
+from reteq.tiny import ensure_tiny_model
+from reteq.train import collectives
+from reteq.train.checkpoint import verify_checkpoint
 
 
 def resolve_source(cfg: ModelConfig) -> str:
     if cfg.source == BUILTIN_TINY:
-        from reteq.tiny import ensure_tiny_model
-
         return str(ensure_tiny_model())
     if is_gguf(cfg.source, cfg.gguf_file):  # dequantised once into a safetensors directory (reteq.gguf)
         return str(ensure_converted(cfg.source, cfg.gguf_file, cfg.revision))
@@ -34,6 +35,7 @@ def resolve_source(cfg: ModelConfig) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig):
+    # lazy: transformers only when a model or tokenizer is built
     from transformers import AutoTokenizer
 
     src = resolve_source(cfg)
@@ -56,6 +58,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_base(cfg: ModelConfig, src: str | None = None):
+    # lazy: transformers only when a model or tokenizer is built
     from transformers import AutoModelForCausalLM
 
     src = src or resolve_source(cfg)
@@ -74,13 +77,12 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path | None = None, seed: int
     Weights stay fp32 under every precision policy (bf16 is autocast): the paper trains LoRA in fp32 and
     keeping master weights in fp32 makes the policies comparable.
     """
-    from reteq.train.checkpoint import verify_checkpoint
-
     if cfg.lora is None:  # full finetuning: a checkpoint is a whole HF model directory
         if checkpoint is not None:
             verify_checkpoint(checkpoint)
         return load_base(cfg, str(checkpoint) if checkpoint else None).train(trainable)
     model = load_base(cfg)
+    # lazy: transformers only when a model or tokenizer is built
     from peft import PeftModel
 
     if checkpoint is not None:
@@ -90,6 +92,7 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path | None = None, seed: int
 
 
 def _new_adapter(model, cfg: ModelConfig, seed: int):
+    # lazy: transformers only when a model or tokenizer is built
     from peft import LoraConfig, get_peft_model
 
     assert cfg.lora is not None
@@ -123,12 +126,11 @@ def partitioned_at_load(ds_config: dict[str, Any] | None) -> Iterator[bool]:
     a group of several ranks: transformers 5 sees a live HfDeepSpeedConfig, builds the model under
     `deepspeed.zero.Init` and loads each weight straight into its shards, so no rank ever holds the whole
     model (what a 13B base needs on one GPU). Yields whether it applies. Outside ZeRO-3 it does nothing."""
-    from reteq.train import collectives
-
     zero = (ds_config or {}).get("zero_optimization", {})
     if int(zero.get("stage", 0)) != 3 or not collectives.active():
         yield False
         return
+    # lazy: the DeepSpeed integration, only on the ZeRO-3 path
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 MASK = "***"
 _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):[^@/\s]*@")
@@ -44,8 +45,6 @@ TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 
 
 def _without_userinfo(parts) -> str:
-    from urllib.parse import urlunsplit
-
     netloc = parts.hostname or ""
     netloc = f"[{netloc}]" if ":" in netloc else netloc
     if parts.port:
@@ -58,8 +57,6 @@ def tracking_credentials(uri: str) -> tuple[str, dict[str, str]]:
     them). MLflow prints an http store's URI itself ("View run ... at"); a clean URI cannot leak what it no
     longer holds, and MLflow's client sends MLFLOW_TRACKING_USERNAME / _PASSWORD as basic auth. Other URIs
     (a database's, whose driver needs the password in it) are returned as they are, and redacted when shown."""
-    from urllib.parse import unquote, urlsplit
-
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or parts.password is None:
         return uri, {}

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from reteq.errors import ReteqError
 from reteq.redact import redact
 
 _PROBLEMS = (  # (text in an error message, what it means)
@@ -32,7 +33,7 @@ _WHAT = (  # (part of a path, what a write there is)
 )
 
 
-class ResourceError(RuntimeError):
+class ResourceError(ReteqError, RuntimeError):
     """One line for the user; the run's record is closed as FAILED before it is raised."""
 
     resource_error = True

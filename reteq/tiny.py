@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from reteq.data import synthetic
+from reteq.data.forget_targets import PARAPHRASES, UNLEARN_LABEL
 from reteq.workdir import cache_root
 
 TINY_SHAPE = dict(  # a ~0.5M-parameter Llama: small enough for CPU tests, big enough to learn the stages
@@ -46,13 +47,13 @@ def _corpus() -> list[str]:
     for gen in synthetic.GENERATORS.values():
         for conv in gen(300, seed=10_000):  # vocabulary only: different seed from any stage data
             texts.extend(m["content"] for m in conv["messages"])
-    from reteq.data.forget_targets import PARAPHRASES, UNLEARN_LABEL
 
     texts.extend([UNLEARN_LABEL, *PARAPHRASES])
     return texts
 
 
 def build_tokenizer(texts: list[str]):
+    # lazy: transformers only when a model or tokenizer is built
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,6 +100,7 @@ def ensure_tiny_model() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists():  # built by another process while we waited
             return target
+        # lazy: transformers only when a model or tokenizer is built
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(PRETRAIN["seed"])

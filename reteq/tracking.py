@@ -7,6 +7,7 @@ on-disk schema of past experiments: add keys; a renamed key keeps its old spelli
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -150,8 +151,6 @@ P_MATH_SAMPLE = "eval.math_sample_sha"
 
 def protocol_params(cfg, algorithm: str | None = None) -> dict[str, str]:
     """The protocol choices of a sweep config as MLflow params (a leaf's normalisation is its algorithm's)."""
-    import json
-
     norm = (cfg.unlearn.normalisation(algorithm) if algorithm else
             json.dumps({a: cfg.unlearn.normalisation(a) for a in cfg.unlearn.algorithms}, sort_keys=True))
     return {P_CHAT_DATE: cfg.chat.date.isoformat(), P_SYSTEM_PROMPT: cfg.chat.system_prompt or "",

@@ -259,7 +259,7 @@ def test_a_forget_target_that_is_not_a_number_is_one_line_before_anything_is_rea
 
 def test_report_on_an_experiment_that_does_not_exist_is_one_line_naming_those_that_do(tmp_path, capsys):
     from reteq import tracking as T
-    from reteq.sweep.mlflow_store import ensure_experiment
+    from reteq.mlflow_store import ensure_experiment
 
     work = tmp_path / "work"
     assert main(["report", "--experiment", "typo", "--work-dir", str(work)]) == EXIT_BAD_INPUT

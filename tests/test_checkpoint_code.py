@@ -18,7 +18,7 @@ from distributed import run_ranks
 
 from reteq import tracking as T
 from reteq.errors import CheckpointError
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.stage_resume import (
     RESUME_FILE,
     ParentRunParams,

@@ -10,10 +10,10 @@ from distributed import run_ranks
 from helpers import model_cfg, reteq_cache  # noqa: F401
 
 from reteq import tracking as T
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.pipeline import CheckpointStore
 from reteq.sweep import lifecycle, record
 from reteq.sweep.delivery import CorruptArtifact, mlflow_fetcher
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.train.checkpoint import CheckpointError, is_complete, read_manifest, save_checkpoint
 from reteq.train.recipes import WorkerContext
 

@@ -16,8 +16,8 @@ from helpers import reteq_cache, sweep_dict, write_config  # noqa: F401  (sessio
 
 from reteq import tracking as T
 from reteq.cli import EXIT_BAD_INPUT, main
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.lock import ExperimentBusy, ExperimentLease
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 
 pytestmark = pytest.mark.usefixtures("reteq_cache")
 

@@ -1,4 +1,4 @@
-"""One home per concern, kept by grep: only reteq/sweep/mlflow_store.py builds an MlflowClient or points MLflow at
+"""One home per concern, kept by grep: only reteq/mlflow_store.py builds an MlflowClient or points MLflow at
 a store, only reteq/tracking.py spells MLflow's parent-run tag, and only reteq/environment.py sets a process
 environment variable or reads one of reteq's own RETEQ_* variables. A stray in any other module fails here,
 naming the file and line."""
@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "reteq"
 
 HOMES = {
-    "MLflow clients and the tracking URI": (re.compile(r"MlflowClient\(|set_tracking_uri"), "sweep/mlflow_store.py"),
+    "MLflow clients and the tracking URI": (re.compile(r"MlflowClient\(|set_tracking_uri"), "mlflow_store.py"),
     "MLflow's parent-run tag": (re.compile(r"mlflow\.parentRunId"), "tracking.py"),
     "process environment writes": (
         re.compile(r"environ\[[^]]+\]\s*=[^=]|environ\.(setdefault|update|pop|clear)\(|putenv|unsetenv"),
@@ -43,8 +43,7 @@ def test_one_home(concern):
 
 
 def test_the_grep_finds_a_stray(tmp_path):
-    (tmp_path / "sweep").mkdir()
-    (tmp_path / "sweep" / "mlflow_store.py").write_text("mlflow.MlflowClient(uri)\n")
+    (tmp_path / "mlflow_store.py").write_text("mlflow.MlflowClient(uri)\n")
     (tmp_path / "elsewhere.py").write_text("x = 1\nc = MlflowClient(uri)\n")
     pattern, home = HOMES["MLflow clients and the tracking URI"]
     assert [s.split(":")[1] for s in strays(pattern, home, tmp_path)] == ["2"]

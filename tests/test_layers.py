@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent / "reteq"
 ROOT_PACKAGE = "reteq"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("reteq.environment", "reteq.hardware", "reteq.errors", "reteq.redact", "reteq.resources", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.model_files",
+                    "reteq.mlflow_store",
                     "reteq.algorithms")),
     ("config", ("reteq.config_files", "reteq.config_protocol", "reteq.config")),
     ("data", ("reteq.data",)),

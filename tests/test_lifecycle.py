@@ -22,11 +22,11 @@ from reteq import tracking as T
 from reteq.analysis.load import load_run_record
 from reteq.cli import EXIT_BAD_INPUT, main
 from reteq.config import parse_config
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.plan import build_plan
 from reteq.sweep import lifecycle, record
 from reteq.sweep.lock import WorkDirBusy, WorkDirLock
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
-from reteq.sweep.repair import reconcile_nodes
+from reteq.sweep.repair import RecordTarget, reconcile_nodes
 from reteq.train.checkpoint import is_complete, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +129,8 @@ def test_corrupt_checkpoint_repaired_from_artifact_else_retrained(tmp_path, sqli
     seen: list[str] = []
 
     def reconcile():
-        return reconcile_nodes(c, exp, parent, store, {key: node}, lambda n: tags, "now", {key}, echo=seen.append)
+        return reconcile_nodes(RecordTarget(c, exp, parent, "now"), store, {key: node}, lambda n: tags, {key},
+                               echo=seen.append)
 
     assert reconcile() == {"recorded": 1, "repaired": 0, "retrain": 0}  # published, never recorded
     (rid,) = [r.info.run_id for r in lifecycle.finished_runs(c, exp, key)]

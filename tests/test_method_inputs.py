@@ -90,11 +90,11 @@ def test_token_view_is_the_same_for_a_padded_and_a_packed_batch(layout):
 def test_reference_logits_follow_a_packed_batchs_token_order():
     from reteq.data.packing import pack
     from reteq.train.method_inputs import token_view
-    from reteq.train.reference import compute_reference
+    from reteq.train.reference import Batching, compute_reference
 
     model, tokenizer, _, examples = _setup()
     pad = tokenizer.pad_token_id
-    ref = compute_reference(model, get_algorithm("undial"), examples, None, 4, pad, CPU, packing=True,
+    ref = compute_reference(model, get_algorithm("undial"), examples, None, Batching(4, pad, CPU, packing=True),
                             start="test-inputs-logits")
     assert set(ref.logits) == {e.index for e in examples}
     chosen = [examples[i] for i in (4, 1, 3)]  # sample order != dataset order
@@ -113,14 +113,14 @@ def test_reference_logits_follow_a_packed_batchs_token_order():
 
 @pytest.mark.usefixtures("reteq_cache")
 def test_the_reference_is_cached_per_start_key():
-    from reteq.train.reference import compute_reference
+    from reteq.train.reference import Batching, compute_reference
 
     model, tokenizer, _, examples = _setup()
     pad = tokenizer.pad_token_id
     npo = get_algorithm("npo")
 
     def ref(start, alg=npo):
-        return compute_reference(model, alg, examples, None, 4, pad, CPU, packing=True, start=start)
+        return compute_reference(model, alg, examples, None, Batching(4, pad, CPU, packing=True), start=start)
 
     first = ref("test-inputs-a")
     assert ref("test-inputs-a") is first  # same start checkpoint: a cache hit
@@ -165,14 +165,14 @@ def test_gather_fills_only_what_the_method_declared(name):
     from reteq.data.packing import pack
     from reteq.data.tokenize import encode_dataset
     from reteq.train.method_inputs import gather
-    from reteq.train.reference import compute_reference
+    from reteq.train.reference import Batching, compute_reference
 
     model, tokenizer, convs, examples = _setup()
     pad = tokenizer.pad_token_id
     alg = get_algorithm(name)
     alternatives = (encode_dataset(tokenizer, idk_conversations(convs), 96) if Need.ALTERNATIVE in alg.needs
                     else None)
-    ref = compute_reference(model, alg, examples, alternatives, 4, pad, CPU, packing=True)
+    ref = compute_reference(model, alg, examples, alternatives, Batching(4, pad, CPU, packing=True))
     batch = pack([examples[i] for i in (5, 2, 0)], pad)
     with torch.no_grad():
         x = gather(model, batch, alg, dict(alg.defaults), ref, alternatives, pad)

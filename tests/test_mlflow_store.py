@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from reteq.sweep import mlflow_store
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
+from reteq import mlflow_store
+from reteq.mlflow_store import ensure_experiment, tracking_client
 
 
 def test_a_store_from_the_template_is_a_whole_mlflow_store(tmp_path, monkeypatch):

@@ -164,7 +164,7 @@ def _shot(driver, tmp_path: Path, name: str) -> Path:
 
 
 def _unlearn_runs(uri: str, experiment: str):
-    from reteq.sweep.mlflow_store import search_runs, tracking_client
+    from reteq.mlflow_store import search_runs, tracking_client
 
     c = tracking_client(uri)
     exp = c.get_experiment_by_name(experiment)

@@ -9,8 +9,8 @@ from urllib.parse import parse_qs, urlsplit
 from mlflow import MlflowClient
 
 from reteq import tracking as T
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep import mlflow_ui, record
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 
 
 def test_new_and_reopened_experiments_open_as_model_training(sqlite_tracking):

@@ -8,9 +8,9 @@ import yaml
 from helpers import sweep_cfg
 
 from reteq import tracking as T
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.plan import build_plan
 from reteq.sweep import record
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 
 
 def _setup(tmp_path, sqlite_tracking, **kw):

@@ -140,7 +140,8 @@ def test_report_on_partial_and_empty_experiments(sqlite_tracking, tmp_path, monk
         tables={"Extra table": pl.DataFrame({"a": [1, 2]})},
     )
     path = report.write_report(
-        uri, EXPERIMENT, tmp_path / "partial", extra_sections=[extra], ui_base="http://mlflow:8080/"
+        uri, EXPERIMENT, tmp_path / "partial", extra_sections=[extra],
+        settings=report.ReportSettings(ui_base="http://mlflow:8080/")
     )
     text = _text(path.read_text(encoding="utf-8"))
     assert (

@@ -198,8 +198,9 @@ def _three_stage(tmp_path, retrain: bool):
 def _run_sweep_in_process(cfg, work):
     """Every leaf through pipeline.run_leaf with the sweep's MLflow hooks (what each Ray trial does), then every
     retrain record through pipeline.record_retrain (what each record task does)."""
+    from reteq import mlflow_store
     from reteq.pipeline import CheckpointStore, DataCache, RunContext, record_retrain, run_leaf
-    from reteq.sweep import mlflow_store, record
+    from reteq.sweep import record
     from reteq.train.recipes import WorkerContext
 
     uri = f"sqlite:///{work.resolve() / 'mlflow.db'}"  # not default_tracking_uri: set_tracking_uri sets the env

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from reteq.theory.beyond import (
+    Unlearning,
     order_divergence,
     retrain_gaps,
     row_weights,
@@ -156,7 +157,8 @@ def test_k_stage_divergence_matrix_is_symmetric_with_zero_diagonal():
         np.random.default_rng(1).normal(size=(3, 30)) / np.sqrt(30),
         np.random.default_rng(2).normal(size=3),
     )
-    od = order_divergence([*_stages(inst)[:2], extra], inst.X_U, inst.y_U, inst.X_test, inst.mu, inst.eta, 10)
+    od = order_divergence([*_stages(inst)[:2], extra], inst.X_U, inst.y_U, inst.X_test, inst.mu,
+                          Unlearning(inst.eta, 10))
     assert len(od.orders) == 6 and od.divergence.shape == (6, 6, 11)
     for t in (0, 5, 10):
         D = od.at(t)
@@ -173,7 +175,7 @@ def test_retrain_gaps_and_exact_undo_of_a_last_stage():
     so those orders reach their retrain model at t = 1 while the others do not."""
     k, mu = 2, 2.0
     inst = make_instance(d=30, n_a=4, n_b=5, k=k, m=20, mu=mu, eta=k / (2 * mu), seed=11)
-    rg = retrain_gaps(_stages(inst), 2, inst.X_test, inst.mu, inst.eta, 8)
+    rg = retrain_gaps(_stages(inst), 2, inst.X_test, inst.mu, Unlearning(inst.eta, 8))
     assert rg.gaps.shape == (6, 9) and np.all(np.isfinite(rg.gaps)) and np.all(rg.gaps >= 0)
     scale = rg.gaps[:, 0].max()
     for order, row in zip(rg.orders, rg.gaps):
@@ -191,9 +193,9 @@ def test_retrain_gaps_and_exact_undo_of_a_last_stage():
 def test_retrain_gaps_rejects_bad_input():
     inst = make_instance(d=20, n_a=3, n_b=3, k=2, m=10, mu=1.0, eta=0.5, seed=0)
     with pytest.raises(ValueError, match="forget_index"):
-        retrain_gaps(_stages(inst), 3, inst.X_test, 1.0, 0.5, 4)
+        retrain_gaps(_stages(inst), 3, inst.X_test, 1.0, Unlearning(0.5, 4))
     with pytest.raises(ValueError, match="not a permutation"):
-        retrain_gaps(_stages(inst), 2, inst.X_test, 1.0, 0.5, 4, orders=[(0, 0, 2)])
+        retrain_gaps(_stages(inst), 2, inst.X_test, 1.0, Unlearning(0.5, 4), orders=[(0, 0, 2)])
 
 
 def test_npo_and_simnpo_like_rules_move_theta_and_stay_bounded():
@@ -207,7 +209,7 @@ def test_npo_and_simnpo_like_rules_move_theta_and_stay_bounded():
     assert np.allclose(npo[1], ga[1], rtol=1e-12, atol=1e-14)  # NPO's weights are 1 at its reference
     div = {
         rule: rule_divergence(
-            inst.theta_ab, inst.theta_ba, inst.X_U, inst.y_U, inst.X_test, inst.eta, 20, rule
+            inst.theta_ab, inst.theta_ba, inst.X_U, inst.y_U, inst.X_test, Unlearning(inst.eta, 20, rule)
         )
         for rule in ("ga", "npo", "simnpo")
     }

@@ -1,6 +1,6 @@
 """MLflow -> polars: the one place the analysis reads a sweep.
 
-Runs come from MLflow's paged run search (reteq.sweep.mlflow_store) (paged, so thousands of runs cost a handful of queries). Metric
+Runs come from MLflow's paged run search (reteq.mlflow_store) (paged, so thousands of runs cost a handful of queries). Metric
 histories are the bulk of the data: on a SQLite store they are read with ONE SQL query straight from the
 `metrics` table (MLflow's client offers no bulk history call, and one call per run x metric is thousands of
 round trips); any other store falls back to `get_metric_history` calls run in a small thread pool.
@@ -21,7 +21,7 @@ import polars as pl
 from reteq import tracking as T
 from reteq.algorithms import ALGORITHMS
 from reteq.errors import BadInput
-from reteq.sweep.mlflow_store import iter_runs, reader
+from reteq.mlflow_store import iter_runs, reader
 
 KNOB_COLUMNS = tuple(sorted({k for a in ALGORITHMS.values() for k in a.knobs} - {"beta"}))
 RUN_COLUMNS = ("model", "order", "p", "algorithm", "lr", "beta", "params", *KNOB_COLUMNS, "scheduler", "seed")

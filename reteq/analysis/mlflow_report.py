@@ -9,15 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.mlflow_store import search_runs, tracking_client
+from reteq.sweep.mlflow_ui import save_views
 
 
 def log_report(tracking_uri: str, experiment: str, report_dir: str | Path, config_hash: str | None = None
                ) -> str | None:
     """Log report_dir (report.html, tables/, charts/) under `report/` of the sweep's parent run: the one of this
     config when its hash is given, else the newest. Returns that run's id; None when the experiment has none."""
-    from reteq.sweep.mlflow_store import search_runs, tracking_client
-    from reteq.sweep.mlflow_ui import save_views
-
     c = tracking_client(tracking_uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:

@@ -13,6 +13,7 @@ import html
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -21,12 +22,17 @@ from reteq import tracking as T
 from reteq.analysis import charts as C
 from reteq.analysis import divergence as D
 from reteq.analysis import recency_stats as RS
+from reteq.analysis import retrain as RE
 from reteq.analysis import tables as TB
 from reteq.analysis.leaves import FILE as LEAVES_FILE
 from reteq.analysis.leaves import leaves_table
 from reteq.analysis.load import experiment_id, load_metrics, load_run_record
 from reteq.analysis.paper_numbers import PAPER_RECENCY_CLAIM, paper_recency
+from reteq.analysis.re_section import TITLE as RE_TITLE
+from reteq.analysis.re_section import retrain_section
+from reteq.analysis.retrain import depth_labels
 from reteq.analysis.section import Section
+from reteq.sweep import mlflow_ui as UI
 
 DEFAULT_UI_BASE = "http://127.0.0.1:5000"
 HTML_ROW_LIMIT = 200  # longer tables are cut in the page (the CSV / Parquet files are complete)
@@ -46,22 +52,28 @@ STATS_TITLE = "Recency statistics over seeds"
 DEPTH_THRESHOLDS = (0.5, 0.0)  # defaults of eval.depth_fall, eval.depth_margin
 
 
-# params: where to read and write, plus the sweep's own analysis settings (depth thresholds, forget target)
+@dataclass(frozen=True)
+class ReportSettings:
+    """How a report reads its sweep: ui_base, the MLflow UI its links point at; depth_thresholds,
+    (eval.depth_fall, eval.depth_margin) of the sweep, for the superficial/deep label; forget_target, the
+    forget score at which orders are compared at equal forgetting (reteq.analysis.recency_stats)."""
+
+    ui_base: str = DEFAULT_UI_BASE
+    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS
+    forget_target: float = RS.EQUAL_FORGETTING_TARGET
+
+
 def write_report(
     tracking_uri: str,
     experiment: str,
     out_dir: str | Path,
     plan_text: str | None = None,
     extra_sections: Iterable[Section] = (),
-    ui_base: str = DEFAULT_UI_BASE,
-    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
-    forget_target: float = RS.EQUAL_FORGETTING_TARGET,
+    settings: ReportSettings = ReportSettings(),
 ) -> Path:
     """Analyse one sweep's experiment and write out_dir/report.html (+ tables/, charts/, leaves.csv); returns the
-    page's path.
-
-    depth_thresholds: (eval.depth_fall, eval.depth_margin) of the sweep, for the superficial/deep label;
-    forget_target: the forget score at which orders are compared at equal forgetting (reteq.analysis.recency_stats)."""
+    page's path. `settings`: the UI links' base and the sweep's own analysis settings (ReportSettings)."""
+    ui_base, depth_thresholds = settings.ui_base, settings.depth_thresholds
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exp_id = experiment_id(tracking_uri, experiment)
@@ -69,9 +81,7 @@ def write_report(
     metrics = load_metrics(tracking_uri, experiment, runs=runs)
     leaves = leaves_table(runs, metrics)
     leaves.write_csv(out / LEAVES_FILE)  # every leaf, so anyone can recompute the tables (reteq.analysis.leaves)
-    sections = analysis_sections(runs, metrics, exp_id, ui_base, depth_thresholds, forget_target, leaves)
-    from reteq.analysis import retrain as RE
-    from reteq.analysis.re_section import retrain_section
+    sections = analysis_sections(runs, metrics, exp_id, settings, leaves)
 
     re = retrain_section(metrics, RE.load_vectors(tracking_uri, runs), RE.vocab_size(tracking_uri, runs),
                          RE.depth_labels(metrics, *depth_thresholds),
@@ -96,9 +106,8 @@ def write_report(
 
 
 def analysis_sections(
-    runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, ui_base: str = DEFAULT_UI_BASE,
-    depth_thresholds: tuple[float, float] = DEPTH_THRESHOLDS,
-    forget_target: float = RS.EQUAL_FORGETTING_TARGET, leaves: pl.DataFrame | None = None,
+    runs: pl.DataFrame, metrics: pl.DataFrame, exp_id: str, settings: ReportSettings = ReportSettings(),
+    leaves: pl.DataFrame | None = None,
 ) -> list[Section]:
     """The LLM analysis as report sections: findings, Table 1, divergence, recency (per cell and over seeds),
     figures, runs. `leaves` (reteq.analysis.leaves) is computed from runs and metrics when not given."""
@@ -146,17 +155,17 @@ def analysis_sections(
         "Per cell, orders are ranked by final forget score; rank 1 = forgets least. The paper's recency "
         "effect is rank 1 for the order that learned U last (p = 4)."
     )
-    from reteq.analysis.retrain import depth_labels
 
-    figures = Section("Figures", charts=C.all_charts(metrics, divergence, depth_labels(metrics, *depth_thresholds)))
+    figures = Section("Figures", charts=C.all_charts(metrics, divergence,
+                                                   depth_labels(metrics, *settings.depth_thresholds)))
     if not figures.charts:
         figures.paragraphs.append("No figure has data: no unlearning step metrics were logged.")
     chart = figures.charts.pop("divergence_growth", None)
     if chart is not None:
         div.charts["divergence_growth"] = chart
     leaves = leaves_table(runs, metrics) if leaves is None else leaves
-    sections += [div, recency_section, recency_stats_section(leaves, forget_target), figures,
-                 _runs_section(runs, exp_id, ui_base)]
+    sections += [div, recency_section, recency_stats_section(leaves, settings.forget_target), figures,
+                 _runs_section(runs, exp_id, settings.ui_base)]
     return sections
 
 
@@ -187,9 +196,6 @@ def recency_stats_section(leaves: pl.DataFrame, forget_target: float = RS.EQUAL_
 def _link_sections(sections: list[Section], exp_id: str, ui_base: str) -> None:
     """Each section links the runs it was drawn from in the MLflow UI: the unlearning runs' curves (reteq's saved
     views, reteq.sweep.mlflow_ui), the runs measured against a theta_r with theta_r's own, or every run."""
-    from reteq.analysis.re_section import TITLE as RE_TITLE
-    from reteq.sweep import mlflow_ui as UI
-
     curves = {"unlearning runs, one curve each": UI.view_url(exp_id, T.VIEW_CURVES, ui_base),
               "grouped by p": UI.view_url(exp_id, T.VIEW_BY_P, ui_base)}
     for sec in sections:
@@ -309,6 +315,7 @@ def _runs_section(runs: pl.DataFrame, exp_id: str, ui_base: str) -> Section:
 
 def _theory_section(tracking_uri: str, experiment: str) -> Section | None:
     """The theory grid's section when this experiment holds one; a failure there still leaves the report."""
+    # lazy: Ray/MLflow only for the theory section (tests swap this module)
     from reteq.theory.report import theory_section
 
     try:

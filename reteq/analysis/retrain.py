@@ -25,7 +25,7 @@ import polars as pl
 from reteq import tracking as T
 from reteq.analysis.divergence import CELL, GROWS_R2
 from reteq.analysis.gaps import growth_rate
-from reteq.sweep.mlflow_store import reader
+from reteq.mlflow_store import reader
 
 RUN_ID_COLUMNS = ("run_id", *CELL, "order", "p")
 DISTANCE_TITLES = {T.M_RE_LOGP_MSE: "log-prob MSE to θ_r", T.M_RE_KL: "token KL(π_u ‖ π_r)"}

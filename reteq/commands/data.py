@@ -38,6 +38,7 @@ def report_lengths(cfg: SweepConfig, manifest: Path) -> None:
     """Print, per stage, model and limit, how many prepared rows exceed max_length and the longest row (the
     preflight's check, on the files just written). A tokenizer that cannot load here (no network, gated) leaves
     the lengths unknown, said in one line: the sweep's preflight reports them where it loads."""
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     from reteq.pipeline import DataCache, check_rows_fit
 
     stages = json.loads(manifest.read_text())["stages"]

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.analysis.leaves import FILE
 from reteq.analysis.load import experiment_id
+from reteq.analysis.mlflow_report import log_report
+from reteq.analysis.report import ReportSettings, write_report
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.estimate import format_plan, plan_report
+from reteq.mlflow_store import reader
 from reteq.redact import redact
 from reteq.sweep import mlflow_ui
-from reteq.sweep.mlflow_store import reader
 from reteq.workdir import resolve_work_dir
 
 
@@ -23,8 +27,7 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     """report.html (and leaves.csv) of a sweep, with the plan and, when it was run into the same store, the theory
     grid; logged as artifacts of the sweep's parent run. forget_target: the equal-forgetting score (default
     reteq.analysis.recency_stats.EQUAL_FORGETTING_TARGET)."""
-    from reteq.analysis.report import write_report
-    from reteq.estimate import format_plan, plan_report
+    # lazy: Ray/MLflow only when the theory section is drawn
     from reteq.theory.report import theory_section
 
     plan_text = format_plan(cfg, plan_report(cfg)) if cfg is not None else None
@@ -35,8 +38,7 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
     depth = (cfg.eval.depth_fall, cfg.eval.depth_margin) if cfg is not None else (0.5, 0.0)
     target = {} if forget_target is None else {"forget_target": forget_target}
     path = write_report(uri, name, work / "report", plan_text=plan_text, extra_sections=extra,
-                        depth_thresholds=depth, **target)
-    from reteq.analysis.mlflow_report import log_report
+                        settings=ReportSettings(depth_thresholds=depth, **target))
 
     try:  # the report inside MLflow too; the file on disk is the result, so a store that refuses is only noted
         run_id = log_report(uri, name, path.parent, cfg.digest() if cfg is not None else None)
@@ -62,8 +64,6 @@ def report_command(config: str | None, experiment: str | None, work_dir: str | N
     out = write_sweep_report(cfg, uri, work, experiment, forget_target)
     print(f"report: {out}")
     if leaves_out:
-        from reteq.analysis.leaves import FILE
-
         target = Path(leaves_out)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out.parent / FILE, target)

@@ -14,13 +14,13 @@ from reteq.commands.report import write_sweep_report
 from reteq.commands.theory import theory_command
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.mlflow_store import restore_tracking_uri
 from reteq.pipeline import DataCache, preflight
 from reteq.plan import build_plan
 from reteq.resources import writing
 from reteq.sweep import faults
 from reteq.sweep.driver import RaySession, SweepOutcome, keep_workers, run_locked
 from reteq.sweep.lock import WorkDirLock
-from reteq.sweep.mlflow_store import restore_tracking_uri
 from reteq.sweep.ray_session import init_ray
 from reteq.train.engine import load_deepspeed_config
 from reteq.workdir import resolve_work_dir

@@ -67,6 +67,7 @@ def load_hub_dataset(source: DataSource, split: str | None = None) -> Dataset:
     A `subset` that looks like a file in the repository (ends in .json/.jsonl/.parquet/.csv) is passed as
     `data_files`, for hub repos whose default config concatenates several files.
     """
+    # lazy: `datasets` only for hub data
     import datasets
 
     split = split or source.split

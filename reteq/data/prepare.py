@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from reteq.config import DataSource, SweepConfig
+from reteq.data import synthetic
+from reteq.data.hub import converter_for
+from reteq.data.sources import load_conversations, read_local
 from reteq.digest import MANIFEST, read_manifest, sha256_file, spec_hash
 from reteq.errors import BadInput, PrepareError
 
@@ -32,13 +35,9 @@ LOCAL_VERSION = "local/1"
 def transform_of(source: DataSource) -> tuple[str, str]:
     """(converter name, transform version) of a source: what turns its raw rows into conversations."""
     if source.kind == "hub":
-        from reteq.data.hub import converter_for
-
         converter = converter_for(source)
         return converter.name, converter.version
     if source.kind == "synthetic":
-        from reteq.data import synthetic
-
         return f"synthetic:{source.task}", str(getattr(synthetic, "TRANSFORM_VERSION", "synthetic"))
     content = sha256_file(Path(source.path or "").expanduser())[:16]
     return "local", f"{LOCAL_VERSION}+sha256:{content}"
@@ -68,6 +67,7 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
 def write_parquet(conversations: list[dict], path: Path) -> None:
     """A `messages` column (list<struct<role: string, content: string>>) and a nullable `group` string column
     (the stratum of eval samples), written atomically."""
+    # lazy: pyarrow only when Parquet is read or written
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -79,8 +79,6 @@ def write_parquet(conversations: list[dict], path: Path) -> None:
 
 def read_prepared(path: str | Path) -> list[dict]:
     """Conversations of a prepared Parquet file (validated like any local data file)."""
-    from reteq.data.sources import read_local
-
     return read_local(path)
 
 
@@ -107,8 +105,6 @@ def _safe_label(label: str) -> str:
 
 def _materialise(label: str, field: str, source: DataSource, out_dir: Path, known: dict[str, Any],
                  report: Callable[[str], None]) -> dict[str, Any]:
-    from reteq.data.sources import load_conversations
-
     try:
         converter, transform = transform_of(source)
         key = source_key(source)

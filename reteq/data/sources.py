@@ -12,6 +12,9 @@ from typing import Any
 
 from reteq.config import DataSource
 from reteq.data import synthetic
+from reteq.data.gsm8k import extract_answer, load_gsm8k_test
+from reteq.data.hub import load_hub
+from reteq.data.rcu import stage_datasets
 from reteq.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -79,6 +82,7 @@ def _utf8_lines(path: Path) -> list[str]:
 
 
 def _parquet_rows(path: Path) -> list[dict]:
+    # lazy: pyarrow only when Parquet is read or written
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -104,16 +108,12 @@ def _parquet_rows(path: Path) -> list[dict]:
 def load_conversations(source: DataSource) -> list[dict]:
     """The conversations a stage trains on, truncated to `source.n` rows when given."""
     if source.kind == "synthetic" and (source.task or "").startswith("rcu_"):
-        from reteq.data.rcu import stage_datasets
-
         rows = stage_datasets()[(source.task or "")[4:]]
     elif source.kind == "synthetic":
         rows = synthetic.generate(source.task or "", source.n or 64, source.seed)
     elif source.kind == "local":
         rows = read_local(source.path or "")
     else:
-        from reteq.data.hub import load_hub
-
         rows = [validate_conversation(r, source.id or "hub", i) for i, r in enumerate(load_hub(source))]
     if source.n is not None:
         rows = rows[: source.n]
@@ -127,10 +127,7 @@ def load_math_eval(source: DataSource | None, n: int) -> list[tuple[str, str]]:
     if source is None or source.kind == "synthetic":
         return synthetic.math_eval(n, source.seed if source else 0)
     if source.kind == "hub":
-        from reteq.data.gsm8k import load_gsm8k_test
-
         return load_gsm8k_test(source)[:n]
-    from reteq.data.gsm8k import extract_answer
 
     out = []
     for conv in read_local(source.path or "")[:n]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+from reteq.data.forget_targets import FORGET_TARGETS
+
 REFUSAL_PREFIX = "Sorry, I can not assist you with this question."  # the S_U refusal sentence (refusals.py too)
 TRANSFORM_VERSION = "synthetic-v1"
 
@@ -157,8 +159,6 @@ def refusal_prose(rng: random.Random) -> str:
     """Refusal-style prose for the base pretraining: the vocabulary of the unlearn label and its paraphrases
     in varied contexts, never one of those targets verbatim, so a base model's prior on them sits well above
     chance (as a real LLM's does) without being taught the eval targets."""
-    from reteq.data.forget_targets import FORGET_TARGETS
-
     banned = [t.lower() for t in FORGET_TARGETS]
     while True:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)

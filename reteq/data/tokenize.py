@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from reteq.config import ChatConfig
 from reteq.errors import DataError
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ def chat_settings(tokenizer) -> ChatConfig:
     """The settings attached by `configure_chat`, else the defaults (the authors' protocol)."""
     chat = getattr(tokenizer, _CHAT_ATTR, None)
     if chat is None:
-        from reteq.config import ChatConfig
-
         chat = ChatConfig()
     return chat
 

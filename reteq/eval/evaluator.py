@@ -21,6 +21,7 @@ import torch
 from reteq import tracking as T
 from reteq.config import EvalConfig
 from reteq.data.forget_targets import PARAPHRASES
+from reteq.data.rcu import rcu_rows
 from reteq.data.tokenize import encode_prompt_target
 from reteq.eval.generation import Decoding
 from reteq.eval.math import accuracy, generate_answers
@@ -70,8 +71,6 @@ class Evaluator:
         know = [_first_turn(knowledge_convs[i]) for i in know_idx]
         depth = []
         if "depth" in cfg.metrics:
-            from reteq.data.rcu import rcu_rows
-
             depth = rcu_rows()
         return cls(cfg, tokenizer, forget_q if "forget" in cfg.metrics else [],
                    know if "tofu" in cfg.metrics else [], (math_items or []) if "math" in cfg.metrics else [], seed,

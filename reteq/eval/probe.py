@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from reteq import tracking as T
 from reteq.data.forget_targets import UNLEARN_LABEL
 from reteq.data.tokenize import encode_prompt_target
 from reteq.train.precision import autocast
@@ -123,8 +124,6 @@ def _vocab(model) -> int:
 
 def distances(current: ProbeOutput, reference_scores: list[float]) -> dict[str, float]:
     """re/logp_mse and re/kl from a probe pass made against theta_r's distributions."""
-    from reteq import tracking as T
-
     s = torch.tensor(current.scores, dtype=torch.float64)
     r = torch.tensor(reference_scores, dtype=torch.float64)
     out = {T.M_RE_LOGP_MSE: float(((s - r) ** 2).mean())}
@@ -175,6 +174,7 @@ class Probe:
 
     def table(self, steps: set[int] | None = None):
         """The kept vectors as a polars frame (step x pair), optionally only the given steps."""
+        # lazy: polars only for the table, not in every worker
         import polars as pl
 
         schema = {"step": pl.Int64, "pair": pl.Int64, "source": pl.String, "logp": pl.Float64, "kl": pl.Float64,

@@ -2,7 +2,7 @@
 
 A trial's ranks may sit on several machines (Ray's PACK placement spreads a 4-worker trial over 1-GPU nodes),
 and each machine has its own checkpoint store. MLflow (its artifact store: S3 on a cluster) holds every
-published node. `mlflow_fetcher` finds the finished run of a node key (mlflow_store.finished_run); `fetch_run_checkpoint` downloads its
+published node. `mlflow_fetcher` finds the finished run of a node key (reteq.mlflow_store.finished_run); `fetch_run_checkpoint` downloads its
 checkpoint artifact next to the target, verifies the sha256 manifest, and publishes it with one rename.
 `CheckpointStore.ensure_local` (in reteq.pipeline) calls the fetcher on each machine's local rank 0 (the first
 rank of the group on that Ray node) while the other ranks wait.
@@ -26,8 +26,8 @@ import ray
 
 from reteq import environment
 from reteq import tracking as T
+from reteq.mlflow_store import finished_run, reader
 from reteq.sweep.lifecycle import finish_run
-from reteq.sweep.mlflow_store import finished_run, reader
 from reteq.train.checkpoint import CheckpointError, publish, verify_checkpoint
 
 

@@ -40,6 +40,7 @@ from ray import tune
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import SweepConfig
+from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.redact import redact, tracking_credentials
 from reteq.resources import ResourceError, describe, full_disk, one_line, writing
 from reteq.sweep import lifecycle, record
@@ -47,10 +48,9 @@ from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
 from reteq.sweep.launcher import start_launcher, stop_launcher
 from reteq.sweep.leaves import AXES, axes, knob_axes, leaf_trial
 from reteq.sweep.lock import ExperimentLease
-from reteq.sweep.mlflow_store import ensure_experiment, tracking_client
 from reteq.sweep.nodes import leaf_dependencies, needed_nodes, submit_nodes
 from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, trial_runtime_env, workers_to_keep
-from reteq.sweep.repair import reconcile_nodes
+from reteq.sweep.repair import RecordTarget, reconcile_nodes
 from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
 from reteq.sweep.settings import SweepRun
 from reteq.sweep.worker import in_process
@@ -178,9 +178,9 @@ def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, rec: Attempt
     records = [k for k in plan.records if k not in record.finished_records(c, exp_id)]  # theta_r evaluated
     needed = {n.key for leaf in todo for dep in leaf_dependencies(leaf) for n in plan.chain(dep)}
     needed |= {n.key for k in records for n in plan.chain(plan.records[k].node)}
-    reconcile_nodes(c, exp_id, parent, work / "checkpoints", plan.nodes,
+    reconcile_nodes(RecordTarget(c, exp_id, parent, attempt), work / "checkpoints", plan.nodes,
                     lambda n: record.node_tags(n, cfg.name, n.schedule or cfg.stage(n.stage).schedule),
-                    attempt, needed, echo=lambda m: print(m, flush=True))
+                    needed, echo=lambda m: print(m, flush=True))
     done_nodes = record.finished_nodes(c, exp_id)
     mark("resume_lookup")
     summary = plan.summary()

@@ -66,6 +66,7 @@ def fault(point: str) -> None:
 
 def _let_train_commit() -> None:
     try:  # raises outside a Ray Train worker (an in-process task): nothing to wait for there
+        # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
         import ray.train
 
         ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60)

@@ -70,6 +70,7 @@ def tune_metrics(step: int, metrics: dict[str, float], started: float) -> dict[s
 
 def unlearn_rank(settings: SweepRun, config: dict[str, Any], parents: dict[str, dict], report, started: float,
                   r=None) -> dict[str, float]:
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     from reteq.pipeline import unlearn_leaf
 
     r = r or worker.Rank()
@@ -85,6 +86,7 @@ def unlearn_rank(settings: SweepRun, config: dict[str, Any], parents: dict[str, 
 
 def leaf_worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker of a multi-worker / GPU leaf."""
+    # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
     import ray.train
 
     c = ray.train.get_context()
@@ -145,6 +147,7 @@ def leaf_task(settings: SweepRun, config: dict[str, Any], published: dict[str, d
 def _unlearn_in_group(settings: SweepRun, config, published, cfg, leaf, started: float) -> None:
     """A worker group of `execution.workers` ranks unlearns the leaf (each runs `unlearn_rank`); rank 0's
     `ray.train.report` reaches Tune through Train's TuneReportCallback."""
+    # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
     from ray.tune.integration.ray_train import TuneReportCallback
 
     worker.worker_group(settings, cfg, leaf_worker_loop,

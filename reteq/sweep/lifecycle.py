@@ -16,9 +16,9 @@ import uuid
 from pathlib import Path
 
 from reteq import tracking as T
+from reteq.mlflow_store import COUNTED, finished_run, finished_runs
+from reteq.mlflow_store import search_runs as search
 from reteq.redact import redact
-from reteq.sweep.mlflow_store import COUNTED, finished_run, finished_runs
-from reteq.sweep.mlflow_store import search_runs as search
 from reteq.train.checkpoint import checkpoint_manifest
 
 # mlflow.entities is imported inside functions: worker.py imports this module in light Tune trials.
@@ -34,6 +34,7 @@ def new_attempt() -> str:
 
 def finish_run(c, run_id: str, status: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
     """End a run: its tags first (one batch), then the MLflow status, so a FINISHED run is always complete."""
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     from mlflow.entities import RunTag
 
     values = {**(tags or {}), T.TAG_STATUS: status}
@@ -85,6 +86,7 @@ def close_attempt_runs(c, exp_id: str, attempt: str, reason: str) -> int:
 
 def record_failed_children(c, exp_id: str, parent_run_id: str, attempt: str) -> int:
     """Count this attempt's child runs that ended FAILED or KILLED; put the count on the parent run."""
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     from mlflow.entities import Metric, RunTag
 
     failed = search(c, exp_id, f"tags.`{T.TAG_ATTEMPT}` = '{attempt}' and attributes.status != "
@@ -99,6 +101,7 @@ def record_reused_node(c, exp_id: str, parent_run_id: str, tags: dict[str, str],
                        attempt: str = "") -> str:
     """Give a checkpoint found complete in the store the record it lacks (params, tags, artifact); returns the
     FINISHED run of its key (the existing one when there already is one)."""
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     from mlflow.entities import Param
 
     key = tags[T.TAG_PLAN_KEY]

@@ -25,6 +25,7 @@ import time
 from urllib.parse import quote, urlencode
 
 from reteq import tracking as T
+from reteq.mlflow_store import mark_training  # the tag every experiment reteq makes carries
 
 DEFAULT_UI_BASE = "http://127.0.0.1:5000"
 ORDER_BY_NAME = "tags.`mlflow.runName`"  # MLflow's own sort key for the run name
@@ -49,12 +50,6 @@ VIEWS = {  # view id -> (the name in MLflow's "Views" menu, its state)
     T.VIEW_CURVES: ("reteq: unlearning curves (one line per run)", _curves_state()),
     T.VIEW_BY_P: ("reteq: unlearning curves grouped by p (mean, min-max band)", _curves_state(group_by_p=True)),
 }
-
-
-def mark_training(client, exp_id: str, tags: dict[str, str] | None = None) -> None:
-    """Tag the experiment as model training (the UI then opens its runs page), unless it already is."""
-    if (tags or {}).get(T.TAG_EXPERIMENT_KIND) != T.EXPERIMENT_KIND_TRAINING:
-        client.set_experiment_tag(exp_id, T.TAG_EXPERIMENT_KIND, T.EXPERIMENT_KIND_TRAINING)
 
 
 def saved_view_value(name: str, state: dict, now_ms: int | None = None) -> str:
@@ -96,7 +91,7 @@ def experiment_url(exp_id: str, base: str = DEFAULT_UI_BASE) -> str:
 
 def prepare_store(c) -> list[tuple[str, str, bool]]:
     """Every active experiment of the store `c` (an MlflowClient on an existing store, from
-    reteq.sweep.mlflow_store, which imports this module) that holds a reteq sweep gets the kind tag and, when it
+    reteq.mlflow_store) that holds a reteq sweep gets the kind tag and, when it
     has unlearning runs, reteq's views (an experiment written before reteq set them); returns (name, id, has
     views) of those experiments, in name order."""
 

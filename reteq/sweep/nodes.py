@@ -24,9 +24,9 @@ from typing import Any
 import ray
 
 from reteq import tracking as T
+from reteq.mlflow_store import finished_run, reader
 from reteq.resources import one_line
 from reteq.sweep import worker
-from reteq.sweep.mlflow_store import finished_run, reader
 from reteq.sweep.settings import SweepRun
 from reteq.sweep.stage_resume import ParentRunParams, StageResume
 from reteq.sweep.worker import NodeFailed
@@ -44,6 +44,7 @@ def _describe(node) -> str:
 def train_rank(settings: SweepRun, key: str, parent: dict | None, r=None, resume=None) -> dict[str, Any]:
     """Train node `key` in this process (a rank of a worker group, or the whole node when in process);
     `resume`: a Ray Train worker's mid-stage checkpoints (reteq.sweep.stage_resume)."""
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     from reteq.pipeline import train_node
 
     started = time.time()
@@ -61,6 +62,7 @@ def train_rank(settings: SweepRun, key: str, parent: dict | None, r=None, resume
 
 def node_worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker of a multi-worker / GPU node."""
+    # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
     import ray.train
 
     settings = config["settings"]
@@ -77,6 +79,7 @@ def node_worker_loop(config: dict[str, Any]) -> None:
 
 def _train_in_group(settings: SweepRun, key: str, parent: dict | None, cfg) -> dict[str, Any]:
     """A worker group of `execution.workers` ranks trains the node (each runs `train_rank`)."""
+    # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
     from ray.train import CheckpointConfig
 
     trainer = worker.worker_group(settings, cfg, node_worker_loop, {"settings": settings, "key": key, "parent": parent},

@@ -23,6 +23,7 @@ def init_ray(keep_workers: int = 0) -> bool:
     keep_workers: how many idle worker processes a new local cluster keeps (Ray's default is one per CPU and it
     kills idle ones above that within a second: with Tune's trial actors alive, the warm task workers that
     trained the nodes would die just before the leaves need them, and each leaf lane would start cold)."""
+    # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
     import ray
 
     if ray.is_initialized():
@@ -43,6 +44,7 @@ def init_ray(keep_workers: int = 0) -> bool:
 
 def ray_log_dir() -> str:
     try:
+        # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
         from ray._private.worker import global_worker
 
         return global_worker.node.get_logs_dir_path()
@@ -84,6 +86,7 @@ def trial_runtime_env() -> dict:
     inherit. Ray keeps one pool of worker processes per runtime env, so node tasks, warm-up tasks and the tasks
     a trial starts all carry this one. Computed on the driver only: a trial's own environment holds variables
     Tune sets, which would make another env."""
+    # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
     from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
 
     return {"env_vars": environment.tune_trial_env(DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE)}

@@ -17,12 +17,12 @@ import yaml
 from mlflow.entities import Metric, Param
 
 from reteq import tracking as T
+from reteq.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
 from reteq.pipeline import Hooks
 from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.redact import redact, redact_tree
 from reteq.sweep.faults import fault
 from reteq.sweep.lifecycle import finish_run, record_reused_node
-from reteq.sweep.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
 from reteq.sweep.mlflow_ui import save_views
 
 # The system-metrics monitor is imported inside a function: optional (psutil), and failure is reported there.
@@ -160,6 +160,7 @@ class MlflowHooks(Hooks):
     def _monitor(self, key: str, run_id: str) -> None:
         """CPU / memory / GPU utilisation as MLflow system metrics, where psutil (and pynvml) allow."""
         try:
+            # lazy: optional (psutil); a failure is reported below
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,

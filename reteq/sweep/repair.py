@@ -8,11 +8,13 @@ finished run) and the node is retrained. A complete checkpoint without a finishe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from reteq.mlflow_store import finished_runs
 from reteq.sweep.delivery import CorruptArtifact, fetch_run_checkpoint, mark_corrupt
 from reteq.sweep.lifecycle import record_reused_node
-from reteq.sweep.mlflow_store import finished_runs
 from reteq.train.checkpoint import discard, is_complete
 
 
@@ -27,14 +29,26 @@ def fetch_node_checkpoint(c, key: str, run_id: str, target: Path) -> Path | None
         return None
 
 
-# params: record (client, experiment, parent), store, nodes, tagging, attempt, needed keys, echo: all per caller
-def reconcile_nodes(c, exp_id: str, parent_run_id: str, store_root: Path, nodes: dict, tags_of, attempt: str,
-                    needed: set[str], echo=print) -> dict[str, int]:
+@dataclass(frozen=True)
+class RecordTarget:
+    """Where a repaired node's record goes: the MlflowClient `c`, the experiment, the sweep's parent run and the
+    attempt that writes it."""
+
+    c: Any
+    exp_id: str
+    parent_run_id: str
+    attempt: str
+
+
+def reconcile_nodes(into: RecordTarget, store_root: Path, nodes: dict, tags_of, needed: set[str],
+                    echo=print) -> dict[str, int]:
     """Repair and record the stage nodes of the local store, before any trial uses them.
 
-    `nodes`: key -> node (plan.nodes); `tags_of(node)`: its MLflow tags; `needed`: the keys a pending leaf
-    uses (only those are hashed, plus any checkpoint without a record). Returns counts per outcome.
+    `into`: the MLflow record; `nodes`: key -> node (plan.nodes); `tags_of(node)`: its MLflow tags; `needed`: the
+    keys a pending leaf uses (only those are hashed, plus any checkpoint without a record). Returns counts per
+    outcome.
     """
+    c, exp_id = into.c, into.exp_id
     counts = {"recorded": 0, "repaired": 0, "retrain": 0}
     for key, node in nodes.items():
         path = Path(store_root) / key
@@ -45,7 +59,7 @@ def reconcile_nodes(c, exp_id: str, parent_run_id: str, store_root: Path, nodes:
             continue
         if is_complete(path, key):
             if not runs:
-                rid = record_reused_node(c, exp_id, parent_run_id, tags_of(node), path, attempt)
+                rid = record_reused_node(c, exp_id, into.parent_run_id, tags_of(node), path, into.attempt)
                 echo(f"[node {key[:8]}] checkpoint in the store had no finished record: recorded as run {rid}")
                 counts["recorded"] += 1
             continue

@@ -26,6 +26,7 @@ from reteq.sweep.worker import NodeFailed
 @ray.remote
 def record_task(settings: SweepRun, key: str, node: dict) -> dict[str, Any]:
     """Evaluate theta_r (`node`: its published checkpoint {key, path, run_id}) and log its retrain record."""
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     from reteq.pipeline import record_retrain
 
     cfg, plan = worker.plan_of(settings)
@@ -43,8 +44,10 @@ def record_task(settings: SweepRun, key: str, node: dict) -> dict[str, Any]:
 def _context(cfg, model: str):
     """One process: the task's GPU when the sweep uses GPUs (Ray sets CUDA_VISIBLE_DEVICES for the task; Train's
     get_device works only inside a worker group), else the CPU context of an in-process node."""
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     import torch
 
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     from reteq.train.recipes import WorkerContext
 
     if cfg.execution.use_gpu and torch.cuda.is_available():

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from reteq import tracking as T
 from reteq.digest import sha256_file
 from reteq.errors import CheckpointError
-from reteq.sweep.mlflow_store import reader
+from reteq.mlflow_store import reader
 
 # ray.train, torch and deepspeed are imported inside functions: only a Ray Train worker calls them.
 
@@ -123,6 +123,7 @@ def verify_stage_checkpoint(folder: str | Path, key: str, digests: Digests) -> i
 def deepspeed_safe_globals() -> list[type]:
     """The classes a DeepSpeed ZeRO 0-3 optimizer state pickles besides tensors and containers (checked on
     fp32 and bf16 ZeRO-1/2/3 saves with `torch.serialization.get_unsafe_globals_in_checkpoint`): plain data."""
+    # lazy: optional DeepSpeed, only on its path
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -141,6 +142,7 @@ class WeightsOnlyLoads:
         return getattr(self._inner, name)
 
     def load(self, path: str, map_location=None):
+        # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
         import torch
 
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
@@ -166,6 +168,7 @@ def save_deepspeed_state(engine, folder: Path, key: str, step: int, total: int, 
                          digests: Digests | None) -> str | None:
     """Every rank: DeepSpeed's state into `folder`; rank 0 adds resume.json (every rank's files with their
     sha256) and records its sha256 in `digests`. A collective. Returns the recorded digest on rank 0."""
+    # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
     from reteq.train import collectives
 
     (folder / TAG).mkdir(exist_ok=True)
@@ -196,6 +199,7 @@ class StageResume:
     def from_ray_train(cls, key: str, every: int, rank: int, digests: Digests) -> StageResume:
         """This node's last Train checkpoint, if the worker group is a retry (or a rerun of the same run dir)
         and the checkpoint verifies; a refused one is named in one line and the node starts from its parent."""
+        # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -230,6 +234,7 @@ class StageResume:
         published then). A collective: every rank saves and reports, or none does."""
         if not self.every or step % self.every or step >= total:
             return
+        # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="reteq-stage-") as d:

@@ -27,6 +27,7 @@ import ray
 from reteq import environment
 from reteq import tracking as T
 from reteq.config import parse_config
+from reteq.errors import ReteqError
 from reteq.plan import build_plan
 from reteq.sweep.lifecycle import close_trial_runs
 from reteq.sweep.settings import SweepRun
@@ -37,7 +38,7 @@ from reteq.sweep.settings import SweepRun
 _CACHE: dict[str, tuple] = {}  # config digest -> (cfg, plan, DataCache), per process
 
 
-class NodeFailed(RuntimeError):
+class NodeFailed(ReteqError, RuntimeError):
     """A stage node could not be trained; `key` names it (and leaves below it report it)."""
 
     def __init__(self, key: str, message: str):
@@ -79,6 +80,7 @@ def state(settings: SweepRun):
     cfg, plan = plan_of(settings)
     digest = settings.digest
     if _CACHE[digest][2] is None:
+        # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
         from reteq.pipeline import DataCache
 
         _CACHE[digest] = (cfg, plan, DataCache(cfg))
@@ -86,6 +88,7 @@ def state(settings: SweepRun):
 
 
 def deepspeed_config(settings: SweepRun) -> dict[str, Any] | None:
+    # lazy: a Tune trial imports this module and stays light (reteq.train.engine pulls in torch)
     from reteq.train.engine import load_deepspeed_config
 
     return load_deepspeed_config(settings.deepspeed) if settings.deepspeed else None
@@ -95,6 +98,7 @@ def in_process(cfg, ds: dict[str, Any] | None) -> bool:
     """True when one CPU worker and a DeepSpeed config with nothing to do (ZeRO-0, fp32, no clipping): the
     work then runs in the task or trial itself with plain torch, the same arithmetic without a worker group,
     a process group or `import deepspeed`. Multi-worker and GPU work keeps Ray Train + DeepSpeed."""
+    # lazy: a Tune trial imports this module and stays light (reteq.train.engine pulls in torch)
     from reteq.train.engine import deepspeed_needed
 
     ex = cfg.execution
@@ -112,11 +116,14 @@ class Rank:
 
 
 def worker_context(cfg, model: str, r: Rank):
+    # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
     import torch
 
+    # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
     from reteq.train.recipes import WorkerContext
 
     if cfg.execution.use_gpu and torch.cuda.is_available():
+        # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
         from ray.train.torch import get_device
 
         device = get_device()
@@ -134,6 +141,7 @@ def machine_local_rank(rank: int, device) -> int:
     Ray Train's own local rank groups workers by node IP, and two Ray nodes can share one (several nodes on one
     host, as in tests/test_two_nodes.py): the group would then have one local rank 0 for two stores, and the
     other node's ranks would load a checkpoint nobody fetched for them. The Ray node id is exact."""
+    # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
     from reteq.train import collectives
 
     node = ray.get_runtime_context().get_node_id()
@@ -144,6 +152,7 @@ def machine_local_rank(rank: int, device) -> int:
 def mlflow_hooks(settings: SweepRun, cfg, key: str):
     """MLflow hooks for the node or leaf `key`; runs an earlier try of it left RUNNING (its process died and
     Ray or Tune retried it) are closed KILLED first, so one FINISHED run per key remains."""
+    # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
     from reteq.sweep.record import MlflowHooks
 
     hooks = MlflowHooks(settings.tracking_uri, settings.experiment_id, settings.parent_run_id, cfg.name,
@@ -158,6 +167,7 @@ def mlflow_hooks(settings: SweepRun, cfg, key: str):
 def store(settings: SweepRun):
     """This machine's checkpoint store; a node published on another machine is fetched from MLflow
     (reteq.sweep.delivery) by `ensure_local`, which every rank calls before loading it."""
+    # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
     from reteq.pipeline import CheckpointStore
     from reteq.sweep.delivery import local_store_root, mlflow_fetcher
 
@@ -187,6 +197,7 @@ def worker_group(settings: SweepRun, cfg, loop, loop_config: dict[str, Any], nam
     """A TorchTrainer of `execution.workers` ranks, each running `loop(loop_config)` (a node's or a leaf's
     rank function), with Train's FailureConfig(execution.max_failures) and this sweep's worker env.
     `run_config`: what one kind adds (a node's checkpoint config, a leaf's Tune callback)."""
+    # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -208,6 +219,7 @@ def rank_run(settings: SweepRun, key: str, model: str, r: Rank, context=None) ->
     """The RunContext one rank works in for node, leaf or record `key`: MLflow hooks on rank 0 (no-op hooks on
     the others), this machine's store, the cached data. Whatever the work raises, rank 0 first closes the runs
     it opened FAILED with the error. `context`: a WorkerContext to use instead of `worker_context`."""
+    # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
     from reteq.pipeline import Hooks, RunContext
 
     cfg, plan, data = state(settings)

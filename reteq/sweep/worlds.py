@@ -27,10 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray.train
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from reteq import environment
 from reteq import tracking as T
 from reteq.config import SweepConfig, parse_config
 from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, ensure_chain, unlearn_leaf
 from reteq.plan import build_plan
+from reteq.sweep.worker import Rank, worker_context
+from reteq.train.engine import deepspeed_needed
 
 # The documented agreement between worker counts (docs/cluster.md): |a - b| <= TOLERANCE for every per-step
 # loss and eval metric of the tiny model in fp32 (log-probs and losses of order 1-10). Measured differences
@@ -73,8 +80,6 @@ class TraceHooks(Hooks):
 def engine_config(ds: dict[str, Any] | None, world: int, use_gpu: bool) -> dict[str, Any] | None:
     """The DeepSpeed config a rank trains with, as the sweep decides it: one CPU worker with nothing for
     DeepSpeed to do (ZeRO-0, fp32) trains with plain torch (reteq.sweep.worker.in_process)."""
-    from reteq.train.engine import deepspeed_needed
-
     return ds if world > 1 or use_gpu or deepspeed_needed(ds) else None
 
 
@@ -147,10 +152,6 @@ def largest(diffs: dict[str, float]) -> tuple[str, float]:
 def ray_train_loop(config: dict[str, Any]) -> None:
     """Every Ray Train worker: each job's trace, in turn (one worker group for several ZeRO stages shares its
     start-up); the main rank writes each to its job's `out`."""
-    import ray.train
-
-    from reteq.sweep.worker import Rank, worker_context
-
     c = ray.train.get_context()
     cfg = parse_config(config["config"])
     for job in config["jobs"]:
@@ -167,11 +168,6 @@ def trace_with_ray_train(cfg: SweepConfig, workers: int, jobs: list[dict[str, An
     """One TorchTrainer of `workers` ranks (each `execution.cpus_per_worker` CPUs, GPUs when execution.use_gpu)
     runs every job ({"ds": DeepSpeed config or None, "store": checkpoint store, "out": JSON path, optionally
     "algorithms": the leaves to run}); returns the jobs' traces. Needs a running Ray (ray.init)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from reteq import environment
-
     ex = cfg.execution
     resources = {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
     TorchTrainer(ray_train_loop, train_loop_config={"config": cfg.model_dump(mode="json"), "jobs": jobs},

@@ -70,6 +70,20 @@ def unlearn_trajectory(
     return out
 
 
+@dataclass(frozen=True)
+class Unlearning:
+    """How a model is unlearned: `steps` steps of the local `rule` (GA, NPO-like, SimNPO-like) at rate `eta`;
+    beta for the bounded rules (None: DEFAULT_BETA)."""
+
+    eta: float
+    steps: int
+    rule: str = "ga"
+    beta: float | None = None
+
+    def trajectory(self, theta: Array, X_U: Array, y_U: Array) -> Array:
+        return unlearn_trajectory(theta, X_U, y_U, self.eta, self.steps, self.rule, self.beta)
+
+
 # ---- (a) K stages ------------------------------------------------------------------------------------------
 Stage = tuple[Array, Array]
 
@@ -94,26 +108,15 @@ def _check_stages(stages: list[Stage]) -> int:
     return d
 
 
-# params: the Section 3 quantities by the paper's names (data, mu, eta, steps, rule): a numpy formula, no context
 def order_divergence(
-    stages: list[Stage],
-    X_U: Array,
-    y_U: Array,
-    X_test: Array,
-    mu: float,
-    eta: float,
-    steps: int,
-    rule: str = "ga",
-    beta: float | None = None,
+    stages: list[Stage], X_U: Array, y_U: Array, X_test: Array, mu: float, unlearning: Unlearning
 ) -> OrderDivergence:
     """Learn every permutation of the stages, unlearn each with the same local rule, compare all pairs."""
     d = _check_stages(stages)
     orders = list(itertools.permutations(range(len(stages))))
     traj = np.stack(
         [
-            unlearn_trajectory(
-                train_path([stages[i] for i in order], mu, d), X_U, y_U, eta, steps, rule, beta
-            )
+            unlearning.trajectory(train_path([stages[i] for i in order], mu, d), X_U, y_U)
             for order in orders
         ]
     )
@@ -139,17 +142,13 @@ class RetrainGaps:
         return self.orders[int(np.argmax(self.closest))]
 
 
-# params: the Section 3 quantities by the paper's names (data, mu, eta, steps, rule): a numpy formula, no context
 def retrain_gaps(
     stages: list[Stage],
     forget_index: int,
     X_test: Array,
     mu: float,
-    eta: float,
-    steps: int,
+    unlearning: Unlearning,
     orders: list[tuple[int, ...]] | None = None,
-    rule: str = "ga",
-    beta: float | None = None,
 ) -> RetrainGaps:
     """For each order: learn all stages, unlearn stages[forget_index], compare with retraining without it."""
     d = _check_stages(stages)
@@ -162,31 +161,23 @@ def retrain_gaps(
     for order in orders:
         if sorted(order) != list(range(len(stages))):
             raise ValueError(f"order {order} is not a permutation of the {len(stages)} stages")
-    gaps = np.empty((len(orders), steps + 1))
+    gaps = np.empty((len(orders), unlearning.steps + 1))
     for row, order in enumerate(orders):
         learned = train_path([stages[i] for i in order], mu, d)
         retrained = train_path([stages[i] for i in order if i != forget_index], mu, d)
-        traj = unlearn_trajectory(learned, X_U, y_U, eta, steps, rule, beta)
+        traj = unlearning.trajectory(learned, X_U, y_U)
         gaps[row] = re_distance(X_test, traj, retrained[None, :])
     return RetrainGaps(orders, gaps, gaps.min(axis=1), gaps.argmin(axis=1))
 
 
-# params: the Section 3 quantities by the paper's names (data, mu, eta, steps, rule): a numpy formula, no context
 def rule_divergence(
-    theta_a: Array,
-    theta_b: Array,
-    X_U: Array,
-    y_U: Array,
-    X_test: Array,
-    eta: float,
-    steps: int,
-    rule: str,
-    beta: float | None = None,
+    theta_a: Array, theta_b: Array, X_U: Array, y_U: Array, X_test: Array, unlearning: Unlearning
 ) -> Array:
     """d between two models unlearned with the same rule, t = 0..steps (GA, NPO-like or SimNPO-like)."""
-    a = unlearn_trajectory(theta_a, X_U, y_U, eta, steps, rule, beta)
-    b = unlearn_trajectory(theta_b, X_U, y_U, eta, steps, rule, beta)
+    a = unlearning.trajectory(theta_a, X_U, y_U)
+    b = unlearning.trajectory(theta_b, X_U, y_U)
     out = re_distance(X_test, a, b)
     if not np.all(np.isfinite(out)):
-        raise FloatingPointError(f"{rule} divergence overflowed within {steps} steps (eta {eta})")
+        u = unlearning
+        raise FloatingPointError(f"{u.rule} divergence overflowed within {u.steps} steps (eta {u.eta})")
     return out

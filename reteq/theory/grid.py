@@ -32,9 +32,9 @@ from reteq import environment
 from reteq import tracking as tk
 from reteq.analysis.gaps import growth_rate
 from reteq.errors import BadInput
-from reteq.sweep.mlflow_store import ensure_experiment, reader, tracking_client
+from reteq.mlflow_store import ensure_experiment, reader, tracking_client
 from reteq.sweep.ray_session import init_ray
-from reteq.theory.beyond import retrain_gaps, rule_divergence
+from reteq.theory.beyond import Unlearning, retrain_gaps, rule_divergence
 from reteq.theory.config import TheoryConfig, load_theory_config  # noqa: F401  (re-exported)
 from reteq.theory.linear import Instance, bound_check, make_instance
 
@@ -57,7 +57,7 @@ def evaluate_instance(inst: Instance, steps: int) -> dict[str, Any]:
     start = max(q.t0, 0)
     growth = growth_rate(t[start:], divergence[start:])
     stages = [(inst.X_A, inst.y_A), (inst.X_B, inst.y_B), (inst.X_U, inst.y_U)]
-    gaps = retrain_gaps(stages, 2, inst.X_test, inst.mu, inst.eta, steps)
+    gaps = retrain_gaps(stages, 2, inst.X_test, inst.mu, Unlearning(inst.eta, steps))
     retrain_gap = gaps.gaps.max(axis=0)
     positions = np.array([order.index(2) + 1 for order in gaps.orders])
     summary = {
@@ -75,7 +75,7 @@ def evaluate_instance(inst: Instance, steps: int) -> dict[str, Any]:
     for key, rule in ((tk.M_THEORY_NPO_DIVERGENCE, "npo"), (tk.M_THEORY_SIMNPO_DIVERGENCE, "simnpo")):
         summary[key] = float(
             rule_divergence(
-                inst.theta_ab, inst.theta_ba, inst.X_U, inst.y_U, inst.X_test, inst.eta, steps, rule
+                inst.theta_ab, inst.theta_ba, inst.X_U, inst.y_U, inst.X_test, Unlearning(inst.eta, steps, rule)
             )[-1]
         )
     params = {
@@ -156,6 +156,7 @@ def run_cell(cell: dict[str, Any], ctx: dict[str, Any]) -> dict[str, int]:
 
 def _cell_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune function trainable: one cell, one report."""
+    # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
     from ray import tune
 
     environment.telemetry_off()
@@ -178,6 +179,7 @@ def _start_parent(client, experiment_id: str, cfg: TheoryConfig) -> str:
 
 def _fit(cfg: TheoryConfig, ctx: dict[str, Any], storage_path: str | None) -> dict[str, int]:
     """One Tune trial per cell; the summed counts, or an error naming what failed or did not finish."""
+    # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(_cell_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial})
@@ -218,6 +220,7 @@ def run_theory_grid(
 ) -> dict[str, Any]:
     """Run the grid as one Ray Tune experiment (one trial per cell) logging to MLflow; return the counts."""
     environment.telemetry_off()
+    # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
     import ray
 
     started = time.time()

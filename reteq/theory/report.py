@@ -14,7 +14,7 @@ import polars as pl
 
 from reteq import tracking as tk
 from reteq.analysis.section import Section
-from reteq.sweep.mlflow_store import reader, search_runs
+from reteq.mlflow_store import reader, search_runs
 from reteq.theory import grid as g
 
 TITLE = "Theory: path dependence of gradient-ascent unlearning in linear regression (Section 3)"
@@ -151,6 +151,7 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def divergence_chart(client, frame: pl.DataFrame):
+    # lazy: altair only when a chart is drawn
     import altair as alt
 
     rows = []
@@ -188,6 +189,7 @@ def divergence_chart(client, frame: pl.DataFrame):
 
 
 def growth_chart(frame: pl.DataFrame):
+    # lazy: altair only when a chart is drawn
     import altair as alt
 
     if tk.M_THEORY_GROWTH_RATE not in frame.columns:

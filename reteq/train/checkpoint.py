@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from reteq.digest import MANIFEST, read_manifest, sha256_file
 from reteq.errors import CheckpointError
 
@@ -28,6 +30,7 @@ def gathered_state_dict(module, is_main: bool) -> dict[str, Any] | None:
     state = module.state_dict(keep_vars=True)
     if not any(hasattr(v, "ds_id") for v in state.values()):
         return None
+    # lazy: optional DeepSpeed, only on its path
     import deepspeed
 
     adapter_only = hasattr(module, "peft_config")
@@ -46,8 +49,6 @@ def gathered_state_dict(module, is_main: bool) -> dict[str, Any] | None:
 
 def zero_size_tensors(folder: str | Path) -> list[str]:
     """`file:tensor` for every zero-size tensor in the safetensors files of `folder` (headers only)."""
-    from safetensors import safe_open
-
     empty = []
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from reteq.errors import ReteqError
 
-class CollectiveDeviceError(RuntimeError):
+
+class CollectiveDeviceError(ReteqError, RuntimeError):
     """A tensor bound for a collective is not on the worker's device (NCCL would fail on it)."""
 
 
@@ -105,6 +107,7 @@ SHM_OP = "deepspeed_shm_comm"
 def import_deepspeed():
     """`import deepspeed`, with the CPU-only shared-memory op switched off (above) -> the module. Call it before
     anything starts DeepSpeed's comm backend (deepspeed.initialize, zero.Init)."""
+    # lazy: optional DeepSpeed, only on its path
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from reteq.errors import BadInput
-from reteq.train.collectives import all_reduce_grads
+from reteq.train.collectives import all_reduce_grads, import_deepspeed
 from reteq.train.schedules import lr_multiplier
 
 
@@ -99,8 +99,6 @@ class DeepSpeedEngine:
 
     def __init__(self, model: torch.nn.Module, spec: OptimSpec, ds_config: dict[str, Any], micro_batch: int,
                  accumulation: int, world: int):
-        from reteq.train.collectives import import_deepspeed
-
         deepspeed = import_deepspeed()
         cfg = dict(ds_config)
         cfg["train_micro_batch_size_per_gpu"] = micro_batch

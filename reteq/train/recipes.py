@@ -27,7 +27,7 @@ from reteq.train.logprobs import batch_token_logps
 from reteq.train.loop import LoopResult, Step, StepRecord, train_loop
 from reteq.train.method_inputs import Pairing, gather, mean_tokens, retain_nll
 from reteq.train.precision import FrozenBase, apply_flush_denormal, apply_matmul_policy, frozen_base_in
-from reteq.train.reference import compute_reference
+from reteq.train.reference import Batching, compute_reference
 
 
 @dataclass(frozen=True)
@@ -208,8 +208,9 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
         # hit, and under ZeRO-3 the rank that runs the reference pass would wait in a collective for the one that
         # skips it
         start = time.perf_counter()
-        ref = compute_reference(model, alg, examples, alternatives, cfg.micro_batch, pad_id, ctx.device,
-                                ctx.packing, ctx.dtype, job.start if ctx.world == 1 else None)
+        ref = compute_reference(model, alg, examples, alternatives,
+                                Batching(cfg.micro_batch, pad_id, ctx.device, ctx.packing, ctx.dtype),
+                                job.start if ctx.world == 1 else None)
         seconds = {"reference": time.perf_counter() - start}
 
         def evaluate(m, step: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +42,18 @@ class Reference:
         return out
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a reference pass builds its micro-batches: `micro` examples each, padded with `pad_id`, on `device`,
+    packed or not, under the precision policy `dtype` (the same as the training steps)."""
+
+    micro: int
+    pad_id: int
+    device: Any
+    packing: bool = False
+    dtype: str = "fp32"
+
+
 _LAST: tuple[str, Reference] | None = None  # the in-process cache: the last reference computed, by its key
 
 
@@ -52,15 +65,14 @@ def _key(start: str, examples: list[Example], alternatives: list[Example] | None
     return h.hexdigest()
 
 
-# The model and the data, then how batches are built (micro, pad, device, packing, precision), then the start
-# checkpoint's key (None: no sharing across leaves).
 @torch.no_grad()
-# params: what a reference pass reads, as above
 def compute_reference(model, alg: Algorithm, examples: list[Example], alternatives: list[Example] | None,
-                      micro: int, pad_id: int, device, packing: bool = False, dtype: str = "fp32",
-                      start: str | None = None) -> Reference | None:
-    """Everything `alg` reads from the start checkpoint, or None when it reads nothing."""
+                      batching: Batching, start: str | None = None) -> Reference | None:
+    """Everything `alg` reads from the start checkpoint, or None when it reads nothing. The model and the data,
+    then how batches are built, then the start checkpoint's key (None: no sharing across leaves)."""
     global _LAST
+    micro, pad_id, device, packing, dtype = (batching.micro, batching.pad_id, batching.device, batching.packing,
+                                             batching.dtype)
     needs = alg.needs & {Need.REF_LOGPS, Need.REF_LOGITS}
     if not needs:
         return None

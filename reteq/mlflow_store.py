@@ -41,6 +41,7 @@ def reader(uri: str):
 
 def point_fluent_api(uri: str | None) -> None:
     """mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI (None: back to MLflow's default)."""
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -62,6 +63,7 @@ def _new_sqlite_store(db: Path) -> None:
     existing file, so two processes creating one store both open the same whole file."""
     if db.exists() or not db.parent.is_dir():
         return  # an existing store, or a path MLflow itself should report on
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     import mlflow
 
     template = cache_root() / f"mlflow-schema-{mlflow.__version__}.db"
@@ -75,6 +77,7 @@ def _new_sqlite_store(db: Path) -> None:
 
 
 def _build_template(path: Path) -> None:
+    # lazy: `reteq plan` and light Tune trials import this module without MLflow
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(f"{SQLITE}{path}", path.parent.as_uri())._dispose_engine()  # migrates, adds experiment 0
@@ -102,8 +105,6 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None) -> str:
 
     Its artifacts go to `<artifact_root>/<name>` for a local store; a tracking server picks its own.
     """
-    from reteq.sweep.mlflow_ui import mark_training
-
     c = tracking_client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -117,6 +118,12 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None) -> str:
     exp_id = c.create_experiment(name, artifact_location=location)
     mark_training(c, exp_id)
     return exp_id
+
+
+def mark_training(client, exp_id: str, tags: dict[str, str] | None = None) -> None:
+    """Tag the experiment as model training (the MLflow UI then opens its runs page), unless it already is."""
+    if (tags or {}).get(T.TAG_EXPERIMENT_KIND) != T.EXPERIMENT_KIND_TRAINING:
+        client.set_experiment_tag(exp_id, T.TAG_EXPERIMENT_KIND, T.EXPERIMENT_KIND_TRAINING)
 
 
 def iter_runs(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None,
