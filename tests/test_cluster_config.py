@@ -145,8 +145,9 @@ def test_setup_installs_torch_before_reteq(cluster):
     assert torch_at, "no `pip install torch==...` in setup_commands"
     assert reteq_at, "no editable install of reteq in setup_commands"
     assert torch_at[0] < reteq_at[0], "torch must be installed before reteq"
-    # the cluster runs the same Ray as the client that submits to it
-    assert any("ray[default" in c and "==2.60.0" in c for c in cmds)
+    # the cluster runs the same Ray as the client that submits to it: the lock's, installed with its hashes
+    assert any("--require-hashes -r ~/reteq/requirements.lock" in c for c in cmds)
+    assert re.search(r"^ray\[default, ?train, ?tune\]==2\.60\.0 ", (ROOT / "requirements.lock").read_text(), re.M)
 
 
 def test_nodes_point_mlflow_at_the_head_and_disable_usage_stats(cluster):
@@ -193,7 +194,7 @@ def test_the_tracking_server_is_authenticated_and_its_secrets_live_in_files_only
     env = "\n".join(cluster["setup_commands"])
     assert "mlflow-client.env" in env and "-r \\$HOME/.reteq/mlflow-client.env" in env  # sourced where it exists
     lock = (ROOT / "requirements.lock").read_text()
-    assert re.search(r"^Flask-WTF==", lock, re.M), "mlflow[auth]'s dependency comes with requirements.lock"
+    assert re.search(r"^flask-wtf==", lock, re.M | re.I), "mlflow[auth]'s dependency comes with requirements.lock"
 
 
 def test_file_mounts_skip_local_venv_and_runs(cluster):

@@ -1,5 +1,5 @@
 """What may be installed: pyproject's floors stay above the versions with published advisories, and the pinned
-lock (what `make install` installs) satisfies them (docs/security.md, "Not yet done": hashes)."""
+lock (what `make install` installs) satisfies them (docs/security.md; the hashes: tests/test_lock.py)."""
 
 from __future__ import annotations
 
