@@ -23,14 +23,15 @@ def cmd_validate(args) -> int:
     # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.plan import validate_command
 
-    return validate_command(args.config, args.cluster, args.max_leaves, tuple(args.set))
+    return validate_command(args.config, args.cluster, args.max_leaves, tuple(args.set), args.allow_unpinned_hub)
 
 
 def cmd_plan(args) -> int:
     # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.plan import plan_command
 
-    return plan_command(args.config, args.json, args.cluster, args.max_leaves, tuple(args.set))
+    return plan_command(args.config, args.json, args.cluster, args.max_leaves, tuple(args.set),
+                        args.allow_unpinned_hub)
 
 
 def cmd_run_path(args) -> int:
@@ -44,12 +45,13 @@ def cmd_run_path(args) -> int:
 
 def cmd_sweep(args) -> int:
     # lazy: a verb loads only its own command; the CLI's startup stays torch-free
-    from reteq.commands.plan import fits_cluster
+    from reteq.commands.plan import check_pinned, fits_cluster
     from reteq.commands.sweep import sweep_command
     from reteq.config import load_config
 
     cfg = load_config(args.config, max_leaves=args.max_leaves, overrides=tuple(args.set))
     fits_cluster(cfg, args.config, args.cluster)
+    check_pinned(cfg, args.config, args.allow_unpinned_hub)
     return sweep_command(cfg, work_dir=args.work_dir, report=not args.no_report)
 
 
@@ -72,7 +74,7 @@ def cmd_data_prepare(args) -> int:
     # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.data import prepare_command
 
-    return prepare_command(args.config, args.out)
+    return prepare_command(args.config, args.out, args.allow_unpinned_hub)
 
 
 def cmd_ui(args) -> int:
@@ -110,6 +112,8 @@ def _grid_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
     p.add_argument("--max-leaves", type=int, default=MAX_LEAVES, metavar="N",
                    help=f"refuse a grid of more than N unlearning runs (default {MAX_LEAVES}; docs/security.md)")
+    p.add_argument("--allow-unpinned-hub", action="store_true",
+                   help="accept hub models and datasets without a commit `revision` (docs/security.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("prepare", help="materialise every stage to local Parquet with a manifest")
     d.add_argument("config")
     d.add_argument("--out")
+    d.add_argument("--allow-unpinned-hub", action="store_true",
+                   help="accept hub datasets without a commit `revision` (docs/security.md)")
     d.set_defaults(fn=cmd_data_prepare)
 
     s = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1")

@@ -205,7 +205,7 @@ def test_an_unreachable_hub_dataset_stops_a_sweep_in_one_line_before_ray(tmp_pat
     raw["stages"][3]["source"] = {"kind": "hub", "id": "sorry-bench/sorry-bench-202503"}
     config = write_config(tmp_path / "sweep.yaml", raw)
     work = tmp_path / "work"
-    rc, lines = _cli(capsys, ["sweep", str(config), "--work-dir", str(work), "--no-report"])
+    rc, lines = _cli(capsys, ["sweep", str(config), "--work-dir", str(work), "--no-report", "--allow-unpinned-hub"])
     assert rc == EXIT_BAD_INPUT and len(lines) == 1, lines
     assert lines[0].startswith("error: stages.U.source: cannot load hub dataset 'sorry-bench/sorry-bench-202503'")
     assert "huggingface-cli login" in lines[0]
@@ -235,6 +235,40 @@ def test_a_hub_source_without_a_converter_fails_validate_in_one_line(tmp_path, c
     rc, lines = _cli(capsys, ["validate", str(config)])
     assert rc == EXIT_BAD_INPUT and len(lines) == 1, lines
     assert lines[0].startswith(f"{config}: stages[1].source: someone/unknown-dataset: no converter is registered")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_hub_source_without_a_commit_revision_is_refused_naming_file_and_field(tmp_path, capsys):
+    """Issue 30 item 7: a hub dataset or model follows its branch unless pinned to a commit; validate, plan, sweep
+    and `data prepare` refuse it in one line per source (exit 2) before anything is downloaded."""
+    raw = sweep_dict(tmp_path)
+    raw["stages"][1]["source"] = {"kind": "hub", "id": "locuslab/TOFU", "subset": "full"}
+    raw["eval"]["math_source"] = {"kind": "hub", "id": "openai/gsm8k", "subset": "main", "split": "test",
+                                  "revision": "main"}
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    for verb in (["validate"], ["plan"], ["sweep", "--work-dir", str(tmp_path / "work")], ["data", "prepare"]):
+        rc = main([*verb, str(config)])
+        lines = capsys.readouterr().err.splitlines()
+        assert rc == EXIT_BAD_INPUT and lines == [
+            f"{config}: stages[1].source.revision: hub source locuslab/TOFU has no `revision`: pin it to the 40-hex "
+            "commit to download (docs/security.md), or pass --allow-unpinned-hub",
+            f"{config}: eval.math_source.revision: hub source openai/gsm8k revision 'main' is not a commit id: pin it "
+            "to the 40-hex commit to download (docs/security.md), or pass --allow-unpinned-hub"], (verb, lines)
+    assert not (tmp_path / "work").exists()
+    raw["stages"][1]["source"]["revision"] = raw["eval"]["math_source"]["revision"] = COMMIT
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    assert main(["validate", str(config)]) == 0 and capsys.readouterr().out == f"{config}: ok\n"
+    raw["models"][0]["source"] = "someone/some-model"
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    rc, lines = _cli(capsys, ["validate", str(config)])
+    assert rc == EXIT_BAD_INPUT and len(lines) == 1 and lines[0].startswith(
+        f"{config}: models[0].revision: hub source someone/some-model has no `revision`"), lines
+    raw["models"][0]["revision"] = COMMIT.upper()  # a commit id is lowercase hex, as the hub writes it
+    config = write_config(tmp_path / "sweep.yaml", raw)
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    assert main(["validate", str(config), "--allow-unpinned-hub"]) == 0
 
 
 def test_a_deepspeed_config_that_is_not_json_stops_a_sweep_in_one_line(tmp_path, capsys):

@@ -30,7 +30,9 @@ def _paper(tmp_path: Path, **execution) -> str:
 
 @pytest.mark.parametrize("config", SHIPPED)
 def test_every_shipped_config_fits_cluster_yaml(config, capsys):
-    assert main(["validate", config, "--cluster", CLUSTER]) == 0
+    # the paper's hub models and datasets are not pinned to commits yet (docs/security.md): named explicitly
+    unpinned = ["--allow-unpinned-hub"] if "/paper/" in config else []
+    assert main(["validate", config, "--cluster", CLUSTER, *unpinned]) == 0
     assert capsys.readouterr().out.strip() == f"{config}: ok"
 
 

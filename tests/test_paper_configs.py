@@ -151,9 +151,14 @@ def test_rcu_stage_files_hold_40_prompts_with_the_templated_responses(rcu_files)
 def test_every_config_validates_and_plans_with_a_gpu_hour_estimate(path, capsys):
     from reteq.cli import main
 
-    assert main(["validate", str(path)]) == 0
+    # their hub models and datasets are not pinned to commits yet (docs/security.md): refused until they are, or
+    # named explicitly
+    if main(["validate", str(path)]) != 0:
+        refused = capsys.readouterr().err.splitlines()
+        assert refused and all(".revision: hub source " in line for line in refused), refused
+    assert main(["validate", str(path), "--allow-unpinned-hub"]) == 0
     capsys.readouterr()
-    assert main(["plan", str(path)]) == 0
+    assert main(["plan", str(path), "--allow-unpinned-hub"]) == 0
     out = capsys.readouterr().out
     assert "GPU-hours" in out and "stage nodes:" in out
 

@@ -175,7 +175,7 @@ def test_a_gated_source_fails_as_one_line_naming_file_field_and_dataset(raw, tmp
     raw["stages"][3]["source"] = {"kind": "hub", "id": "sorry-bench/sorry-bench-202503"}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert _prepare(str(path), "--out", str(tmp_path / "out")) == EXIT_BAD_INPUT
+    assert _prepare(str(path), "--out", str(tmp_path / "out"), "--allow-unpinned-hub") == EXIT_BAD_INPUT
     err = _last_line(capsys)
     assert err.startswith(
         f"{path}: stages[3].source: cannot load hub dataset 'sorry-bench/sorry-bench-202503'"

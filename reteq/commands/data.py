@@ -6,19 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reteq.config import SweepConfig, load_config
+from reteq.config import SweepConfig, check_pinned, load_config
 from reteq.data.prepare import prepare, read_prepared
 from reteq.errors import BadInput, DataError, ModelError, PrepareError
 from reteq.workdir import data_home, resolve_work_dir
 
 
-def prepare_command(config: str, out_dir: str | None = None) -> int:
+def prepare_command(config: str, out_dir: str | None = None, allow_unpinned: bool = False) -> int:
     """0 on success; a bad config, unavailable data, an unwritable folder or rows truncated above a stage's
     max_truncated_frac raise BadInput (`file: field: reason`).
 
     The default out_dir is $RETEQ_DATA_DIR, else `<work_dir>/data`.
     """
     cfg = load_config(config)
+    check_pinned(cfg, config, allow_unpinned)  # a hub model or dataset not pinned to a commit: refused first
     target = Path(out_dir) if out_dir else data_home() or resolve_work_dir(cfg.work_dir) / "data"
     try:
         manifest = prepare(cfg, target, report=lambda line: print(line, flush=True))

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import json
 
-from reteq.config import MAX_LEAVES, DataSource, SweepConfig, load_config
+from reteq.config import MAX_LEAVES, SweepConfig, check_pinned, hub_sources, load_config
 from reteq.data.hub import converter_for
 from reteq.errors import HubDataError
 from reteq.estimate import format_plan, plan_report
-
-
-def _hub_sources(cfg: SweepConfig) -> list[tuple[str, DataSource]]:
-    found = [(f"stages[{i}].source", s.source) for i, s in enumerate(cfg.stages)]
-    found.append(("eval.math_source", cfg.eval.math_source))
-    return [(field, s) for field, s in found if s is not None and s.kind == "hub"]
 
 
 def fits_cluster(cfg: SweepConfig, config: str, cluster: str | None) -> None:
@@ -26,24 +20,27 @@ def fits_cluster(cfg: SweepConfig, config: str, cluster: str | None) -> None:
 
 
 def validate_command(config: str, cluster: str | None = None, max_leaves: int = MAX_LEAVES,
-                     overrides: tuple[str, ...] = ()) -> int:
+                     overrides: tuple[str, ...] = (), allow_unpinned: bool = False) -> int:
     """The config (one line per problem), that its trials fit the named cluster file's node types, and, offline,
-    that every hub source has a converter; a grid over `max_leaves` unlearning runs is refused."""
+    that every hub source has a converter and is pinned to a commit; a grid over `max_leaves` unlearning runs is
+    refused."""
     cfg = load_config(config, max_leaves=max_leaves, overrides=overrides)
     fits_cluster(cfg, config, cluster)
-    for field, source in _hub_sources(cfg):
+    for field, source in hub_sources(cfg):
         try:
             converter_for(source)
         except HubDataError as e:
             raise HubDataError(f"{config}: {field}: {e}") from None
+    check_pinned(cfg, config, allow_unpinned)
     print(f"{config}: ok")
     return 0
 
 
 def plan_command(config: str, as_json: bool, cluster: str | None = None, max_leaves: int = MAX_LEAVES,
-                 overrides: tuple[str, ...] = ()) -> int:
+                 overrides: tuple[str, ...] = (), allow_unpinned: bool = False) -> int:
     cfg = load_config(config, max_leaves=max_leaves, overrides=overrides)
     fits_cluster(cfg, config, cluster)
+    check_pinned(cfg, config, allow_unpinned)
     report = plan_report(cfg)
     print(json.dumps(report, indent=2) if as_json else format_plan(cfg, report))
     return 0
