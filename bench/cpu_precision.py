@@ -44,7 +44,8 @@ from reteq.hardware import cpu_bf16_units, cpu_flags  # noqa: E402
 from reteq.models import load_model, load_tokenizer  # noqa: E402
 from reteq.pipeline import DataCache, build_evaluator, build_probe  # noqa: E402
 from reteq.train.precision import frozen_base_in  # noqa: E402
-from reteq.train.recipes import UnlearnJob, WorkerContext, finetune_stage, unlearn  # noqa: E402
+from reteq.train.recipes import UnlearnJob, finetune_stage, unlearn  # noqa: E402
+from reteq.train.worker_context import WorkerContext  # noqa: E402
 
 EVAL_PARTS = ("forget", "tofu", "math", "depth", "re")
 

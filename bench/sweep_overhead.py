@@ -77,7 +77,7 @@ def main() -> None:
     from reteq.plan import build_plan
     from reteq.tiny import ensure_tiny_model
     from reteq.tracking import order_tag
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     ensure_tiny_model()  # built once, outside both timings
     load_before = os.getloadavg()

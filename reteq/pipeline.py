@@ -28,7 +28,8 @@ from reteq.plan import Plan, RetrainRecord, StageNode, UnlearnLeaf, method_input
 from reteq.train import collectives
 from reteq.train.checkpoint import CheckpointError, discard, gathered_state_dict, is_complete, save_checkpoint
 from reteq.train.precision import frozen_base_in
-from reteq.train.recipes import UnlearnJob, UnlearnResult, WorkerContext, finetune_stage, unlearn
+from reteq.train.recipes import UnlearnJob, UnlearnResult, finetune_stage, unlearn
+from reteq.train.worker_context import WorkerContext
 from reteq.workdir import data_home, resolve_work_dir
 
 

@@ -70,7 +70,8 @@ def zero3_round_trip(rank: int, world: int, out: str, threshold: int | None, lor
     from reteq.plan import build_plan
     from reteq.train import collectives
     from reteq.train.checkpoint import CheckpointError, gathered_state_dict, save_checkpoint
-    from reteq.train.recipes import WorkerContext, finetune_stage
+    from reteq.train.recipes import finetune_stage
+    from reteq.train.worker_context import WorkerContext
 
     log: list[dict] = []
     record_collectives(log)
@@ -127,7 +128,7 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
     from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
     from reteq.plan import build_plan
     from reteq.train.engine import load_deepspeed_config
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     raw = yaml.safe_load(Path(config).read_text())
     raw["models"] = [model_dict({"r": 4, "alpha": 8})]
@@ -158,7 +159,7 @@ def two_machine_delivery(rank: int, world: int, out: str, uri: str, experiment_i
     from reteq.sweep.delivery import mlflow_fetcher
     from reteq.sweep.record import MlflowHooks
     from reteq.train.checkpoint import read_manifest
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     cfg = one_stage_config(out, {"r": 4, "alpha": 8}, micro_batch=4)
     plan = build_plan(cfg)

@@ -15,7 +15,7 @@ from reteq.pipeline import CheckpointStore
 from reteq.sweep import lifecycle, record
 from reteq.sweep.delivery import CorruptArtifact, mlflow_fetcher
 from reteq.train.checkpoint import CheckpointError, is_complete, read_manifest, save_checkpoint
-from reteq.train.recipes import WorkerContext
+from reteq.train.worker_context import WorkerContext
 
 
 def test_a_node_nobody_published_is_a_clear_error(tmp_path):

@@ -164,7 +164,7 @@ def test_the_demo_stages_keep_the_paraphrases_above_chance_at_step_0(tmp_path):
     from reteq.data.tokenize import configure_chat
     from reteq.models import load_model, load_tokenizer
     from reteq.pipeline import CheckpointStore, DataCache, RunContext, build_evaluator, ensure_chain
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"metrics": ["forget"]})})
     plan = build_plan(cfg)
@@ -201,7 +201,7 @@ def _run_sweep_in_process(cfg, work):
     from reteq import mlflow_store
     from reteq.pipeline import CheckpointStore, DataCache, RunContext, record_retrain, run_leaf
     from reteq.sweep import record
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     uri = f"sqlite:///{work.resolve() / 'mlflow.db'}"  # not default_tracking_uri: set_tracking_uri sets the env
     exp = mlflow_store.ensure_experiment(uri, cfg.name, T.default_artifact_root(work))

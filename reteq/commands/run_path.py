@@ -20,7 +20,8 @@ from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
 from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, preflight, run_leaf
 from reteq.plan import Plan, UnlearnLeaf, build_plan
-from reteq.train.recipes import UnlearnResult, WorkerContext
+from reteq.train.recipes import UnlearnResult
+from reteq.train.worker_context import WorkerContext
 from reteq.workdir import resolve_work_dir
 
 
