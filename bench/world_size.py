@@ -40,7 +40,8 @@ import yaml  # noqa: E402  (transformers' dependency: on the GPU image too)
 from reteq.config import parse_config  # noqa: E402
 from reteq.config_files import read_yaml_mapping  # noqa: E402
 from reteq.errors import BadInput  # noqa: E402
-from reteq.pipeline import DataCache, preflight  # noqa: E402
+from reteq.pipeline.context import DataCache  # noqa: E402
+from reteq.pipeline.preflight import preflight  # noqa: E402
 from reteq.sweep.worlds import TOLERANCE, differences, largest  # noqa: E402  (no Ray at import)
 
 

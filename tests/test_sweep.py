@@ -180,7 +180,8 @@ def test_failing_node_ends_its_branch_and_the_sweep(ray_cluster, tmp_path, monke
 
 def _stage_records(cfg, plan, node, tmp_path) -> list:
     """Train `node` from the base model in this process (one worker, plain torch); its StepRecords."""
-    from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, train_node
+    from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
+    from reteq.pipeline.node import train_node
     from reteq.train.worker_context import WorkerContext
 
     class Records(Hooks):

@@ -120,7 +120,8 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
 # ---- reproducibility and the one-process command ------------------------------------------------------------------
 
 def _run(tmp_path, seed: int):
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
+    from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
+    from reteq.pipeline.leaf import run_leaf
     from reteq.plan import build_plan
     from reteq.train.worker_context import WorkerContext
 

@@ -92,7 +92,7 @@ def unlearn_rank(settings: SweepRun, config: dict[str, Any], parents: dict[str, 
     """Unlearn the leaf `config` names on this rank (a worker group's, or the whole leaf in a task); `report`
     gets Tune's metrics at every eval step."""
     # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
-    from reteq.pipeline import unlearn_leaf
+    from reteq.pipeline.leaf import unlearn_leaf
 
     r = r or Rank()
     _, plan = process.plan_of(settings)

@@ -40,7 +40,7 @@ def train_rank(settings: SweepRun, key: str, parent: dict | None, r: Rank | None
     """Train node `key` in this process (a rank of a worker group, or the whole node when in process);
     `resume`: a Ray Train worker's mid-stage checkpoints (reteq.sweep.stage_resume)."""
     # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
-    from reteq.pipeline import train_node
+    from reteq.pipeline.node import train_node
 
     started = time.time()
     r = r or Rank()

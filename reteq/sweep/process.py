@@ -47,7 +47,7 @@ def state(settings: SweepRun):
     digest = settings.digest
     if _CACHE[digest][2] is None:
         # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
-        from reteq.pipeline import DataCache
+        from reteq.pipeline.context import DataCache
 
         _CACHE[digest] = (cfg, plan, DataCache(cfg))
     return _CACHE[digest]
@@ -88,5 +88,5 @@ def warm_up() -> None:
     """Import what every in-process node and leaf needs (see reteq.sweep.remote.Launcher.warm)."""
     from transformers.models.llama import modeling_llama  # noqa: F401  (the tiny model's; else loaded lazily)
 
-    import reteq.pipeline  # noqa: F401  (torch, transformers)
+    import reteq.pipeline.leaf  # noqa: F401  (torch, transformers)
     import reteq.sweep.record  # noqa: F401  (MLflow)

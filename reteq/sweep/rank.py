@@ -98,7 +98,7 @@ def store(settings: SweepRun):
     """This machine's checkpoint store; a node published on another machine is fetched from MLflow
     (reteq.sweep.delivery) by `ensure_local`, which every rank calls before loading it."""
     # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
-    from reteq.pipeline import CheckpointStore
+    from reteq.pipeline.context import CheckpointStore
     from reteq.sweep.delivery import local_store_root, mlflow_fetcher
 
     return CheckpointStore(local_store_root(settings.checkpoints),
@@ -121,7 +121,7 @@ def rank_run(settings: SweepRun, key: str, model: str, r: Rank) -> Iterator:
     the others), this machine's store, the cached data. Whatever the work raises, rank 0 first closes the runs
     it opened FAILED with the error."""
     # lazy: a Tune trial imports this module and stays light (no torch, no MLflow)
-    from reteq.pipeline import Hooks, RunContext
+    from reteq.pipeline.context import Hooks, RunContext
 
     cfg, plan, data = process.state(settings)
     hooks = mlflow_hooks(settings, cfg, key) if r.rank == 0 else Hooks()

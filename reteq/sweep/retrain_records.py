@@ -24,7 +24,7 @@ from reteq.sweep.settings import SweepRun
 def evaluate_record(settings: SweepRun, key: str, node: dict) -> dict[str, Any]:
     """Evaluate theta_r (`node`: its published checkpoint {key, path, run_id}) and log its retrain record."""
     # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
-    from reteq.pipeline import record_retrain
+    from reteq.pipeline.leaf import record_retrain
 
     _, plan = process.plan_of(settings)
     rec = plan.records[key]

@@ -28,7 +28,9 @@ from typing import Any
 
 from reteq import tracking as T
 from reteq.config import SweepConfig
-from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, ensure_chain, unlearn_leaf
+from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
+from reteq.pipeline.leaf import unlearn_leaf
+from reteq.pipeline.node import ensure_chain
 from reteq.plan import build_plan
 from reteq.train.engine import deepspeed_needed
 

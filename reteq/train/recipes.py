@@ -131,7 +131,7 @@ class UnlearnResult:
     evals: list[tuple[int, dict[str, float]]]  # (step, metrics incl. relative scores), step 0 first
     loop: LoopResult
     steps: int
-    vectors: Any = None  # polars frame of the probe's per-pair vectors (step x pair), set by pipeline.run_leaf
+    vectors: Any = None  # polars frame of the probe's per-pair vectors (step x pair), set by pipeline.leaf.unlearn_leaf
     # wall seconds by part: train (optimizer steps), reference (pi_ref pass), and each eval group (Evaluator)
     seconds: dict[str, float] = field(default_factory=dict)
 
