@@ -42,9 +42,11 @@ from reteq.data.tokenize import configure_chat, encode_dataset, plan_steps  # no
 from reteq.eval.scoring import score_pairs  # noqa: E402
 from reteq.hardware import cpu_bf16_units, cpu_flags  # noqa: E402
 from reteq.models import load_model, load_tokenizer  # noqa: E402
-from reteq.pipeline import DataCache, build_evaluator, build_probe  # noqa: E402
+from reteq.pipeline.context import DataCache  # noqa: E402
+from reteq.pipeline.leaf import build_evaluator, build_probe  # noqa: E402
 from reteq.train.precision import frozen_base_in  # noqa: E402
-from reteq.train.recipes import UnlearnJob, WorkerContext, finetune_stage, unlearn  # noqa: E402
+from reteq.train.recipes import UnlearnJob, finetune_stage, unlearn  # noqa: E402
+from reteq.train.worker_context import WorkerContext  # noqa: E402
 
 EVAL_PARTS = ("forget", "tofu", "math", "depth", "re")
 

@@ -38,7 +38,8 @@ from reteq.data.tokenize import configure_chat, encode_dataset, plan_steps  # no
 from reteq.eval.evaluator import Evaluator  # noqa: E402
 from reteq.models import load_model, load_tokenizer  # noqa: E402
 from reteq.train import reference  # noqa: E402
-from reteq.train.recipes import UnlearnJob, WorkerContext, unlearn  # noqa: E402
+from reteq.train.recipes import UnlearnJob, unlearn  # noqa: E402
+from reteq.train.worker_context import WorkerContext  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -41,7 +41,8 @@ from reteq.data.tokenize import collate, configure_chat, encode_dataset, encode_
 from reteq.eval.evaluator import Evaluator  # noqa: E402
 from reteq.eval.scoring import score_pairs, score_pairs_padded  # noqa: E402
 from reteq.models import load_model, load_tokenizer  # noqa: E402
-from reteq.train.recipes import UnlearnJob, WorkerContext, finetune_stage, unlearn  # noqa: E402
+from reteq.train.recipes import UnlearnJob, finetune_stage, unlearn  # noqa: E402
+from reteq.train.worker_context import WorkerContext  # noqa: E402
 
 
 def plain_steps(model, examples, index_steps, micro_batch: int, pad_id: int, lr: float, sign: float) -> list[float]:

@@ -27,7 +27,8 @@ from reteq import tracking as T  # noqa: E402
 from reteq.config import load_config  # noqa: E402
 from reteq.data.tokenize import configure_chat  # noqa: E402
 from reteq.models import load_model, load_tokenizer  # noqa: E402
-from reteq.pipeline import DataCache, build_evaluator  # noqa: E402
+from reteq.pipeline.context import DataCache  # noqa: E402
+from reteq.pipeline.leaf import build_evaluator  # noqa: E402
 from reteq.plan import node_key  # noqa: E402
 from reteq.train.checkpoint import is_complete  # noqa: E402
 from reteq.workdir import resolve_work_dir  # noqa: E402

@@ -34,7 +34,7 @@ class Timed:
     """Hooks that time each node and leaf of the one-process path (for the per-trial breakdown)."""
 
     def __init__(self):
-        from reteq.pipeline import Hooks
+        from reteq.pipeline.context import Hooks
 
         self.hooks = Hooks()
         self.node_s: list[float] = []
@@ -73,11 +73,13 @@ def main() -> None:
     import torch
 
     from reteq.commands.sweep import run_sweep
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, ensure_chain, unlearn_leaf
+    from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
+    from reteq.pipeline.leaf import unlearn_leaf
+    from reteq.pipeline.node import ensure_chain
     from reteq.plan import build_plan
     from reteq.tiny import ensure_tiny_model
     from reteq.tracking import order_tag
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     ensure_tiny_model()  # built once, outside both timings
     load_before = os.getloadavg()

@@ -40,7 +40,8 @@ import yaml  # noqa: E402  (transformers' dependency: on the GPU image too)
 from reteq.config import parse_config  # noqa: E402
 from reteq.config_files import read_yaml_mapping  # noqa: E402
 from reteq.errors import BadInput  # noqa: E402
-from reteq.pipeline import DataCache, preflight  # noqa: E402
+from reteq.pipeline.context import DataCache  # noqa: E402
+from reteq.pipeline.preflight import preflight  # noqa: E402
 from reteq.sweep.worlds import TOLERANCE, differences, largest  # noqa: E402  (no Ray at import)
 
 
@@ -117,7 +118,7 @@ def rank_main(rank: int, world: int, raw: dict, store: str, out: str, port: int,
 
     from reteq.sweep.worlds import engine_config, trace
     from reteq.train.engine import load_deepspeed_config
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -154,7 +155,7 @@ def trace_with_processes(raw: dict, world: int, store: Path, out: Path, gpu: boo
 def trace_with_ray(raw: dict, world: int, store: Path, out: Path, work: Path) -> dict:
     import ray
 
-    from reteq.sweep.worlds import trace_with_ray_train
+    from reteq.sweep.remote import trace_with_ray_train
     from reteq.train.engine import load_deepspeed_config
 
     if not ray.is_initialized():

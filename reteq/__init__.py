@@ -8,8 +8,9 @@ and that no import cycle exists inside reteq, function-level imports included):
 2. config      the typed sweep config
 3. data        sources, hub converters, prepare, tokenising, packing
 4. compute     models (+ tiny, gguf), train (loop, engines, recipes, checkpoints), eval (metrics)
-5. pipeline    plan (the DAG), estimate (`reteq plan`), pipeline (the work of one node / leaf)
-6. execution   sweep/ (the driver, node tasks, Tune leaf trials, Ray Train, the MLflow record)
+5. pipeline    plan (the DAG), estimate (`reteq plan`), pipeline/ (the work of one node / leaf, its RunContext, preflight)
+6. execution   sweep/ (the driver; every Ray entry point in sweep/remote.py: node tasks, Tune leaf trials, Ray Train;
+               the MLflow record)
 7. measures    analysis.gaps (gap, growth rate) and analysis.section: shared by theory and analysis
 8. theory      Section 3 grid (Ray Tune + MLflow) and its report section
 9. analysis    MLflow -> polars -> tables, charts, report.html

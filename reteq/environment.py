@@ -25,7 +25,7 @@ AUTOSCALING = "RETEQ_AUTOSCALING"  # "1": the cluster grows on demand, so a miss
 CPUINFO = "RETEQ_CPUINFO"
 
 # test hooks: only fault-injection and scheduling tests set these; a real run never should
-PID_DIR = "RETEQ_PID_DIR"  # each node task writes DIR/<node key>.pid at start (reteq.sweep.worker.test_hooks)
+PID_DIR = "RETEQ_PID_DIR"  # each node task writes DIR/<node key>.pid at start (reteq.sweep.rank.test_hooks)
 FAULT_NODE = "RETEQ_FAULT_NODE"  # the node whose stage prefix is this raises, every attempt
 FAULT = "RETEQ_FAULT"  # POINT[:N[:WHO]]: SIGKILL at a named point (reteq.sweep.faults)
 FAULT_MARK = "RETEQ_FAULT_MARK"  # a file created when the fault fires; while it exists the fault stays off

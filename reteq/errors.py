@@ -72,3 +72,16 @@ class ModelError(BadInput):
 
 class CheckpointError(BadInput):
     """A checkpoint that is partial, foreign or corrupt (sha256 mismatch)."""
+
+
+class NodeFailed(ReteqError, RuntimeError):
+    """A stage node (or a retrain record) of a sweep could not be done; `key` names it, and the leaves below it
+    report it (reteq.sweep.dag reads the key from the error Ray stores in the node's ref)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -66,11 +66,13 @@ def zero3_round_trip(rank: int, world: int, out: str, threshold: int | None, lor
     """Train a stage under ZeRO-3, save gathered and ungathered, reload on rank 0, compare logits; then one
     whole leaf (node, load, unlearn, evaluate) through the pipeline, with every collective recorded."""
     from reteq.models import load_model, load_tokenizer
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
+    from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
+    from reteq.pipeline.leaf import run_leaf
     from reteq.plan import build_plan
     from reteq.train import collectives
     from reteq.train.checkpoint import CheckpointError, gathered_state_dict, save_checkpoint
-    from reteq.train.recipes import WorkerContext, finetune_stage
+    from reteq.train.recipes import finetune_stage
+    from reteq.train.worker_context import WorkerContext
 
     log: list[dict] = []
     record_collectives(log)
@@ -124,10 +126,11 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
     import yaml
 
     from reteq.config import parse_config
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
+    from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
+    from reteq.pipeline.leaf import run_leaf
     from reteq.plan import build_plan
     from reteq.train.engine import load_deepspeed_config
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     raw = yaml.safe_load(Path(config).read_text())
     raw["models"] = [model_dict({"r": 4, "alpha": 8})]
@@ -153,12 +156,13 @@ def two_machine_delivery(rank: int, world: int, out: str, uri: str, experiment_i
     publishes it to MLflow; rank 1 must fetch it from there, verified, before it loads it to unlearn."""
     import json
 
-    from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, run_leaf
+    from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
+    from reteq.pipeline.leaf import run_leaf
     from reteq.plan import build_plan
     from reteq.sweep.delivery import mlflow_fetcher
     from reteq.sweep.record import MlflowHooks
     from reteq.train.checkpoint import read_manifest
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     cfg = one_stage_config(out, {"r": 4, "alpha": 8}, micro_batch=4)
     plan = build_plan(cfg)

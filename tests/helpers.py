@@ -144,7 +144,8 @@ def refusal_finetune() -> Finetuned:
     from reteq.config import StageConfig
     from reteq.data.synthetic import refusal
     from reteq.models import load_model, load_tokenizer
-    from reteq.train.recipes import WorkerContext, finetune_stage
+    from reteq.train.recipes import finetune_stage
+    from reteq.train.worker_context import WorkerContext
 
     mcfg = model_cfg()
     tokenizer = load_tokenizer(mcfg)

@@ -142,7 +142,8 @@ def test_each_method_lowers_the_unlearn_labels_log_prob(algorithm, beta):
     2 sigmoid(beta log pi) is ~1e-30 at beta=1 (below Adam's eps), so beta=0.05 (weight ~0.06) is used."""
     from reteq.eval.evaluator import Evaluator
     from reteq.models import load_model, load_tokenizer
-    from reteq.train.recipes import UnlearnJob, WorkerContext, unlearn
+    from reteq.train.recipes import UnlearnJob, unlearn
+    from reteq.train.worker_context import WorkerContext
 
     ft = refusal_finetune()
     mcfg = model_cfg()

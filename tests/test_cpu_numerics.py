@@ -15,7 +15,7 @@ from reteq.config import EvalConfig, EvalSchedule, StageConfig, UnlearnConfig, p
 from reteq.config_files import ConfigError
 from reteq.hardware import cpu_bf16_units
 from reteq.plan import build_plan
-from reteq.train.recipes import WorkerContext
+from reteq.train.worker_context import WorkerContext
 
 SUBNORMAL = torch.finfo(torch.float32).tiny  # 1.18e-38: below it a nonzero fp32 is subnormal
 

@@ -11,11 +11,11 @@ from helpers import model_cfg, reteq_cache  # noqa: F401
 
 from reteq import tracking as T
 from reteq.mlflow_store import ensure_experiment, tracking_client
-from reteq.pipeline import CheckpointStore
+from reteq.pipeline.context import CheckpointStore
 from reteq.sweep import lifecycle, record
 from reteq.sweep.delivery import CorruptArtifact, mlflow_fetcher
 from reteq.train.checkpoint import CheckpointError, is_complete, read_manifest, save_checkpoint
-from reteq.train.recipes import WorkerContext
+from reteq.train.worker_context import WorkerContext
 
 
 def test_a_node_nobody_published_is_a_clear_error(tmp_path):

@@ -41,7 +41,8 @@ def _run(algorithm: str, params: dict, retain: list[dict] | None = None, micro: 
     from reteq.config import EvalConfig, UnlearnConfig
     from reteq.eval.evaluator import Evaluator
     from reteq.models import load_model, load_tokenizer
-    from reteq.train.recipes import UnlearnJob, WorkerContext, unlearn
+    from reteq.train.recipes import UnlearnJob, unlearn
+    from reteq.train.worker_context import WorkerContext
 
     ft = refusal_finetune()
     mcfg = model_cfg()

@@ -184,7 +184,8 @@ def test_finetune_stage_packed_and_padded_start_from_the_same_loss():
     from reteq.config import StageConfig
     from reteq.data.synthetic import instruct
     from reteq.models import load_model, load_tokenizer
-    from reteq.train.recipes import WorkerContext, finetune_stage
+    from reteq.train.recipes import finetune_stage
+    from reteq.train.worker_context import WorkerContext
 
     mcfg = model_cfg()
     tokenizer = load_tokenizer(mcfg)

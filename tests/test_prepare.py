@@ -218,7 +218,7 @@ def test_source_key_depends_on_spec_and_transform():
 
 
 def test_a_sweep_reads_the_prepared_copy_instead_of_the_hub(raw, tmp_path, monkeypatch):
-    from reteq.pipeline import DataCache
+    from reteq.pipeline.context import DataCache
 
     cfg = parse_config(raw)
     prepare.prepare(cfg, tmp_path / "work" / "data")  # the default place: <work_dir>/data
@@ -266,7 +266,8 @@ def test_prepare_counts_truncated_rows_and_stops_above_the_allowed_share(tmp_pat
 def test_the_preflight_reports_truncation_too_and_the_share_is_not_in_the_keys(tmp_path):
     from reteq.config import load_config
     from reteq.errors import DataError
-    from reteq.pipeline import DataCache, preflight
+    from reteq.pipeline.context import DataCache
+    from reteq.pipeline.preflight import preflight
     from reteq.plan import build_plan
 
     lines: list[str] = []

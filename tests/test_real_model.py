@@ -113,8 +113,9 @@ def test_greedy_math_stops_at_the_end_of_the_turn(smol_dir):
 
 def test_smollm2_finetunes_unlearns_and_is_scored(tmp_path):
     """Two finetuning steps on each of two stages (the refusal set last), one GA step, the forget score."""
-    from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, run_leaf
-    from reteq.train.recipes import WorkerContext
+    from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
+    from reteq.pipeline.leaf import run_leaf
+    from reteq.train.worker_context import WorkerContext
 
     stage = {"epochs": 1, "lr": 1e-3, "global_batch": 2, "micro_batch": 2, "max_length": 96}
     cfg = parse_config({

@@ -163,8 +163,10 @@ def test_the_demo_stages_keep_the_paraphrases_above_chance_at_step_0(tmp_path):
     from reteq.config import load_config
     from reteq.data.tokenize import configure_chat
     from reteq.models import load_model, load_tokenizer
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, build_evaluator, ensure_chain
-    from reteq.train.recipes import WorkerContext
+    from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
+    from reteq.pipeline.leaf import build_evaluator
+    from reteq.pipeline.node import ensure_chain
+    from reteq.train.worker_context import WorkerContext
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"metrics": ["forget"]})})
     plan = build_plan(cfg)
@@ -196,12 +198,13 @@ def _three_stage(tmp_path, retrain: bool):
 
 
 def _run_sweep_in_process(cfg, work):
-    """Every leaf through pipeline.run_leaf with the sweep's MLflow hooks (what each Ray trial does), then every
-    retrain record through pipeline.record_retrain (what each record task does)."""
+    """Every leaf through pipeline.leaf.run_leaf with the sweep's MLflow hooks (what each Ray trial does), then every
+    retrain record through pipeline.leaf.record_retrain (what each record task does)."""
     from reteq import mlflow_store
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, record_retrain, run_leaf
+    from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
+    from reteq.pipeline.leaf import record_retrain, run_leaf
     from reteq.sweep import record
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     uri = f"sqlite:///{work.resolve() / 'mlflow.db'}"  # not default_tracking_uri: set_tracking_uri sets the env
     exp = mlflow_store.ensure_experiment(uri, cfg.name, T.default_artifact_root(work))

@@ -180,8 +180,9 @@ def test_failing_node_ends_its_branch_and_the_sweep(ray_cluster, tmp_path, monke
 
 def _stage_records(cfg, plan, node, tmp_path) -> list:
     """Train `node` from the base model in this process (one worker, plain torch); its StepRecords."""
-    from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, train_node
-    from reteq.train.recipes import WorkerContext
+    from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
+    from reteq.pipeline.node import train_node
+    from reteq.train.worker_context import WorkerContext
 
     class Records(Hooks):
         def __init__(self):

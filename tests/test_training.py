@@ -88,7 +88,8 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
     entries by exactly lr after a few steps, so both halves of this check can fail."""
     from reteq.data.synthetic import instruct, knowledge
     from reteq.models import load_model, load_tokenizer
-    from reteq.train.recipes import WorkerContext, finetune_stage
+    from reteq.train.recipes import finetune_stage
+    from reteq.train.worker_context import WorkerContext
 
     mcfg = model_cfg()
     tokenizer = load_tokenizer(mcfg)
@@ -119,9 +120,10 @@ def test_every_stage_starts_a_fresh_optimizer_and_schedule():
 # ---- reproducibility and the one-process command ------------------------------------------------------------------
 
 def _run(tmp_path, seed: int):
-    from reteq.pipeline import CheckpointStore, DataCache, RunContext, run_leaf
+    from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
+    from reteq.pipeline.leaf import run_leaf
     from reteq.plan import build_plan
-    from reteq.train.recipes import WorkerContext
+    from reteq.train.worker_context import WorkerContext
 
     cfg = sweep_cfg(tmp_path, seeds=[seed])
     plan = build_plan(cfg)

@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 
 from reteq.config import parse_config
 from reteq.config_files import read_yaml_mapping
-from reteq.sweep.worlds import TOLERANCE, differences, largest, trace, trace_with_ray_train
-from reteq.train.recipes import WorkerContext
+from reteq.sweep.remote import trace_with_ray_train
+from reteq.sweep.worlds import TOLERANCE, differences, largest, trace
+from reteq.train.worker_context import WorkerContext
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("reteq_cache")]
 
@@ -54,7 +55,7 @@ def config(work: Path):
 
 
 def job(root: Path, world: int, zero: int | None, name: str = "", **extra) -> dict:
-    """One trace's settings for reteq.sweep.worlds.trace_with_ray_train, in its own folder; zero None: plain
+    """One trace's settings for reteq.sweep.remote.trace_with_ray_train, in its own folder; zero None: plain
     torch (deepspeed: null)."""
     where = root / f"w{world}-zero{zero}{name}"
     where.mkdir(parents=True)
@@ -73,7 +74,7 @@ def worlds(ray_cluster, tmp_path_factory):
     (deepspeed: null), ("cross", 2): 2 workers' NPO leaf from the 1-worker ZeRO-0 nodes, and ("cross", 1):
     1 worker's from the 2-worker ZeRO-3 nodes.
 
-    1 worker under ZeRO-0 runs here, in process with plain torch, as the sweep runs it (reteq.sweep.worker.
+    1 worker under ZeRO-0 runs here, in process with plain torch, as the sweep runs it (reteq.sweep.process.
     in_process); then the 1-worker group (ZeRO-2, 3) and the 2-worker group (ZeRO-0, 2, 3 and the cross leaf)
     run side by side, each one TorchTrainer: a worker group's start-up is most of the cost."""
     root = tmp_path_factory.mktemp("worlds")

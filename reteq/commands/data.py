@@ -40,12 +40,12 @@ def report_lengths(cfg: SweepConfig, manifest: Path) -> None:
     preflight's check, on the files just written). A tokenizer that cannot load here (no network, gated) leaves
     the lengths unknown, said in one line: the sweep's preflight reports them where it loads."""
     # lazy: keeps torch out of the light processes (driver, Tune trials, the CLI)
-    from reteq.pipeline import DataCache, check_rows_fit
+    from reteq.pipeline import context, preflight
 
     stages = json.loads(manifest.read_text())["stages"]
-    data = DataCache.holding(cfg, {name: read_prepared(manifest.parent / entry["file"])
-                                   for name, entry in stages.items()})
+    data = context.DataCache.holding(cfg, {name: read_prepared(manifest.parent / entry["file"])
+                                           for name, entry in stages.items()})
     try:
-        check_rows_fit(cfg, data, report=lambda line: print(f"length: {line}", flush=True))
+        preflight.check_rows_fit(cfg, data, report=lambda line: print(f"length: {line}", flush=True))
     except ModelError as e:
         print(f"length: unknown ({e}); the sweep's preflight reports it", flush=True)

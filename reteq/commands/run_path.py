@@ -18,9 +18,12 @@ from reteq import tracking as T
 from reteq.algorithms import ALGORITHMS
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
-from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, preflight, run_leaf
+from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
+from reteq.pipeline.leaf import run_leaf
+from reteq.pipeline.preflight import preflight
 from reteq.plan import Plan, UnlearnLeaf, build_plan
-from reteq.train.recipes import UnlearnResult, WorkerContext
+from reteq.train.recipes import UnlearnResult
+from reteq.train.worker_context import WorkerContext
 from reteq.workdir import resolve_work_dir
 
 

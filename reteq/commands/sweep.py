@@ -15,7 +15,8 @@ from reteq.commands.theory import theory_command
 from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
 from reteq.mlflow_store import restore_tracking_uri
-from reteq.pipeline import DataCache, preflight
+from reteq.pipeline.context import DataCache
+from reteq.pipeline.preflight import preflight
 from reteq.plan import build_plan
 from reteq.resources import writing
 from reteq.sweep import faults

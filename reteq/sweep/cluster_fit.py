@@ -22,8 +22,8 @@ from reteq.config import SweepConfig
 from reteq.config_files import read_yaml_mapping
 from reteq.errors import ConfigError
 from reteq.sweep.nodes import TRAINER_DRIVER_CPUS
+from reteq.sweep.process import in_process
 from reteq.sweep.ray_session import LAUNCHER_CPUS, TRIAL_DRIVER_CPUS
-from reteq.sweep.worker import in_process
 from reteq.train.engine import load_deepspeed_config
 
 _EPS = 1e-9
@@ -46,7 +46,7 @@ class Request:
     what: str  # for the error line, e.g. "a leaf's worker group (execution.workers x ...)"
     bundles: tuple[dict[str, float], ...]
     strategy: str = "PACK"
-    head_only: bool = False  # the launcher: pinned to the head (reteq.sweep.launcher.start_launcher)
+    head_only: bool = False  # the launcher: pinned to the head (reteq.sweep.remote.start_launcher)
 
 
 def node_types(path: str | Path) -> list[NodeType]:
@@ -69,7 +69,7 @@ def node_types(path: str | Path) -> list[NodeType]:
 
 
 def worker_bundle(cfg: SweepConfig) -> dict[str, float]:
-    """One Ray Train worker's resources (reteq.sweep.worker.worker_group)."""
+    """One Ray Train worker's resources (reteq.sweep.remote.worker_group)."""
     ex = cfg.execution
     return {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
 

@@ -1,6 +1,6 @@
 """The driver's view of the DAG while Tune runs: which nodes are published or failed, which leaves may start.
 
-`NodeWatch.poll` asks Ray which node refs resolved (`ray.wait(timeout=0)`: never blocks the Tune loop) and
+`NodeWatch.poll` asks Ray which node refs resolved (remote.settled: never blocks the Tune loop) and
 prints one line per node. `DagSearcher` is a Tune Searcher that hands out a leaf's axes only once every node
 it depends on is published, so no trial is ever RUNNING (or holding resources) before its parent exists; a leaf
 under a failed node is never started and is recorded as skipped, naming the node. It returns
@@ -13,12 +13,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import ray
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from reteq import tracking as T
-from reteq.sweep.leaves import AXES, axes, knob_axes
+from reteq.sweep import remote
+from reteq.sweep.leaves import AXES, LEAF, knob_axes, trial_config
 from reteq.sweep.nodes import leaf_dependencies
 
 POLL_EVERY_S = 0.5  # Tune calls the searcher and callbacks many times a second; asking Ray less often is enough
@@ -44,26 +44,23 @@ class NodeWatch:
         if not self.pending or (not force and time.time() - self._last < POLL_EVERY_S):
             return
         self._last = time.time()
-        ready, _ = ray.wait(list(self.pending.values()), num_returns=len(self.pending), timeout=0)
-        if not ready:
-            return
-        ready_ids = {r.hex() for r in ready}
-        keys = [k for k, r in self.pending.items() if r.hex() in ready_ids]
-        for key in sorted(keys, key=lambda k: len(self.plan.nodes[k].prefix)):  # parents before children
-            ref = self.pending.pop(key)
+        done = remote.settled(self.pending)
+        for key in sorted(done, key=lambda k: len(self.plan.nodes[k].prefix)):  # parents before children
+            del self.pending[key]
+            value, error = done[key]
             node = self.plan.nodes[key]
             what = f"{node.model} {T.order_tag(node.prefix)} (seed {node.seed})"
-            try:
-                self.published[key] = ray.get(ref)
+            if error is None:
+                self.published[key] = value
                 n = len(self.published) - (len(self.refs) - self.total)
                 self.echo(f"[node {n}/{self.total}] {what}: published at +{time.time() - self.t0:.0f}s")
-            except Exception as e:  # the node itself failed, or the node it continues from did
+            else:  # the node itself failed, or the node it continues from did
                 parent = node.parent
                 if parent in self.failed:
                     self.failed[key] = self.failed[parent]
                     self.echo(f"[node] {what}: not trained, node {self.failed[key][0][:8]} failed")
                 else:
-                    k, msg = _root_failure(e)
+                    k, msg = _root_failure(error)
                     self.failed[key] = (k or key, msg)
                     self.echo(f"[node] {what}: FAILED: {msg}")
 
@@ -96,7 +93,7 @@ class DagSearcher(Searcher):
             elif all(s == "published" for s in states):
                 self.waiting.remove(leaf)
                 self.started[leaf.key] = time.time()
-                return axes(leaf, self.knobs)
+                return trial_config(leaf, self.knobs)
         return Searcher.FINISHED if not self.waiting else None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -119,7 +116,7 @@ def _leaf_text(leaf) -> str:
 
 
 def _config_text(c: dict) -> str:
-    knobs = {k: v for k, v in c.items() if k not in AXES and v is not None and isinstance(v, (int, float))}
+    knobs = {k: v for k, v in c.items() if k not in (*AXES, LEAF) and v is not None and isinstance(v, (int, float))}
     return f"{c['model']} {c['order']} {c['algorithm']} lr={c['lr']:g}{_knob_text(knobs)} seed={c['seed']}"
 
 

@@ -4,7 +4,7 @@ A trial's ranks may sit on several machines (Ray's PACK placement spreads a 4-wo
 and each machine has its own checkpoint store. MLflow (its artifact store: S3 on a cluster) holds every
 published node. `mlflow_fetcher` finds the finished run of a node key (reteq.mlflow_store.finished_run); `fetch_run_checkpoint` downloads its
 checkpoint artifact next to the target, verifies the sha256 manifest, and publishes it with one rename.
-`CheckpointStore.ensure_local` (in reteq.pipeline) calls the fetcher on each machine's local rank 0 (the first
+`CheckpointStore.ensure_local` (in reteq.pipeline.context) calls the fetcher on each machine's local rank 0 (the first
 rank of the group on that Ray node) while the other ranks wait.
 
 An artifact that downloads but fails its sha256 (`CorruptArtifact`) is marked on the spot: its run stops being

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray import tune
 
 from reteq import environment
 from reteq import tracking as T
@@ -43,17 +42,15 @@ from reteq.config import SweepConfig
 from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.redact import redact, tracking_credentials
 from reteq.resources import ResourceError, describe, full_disk, one_line, writing
-from reteq.sweep import lifecycle, record
+from reteq.sweep import lifecycle, record, remote
 from reteq.sweep.dag import ConsoleLines, DagSearcher, NodeWatch
-from reteq.sweep.launcher import start_launcher, stop_launcher
-from reteq.sweep.leaves import AXES, axes, knob_axes, leaf_trial
 from reteq.sweep.lock import ExperimentLease
-from reteq.sweep.nodes import leaf_dependencies, needed_nodes, submit_nodes
+from reteq.sweep.nodes import leaf_dependencies, needed_nodes
+from reteq.sweep.process import in_process
 from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, trial_runtime_env, workers_to_keep
 from reteq.sweep.repair import RecordTarget, reconcile_nodes
-from reteq.sweep.retrain_records import record_nodes, submit_records, wait_records
+from reteq.sweep.retrain_records import record_nodes
 from reteq.sweep.settings import SweepRun
-from reteq.sweep.worker import in_process
 from reteq.train.engine import load_deepspeed_config
 
 
@@ -200,7 +197,7 @@ def _round(cfg: SweepConfig, plan, work: Path, session: RaySession, rec: Attempt
         config=cfg.model_dump(mode="json"), config_name=str(cfg.name), digest=cfg.digest(),
         env=environment.worker_env(), attempt=attempt, tracking_uri=uri, experiment_id=exp_id,
         parent_run_id=parent, checkpoints=str(work / "checkpoints"),
-        storage_path=cfg.execution.storage_path or str(work / "ray"), secrets=ray.put(secrets) if secrets else None,
+        storage_path=cfg.execution.storage_path or str(work / "ray"), secrets=remote.put(secrets) if secrets else None,
         deepspeed=str(Path(cfg.execution.deepspeed).resolve()) if cfg.execution.deepspeed else None,
         in_process=session.in_process, task_cpus=session.task_cpus,
         runtime_env=trial_runtime_env(),  # on the driver: a trial's env holds Tune's own variables
@@ -237,13 +234,12 @@ class RaySession:
         if self.in_process:
             self.task_cpus = task_cpus(ex.cpus_per_worker, ex.max_concurrent_trials,
                                        ray.cluster_resources().get("CPU", 0))
-            self.launcher = start_launcher()
-            self.launcher[0].warm.remote(self.task_cpus, trial_runtime_env(), dict(ex.worker_resources))
+            self.launcher = remote.start_launcher(self.task_cpus, ex.worker_resources)  # its workers warming
         self.mark("ray_start")
 
     def stop(self) -> None:
         if self.up and not self.owned:  # a cluster someone else started: leave nothing of this sweep behind
-            stop_launcher(self.launcher)
+            remote.stop_launcher(self.launcher)
         self.launcher = None
         if self.owned:
             self.shutdown(True)
@@ -293,54 +289,20 @@ def run_dag(cfg: SweepConfig, plan, todo: list, settings: SweepRun, done_nodes: 
             records: list[str] = (), launcher=None) -> DagOutcome:
     """Submit the missing nodes, run the leaves in `todo` as Tune trials and the missing retrain `records` as
     tasks (reteq.sweep.retrain_records), return what happened. Nodes and records are submitted by `launcher`
-    (a launcher.Launcher) when given, so that they share warm workers with the leaves."""
+    (a remote.Launcher) when given, so that they share warm workers with the leaves."""
     keys = list(dict.fromkeys(needed_nodes(plan, todo) + record_nodes(plan, list(records))))  # parents first
-    settings_ref = ray.put(settings)
-    if launcher is not None:
-        refs, record_refs = ray.get(launcher.submit.remote(settings, keys, [settings_ref], done_nodes, list(records)))
-    else:
-        refs = submit_nodes(cfg, plan, keys, settings_ref, done_nodes, settings)
-        record_refs = submit_records(cfg, plan, list(records), settings_ref, refs, settings)
+    refs, record_refs = remote.submit(cfg, plan, settings, keys, done_nodes, list(records), launcher)
     watch = NodeWatch(plan, refs, {k for k in keys if k in done_nodes}, echo=lambda m: print(m, flush=True))
     searcher = DagSearcher(todo, watch)
-    grid = _tune_leaves(cfg, todo, settings, refs, watch, searcher) if todo else []
-    ray.wait(list(refs.values()), num_returns=len(refs))  # every node a leaf needed resolved before it ran
-    failed_records = wait_records(record_refs)
+    grid = remote.tune_leaves(cfg, todo, settings, refs, searcher, [ConsoleLines(watch, len(todo))]) if todo else []
+    remote.wait_all(refs)  # every node a leaf needed resolved before it ran
+    failed_records = remote.wait_records(record_refs)
     watch.poll(force=True)
     roots = {root: msg for root, msg in watch.failed.values()}
     return DagOutcome(results=grid if todo else None, failed_nodes=roots, skipped_leaves=list(searcher.skipped),
                       failed_leaves=sum(1 for r in grid if r.error is not None), node_infos=watch.published,
                       failed_records={k: m for k, m in failed_records.items() if plan.records[k].node not in
                                       watch.failed})
-
-
-def _tune_leaves(cfg: SweepConfig, todo: list, settings: SweepRun, refs: dict[str, Any], watch, searcher):
-    """The leaves as Tune trials (handed out by `searcher` once their nodes are published); Tune's ResultGrid."""
-    trainable = tune.with_resources(tune.with_parameters(leaf_trial, settings=settings, parents=refs),
-                                    {"cpu": TRIAL_DRIVER_CPUS})
-    ex = cfg.execution
-    space = {k: tune.choice(vals) for k, vals in _axis_values(todo).items()}  # names the axes for Tune's table
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),
-                                    max_concurrent_trials=ex.max_concurrent_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=settings.storage_path,
-                                  verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=ex.max_failures),
-                                  callbacks=[ConsoleLines(watch, len(todo))]),
-    )
-    return tuner.fit()
-
-
-def _axis_values(leaves: list) -> dict[str, list]:
-    knobs = knob_axes(leaves)
-    out: dict[str, list] = {k: [] for k in (*AXES, *knobs)}
-    for leaf in leaves:
-        for k, v in axes(leaf, knobs).items():
-            if v not in out[k]:
-                out[k].append(v)
-    return out
 
 
 def check_resources(cfg: SweepConfig) -> None:

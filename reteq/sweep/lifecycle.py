@@ -21,7 +21,7 @@ from reteq.mlflow_store import search_runs as search
 from reteq.redact import redact
 from reteq.train.checkpoint import checkpoint_manifest
 
-# mlflow.entities is imported inside functions: worker.py imports this module in light Tune trials.
+# mlflow.entities is imported inside functions: rank.py imports this module in light Tune trials.
 
 _MLFLOW_STATUS = {T.STATUS_DONE: T.RUN_FINISHED, T.STATUS_COLLAPSED: T.RUN_FINISHED, T.STATUS_KILLED: T.RUN_KILLED}
 

@@ -52,7 +52,7 @@ def ray_log_dir() -> str:
         return "on the Ray head node (ray job logs / the dashboard)"
 
 
-LAUNCHER_CPUS = 0.01  # the Launcher actor's placement group (reteq.sweep.launcher)
+LAUNCHER_CPUS = 0.01  # the Launcher actor's placement group (reteq.sweep.remote.Launcher)
 TRIAL_DRIVER_CPUS = 0.05  # a Tune trial that only drives a task or a TorchTrainer; Ray refuses 0
 
 
@@ -62,7 +62,7 @@ def task_cpus(cpus_per_worker: float, trials: int, cluster_cpus: float) -> float
     The bookkeeping processes hold a sliver of CPU each (the launcher 0.01, each running trial 0.05), so two
     1-CPU tasks no longer fit on 2 cores beside them and every stage node ran after the other (seen with
     SmolLM2: 8 nodes of two independent chains strictly in turn). A task asks for its share of what is left
-    when that is less; its torch threads still follow cpus_per_worker (reteq.sweep.worker). A cluster that has
+    when that is less; its torch threads still follow cpus_per_worker (reteq.sweep.rank.worker_context). A cluster that has
     not yet grown to hold one task (an autoscaler's head) gets the request as configured."""
     lanes = task_lanes(cpus_per_worker, cluster_cpus)
     share = (cluster_cpus - LAUNCHER_CPUS - TRIAL_DRIVER_CPUS * trials) / lanes

@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param
 
 from reteq import tracking as T
 from reteq.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
-from reteq.pipeline import Hooks
+from reteq.pipeline.context import Hooks
 from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.redact import redact, redact_tree
 from reteq.sweep.faults import fault

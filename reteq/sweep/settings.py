@@ -23,13 +23,13 @@ class SweepRun:
     checkpoints: str  # the driver's checkpoint store (a machine may use its own: environment.CHECKPOINT_STORE)
     storage_path: str  # Ray Tune / Train run state
     deepspeed: str | None  # absolute path of the DeepSpeed JSON, or None
-    in_process: bool  # one CPU worker, ZeRO-0: nodes and leaves run in a task with plain torch (worker.in_process)
+    in_process: bool  # one CPU worker, ZeRO-0: nodes and leaves run in a task with plain torch (process.in_process)
     task_cpus: float  # an in-process task's CPU request (ray_session.task_cpus)
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Tune's trial env, computed on the driver
     env: dict[str, str] = field(default_factory=dict)  # environment.worker_env(), applied in every worker
     attempt: str = ""  # this `reteq sweep` process (lifecycle.new_attempt): who started a run
     # MLflow credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD, from the driver's environment or taken out of an
     # http tracking_uri by reteq.redact.tracking_credentials): an object ref of their dict, set in each worker's
-    # process environment by worker.plan_of. A ref, not the values: Tune pickles its trainable's parameters into
+    # process environment by remote._enter (process.apply_env). A ref, not the values: Tune pickles its trainable's parameters into
     # the run's state (tuner.pkl) in storage_path, and a Ray runtime_env is recorded in Ray's logs
     secrets: Any = None

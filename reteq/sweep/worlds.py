@@ -11,32 +11,27 @@ micro-batches, DeepSpeed's flattened buffers), so a result agrees across worker 
 A trace is what a user comparing two clusters compares: every stage node's per-step loss and every leaf's
 per-step loss and eval metrics. `trace` is one rank's work (one order's missing nodes, then its leaves, through
 the pipeline's own `ensure_chain` / `unlearn_leaf`); who starts the ranks is the caller's:
-- `trace_with_ray_train`: Ray Train workers, as the sweep runs a multi-worker node or leaf (tests/test_world_size.py,
-  bench/world_size.py --launcher ray);
+- reteq.sweep.remote.trace_with_ray_train: Ray Train workers, as the sweep runs a multi-worker node or leaf
+  (tests/test_world_size.py, bench/world_size.py --launcher ray);
 - bench/world_size.py --launcher torch: plain processes in a gloo (CPU) or NCCL (GPU) group, no Ray (the GPU
   image has none; bench/gpu_suite.sh).
-Module-level imports are Ray-free for that reason (Ray Train is imported inside); reteq.config needs pydantic,
+This module imports no Ray for that reason (its Ray Train half is in reteq.sweep.remote); reteq.config needs pydantic,
 which the GPU image has only when DeepSpeed's wheels are carried (../shared/STACK.md).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import ray.train
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-
-from reteq import environment
 from reteq import tracking as T
-from reteq.config import SweepConfig, parse_config
-from reteq.pipeline import CheckpointStore, DataCache, Hooks, RunContext, ensure_chain, unlearn_leaf
+from reteq.config import SweepConfig
+from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
+from reteq.pipeline.leaf import unlearn_leaf
+from reteq.pipeline.node import ensure_chain
 from reteq.plan import build_plan
-from reteq.sweep.worker import Rank, worker_context
 from reteq.train.engine import deepspeed_needed
 
 # The documented agreement between worker counts (docs/cluster.md): |a - b| <= TOLERANCE for every per-step
@@ -79,7 +74,7 @@ class TraceHooks(Hooks):
 
 def engine_config(ds: dict[str, Any] | None, world: int, use_gpu: bool) -> dict[str, Any] | None:
     """The DeepSpeed config a rank trains with, as the sweep decides it: one CPU worker with nothing for
-    DeepSpeed to do (ZeRO-0, fp32) trains with plain torch (reteq.sweep.worker.in_process)."""
+    DeepSpeed to do (ZeRO-0, fp32) trains with plain torch (reteq.sweep.process.in_process)."""
     return ds if world > 1 or use_gpu or deepspeed_needed(ds) else None
 
 
@@ -145,33 +140,3 @@ def differences(a: dict[str, Any], b: dict[str, Any], partial: bool = False) -> 
 def largest(diffs: dict[str, float]) -> tuple[str, float]:
     """The quantity that differs most, and by how much."""
     return max(diffs.items(), key=lambda kv: kv[1]) if diffs else ("none", 0.0)
-
-
-# ---- Ray Train: the sweep's way to run several workers ------------------------------------------------------------
-
-def ray_train_loop(config: dict[str, Any]) -> None:
-    """Every Ray Train worker: each job's trace, in turn (one worker group for several ZeRO stages shares its
-    start-up); the main rank writes each to its job's `out`."""
-    c = ray.train.get_context()
-    cfg = parse_config(config["config"])
-    for job in config["jobs"]:
-        ds = engine_config(job["ds"], c.get_world_size(), cfg.execution.use_gpu)
-        r = Rank(c.get_world_rank(), c.get_world_size(), ds, c.get_local_rank())
-        ctx = worker_context(cfg, cfg.models[0].name, r)
-        result = trace(cfg, ctx, job["store"], job.get("algorithms"))
-        if ctx.is_main:
-            Path(job["out"]).write_text(json.dumps(result))
-
-
-def trace_with_ray_train(cfg: SweepConfig, workers: int, jobs: list[dict[str, Any]], storage: str | Path,
-                         name: str = "worlds") -> list[dict[str, Any]]:
-    """One TorchTrainer of `workers` ranks (each `execution.cpus_per_worker` CPUs, GPUs when execution.use_gpu)
-    runs every job ({"ds": DeepSpeed config or None, "store": checkpoint store, "out": JSON path, optionally
-    "algorithms": the leaves to run}); returns the jobs' traces. Needs a running Ray (ray.init)."""
-    ex = cfg.execution
-    resources = {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
-    TorchTrainer(ray_train_loop, train_loop_config={"config": cfg.model_dump(mode="json"), "jobs": jobs},
-                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=ex.use_gpu, resources_per_worker=resources),
-                 run_config=RunConfig(name=name, storage_path=str(storage),
-                                      worker_runtime_env={"env_vars": environment.worker_env()})).fit()
-    return [json.loads(Path(job["out"]).read_text()) for job in jobs]

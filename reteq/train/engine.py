@@ -131,7 +131,7 @@ class DeepSpeedEngine:
 def deepspeed_needed(ds_config: dict[str, Any] | None) -> bool:
     """False when a DeepSpeed config has nothing to do for ONE CPU worker (none, or ZeRO-0 in fp32 without
     clipping): plain torch then does the same arithmetic without a process group or `import deepspeed`, so
-    the sweep runs such work in process (reteq.sweep.worker.in_process) and so does reteq.sweep.worlds."""
+    the sweep runs such work in process (reteq.sweep.process.in_process) and so does reteq.sweep.worlds."""
     if ds_config is None:
         return False
     zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,7 +1,7 @@
 """The two jobs, each setup -> train (the shared loop) -> result: finetune one stage, unlearn the forget set.
 
 Both run unchanged in one process (`reteq run-path`) and inside Ray Train workers (`reteq sweep`); the
-WorkerContext says which worker this is and whether DeepSpeed drives the step.
+WorkerContext (reteq.train.worker_context) says which worker this is and whether DeepSpeed drives the step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from reteq.algorithms import get_algorithm
 from reteq.algorithms.method import RETAIN_TOKEN_MEAN, RETAIN_WEIGHT, Need
-from reteq.config import StageConfig, SweepConfig, UnlearnConfig
+from reteq.config import StageConfig, UnlearnConfig
 from reteq.data.alternatives import idk_conversations
 from reteq.data.packing import layout_for, packed_micro_batches, padding_fraction
 from reteq.data.tokenize import Example, encode_dataset, micro_batches, plan_steps
@@ -26,53 +26,9 @@ from reteq.train.engine import OptimSpec, build_engine
 from reteq.train.logprobs import batch_token_logps
 from reteq.train.loop import LoopResult, Step, StepRecord, train_loop
 from reteq.train.method_inputs import Pairing, gather, mean_tokens, retain_nll
-from reteq.train.precision import FrozenBase, apply_flush_denormal, apply_matmul_policy, frozen_base_in
+from reteq.train.precision import FrozenBase, apply_matmul_policy, frozen_base_in
 from reteq.train.reference import Batching, compute_reference
-
-
-@dataclass(frozen=True)
-class WorkerContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0  # rank among this machine's workers: local rank 0 fetches checkpoints for its machine
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    ds_config: dict[str, Any] | None = None
-    dtype: str = "fp32"  # training precision (reteq.train.precision)
-    # [packing hook] pack variable-length samples into rows (reteq.data.packing) instead of padding them;
-    # same losses and gradients to float rounding. Set from `execution.packing` by whoever builds the context.
-    packing: bool = True
-    eval_dtype: str | None = None  # evaluation precision; None: `dtype`
-    flush_denormal: bool = False  # flush subnormals to zero on this CPU (execution.flush_denormal, CPU workers)
-
-    @classmethod
-    def for_model(cls, cfg: SweepConfig, model: str, **where: Any) -> WorkerContext:
-        """The context of a job on `model` of sweep `cfg`: its precisions, packing and denormal setting from the
-        config; `where` says which worker this is (rank, world, local_rank, device, ds_config)."""
-        device = where.get("device", torch.device("cpu"))
-        return cls(dtype=cfg.model(model).dtype, eval_dtype=cfg.eval.dtype, packing=cfg.execution.packing,
-                   flush_denormal=cfg.execution.flush_denormal and device.type == "cpu", **where)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def scoring_dtype(self) -> str:
-        return self.eval_dtype or self.dtype
-
-    @property
-    def holds_bf16_base(self) -> bool:
-        """Whether a LoRA base is held in bf16 while bf16 computes (reteq.train.precision.FrozenBase): on a CPU,
-        where the cast per matmul is a visible cost, and not under ZeRO-3, whose partitioned weights are no
-        plain tensors to swap."""
-        zero = int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
-        return self.device.type == "cpu" and zero < 3 and "bf16" in (self.dtype, self.scoring_dtype)
-
-    def apply_numerics(self) -> None:
-        """At every job start (process-wide settings; a warm worker runs jobs of several sweeps): TF32 as the
-        training precision says, denormals flushed or not."""
-        apply_matmul_policy(self.dtype)
-        apply_flush_denormal(self.flush_denormal)
+from reteq.train.worker_context import WorkerContext
 
 
 @contextmanager
@@ -175,7 +131,7 @@ class UnlearnResult:
     evals: list[tuple[int, dict[str, float]]]  # (step, metrics incl. relative scores), step 0 first
     loop: LoopResult
     steps: int
-    vectors: Any = None  # polars frame of the probe's per-pair vectors (step x pair), set by pipeline.run_leaf
+    vectors: Any = None  # polars frame of the probe's per-pair vectors (step x pair), set by pipeline.leaf.unlearn_leaf
     # wall seconds by part: train (optimizer steps), reference (pi_ref pass), and each eval group (Evaluator)
     seconds: dict[str, float] = field(default_factory=dict)
 
