@@ -328,6 +328,12 @@ class ExecutionConfig(_Strict):
         "makes steps ~25x slower. Changes only numbers below 1.2e-38; recorded in node and leaf keys when it "
         "applies. Ignored on GPU workers (reteq.train.precision)")
 
+    share_start_eval: bool = Field(
+        True, description="evaluate unlearning step 0 once per start checkpoint: the first single-worker leaf "
+        "publishes its step-0 metrics in the MLflow store and every leaf from the same checkpoint, seed and "
+        "evaluation settings reads them (the same numbers, bit for bit; reteq.eval.start_record); false = every "
+        "leaf evaluates its own step 0. Changes no key")
+
     @property
     def flushes_denormals(self) -> bool:
         """Whether the setting applies: on, and the workers compute on CPUs."""

@@ -46,6 +46,12 @@ TAG_RESUMED_FROM_STEP = "reteq.resumed_from_step"  # finetune run: steps its Ray
 # only if its manifest hashes to this (reteq.sweep.stage_resume). {node}: the node key's first 16 digits.
 P_STAGE_CHECKPOINT = "reteq.stage_checkpoint.{node}.{step}.{nonce}"
 TAG_CHILDREN_FAILED = "reteq.children_failed"  # on the parent run: child runs of this attempt that did not finish
+# step 0 evaluated once per start checkpoint (reteq.eval.start_record, execution.share_start_eval): the leaf run
+# that evaluated it carries the record as ARTIFACT_START_RECORD with its sha256 and key (the key set last, so a
+# reader never finds a half-published record); every leaf run says where its step-0 metrics came from
+TAG_START_KEY = "reteq.start_eval.key"
+TAG_START_SHA256 = "reteq.start_eval.sha256"
+TAG_START_SOURCE = "reteq.start_eval.source"  # "computed" or "run <run id>" (the run whose record it read)
 TAG_MLFLOW_PARENT = "mlflow.parentRunId"  # MLflow's own tag: a child run's parent (the UI nests runs by it)
 
 KIND_FINETUNE = "finetune"  # one stage node trained (and its checkpoint published)
@@ -169,6 +175,7 @@ P_VOCAB_SIZE = "vocab_size"  # the tokenizer's vocabulary: chance level is log(1
 
 # ---- artifacts -------------------------------------------------------------------------------------------------
 ARTIFACT_CHECKPOINT = "checkpoint"  # artifact sub-folder holding the safetensors files + manifest.json
+ARTIFACT_START_RECORD = "start_eval"  # artifact sub-folder of a leaf run holding its shared step-0 record
 ARTIFACT_PREDICTIONS = "predictions"  # artifact sub-folder holding PREDICTIONS_FILE
 PREDICTIONS_FILE = "predictions.parquet"  # per eval step x probe pair: score, KL to theta_r, token log-probs
 ARTIFACT_CONFIG = "config"  # the parent run's resolved sweep config, as ARTIFACT_CONFIG/CONFIG_FILE

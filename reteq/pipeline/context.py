@@ -36,6 +36,17 @@ class Hooks:
     def retrain_started(self, rec: RetrainRecord, node_run_id: str, checkpoint: Path) -> None: ...
     def retrain_done(self, rec: RetrainRecord, metrics: dict[str, float]) -> None: ...
 
+    def start_record(self, key: str) -> tuple[dict, str] | None:
+        """The verified start record of start key `key` (reteq.eval.start_record) and where it came from, or None
+        when these hooks know none (a corrupt or unreadable one is ignored, with a warning)."""
+        return None
+
+    def publish_start_record(self, leaf_key: str, key: str, body: bytes, sha256: str) -> None:
+        """Publish the start record of `key` (its bytes and sha256) that leaf `leaf_key` computed."""
+
+    def start_source(self, leaf_key: str, source: str) -> None:
+        """Say where leaf `leaf_key`'s step-0 metrics came from ("computed", or the run whose record it read)."""
+
     def run_id(self, key: str) -> str:
         """The id of the run these hooks recorded `key` in ("" when they record nowhere)."""
         return ""

@@ -4,20 +4,26 @@ record (`record_retrain`); the evaluator and probe every leaf and record shares;
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from reteq import tracking as T
 from reteq.config import SweepConfig
 from reteq.data.tokenize import configure_chat
+from reteq.digest import spec_hash
 from reteq.eval.evaluator import Evaluator, relative
 from reteq.eval.probe import Probe, probe_pairs
+from reteq.eval.start_record import FORMAT, encode
 from reteq.models import fresh_adapter, load_model, load_tokenizer
 from reteq.pipeline.context import DataCache, RunContext
 from reteq.pipeline.node import ensure_chain
 from reteq.plan import RetrainRecord, UnlearnLeaf, method_inputs
 from reteq.train.precision import frozen_base_in
 from reteq.train.recipes import UnlearnJob, UnlearnResult, unlearn
+from reteq.train.worker_context import WorkerContext
 
 
 def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path | None = None,
@@ -55,13 +61,62 @@ def unlearn_leaf(run: RunContext, leaf: UnlearnLeaf, parent: Path, retrain: Path
 
     retain = data.stage(cfg.retain_stage) if method_inputs(cfg, leaf.algorithm, leaf.params).get("retain") else None
     job = UnlearnJob(cfg.unlearn_for(leaf.schedule), leaf.algorithm, leaf.lr, leaf.params,
-                     data.stage(cfg.forget_stage), leaf.seed, retain=retain, start=leaf.parent)
+                     data.stage(cfg.forget_stage), leaf.seed, retain=retain, start=leaf.parent,
+                     share_start=step0_sharing(run, leaf, evaluator, len(tokenizer)))
     result = unlearn(model, tokenizer, job, evaluator, ctx, on_eval=on_eval,
                      on_step=(lambda r: hooks.leaf_step(leaf, r)) if ctx.is_main else None)
     result.vectors = evaluator.probe.table({step for step, _ in result.evals})  # a collapsed step's are dropped
     if ctx.is_main:
         hooks.leaf_done(leaf, result)
     return result
+
+
+def step0_sharing(run: RunContext, leaf: UnlearnLeaf, evaluator: Evaluator, vocab: int
+                  ) -> Callable[[Callable[[], dict[str, float]]], dict[str, float]]:
+    """Step 0 once per start checkpoint (execution.share_start_eval; reteq.eval.start_record says why the numbers
+    are the leaf's own): the returned function reads the start record from the hooks' store, or computes step 0
+    and publishes it. Either way the probe keeps its step-0 rows and the hooks hear where the metrics came from."""
+    cfg, ctx, hooks = run.cfg, run.worker, run.hooks
+    share = cfg.execution.share_start_eval and ctx.world == 1  # ranks of a multi-worker leaf all evaluate
+    key = start_key(cfg, leaf, evaluator, ctx, vocab) if share else ""
+
+    def step0(compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+        if share:
+            start = time.perf_counter()
+            found = hooks.start_record(key)
+            if found is not None:
+                record, source = found
+                if evaluator.probe is not None:
+                    evaluator.probe.rows.extend(record["probe_rows"])
+                evaluator.seconds["start_record"] = time.perf_counter() - start
+                hooks.start_source(leaf.key, source)
+                return record["raw"]
+        raw = compute()
+        if share:
+            rows = [r for r in evaluator.probe.rows if r["step"] == 0] if evaluator.probe is not None else []
+            hooks.publish_start_record(leaf.key, key, *encode(key, raw, rows))
+        if ctx.is_main:
+            hooks.start_source(leaf.key, "computed")
+        return raw
+
+    return step0
+
+
+def start_key(cfg: SweepConfig, leaf: UnlearnLeaf, evaluator: Evaluator, ctx: WorkerContext, vocab: int) -> str:
+    """The content address of a leaf's step-0 evaluation (reteq.eval.start_record says what enters it and why)."""
+    probe = evaluator.probe
+    device = ctx.device
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else torch.backends.cpu.get_cpu_capability())
+    spec = {"format": FORMAT, "parent": leaf.parent, "retrain": leaf.retrain, "seed": leaf.seed,
+            "model": cfg.model(leaf.model).model_dump(mode="json"), "adapter": cfg.unlearn.adapter,
+            "chat": cfg.chat.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"),
+            "samples": evaluator.sample_hashes(), "probe": probe.digest if probe is not None else None,
+            "probe_size": len(probe.triples) if probe is not None else 0, "vocab": vocab,
+            "precision": {"dtype": ctx.dtype, "scoring": ctx.scoring_dtype, "bf16_base": ctx.holds_bf16_base,
+                          "flush_denormal": ctx.flush_denormal},
+            "device": device.type, "hardware": hardware, "torch": torch.__version__}
+    return spec_hash(spec, length=32)
 
 
 def build_evaluator(cfg: SweepConfig, tokenizer, data: DataCache, seed: int) -> Evaluator:

@@ -15,8 +15,11 @@ from typing import Any
 
 import yaml
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
 from reteq import tracking as T
+from reteq.eval.start_record import FILE as START_FILE
+from reteq.eval.start_record import BadRecord, decode
 from reteq.mlflow_store import finished_run, finished_runs, search_runs, tracking_client
 from reteq.pipeline.context import Hooks
 from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
@@ -267,6 +270,40 @@ class MlflowHooks(Hooks):
         seconds = getattr(result, "seconds", {})  # where the leaf's time went (bench/cpu_precision.py reads it)
         self._metrics(leaf.key, {T.M_TIME.format(part): s for part, s in seconds.items()}, 0)
         self._end(leaf.key, T.STATUS_COLLAPSED if result.collapsed else T.STATUS_DONE, {T.P_STEPS: str(result.steps)})
+
+    # ---- step 0 once per start checkpoint (reteq.eval.start_record) ---------------------------------------
+    def start_record(self, key: str) -> tuple[dict, str] | None:
+        """The oldest published record of `key` that downloads and matches its sha256; a corrupt or unreadable
+        one is passed over with a warning line (the leaf then evaluates step 0 itself)."""
+        for r in search_runs(self.c, self.exp_id, f"tags.`{T.TAG_START_KEY}` = '{key}'",
+                             order_by=["attributes.start_time ASC"]):
+            rid = r.info.run_id
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = self.c.download_artifacts(rid, f"{T.ARTIFACT_START_RECORD}/{START_FILE}", tmp)
+                    body = Path(local).read_bytes()
+                return decode(body, r.data.tags.get(T.TAG_START_SHA256, ""), key), f"run {rid}"
+            except (OSError, MlflowException, BadRecord) as e:
+                self.echo(f"warning: the step-0 record {key[:8]} of run {rid} is ignored ({type(e).__name__}: "
+                          f"{e}); step 0 is evaluated here")
+        return None
+
+    def publish_start_record(self, leaf_key: str, key: str, body: bytes, sha256: str) -> None:
+        rid = self.run_ids[leaf_key]
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / START_FILE
+                path.write_bytes(body)
+                self.c.log_artifact(rid, str(path), artifact_path=T.ARTIFACT_START_RECORD)
+            self.c.set_tag(rid, T.TAG_START_SHA256, sha256)
+            self.c.set_tag(rid, T.TAG_START_KEY, key)  # last: readers search by it, so they find a whole record
+        except (OSError, MlflowException) as e:  # the leaf's own metrics do not depend on it
+            self.echo(f"warning: the step-0 record {key[:8]} was not published ({type(e).__name__}: {e})")
+
+    def start_source(self, leaf_key: str, source: str) -> None:
+        self.c.set_tag(self.run_ids[leaf_key], T.TAG_START_SOURCE, source)
+        if source != "computed":
+            self.echo(f"[leaf {leaf_key[:8]}] step 0: the start checkpoint's shared record ({source})")
 
     def run_id(self, key: str) -> str:
         return self.run_ids.get(key, "")

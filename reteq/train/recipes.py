@@ -117,6 +117,9 @@ class UnlearnJob:
     seed: int = 0
     retain: list[dict] | None = None
     start: str | None = None
+    # step 0's raw metrics: share_start(compute) returns them, computed by compute() or read from the start
+    # checkpoint's shared record (reteq.pipeline.leaf.step0_sharing); None: compute() here
+    share_start: Callable[[Callable[[], dict[str, float]]], dict[str, float]] | None = None
 
 
 def normaliser(step: Step, normalisation: str) -> int:
@@ -173,7 +176,7 @@ def unlearn(model, tokenizer, job: UnlearnJob, evaluator: Evaluator, ctx: Worker
             with evaluating(base, ctx) as dtype:
                 return evaluator.raw(m, ctx.device, dtype, step=step, last=len(steps))
 
-        raw0 = evaluate(model, 0)
+        raw0 = job.share_start(lambda: evaluate(model, 0)) if job.share_start else evaluate(model, 0)
         evals = [(0, relative(raw0, raw0))]
         if on_eval:
             on_eval(0, evals[0][1])
