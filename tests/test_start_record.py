@@ -125,3 +125,47 @@ def test_a_record_is_trusted_only_for_its_own_key_and_bytes():
     for bad in ((body, sha, "k2"), (body[:-1], sha, "k1"), (b"{", "x", "k1")):
         with pytest.raises(BadRecord):
             decode(*bad)
+
+
+class _Stop(Exception):
+    """Ends an unlearning run right after its step-0 evaluation."""
+
+
+def test_no_method_changes_the_model_the_rng_or_step_0():
+    """What a leaf does before step 0 differs by method only in the method's reference pass (and an IdK method's
+    alternatives): for each of the registered methods, step 0 evaluates the same numbers, and neither the model's
+    weights and mode nor the RNG differ after the evaluation from before it (so skipping it changes no step)."""
+    import torch
+    from helpers import model_cfg, refusal_finetune
+
+    from reteq.algorithms import ALGORITHMS
+    from reteq.config import EvalConfig, UnlearnConfig
+    from reteq.eval.evaluator import Evaluator
+    from reteq.models import load_model, load_tokenizer
+    from reteq.train.recipes import UnlearnJob, unlearn
+
+    ft, mcfg = refusal_finetune(), model_cfg()
+    tokenizer = load_tokenizer(mcfg)
+    evaluator = Evaluator.build(EvalConfig(metrics=["forget"], forget_prompts=4), tokenizer, ft.convs, None, None)
+    cfg = UnlearnConfig(algorithms=["ga"], lrs=[1e-3], steps=1, global_batch=8, micro_batch=8, max_length=96,
+                        eval_every=1)
+    seen = {}
+    assert len(ALGORITHMS) >= 13
+    for name in ALGORITHMS:
+        model = load_model(mcfg)
+        model.load_state_dict(ft.state)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def share(compute, name=name, model=model, start=start):
+            rng, training = torch.get_rng_state(), model.training
+            raw = compute()
+            assert torch.equal(torch.get_rng_state(), rng) and model.training == training, name
+            assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items()), name
+            seen[name] = raw
+            raise _Stop
+
+        with pytest.raises(_Stop):
+            unlearn(model, tokenizer, UnlearnJob(cfg, name, 1e-3, {}, ft.convs, share_start=share), evaluator,
+                    WorkerContext())
+    assert set(seen) == set(ALGORITHMS)
+    assert all(raw == seen["ga"] for raw in seen.values()), seen
