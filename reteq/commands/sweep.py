@@ -24,7 +24,7 @@ from reteq.sweep import faults
 from reteq.sweep.driver import RaySession, SweepOutcome, keep_workers, run_locked
 from reteq.sweep.lock import WorkDirLock
 from reteq.sweep.ray_session import init_ray
-from reteq.train.engine import load_deepspeed_config
+from reteq.train.deepspeed_config import load_deepspeed_config
 from reteq.workdir import resolve_work_dir
 
 __all__ = ["SweepOutcome", "default_demo_config", "demo_command", "run_sweep", "sweep_command", "sweep_file_command"]

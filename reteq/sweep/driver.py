@@ -51,7 +51,7 @@ from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, tria
 from reteq.sweep.repair import RecordTarget, reconcile_nodes
 from reteq.sweep.retrain_records import record_nodes
 from reteq.sweep.settings import SweepRun
-from reteq.train.engine import load_deepspeed_config
+from reteq.train.deepspeed_config import load_deepspeed_config
 
 
 @dataclass
