@@ -32,7 +32,8 @@ import common  # noqa: E402
 from reteq.algorithms import get_algorithm  # noqa: E402
 from reteq.algorithms.base import MethodInputs  # noqa: E402
 from reteq.data.packing import layout_for, pack, packed_micro_batches, padding_fraction  # noqa: E402
-from reteq.train.engine import OptimSpec, build_engine, load_deepspeed_config  # noqa: E402
+from reteq.train.deepspeed_config import load_deepspeed_config  # noqa: E402
+from reteq.train.engine import OptimSpec, build_engine  # noqa: E402
 from reteq.train.logprobs import batch_token_logps, sequence_logps  # noqa: E402
 from reteq.train.precision import apply_matmul_policy, autocast  # noqa: E402
 

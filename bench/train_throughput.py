@@ -37,7 +37,8 @@ from common import HEAVY, LORA_TARGETS, SHAPES, init_single_process_distributed,
 from reteq.algorithms import get_algorithm  # noqa: E402
 from reteq.algorithms.base import MethodInputs  # noqa: E402
 from reteq.data.tokenize import IGNORE, Example, micro_batches, plan_steps  # noqa: E402
-from reteq.train.engine import OptimSpec, build_engine, load_deepspeed_config  # noqa: E402
+from reteq.train.deepspeed_config import load_deepspeed_config  # noqa: E402
+from reteq.train.engine import OptimSpec, build_engine  # noqa: E402
 from reteq.train.logprobs import sequence_logps, token_logps  # noqa: E402
 from reteq.train.loop import Step, train_loop  # noqa: E402
 from reteq.train.precision import apply_matmul_policy, autocast  # noqa: E402

@@ -117,7 +117,7 @@ def rank_main(rank: int, world: int, raw: dict, store: str, out: str, port: int,
     import torch.distributed as dist
 
     from reteq.sweep.worlds import engine_config, trace
-    from reteq.train.engine import load_deepspeed_config
+    from reteq.train.deepspeed_config import load_deepspeed_config
     from reteq.train.worker_context import WorkerContext
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
@@ -156,7 +156,7 @@ def trace_with_ray(raw: dict, world: int, store: Path, out: Path, work: Path) ->
     import ray
 
     from reteq.sweep.remote import trace_with_ray_train
-    from reteq.train.engine import load_deepspeed_config
+    from reteq.train.deepspeed_config import load_deepspeed_config
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,

@@ -9,11 +9,13 @@ import argparse
 import sys
 
 from reteq import environment
+from reteq.config_files import MAX_LEAVES
 from reteq.errors import BadInput
 from reteq.resources import describe
 
 # Each verb's module is imported inside its cmd_* function: importing them all here would load torch, Ray and
-# MLflow for `reteq --help` or `reteq validate` (seconds on 2 cores).
+# MLflow for `reteq --help` or `reteq validate` (seconds on 2 cores). reteq.config_files (yaml, pydantic) is
+# at the top: every command, --help included, builds the parser, which reads its MAX_LEAVES.
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -45,14 +47,10 @@ def cmd_run_path(args) -> int:
 
 def cmd_sweep(args) -> int:
     # lazy: a verb loads only its own command; the CLI's startup stays torch-free
-    from reteq.commands.plan import check_pinned, fits_cluster
-    from reteq.commands.sweep import sweep_command
-    from reteq.config import load_config
+    from reteq.commands.sweep import sweep_file_command
 
-    cfg = load_config(args.config, max_leaves=args.max_leaves, overrides=tuple(args.set))
-    fits_cluster(cfg, args.config, args.cluster)
-    check_pinned(cfg, args.config, args.allow_unpinned_hub)
-    return sweep_command(cfg, work_dir=args.work_dir, report=not args.no_report)
+    return sweep_file_command(args.config, args.cluster, args.max_leaves, tuple(args.set), args.allow_unpinned_hub,
+                              args.work_dir, not args.no_report)
 
 
 def cmd_report(args) -> int:
@@ -106,9 +104,6 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 def _grid_limits(p: argparse.ArgumentParser) -> None:
     """What validate, plan and sweep check a grid against: a cluster's node types and a bound on its size."""
-    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
-    from reteq.config_files import MAX_LEAVES
-
     p.add_argument("--cluster", help="a Ray cluster file (cluster.yaml): every trial must fit one of its node types")
     p.add_argument("--max-leaves", type=int, default=MAX_LEAVES, metavar="N",
                    help=f"refuse a grid of more than N unlearning runs (default {MAX_LEAVES}; docs/security.md)")

@@ -131,8 +131,7 @@ def partitioned_at_load(ds_config: dict[str, Any] | None) -> Iterator[bool]:
         yield False
         return
     # lazy: the DeepSpeed integration, only on the ZeRO-3 path
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     collectives.import_deepspeed()  # before zero.Init starts DeepSpeed's comm backend
     cfg = {"train_micro_batch_size_per_gpu": 1, **ds_config}  # zero.Init parses a whole config; the engine's

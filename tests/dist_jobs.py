@@ -129,7 +129,7 @@ def superficial_leaf(rank: int, world: int, out: str, config: str) -> None:
     from reteq.pipeline.context import CheckpointStore, DataCache, RunContext
     from reteq.pipeline.leaf import run_leaf
     from reteq.plan import build_plan
-    from reteq.train.engine import load_deepspeed_config
+    from reteq.train.deepspeed_config import load_deepspeed_config
     from reteq.train.worker_context import WorkerContext
 
     raw = yaml.safe_load(Path(config).read_text())

@@ -12,7 +12,7 @@ from helpers import model_cfg, reteq_cache  # noqa: F401
 from reteq import tracking as T
 from reteq.mlflow_store import ensure_experiment, tracking_client
 from reteq.pipeline.context import CheckpointStore
-from reteq.sweep import lifecycle, record
+from reteq.sweep import record
 from reteq.sweep.delivery import CorruptArtifact, mlflow_fetcher
 from reteq.train.checkpoint import CheckpointError, is_complete, read_manifest, save_checkpoint
 from reteq.train.worker_context import WorkerContext
@@ -56,7 +56,7 @@ def test_delivery_replaces_a_corrupt_local_copy_and_names_a_bad_artifact(tmp_pat
     parent = record.parent_run(c, exp, "test", "digest")
     key = "nodekey"
     made = save_checkpoint(load_model(model_cfg(), seed=0), tmp_path / "made" / key, key, {"stage": "inst"})
-    rid = lifecycle.record_reused_node(c, exp, parent, {T.TAG_KIND: T.KIND_FINETUNE, T.TAG_PLAN_KEY: key}, made)
+    rid = record.record_reused_node(c, exp, parent, {T.TAG_KIND: T.KIND_FINETUNE, T.TAG_PLAN_KEY: key}, made)
 
     target = tmp_path / "machine" / key  # this machine's copy: same files, weights corrupted
     save_checkpoint(load_model(model_cfg(), seed=0), target, key, {"stage": "inst"})

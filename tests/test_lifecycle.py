@@ -65,7 +65,7 @@ def test_stale_runs_closed_and_only_one_finished_run_counts(sqlite_tracking):
     lifecycle.finish_run(c, mine, T.STATUS_FAILED, "ValueError: boom")
     assert record.finished_leaves(c, exp) == {"leafA"}
     assert lifecycle.finished_runs(c, exp, "leafA")[0].info.run_id == rerun
-    assert lifecycle.record_failed_children(c, exp, parent, "now") == 1
+    assert record.record_failed_children(c, exp, parent, "now") == 1
     assert c.get_run(parent).data.tags[T.TAG_CHILDREN_FAILED] == "1"
 
     runs, excluded = load_run_record(uri, "life")

@@ -10,9 +10,10 @@ import os
 import time
 from pathlib import Path
 
+from reteq.commands.plan import fits_cluster
 from reteq.commands.report import write_sweep_report
 from reteq.commands.theory import theory_command
-from reteq.config import SweepConfig, load_config
+from reteq.config import SweepConfig, check_pinned, load_config
 from reteq.errors import BadInput
 from reteq.mlflow_store import restore_tracking_uri
 from reteq.pipeline.context import DataCache
@@ -23,10 +24,10 @@ from reteq.sweep import faults
 from reteq.sweep.driver import RaySession, SweepOutcome, keep_workers, run_locked
 from reteq.sweep.lock import WorkDirLock
 from reteq.sweep.ray_session import init_ray
-from reteq.train.engine import load_deepspeed_config
+from reteq.train.deepspeed_config import load_deepspeed_config
 from reteq.workdir import resolve_work_dir
 
-__all__ = ["SweepOutcome", "default_demo_config", "demo_command", "run_sweep", "sweep_command"]
+__all__ = ["SweepOutcome", "default_demo_config", "demo_command", "run_sweep", "sweep_command", "sweep_file_command"]
 
 
 def default_demo_config() -> Path:
@@ -36,6 +37,16 @@ def default_demo_config() -> Path:
 
 def sweep_command(cfg: SweepConfig, work_dir: str | None = None, report: bool = True) -> int:
     return run_sweep(cfg, work_dir, report).code
+
+
+def sweep_file_command(config: str, cluster: str | None, max_leaves: int, overrides: tuple[str, ...],
+                       allow_unpinned_hub: bool, work_dir: str | None, report: bool) -> int:
+    """`reteq sweep CONFIG`: load the config (with its --set overrides), check it fits the cluster file and pins
+    its hub sources (bad input: before any work), then run the sweep."""
+    cfg = load_config(config, max_leaves=max_leaves, overrides=overrides)
+    fits_cluster(cfg, config, cluster)
+    check_pinned(cfg, config, allow_unpinned_hub)
+    return sweep_command(cfg, work_dir=work_dir, report=report)
 
 
 def run_sweep(cfg: SweepConfig, work_dir: str | None = None, report: bool = True) -> SweepOutcome:

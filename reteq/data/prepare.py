@@ -67,14 +67,11 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
 def write_parquet(conversations: list[dict], path: Path) -> None:
     """A `messages` column (list<struct<role: string, content: string>>) and a nullable `group` string column
     (the stratum of eval samples), written atomically."""
-    # lazy: pyarrow only when Parquet is read or written
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    # lazy: pyarrow only when Parquet is read or written (reteq.data.parquet imports it)
+    from reteq.data import parquet
 
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    table = pa.table({"messages": pa.array([c["messages"] for c in conversations], type=pa.list_(message)),
-                      "group": pa.array([c.get("group") for c in conversations], type=pa.string())})
-    _atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+    table = parquet.conversations_table(conversations)
+    _atomic_write_bytes(path, lambda tmp: parquet.write_table(table, tmp))
 
 
 def read_prepared(path: str | Path) -> list[dict]:

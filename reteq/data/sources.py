@@ -62,7 +62,10 @@ def read_local(path: str | Path) -> list[dict]:
             if not isinstance(rows, list):
                 raise DataError(f"{path}: a .json data file must hold a list of rows")
         elif suffix == ".parquet":
-            rows = _parquet_rows(path)
+            # lazy: pyarrow only when Parquet is read or written (reteq.data.parquet imports it)
+            from reteq.data import parquet
+
+            rows = parquet.read_rows(path)
         else:
             raise DataError(f"{path}: unsupported data file type {suffix!r} (use .json, .jsonl or .parquet)")
     except json.JSONDecodeError as e:
@@ -79,30 +82,6 @@ def _utf8_lines(path: Path) -> list[str]:
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: row {i}: invalid UTF-8 at byte {e.start} of the line") from None
     return out
-
-
-def _parquet_rows(path: Path) -> list[dict]:
-    # lazy: pyarrow only when Parquet is read or written
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file, truncated or corrupt "
-                        f"({str(e).splitlines()[0]})") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path}: row 0: the Parquet file has no rows")
-    try:
-        return table.to_pylist()
-    except (UnicodeDecodeError, pa.ArrowException):
-        pass
-    for i in range(table.num_rows):  # find the row that does not decode
-        try:
-            table.slice(i, 1).to_pylist()
-        except (UnicodeDecodeError, pa.ArrowException) as e:
-            raise DataError(f"{path}: row {i}: unreadable ({str(e).splitlines()[0]})") from None
-    raise DataError(f"{path}: unreadable Parquet rows")
 
 
 def load_conversations(source: DataSource) -> list[dict]:

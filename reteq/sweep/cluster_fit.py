@@ -24,7 +24,7 @@ from reteq.errors import ConfigError
 from reteq.sweep.nodes import TRAINER_DRIVER_CPUS
 from reteq.sweep.process import in_process
 from reteq.sweep.ray_session import LAUNCHER_CPUS, TRIAL_DRIVER_CPUS
-from reteq.train.engine import load_deepspeed_config
+from reteq.train.deepspeed_config import load_deepspeed_config
 
 _EPS = 1e-9
 

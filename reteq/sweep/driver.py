@@ -51,7 +51,7 @@ from reteq.sweep.ray_session import TRIAL_DRIVER_CPUS, init_ray, task_cpus, tria
 from reteq.sweep.repair import RecordTarget, reconcile_nodes
 from reteq.sweep.retrain_records import record_nodes
 from reteq.sweep.settings import SweepRun
-from reteq.train.engine import load_deepspeed_config
+from reteq.train.deepspeed_config import load_deepspeed_config
 
 
 @dataclass
@@ -130,7 +130,7 @@ def _run_leased(cfg: SweepConfig, plan, work: Path, lease: list) -> SweepOutcome
         reason = f"the sweep driver failed: {full or one_line(e)}"
         try:  # best effort: on a full or read-only disk the record may not take these writes either
             lifecycle.close_attempt_runs(c, exp_id, attempt, reason)
-            lifecycle.record_failed_children(c, exp_id, parent, attempt)
+            record.record_failed_children(c, exp_id, parent, attempt)
             lifecycle.finish_run(c, parent, T.STATUS_FAILED, reason)
         except Exception as close_error:  # noqa: BLE001
             if full is None:
@@ -141,7 +141,7 @@ def _run_leased(cfg: SweepConfig, plan, work: Path, lease: list) -> SweepOutcome
     session.stop()
     with writing("the MLflow store", store):
         lifecycle.close_attempt_runs(c, exp_id, attempt, "its trial ended without closing it")
-        children = lifecycle.record_failed_children(c, exp_id, parent, attempt)
+        children = record.record_failed_children(c, exp_id, parent, attempt)
         ok = dag is None or dag.ok
         mark("close")
         record.log_phases(c, parent, phases)

@@ -13,15 +13,14 @@ import os
 import socket
 import time
 import uuid
-from pathlib import Path
 
 from reteq import tracking as T
-from reteq.mlflow_store import COUNTED, finished_run, finished_runs
+from reteq.mlflow_store import COUNTED, finished_runs
 from reteq.mlflow_store import search_runs as search
 from reteq.redact import redact
-from reteq.train.checkpoint import checkpoint_manifest
 
-# mlflow.entities is imported inside functions: rank.py imports this module in light Tune trials.
+# mlflow.entities is imported inside functions: rank.py imports this module in light Tune trials. What records a
+# reused node or counts failed children (work of the driver and the ranks, which load MLflow) is in reteq.sweep.record.
 
 _MLFLOW_STATUS = {T.STATUS_DONE: T.RUN_FINISHED, T.STATUS_COLLAPSED: T.RUN_FINISHED, T.STATUS_KILLED: T.RUN_KILLED}
 
@@ -82,40 +81,3 @@ def close_attempt_runs(c, exp_id: str, attempt: str, reason: str) -> int:
     for r in runs:
         finish_run(c, r.info.run_id, T.STATUS_FAILED, reason)
     return len(runs)
-
-
-def record_failed_children(c, exp_id: str, parent_run_id: str, attempt: str) -> int:
-    """Count this attempt's child runs that ended FAILED or KILLED; put the count on the parent run."""
-    # lazy: `reteq plan` and light Tune trials import this module without MLflow
-    from mlflow.entities import Metric, RunTag
-
-    failed = search(c, exp_id, f"tags.`{T.TAG_ATTEMPT}` = '{attempt}' and attributes.status != "
-                               f"'{T.RUN_FINISHED}' and attributes.status != '{T.RUN_RUNNING}'")
-    n = sum(1 for r in failed if r.data.tags.get(T.TAG_KIND) != T.KIND_SWEEP)
-    c.log_batch(parent_run_id, metrics=[Metric(T.M_CHILDREN_FAILED, n, int(time.time() * 1000), 0)],
-                tags=[RunTag(T.TAG_CHILDREN_FAILED, str(n))])
-    return n
-
-
-def record_reused_node(c, exp_id: str, parent_run_id: str, tags: dict[str, str], path: Path,
-                       attempt: str = "") -> str:
-    """Give a checkpoint found complete in the store the record it lacks (params, tags, artifact); returns the
-    FINISHED run of its key (the existing one when there already is one)."""
-    # lazy: `reteq plan` and light Tune trials import this module without MLflow
-    from mlflow.entities import Param
-
-    key = tags[T.TAG_PLAN_KEY]
-    found = finished_run(c, exp_id, key)
-    if found:
-        return found
-    meta = checkpoint_manifest(path).get("meta", {})
-    run = c.create_run(exp_id, run_name=f"{tags.get(T.TAG_KIND, 'node')}/{key[:8]}/recorded",
-                       tags={**tags, T.TAG_ATTEMPT: attempt, T.TAG_RECORDED_ON_REUSE: "1",
-                             T.TAG_MLFLOW_PARENT: parent_run_id})
-    rid = run.info.run_id
-    params = {k: v for k, v in meta.items() if k in ("steps", "examples", "stage", "model", "seed")}
-    params.setdefault("stage", tags.get(T.TAG_STAGE, ""))
-    c.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
-    c.log_artifacts(rid, str(path), artifact_path=T.ARTIFACT_CHECKPOINT)
-    finish_run(c, rid, T.STATUS_DONE, tags={T.TAG_CHECKPOINT: str(path)})
-    return rid

@@ -17,6 +17,7 @@ from reteq import environment
 from reteq.config import parse_config
 from reteq.plan import build_plan
 from reteq.sweep.settings import SweepRun
+from reteq.train.deepspeed_config import deepspeed_needed, load_deepspeed_config
 
 # Imports inside functions below are the heavy ones (torch through reteq.pipeline / reteq.train, MLflow): a Tune
 # trial imports this module and must stay a light process.
@@ -54,9 +55,6 @@ def state(settings: SweepRun):
 
 
 def deepspeed_config(settings: SweepRun) -> dict[str, Any] | None:
-    # lazy: a Tune trial imports this module and stays light (reteq.train.engine pulls in torch)
-    from reteq.train.engine import load_deepspeed_config
-
     return load_deepspeed_config(settings.deepspeed) if settings.deepspeed else None
 
 
@@ -64,9 +62,6 @@ def in_process(cfg, ds: dict[str, Any] | None) -> bool:
     """True when one CPU worker and a DeepSpeed config with nothing to do (ZeRO-0, fp32, no clipping): the
     work then runs in the task or trial itself with plain torch, the same arithmetic without a worker group,
     a process group or `import deepspeed`. Multi-worker and GPU work keeps Ray Train + DeepSpeed."""
-    # lazy: a Tune trial imports this module and stays light (reteq.train.engine pulls in torch)
-    from reteq.train.engine import deepspeed_needed
-
     ex = cfg.execution
     return ex.workers == 1 and not ex.use_gpu and not deepspeed_needed(ds)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from reteq import tracking as T
@@ -25,8 +25,9 @@ from reteq.pipeline.context import Hooks
 from reteq.plan import RetrainRecord, StageNode, UnlearnLeaf
 from reteq.redact import redact, redact_tree
 from reteq.sweep.faults import fault
-from reteq.sweep.lifecycle import finish_run, record_reused_node
+from reteq.sweep.lifecycle import finish_run
 from reteq.sweep.mlflow_ui import save_views
+from reteq.train.checkpoint import checkpoint_manifest
 
 # The system-metrics monitor is imported inside a function: optional (psutil), and failure is reported there.
 
@@ -315,3 +316,34 @@ class MlflowHooks(Hooks):
         for rid in self.run_ids.values():
             if self.c.get_run(rid).info.status == T.RUN_RUNNING:
                 finish_run(self.c, rid, T.STATUS_FAILED, error)
+
+
+def record_failed_children(c, exp_id: str, parent_run_id: str, attempt: str) -> int:
+    """Count this attempt's child runs that ended FAILED or KILLED; put the count on the parent run."""
+    failed = search_runs(c, exp_id, f"tags.`{T.TAG_ATTEMPT}` = '{attempt}' and attributes.status != "
+                                    f"'{T.RUN_FINISHED}' and attributes.status != '{T.RUN_RUNNING}'")
+    n = sum(1 for r in failed if r.data.tags.get(T.TAG_KIND) != T.KIND_SWEEP)
+    c.log_batch(parent_run_id, metrics=[Metric(T.M_CHILDREN_FAILED, n, int(time.time() * 1000), 0)],
+                tags=[RunTag(T.TAG_CHILDREN_FAILED, str(n))])
+    return n
+
+
+def record_reused_node(c, exp_id: str, parent_run_id: str, tags: dict[str, str], path: Path,
+                       attempt: str = "") -> str:
+    """Give a checkpoint found complete in the store the record it lacks (params, tags, artifact); returns the
+    FINISHED run of its key (the existing one when there already is one)."""
+    key = tags[T.TAG_PLAN_KEY]
+    found = finished_run(c, exp_id, key)
+    if found:
+        return found
+    meta = checkpoint_manifest(path).get("meta", {})
+    run = c.create_run(exp_id, run_name=f"{tags.get(T.TAG_KIND, 'node')}/{key[:8]}/recorded",
+                       tags={**tags, T.TAG_ATTEMPT: attempt, T.TAG_RECORDED_ON_REUSE: "1",
+                             T.TAG_MLFLOW_PARENT: parent_run_id})
+    rid = run.info.run_id
+    params = {k: v for k, v in meta.items() if k in ("steps", "examples", "stage", "model", "seed")}
+    params.setdefault("stage", tags.get(T.TAG_STAGE, ""))
+    c.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
+    c.log_artifacts(rid, str(path), artifact_path=T.ARTIFACT_CHECKPOINT)
+    finish_run(c, rid, T.STATUS_DONE, tags={T.TAG_CHECKPOINT: str(path)})
+    return rid

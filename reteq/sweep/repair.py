@@ -14,7 +14,7 @@ from typing import Any
 
 from reteq.mlflow_store import finished_runs
 from reteq.sweep.delivery import CorruptArtifact, fetch_run_checkpoint, mark_corrupt
-from reteq.sweep.lifecycle import record_reused_node
+from reteq.sweep.record import record_reused_node
 from reteq.train.checkpoint import discard, is_complete
 
 

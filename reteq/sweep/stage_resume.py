@@ -32,12 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import ray.train
+
 from reteq import tracking as T
 from reteq.digest import sha256_file
 from reteq.errors import CheckpointError
 from reteq.mlflow_store import reader
 
-# ray.train, torch and deepspeed are imported inside functions: only a Ray Train worker calls them.
+# torch and deepspeed are imported inside functions: only a Ray Train worker calls them. ray.train is not: this
+# module's one importer, reteq.sweep.remote, imports it at its top (ray.train itself loads no torch).
 
 RESUME_FILE = "resume.json"
 TAG = "stage"  # DeepSpeed's checkpoint tag (a subfolder of the checkpoint)
@@ -199,9 +202,6 @@ class StageResume:
     def from_ray_train(cls, key: str, every: int, rank: int, digests: Digests) -> StageResume:
         """This node's last Train checkpoint, if the worker group is a retry (or a rerun of the same run dir)
         and the checkpoint verifies; a refused one is named in one line and the node starts from its parent."""
-        # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -234,9 +234,6 @@ class StageResume:
         published then). A collective: every rank saves and reports, or none does."""
         if not self.every or step % self.every or step >= total:
             return
-        # lazy: Ray Train/Tune internals only where used; planning and light processes skip them
-        import ray.train
-
         with tempfile.TemporaryDirectory(prefix="reteq-stage-") as d:
             save_deepspeed_state(engine, Path(d), self.key, step, total, self.rank, self.digests)
             ray.train.report({METRIC_STEP: step}, checkpoint=ray.train.Checkpoint.from_directory(d))

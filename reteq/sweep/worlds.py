@@ -32,7 +32,7 @@ from reteq.pipeline.context import CheckpointStore, DataCache, Hooks, RunContext
 from reteq.pipeline.leaf import unlearn_leaf
 from reteq.pipeline.node import ensure_chain
 from reteq.plan import build_plan
-from reteq.train.engine import deepspeed_needed
+from reteq.train.deepspeed_config import deepspeed_needed
 
 # The documented agreement between worker counts (docs/cluster.md): |a - b| <= TOLERANCE for every per-step
 # loss and eval metric of the tiny model in fp32 (log-probs and losses of order 1-10). Measured differences

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import altair as alt
 import polars as pl
 
 from reteq import tracking as tk
@@ -151,9 +152,6 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def divergence_chart(client, frame: pl.DataFrame):
-    # lazy: altair only when a chart is drawn
-    import altair as alt
-
     rows = []
     for row in _representatives(frame).iter_rows(named=True):
         for key, quantity in zip((tk.M_THEORY_DIVERGENCE, tk.M_THEORY_BOUND), QUANTITIES):
@@ -189,9 +187,6 @@ def divergence_chart(client, frame: pl.DataFrame):
 
 
 def growth_chart(frame: pl.DataFrame):
-    # lazy: altair only when a chart is drawn
-    import altair as alt
-
     if tk.M_THEORY_GROWTH_RATE not in frame.columns:
         return None
     data = (

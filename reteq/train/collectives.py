@@ -109,8 +109,7 @@ def import_deepspeed():
     anything starts DeepSpeed's comm backend (deepspeed.initialize, zero.Init)."""
     # lazy: optional DeepSpeed, only on its path
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu":
+    if deepspeed.get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__[SHM_OP] = False
     return deepspeed

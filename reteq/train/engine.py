@@ -9,15 +9,12 @@ Both are built fresh for every stage: the paper re-initialises the optimizer and
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from reteq.errors import BadInput
 from reteq.train.collectives import all_reduce_grads, import_deepspeed
 from reteq.train.schedules import lr_multiplier
 
@@ -83,15 +80,6 @@ class PlainEngine:
         return norm
 
 
-def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"execution.deepspeed: {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise BadInput(f"execution.deepspeed: {path} is not valid JSON ({e.msg})") from None
-
-
 class DeepSpeedEngine:
     """Loss scaling: the loop weights each micro-batch by its share of the *global* step, so the workers'
     contributions sum to the step loss. DeepSpeed averages gradients over workers, so backward runs on
@@ -126,17 +114,6 @@ class DeepSpeedEngine:
     def optimizer_step(self) -> float:
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None and math.isfinite(float(norm)) else float("nan")
-
-
-def deepspeed_needed(ds_config: dict[str, Any] | None) -> bool:
-    """False when a DeepSpeed config has nothing to do for ONE CPU worker (none, or ZeRO-0 in fp32 without
-    clipping): plain torch then does the same arithmetic without a process group or `import deepspeed`, so
-    the sweep runs such work in process (reteq.sweep.process.in_process) and so does reteq.sweep.worlds."""
-    if ds_config is None:
-        return False
-    zero = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    half = any(ds_config.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
-    return zero != 0 or half or bool(float(ds_config.get("gradient_clipping", 0) or 0))
 
 
 def build_engine(model, spec: OptimSpec, *, ds_config: dict[str, Any] | None, micro_batch: int,
