@@ -32,19 +32,21 @@ def tracking_client(uri: str):
     return reader(uri)
 
 
+def _mlflow():
+    """The mlflow module, imported on first use: the one place this module imports it."""
+    import mlflow  # lazy: `reteq plan` and the light Tune trial processes import this module without MLflow
+
+    return mlflow
+
+
 def reader(uri: str):
     """A reader's MlflowClient on `uri`: creates no store and leaves the fluent API where it points."""
-    import mlflow  # late: `reteq plan` and the light Tune trial processes import this module without MLflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
+    return _mlflow().MlflowClient(tracking_uri=uri)
 
 
 def point_fluent_api(uri: str | None) -> None:
     """mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI (None: back to MLflow's default)."""
-    # lazy: `reteq plan` and light Tune trials import this module without MLflow
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
+    _mlflow().set_tracking_uri(uri)
 
 
 def restore_tracking_uri(before: str | None) -> None:
@@ -63,10 +65,7 @@ def _new_sqlite_store(db: Path) -> None:
     existing file, so two processes creating one store both open the same whole file."""
     if db.exists() or not db.parent.is_dir():
         return  # an existing store, or a path MLflow itself should report on
-    # lazy: `reteq plan` and light Tune trials import this module without MLflow
-    import mlflow
-
-    template = cache_root() / f"mlflow-schema-{mlflow.__version__}.db"
+    template = cache_root() / f"mlflow-schema-{_mlflow().__version__}.db"
     try:
         if not template.exists():
             template.parent.mkdir(parents=True, exist_ok=True)

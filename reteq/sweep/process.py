@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 from typing import Any
 
 from reteq import environment
@@ -79,9 +80,15 @@ def release_memory() -> None:
         pass
 
 
+# What a warm worker preloads, by name: this module stays light (a Tune trial imports it), so they load only here.
+WARM_MODULES = (
+    "transformers.models.llama.modeling_llama",  # the tiny model's; else loaded lazily on the first node
+    "reteq.pipeline.leaf",  # torch, transformers, peft
+    "reteq.sweep.record",  # MLflow
+)
+
+
 def warm_up() -> None:
     """Import what every in-process node and leaf needs (see reteq.sweep.remote.Launcher.warm)."""
-    from transformers.models.llama import modeling_llama  # noqa: F401  (the tiny model's; else loaded lazily)
-
-    import reteq.pipeline.leaf  # noqa: F401  (torch, transformers)
-    import reteq.sweep.record  # noqa: F401  (MLflow)
+    for name in WARM_MODULES:
+        importlib.import_module(name)

@@ -64,12 +64,19 @@ def put(value) -> Any:
 
 # ---- worker groups (Ray Train) ------------------------------------------------------------------------------------
 
+def _torch_trainer():
+    """Ray Train's TorchTrainer class, imported on first use: the one place this module imports it."""
+    # lazy: Ray Train's torch integration imports torch; a Tune trial imports this module and stays light
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer
+
+
 def worker_group(settings: SweepRun, cfg, loop, loop_config: dict[str, Any], name: str, **run_config):
     """A TorchTrainer of `execution.workers` ranks, each running `loop(loop_config)` (a node's or a leaf's
     rank function), with Train's FailureConfig(execution.max_failures) and this sweep's worker env.
     `run_config`: what one kind adds (a node's checkpoint config, a leaf's Tune callback)."""
-    # lazy: Ray Train's torch integration imports torch; a Tune trial imports this module and stays light
-    from ray.train.torch import TorchTrainer
+    TorchTrainer = _torch_trainer()  # noqa: N806  (a class, named as Ray names it)
 
     ex = cfg.execution
     resources = {"CPU": ex.cpus_per_worker, **ex.worker_resources, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}
@@ -356,8 +363,7 @@ def trace_with_ray_train(cfg: SweepConfig, workers: int, jobs: list[dict[str, An
     """One TorchTrainer of `workers` ranks (each `execution.cpus_per_worker` CPUs, GPUs when execution.use_gpu)
     runs every job ({"ds": DeepSpeed config or None, "store": checkpoint store, "out": JSON path, optionally
     "algorithms": the leaves to run}); returns the jobs' traces. Needs a running Ray (ray.init)."""
-    # lazy: Ray Train's torch integration imports torch; a Tune trial imports this module and stays light
-    from ray.train.torch import TorchTrainer
+    TorchTrainer = _torch_trainer()  # noqa: N806  (a class, named as Ray names it)
 
     ex = cfg.execution
     resources = {"CPU": ex.cpus_per_worker, **({"GPU": ex.gpus_per_worker} if ex.use_gpu else {})}

@@ -154,10 +154,16 @@ def run_cell(cell: dict[str, Any], ctx: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def _ray():
+    """Ray with Tune, imported on first use: the one place this module imports it."""
+    import ray.tune  # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
+
+    return ray
+
+
 def _cell_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune function trainable: one cell, one report."""
-    # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
-    from ray import tune
+    tune = _ray().tune
 
     environment.telemetry_off()
     tune.report(run_cell(config["cell"], ctx))
@@ -179,8 +185,7 @@ def _start_parent(client, experiment_id: str, cfg: TheoryConfig) -> str:
 
 def _fit(cfg: TheoryConfig, ctx: dict[str, Any], storage_path: str | None) -> dict[str, int]:
     """One Tune trial per cell; the summed counts, or an error naming what failed or did not finish."""
-    # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
-    from ray import tune
+    tune = _ray().tune
 
     trainable = tune.with_resources(tune.with_parameters(_cell_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial})
     storage = storage_path or str(Path(tempfile.gettempdir()) / "reteq-theory-tune")
@@ -220,8 +225,7 @@ def run_theory_grid(
 ) -> dict[str, Any]:
     """Run the grid as one Ray Tune experiment (one trial per cell) logging to MLflow; return the counts."""
     environment.telemetry_off()
-    # lazy: keeps Ray out of `import reteq.theory` and the CLI's startup
-    import ray
+    ray = _ray()
 
     started = time.time()
     we_started_ray = init_ray()
