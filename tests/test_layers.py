@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("reteq.environment", "reteq.hardware", "reteq.errors", "reteq.redact", "reteq.resources", "reteq.tracking", "reteq.digest", "reteq.workdir", "reteq.model_files",
                     "reteq.mlflow_store",
                     "reteq.algorithms")),
-    ("config", ("reteq.config_files", "reteq.config_protocol", "reteq.config")),
+    ("config", ("reteq.config_files", "reteq.config_protocol", "reteq.config", "reteq.hub_pins")),
     ("data", ("reteq.data",)),
     ("compute", ("reteq.models", "reteq.gguf", "reteq.tiny", "reteq.train", "reteq.eval")),
     ("pipeline", ("reteq.plan", "reteq.estimate", "reteq.pipeline")),

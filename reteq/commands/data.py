@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reteq.config import SweepConfig, check_pinned, load_config
+from reteq.config import SweepConfig, load_config
 from reteq.data.prepare import prepare, read_prepared
 from reteq.errors import BadInput, DataError, ModelError, PrepareError
+from reteq.hub_pins import check_pinned
 from reteq.workdir import data_home, resolve_work_dir
 
 

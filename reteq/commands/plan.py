@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from reteq.config import MAX_LEAVES, SweepConfig, check_pinned, hub_sources, load_config
+from reteq.config import MAX_LEAVES, SweepConfig, load_config
 from reteq.data.hub import converter_for
 from reteq.errors import HubDataError
 from reteq.estimate import format_plan, plan_report
+from reteq.hub_pins import check_pinned, hub_sources
 
 
 def fits_cluster(cfg: SweepConfig, config: str, cluster: str | None) -> None:

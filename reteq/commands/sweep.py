@@ -13,8 +13,9 @@ from pathlib import Path
 from reteq.commands.plan import fits_cluster
 from reteq.commands.report import write_sweep_report
 from reteq.commands.theory import theory_command
-from reteq.config import SweepConfig, check_pinned, load_config
+from reteq.config import SweepConfig, load_config
 from reteq.errors import BadInput
+from reteq.hub_pins import check_pinned
 from reteq.mlflow_store import restore_tracking_uri
 from reteq.pipeline.context import DataCache
 from reteq.pipeline.preflight import preflight
