@@ -219,8 +219,9 @@ def test_matmul_policy_sets_tf32_only_for_tf32():
 
 
 def test_frozen_bf16_base_weights_change_nothing_under_bf16_autocast():
-    """LoRA base Linear weights stored in bf16: logits and adapter gradients bit-identical to fp32 weights under
-    bf16 autocast (autocast rounds them to bf16 anyway); the tied embedding / lm_head stays fp32."""
+    """LoRA base Linear weights stored in bf16 and peft's input casts off: logits and adapter gradients bit-identical
+    to fp32 weights under bf16 autocast (autocast rounds them to bf16 anyway, and a bf16 -> fp32 -> bf16 cast is
+    exact); the tied lm_head gets a bf16 copy while the embedding, and so the residual stream, stays fp32."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -242,16 +243,20 @@ def test_frozen_bf16_base_weights_change_nothing_under_bf16_autocast():
 
     a, ga = run()
     base = FrozenBase(lora)
-    linears = [m for m in lora.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in lora.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
     originals = [(m.weight.data_ptr(), m.weight.dtype) for m in linears]
     assert len(base) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head is tied
     base.use("bf16")
-    assert model.lm_head.weight.dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    adapted = [m for m in lora.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert len(adapted) == 2 * 3 and not any(m.cast_input_dtype_enabled for m in adapted)
     b, gb = run()
     assert torch.equal(a, b) and torch.equal(ga, gb)
     base.use("fp32")  # an fp32 evaluation sees the untouched originals, not bf16 values cast back
     assert [(m.weight.data_ptr(), m.weight.dtype) for m in linears] == originals
+    assert all(m.cast_input_dtype_enabled for m in adapted)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -89,6 +89,23 @@ def test_distance_of_a_model_to_itself_is_zero_and_kl_is_nonnegative():
     assert vec.height == 20 and (vec["kl"] >= 0).all() and vec.filter(pl.col("step") == 0)["kl"].max() == 0
 
 
+def test_the_probe_projects_only_target_positions_and_matches_the_full_logits():
+    """probe_forward projects the target-predicting columns only (logits_to_keep): its per-token log-probs and
+    kept distributions equal those read off the full logits of the same padded batch, to float rounding."""
+    from reteq.eval.probe import probe_forward
+
+    model, tok = tiny_base()
+    probe = _probe(tok)
+    out = probe_forward(model, probe, device=torch.device("cpu"), keep_dists=True)
+    for i, (p, t) in enumerate(probe.encoded):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + t])).logits[0]
+        full = torch.log_softmax(logits.float(), -1)[len(p) - 1:len(p) + len(t) - 1]
+        assert out.dists[i].shape == full.shape
+        assert torch.allclose(out.dists[i], full, atol=1e-4)
+        assert torch.allclose(out.token_logps[i], full.gather(-1, torch.tensor(t)[:, None])[:, 0], atol=1e-4)
+
+
 def _vectors(step_values: dict[str, list[list[float]]]) -> pl.DataFrame:
     """Hand-made vectors: order -> per step, per pair token log-probs (one cell, p = index + 1)."""
     rows = []

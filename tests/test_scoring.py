@@ -108,3 +108,15 @@ def test_evaluator_raw_is_unchanged_by_the_shared_path(setup):
         ev.score_pairs = orig
     assert set(fast) == set(slow)
     assert all(fast[k] == pytest.approx(slow[k], abs=1e-5) for k in fast)
+
+
+def test_scoring_in_small_log_softmax_chunks_changes_nothing(setup, monkeypatch):
+    """picked_logps normalises PICK_ROWS positions at a time; the log-softmax is row-wise, so any chunk size gives
+    bit-identical scores (here 7, against one chunk holding every position)."""
+    import reteq.eval.prefix_scoring as ps
+
+    model, tok, forget, know = setup
+    monkeypatch.setattr(ps, "PICK_ROWS", 1 << 20)
+    whole = score_pairs_shared(model, forget + know, pad_id=tok.pad_token_id)
+    monkeypatch.setattr(ps, "PICK_ROWS", 7)
+    assert score_pairs_shared(model, forget + know, pad_id=tok.pad_token_id) == whole

@@ -126,6 +126,21 @@ def plan(pairs: list[tuple[list[int], list[int]]], batch_size: int, row_tokens: 
     return trees, forwards
 
 
+PICK_ROWS = 16  # positions per log-softmax chunk: a 16 x 49k fp32 buffer (3 MB) stays in cache; 256 rows: 6x slower
+
+
+def picked_logps(logits: torch.Tensor, row_of: torch.Tensor, col: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """log p(tok[i] | position (row_of[i], col[i])) in fp32, PICK_ROWS positions at a time. The same numbers as
+    one log_softmax over all picked rows (it is row-wise), without materialising an (N, vocab) copy in bf16 and
+    another in fp32: at SmolLM2's 49k vocabulary those were 860 x 49k and cost 6% of bf16 scoring."""
+    out = torch.empty(len(tok), dtype=torch.float32, device=logits.device)
+    for start in range(0, len(tok), PICK_ROWS):
+        end = start + PICK_ROWS
+        rows = logits[row_of[start:end], col[start:end]].float()
+        out[start:end] = torch.log_softmax(rows, dim=-1).gather(-1, tok[start:end, None])[:, 0]
+    return out
+
+
 @torch.no_grad()
 def score_pairs_shared(model, pairs: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 32,
                        device: torch.device | None = None, dtype: str = "fp32", row_tokens: int = 512,
@@ -166,8 +181,7 @@ def score_pairs_shared(model, pairs: list[tuple[list[int], list[int]]], *, pad_i
             kwargs["logits_to_keep"] = keep.to(device)
         with autocast(dtype, device):
             logits = model(**kwargs).logits
-        picked = logits[row_of.to(device), col.to(device)].float()
-        logp = torch.log_softmax(picked, dim=-1).gather(-1, tok[:, None])[:, 0]
+        logp = picked_logps(logits, row_of.to(device), col.to(device), tok)
         sums.index_add_(0, pair, logp.double().cpu())
     model.train(was_training)
     return (sums / counts.clamp_min(1)).tolist()
