@@ -28,6 +28,7 @@ torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 module, fn = {target!r}.split(":")
 getattr(__import__(module), fn)(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), {out!r}, **json.loads({kwargs!r}))
+dist.barrier()  # no rank tears gloo down while its peer still has work in flight ('terminate called', under load)
 dist.destroy_process_group()
 """
 
