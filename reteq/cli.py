@@ -58,7 +58,8 @@ def cmd_report(args) -> int:
     from reteq.commands.report import report_command
 
     return report_command(config=args.config, experiment=args.experiment, work_dir=args.work_dir,
-                          leaves_out=args.leaves_out, forget_target=args.forget_target)
+                          leaves_out=args.leaves_out, forget_target=args.forget_target,
+                          leaves_merge=args.leaves_merge)
 
 
 def cmd_theory(args) -> int:
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir")
     s.add_argument("--leaves-out", help="also copy the report's leaves.csv (one row per unlearning leaf) to this path, "
                    "e.g. docs/results_smol/leaves.csv")
+    s.add_argument("--leaves-merge", action="store_true", help="merge this store's leaves into the --leaves-out file "
+                   "instead of replacing it: a design run slice by slice on several machines, one store each")
     s.add_argument("--forget-target", type=float, help="forget score at which orders are compared at equal "
                    "forgetting (default 1.0)")
     s.set_defaults(fn=cmd_report)

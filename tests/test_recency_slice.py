@@ -69,3 +69,20 @@ def test_two_seed_slice_writes_leaves_csv_and_consistent_statistics(ray_cluster,
     assert intervals.height == 4 and (intervals["n_seeds"] == 2).all()
     page = (out / "report.html").read_text(encoding="utf-8")
     assert report.STATS_TITLE in page and "paired by seed" in page
+
+    # --leaves-merge: a file from another store of the design (here seed 1's leaves at another lr, from the same
+    # start checkpoints) keeps its rows and gains this store's; one whose start checkpoints measured something else
+    # (another design) is refused with one line, and the file is left as it was, no temp file beside it
+    earlier = tmp_path / "earlier.csv"
+    elsewhere = leaves.filter(pl.col("seed") == 1).with_columns(pl.lit(1e-3).alias("lr"), pl.lit("x").alias("run_id"))
+    elsewhere.write_csv(earlier)
+    report_args = ["report", "--experiment", "slice", "--work-dir", str(tmp_path / "work"), "--leaves-out",
+                   str(earlier), "--leaves-merge"]
+    assert main(report_args) == 0
+    merged = pl.read_csv(earlier)
+    assert merged.height == 12 and sorted(merged["lr"].unique().to_list()) == [1e-3, 3e-3]
+    assert merged.filter(pl.col("lr") == 3e-3).drop("run_id").equals(leaves.drop("run_id"))
+    elsewhere.with_columns(pl.col("label_logp_start") - 1).write_csv(earlier)
+    before = earlier.read_bytes()
+    assert main(report_args) == 2
+    assert earlier.read_bytes() == before and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []

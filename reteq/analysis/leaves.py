@@ -41,6 +41,15 @@ START_END = (
 FINAL = (("forget_score", T.M_FORGET_SCORE), ("tofu_utility", T.M_TOFU_UTILITY), ("math_utility", T.M_MATH_UTILITY))
 COLUMNS = [*IDENTITY, "last_step", "forget_score", *[f"{s}_{e}" for s, _ in START_END for e in ("start", "end")],
            "tofu_utility", "math_utility"]
+# a leaf's identity across stores (run_id is one store's); leaves of one design share it, so a slice run elsewhere
+# replaces or adds rows by it (merge_leaves)
+LEAF_IDENTITY = ["model", "method", "params", "lr", "scheduler", "seed", "order"]
+# what a leaf measured at step 0 depends on its start checkpoint alone (model, seed, order), not on the method or lr:
+# two files whose leaves started from the same checkpoint agree on it, and disagree when the design moved under them
+START_CHECKPOINT = ["model", "seed", "order"]
+ROW_ORDER = ["model", "method", "params", "lr", "scheduler", "p", "seed"]  # a design's table reads by method, lr, p
+START_METRICS = ("label_logp_start", "tofu_logp_start", "math_acc_start")
+START_TOLERANCE = 1e-4  # nats/token: bf16 scoring of the same checkpoint in another process is bit-equal in practice
 REQUIRED = ("method", "p", "seed", "lr", "forget_score", "label_logp_start", "label_logp_end", "tofu_utility",
             "math_acc_start", "math_acc_end", "re_distance_end")  # the issue's minimum (tests check it)
 
@@ -65,8 +74,7 @@ def leaves_table(runs: pl.DataFrame, metrics: pl.DataFrame) -> pl.DataFrame:
     dtypes = {**{c: pl.Float64 for c in COLUMNS}, **{c: runs.schema.get(c, pl.String) for c in IDENTITY},
               "method": pl.String, "last_step": pl.Int64}
     leaves = leaves.with_columns(pl.lit(None, dtype=dtypes[c]).alias(c) for c in COLUMNS if c not in leaves.columns)
-    return leaves.select(COLUMNS).sort(["model", "method", "params", "lr", "scheduler", "p", "seed"],
-                                       nulls_last=True)
+    return leaves.select(COLUMNS).sort(ROW_ORDER, nulls_last=True)
 
 
 def _ends(values: pl.DataFrame, stems: dict[str, str]) -> pl.DataFrame | None:
@@ -81,3 +89,32 @@ def _ends(values: pl.DataFrame, stems: dict[str, str]) -> pl.DataFrame | None:
     # pivot names multi-value columns "<value>_<metric>": rename to "<stem>_<value>"
     return wide.rename({f"{v}_{s}": f"{s}_{v}" for s in stems.values() for v in ("start", "end")
                         if f"{v}_{s}" in wide.columns})
+
+
+def merge_leaves(kept: pl.DataFrame, new: pl.DataFrame, source: str) -> pl.DataFrame:
+    """`new` (this store's leaves) over `kept` (a leaves.csv from earlier stores of the same design): a leaf in both
+    (LEAF_IDENTITY) takes its new row, every other leaf of either stays. So a design too long for one machine or
+    session accumulates slice by slice, every row still written by `reteq report`. Refused (ValueError naming
+    `source` and the field) when the columns differ or when a start checkpoint both files used measured something
+    else at step 0: the stage nodes under them changed, and the rows would mix two designs."""
+    if kept.columns != new.columns:
+        missing = sorted(set(new.columns) ^ set(kept.columns)) or ["(column order)"]
+        raise ValueError(f"{source}: columns: not this reteq's leaves.csv (differ in {', '.join(missing)})")
+    # a column one store never filled (a knob of a method it did not run) reads back from CSV as empty text
+    new = new.with_columns(pl.col(c).cast(t) for c, t in kept.schema.items()
+                           if new.schema[c] != t and new[c].null_count() == new.height)
+    kept = kept.with_columns(pl.col(c).cast(t) for c, t in new.schema.items()
+                             if kept.schema[c] != t and kept[c].null_count() == kept.height)
+    starts = [c for c in START_METRICS if c in new.columns]
+    firsts = [pl.col(c).drop_nulls().first() for c in starts]
+    both = (kept.group_by(START_CHECKPOINT).agg(firsts)
+            .join(new.group_by(START_CHECKPOINT).agg(firsts), on=START_CHECKPOINT, suffix="_new"))
+    for column in starts:
+        moved = both.filter((pl.col(column) - pl.col(f"{column}_new")).abs() > START_TOLERANCE)
+        if moved.height:
+            row = moved.row(0, named=True)
+            where = ", ".join(str(row[c]) for c in START_CHECKPOINT)
+            raise ValueError(f"{source}: {column}: the start checkpoint ({where}) measured {row[column]} there and "
+                             f"{row[f'{column}_new']} in this store: not the same design, refusing to merge")
+    old = kept.join(new.select(LEAF_IDENTITY), on=LEAF_IDENTITY, how="anti", nulls_equal=True)
+    return pl.concat([old, new], how="vertical_relaxed").sort(ROW_ORDER, nulls_last=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
+
 from reteq import tracking as T
-from reteq.analysis.leaves import FILE
+from reteq.analysis.leaves import FILE, merge_leaves
 from reteq.analysis.load import experiment_id
 from reteq.analysis.mlflow_report import log_report
 from reteq.analysis.report import ReportSettings, write_report
@@ -50,9 +53,14 @@ def write_sweep_report(cfg: SweepConfig | None, uri: str, work: Path, experiment
 
 
 def report_command(config: str | None, experiment: str | None, work_dir: str | None,
-                   leaves_out: str | None = None, forget_target: float | None = None) -> int:
+                   leaves_out: str | None = None, forget_target: float | None = None,
+                   leaves_merge: bool = False) -> int:
     """The report of a sweep; `leaves_out` also copies its leaves.csv there (docs/results_smol/leaves.csv is
-    written so: `reteq report configs/smol_science.yaml --leaves-out docs/results_smol/leaves.csv`)."""
+    written so: `reteq report configs/smol_science.yaml --leaves-out docs/results_smol/leaves.csv`). With
+    `leaves_merge`, this store's leaves are merged into the file already there (reteq.analysis.leaves.merge_leaves):
+    a design run slice by slice on several machines or sessions, each with its own store."""
+    if leaves_merge and not leaves_out:
+        raise BadInput("report: --leaves-merge: needs --leaves-out FILE (the leaves.csv to merge into)")
     if forget_target is not None and not math.isfinite(forget_target):
         raise BadInput(f"report: --forget-target: must be a finite forget score, got {forget_target}")
     cfg = load_config(config) if config else None
@@ -66,9 +74,33 @@ def report_command(config: str | None, experiment: str | None, work_dir: str | N
     if leaves_out:
         target = Path(leaves_out)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out.parent / FILE, target)
-        print(f"report: leaves table copied to {target}")
+        if leaves_merge and target.exists():
+            _merge_into(target, out.parent / FILE)
+        else:
+            shutil.copyfile(out.parent / FILE, target)
+            print(f"report: leaves table copied to {target}")
     return 0
+
+
+def _merge_into(target: Path, fresh: Path) -> None:
+    """This store's leaves.csv merged into `target`, written whole or not at all (a temp file renamed over it)."""
+    try:
+        kept = pl.read_csv(target, infer_schema_length=None)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise BadInput(f"{target}: not a readable leaves.csv ({type(err).__name__}: {err})") from err
+    new = pl.read_csv(fresh, infer_schema_length=None)
+    try:
+        merged = merge_leaves(kept, new, str(target))
+    except ValueError as err:
+        raise BadInput(str(err)) from err
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        merged.write_csv(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"report: {new.height} leaves of this store merged into {target} ({kept.height} there before, "
+          f"{merged.height} now)")
 
 
 def ui_command(work_dir: str, port: int) -> int:
