@@ -24,17 +24,26 @@ def counts_line(leaves: pl.DataFrame) -> str:
     means = complete.group_by("method", "lr", "p").agg(pl.col("forget_score").mean())
     settings = means.group_by("method", "lr").agg(
         (pl.col("forget_score").filter(pl.col("p") == last).first() == pl.col("forget_score").min()).alias("last"))
+    # methods grouped by their design: the seeds of each lr (a slice may have run some seeds of an lr so far)
     designs: dict[tuple, list[str]] = {}
     for method in sorted(complete["method"].unique()):
         mine = cells.filter(pl.col("method") == method)
-        lrs = tuple(sorted(mine["lr"].unique()))
-        seeds = min(mine.filter(pl.col("lr") == lr).height for lr in lrs)
-        designs.setdefault((seeds, lrs), []).append(method)
-    groups = "; ".join(f"{', '.join(ms)} at {seeds} seeds x {len(lrs)} lrs ({', '.join(f'{lr:g}' for lr in lrs)})"
-                       for (seeds, lrs), ms in sorted(designs.items(), key=lambda kv: (-len(kv[0][1]), -kv[0][0])))
+        seeds_per_lr = tuple(sorted((lr, mine.filter(pl.col("lr") == lr).height) for lr in mine["lr"].unique()))
+        designs.setdefault(seeds_per_lr, []).append(method)
+    groups = "; ".join(f"{', '.join(ms)} at {_design(d)}" for d, ms in sorted(
+        designs.items(), key=lambda kv: (-len(kv[0]), -sum(n for _, n in kv[0]))))
     return (f"leaves.csv: {done.height} leaves, p 1..{last}, {complete.height} of them in complete cells: {groups}; "
             f"p = {last} forgets least in {cells['last'].sum()} of {cells.height} cells (method x lr x seed) and has "
             f"the lowest seed mean in {settings['last'].sum()} of {settings.height} settings (method x lr)")
+
+
+def _design(seeds_per_lr: tuple[tuple[float, int], ...]) -> str:
+    """'5 seeds x 3 lrs (0.0001, 0.0003, 0.001)' when every lr has the same seeds, else each lr with its seeds:
+    '5 seeds at 0.001, 2 seeds at 0.0003' (most seeds first)."""
+    counts = {n for _, n in seeds_per_lr}
+    if len(counts) == 1:
+        return f"{counts.pop()} seeds x {len(seeds_per_lr)} lrs ({', '.join(f'{lr:g}' for lr, _ in seeds_per_lr)})"
+    return ", ".join(f"{n} seeds at {lr:g}" for lr, n in sorted(seeds_per_lr, key=lambda x: (-x[1], x[0])))
 
 
 def test_the_doc_states_the_counts_of_leaves_csv():
@@ -50,3 +59,11 @@ def test_the_counts_line_sees_a_planted_change(tmp_path):
                                   .otherwise(pl.col("forget_score")).alias("forget_score"))
     assert counts_line(planted) != counts_line(leaves)
     assert counts_line(planted) not in DOC.read_text()
+
+
+def test_the_counts_line_states_a_partly_run_lr():
+    # seeds 3 and 4 of WGA at a second lr: WGA's design is 5 seeds at one lr and 2 at the other, said as such
+    leaves = pl.read_csv(LEAVES)
+    extra = leaves.filter((pl.col("method") == "wga") & (pl.col("seed") >= 3)).with_columns(pl.lit(3e-4).alias("lr"))
+    line = counts_line(pl.concat([leaves, extra]))
+    assert "wga at 5 seeds at 0.001, 2 seeds at 0.0003" in line, line
