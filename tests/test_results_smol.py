@@ -63,7 +63,8 @@ def test_the_counts_line_sees_a_planted_change(tmp_path):
 
 def test_the_counts_line_states_a_partly_run_lr():
     # seeds 3 and 4 of WGA at a second lr: WGA's design is 5 seeds at one lr and 2 at the other, said as such
-    leaves = pl.read_csv(LEAVES)
-    extra = leaves.filter((pl.col("method") == "wga") & (pl.col("seed") >= 3)).with_columns(pl.lit(3e-4).alias("lr"))
+    # (built from WGA's lr 1e-3 rows alone, so the committed file's own WGA lrs do not change what is planted)
+    leaves = pl.read_csv(LEAVES).filter((pl.col("method") == "wga") & (pl.col("lr") == 1e-3))
+    extra = leaves.filter(pl.col("seed") >= 3).with_columns(pl.lit(3e-4).alias("lr"))
     line = counts_line(pl.concat([leaves, extra]))
     assert "wga at 5 seeds at 0.001, 2 seeds at 0.0003" in line, line
