@@ -12,7 +12,8 @@ import pytest
 
 from reteq import tracking as T
 from reteq.algorithms import ALGORITHMS
-from reteq.analysis import report, tables
+from reteq.analysis import tables
+from reteq.analysis.page import slug
 from reteq.analysis.paper_numbers import algorithm_label
 from reteq.commands.sweep import run_sweep
 from reteq.config import load_config, parse_config
@@ -81,7 +82,7 @@ def test_every_method_runs_through_tune_and_appears_in_the_report(ray_cluster, t
 
     # the report's Table 1 has a column per (method, knob setting), a row per p
     out = tmp_path / "work" / "report"
-    forget = pl.read_parquet(out / "tables" / f"{report._slug(tables.TABLE_FORGET)}.parquet")
+    forget = pl.read_parquet(out / "tables" / f"{slug(tables.TABLE_FORGET)}.parquet")
     columns = " | ".join(forget.columns)
     for name in names:
         assert f"tiny {algorithm_label(name)}" in columns, (name, columns)

@@ -12,6 +12,7 @@ import pytest
 from reteq.analysis import recency_stats as R
 from reteq.analysis import report
 from reteq.analysis.leaves import REQUIRED
+from reteq.analysis.page import slug
 from reteq.cli import main
 from reteq.commands.sweep import run_sweep
 from reteq.config import parse_config
@@ -52,7 +53,7 @@ def test_two_seed_slice_writes_leaves_csv_and_consistent_statistics(ray_cluster,
     assert leaves["last_step"].to_list() == [2] * 8 and (leaves["lr"] == 3e-3).all()
 
     # the report's statistics are those of leaves.csv: recompute the paired comparison by hand
-    tests = pl.read_csv(out / "tables" / f"{report._slug(report.TABLE_STATS_TESTS)}.csv")
+    tests = pl.read_csv(out / "tables" / f"{slug(report.TABLE_STATS_TESTS)}.csv")
     assert tests.height == 2 and tests["last_p"].to_list() == [2, 2] and tests["other_p"].to_list() == [1, 1]
     for row in tests.iter_rows(named=True):
         mine = leaves.filter(pl.col("method") == row["method"])
@@ -65,7 +66,7 @@ def test_two_seed_slice_writes_leaves_csv_and_consistent_statistics(ray_cluster,
         assert row["signflip_pvalue"] == pytest.approx(R.sign_flip_p(d))  # 2 of 4, or 4 of 4 when d's signs differ
         means = {q: mine.filter(pl.col("p") == q)["forget_score"].mean() for q in (1, 2)}
         assert row["last_is_lowest"] == (means[2] < means[1])
-    intervals = pl.read_csv(out / "tables" / f"{report._slug(report.TABLE_STATS_INTERVALS)}.csv")
+    intervals = pl.read_csv(out / "tables" / f"{slug(report.TABLE_STATS_INTERVALS)}.csv")
     assert intervals.height == 4 and (intervals["n_seeds"] == 2).all()
     page = (out / "report.html").read_text(encoding="utf-8")
     assert report.STATS_TITLE in page and "paired by seed" in page

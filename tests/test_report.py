@@ -15,6 +15,7 @@ from reteq import tracking as T
 from reteq.analysis import report, tables
 from reteq.analysis.leaves import REQUIRED
 from reteq.analysis.mlflow_report import log_report
+from reteq.analysis.page import slug
 from reteq.analysis.section import Section
 from reteq.sweep import mlflow_ui
 
@@ -56,10 +57,10 @@ def test_full_report(sqlite_tracking, tmp_path):
     ]
     for title in expected_tables:
         assert f"<h3>{html.escape(title)}</h3>" in page, title
-        stem = report._slug(title)
+        stem = slug(title)
         assert (out / "tables" / f"{stem}.csv").is_file(), title
         assert pl.read_parquet(out / "tables" / f"{stem}.parquet").height > 0, title
-    forget = pl.read_parquet(out / "tables" / f"{report._slug(tables.TABLE_FORGET)}.parquet")
+    forget = pl.read_parquet(out / "tables" / f"{slug(tables.TABLE_FORGET)}.parquet")
     assert forget["p"].to_list() == [1, 2, 3, 4] and "llama-3.2-1b GA (paper)" in forget.columns
 
     assert page.count("data:image/png;base64,") == 7  # six paper figures + divergence growth
@@ -94,13 +95,13 @@ def test_full_report(sqlite_tracking, tmp_path):
     assert ga4["math_acc_start"].to_list() == pytest.approx([0.3] * 3)
     assert ga4["math_acc_end"].to_list() == pytest.approx([0.3 - 0.08] * 3)
     assert report.STATS_TITLE in text
-    stats = pl.read_csv(out / "tables" / f"{report._slug(report.TABLE_STATS_TESTS)}.csv")
+    stats = pl.read_csv(out / "tables" / f"{slug(report.TABLE_STATS_TESTS)}.csv")
     npo = stats.filter((pl.col("method") == "npo") & (pl.col("other_p") == 2)).row(0, named=True)
     # NPO p=4 vs p=2 per seed: (0.5 - 2.0, 0.6 - 2.1, 1.2 - 0.4) -- seed 2 is planted without recency
     d = [-1.5, -1.5, 0.8]
     assert npo["n_pairs"] == 3 and npo["mean_diff"] == pytest.approx(sum(d) / 3)
     assert npo["signflip_pvalue"] == pytest.approx(4 / 8)  # |sum| 2.2 reached by 4 of the 8 sign flips
-    intervals = pl.read_csv(out / "tables" / f"{report._slug(report.TABLE_STATS_INTERVALS)}.csv")
+    intervals = pl.read_csv(out / "tables" / f"{slug(report.TABLE_STATS_INTERVALS)}.csv")
     assert intervals.height == leaves.select("method", "lr", "scheduler", "p").unique().height
 
 
