@@ -1,5 +1,6 @@
 """docs/results_smol.md states the counts of docs/results_smol/leaves.csv (written by `reteq report`, issue 29):
-the counts line is recomputed here from the file, so the prose cannot drift from the data it reports."""
+the counts line and Finding 4's per-lr forget-score tables are recomputed here from the file, so the prose cannot
+drift from the data it reports."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import polars as pl
 
+from reteq.analysis import recency_stats as RS
+
 ROOT = Path(__file__).resolve().parents[1]
 LEAVES = ROOT / "docs" / "results_smol" / "leaves.csv"
 DOC = ROOT / "docs" / "results_smol.md"
+PAPER_METHODS = ("ga", "npo", "simnpo")  # their Table 1 is laid out by column, the others' Finding 4 tables by row
 
 
 def counts_line(leaves: pl.DataFrame) -> str:
@@ -68,3 +72,37 @@ def test_the_counts_line_states_a_partly_run_lr():
     extra = leaves.filter(pl.col("seed") >= 3).with_columns(pl.lit(3e-4).alias("lr"))
     line = counts_line(pl.concat([leaves, extra]))
     assert "wga at 5 seeds at 0.001, 2 seeds at 0.0003" in line, line
+
+
+def forget_cells(leaves: pl.DataFrame, method: str, lr: float) -> str:
+    """Finding 4's cells for one (method, lr): 'mean ± 95% t half-width' per p = 1..4, the lowest in bold."""
+    iv = RS.per_p_intervals(leaves.filter((pl.col("method") == method) & (pl.col("lr") == lr))).sort("p")
+    cells = [f"{r['mean']:.3f} ± {r['ci_high'] - r['mean']:.3f}" for r in iv.iter_rows(named=True)]
+    lowest = iv["mean"].arg_min()
+    cells[lowest] = f"**{cells[lowest]}**"
+    return " | ".join(cells)
+
+
+def _complete_settings(leaves: pl.DataFrame) -> list[tuple[str, float]]:
+    cells = leaves.group_by("method", "lr", "seed").agg(pl.col("p").n_unique().alias("n_p"))
+    done = cells.filter(pl.col("n_p") == 4).group_by("method", "lr").agg(pl.len().alias("seeds"))
+    return sorted((m, lr) for m, lr, n in done.iter_rows() if n >= 5 and m not in PAPER_METHODS)
+
+
+def test_finding_4_tables_state_the_forget_scores_of_leaves_csv():
+    leaves = pl.read_csv(LEAVES)
+    doc = DOC.read_text()
+    settings = _complete_settings(leaves)
+    assert len(settings) >= 10
+    missing = [f"{m} {lr:g}: | {forget_cells(leaves, m, lr)} |" for m, lr in settings
+               if f"| {forget_cells(leaves, m, lr)} |" not in doc]
+    assert not missing, "docs/results_smol.md should state, recomputed from leaves.csv:\n" + "\n".join(missing)
+
+
+def test_finding_4_cells_see_a_planted_change():
+    leaves = pl.read_csv(LEAVES)
+    method, lr = _complete_settings(leaves)[0]
+    planted = leaves.with_columns(pl.when((pl.col("method") == method) & (pl.col("lr") == lr) & (pl.col("p") == 1))
+                                  .then(pl.col("forget_score") + 0.01).otherwise(pl.col("forget_score"))
+                                  .alias("forget_score"))
+    assert f"| {forget_cells(planted, method, lr)} |" not in DOC.read_text()
