@@ -50,6 +50,7 @@ smol: install
 smol-science: install
 	$(VENV)/bin/reteq sweep configs/smol_science.yaml --no-report
 	$(VENV)/bin/reteq report configs/smol_science.yaml --leaves-out docs/results_smol/leaves.csv
+	$(VENV)/bin/reteq tables docs/results_smol/leaves.csv --out docs/results_smol/tables.md
 
 lint: install
 	$(VENV)/bin/ruff check reteq tests bench rayjobs

@@ -62,6 +62,13 @@ def cmd_report(args) -> int:
                           leaves_merge=args.leaves_merge)
 
 
+def cmd_tables(args) -> int:
+    # lazy: a verb loads only its own command; the CLI's startup stays torch-free
+    from reteq.commands.tables import tables_command
+
+    return tables_command(args.leaves, args.out, args.forget_target)
+
+
 def cmd_theory(args) -> int:
     # lazy: a verb loads only its own command; the CLI's startup stays torch-free
     from reteq.commands.theory import theory_command
@@ -163,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--forget-target", type=float, help="forget score at which orders are compared at equal "
                    "forgetting (default 1.0)")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("tables", help="every results table of a leaves.csv as Markdown (what a results page quotes)")
+    s.add_argument("leaves", help="a leaves.csv, e.g. docs/results_smol/leaves.csv")
+    s.add_argument("--out", help="write the Markdown here (e.g. docs/results_smol/tables.md) instead of stdout")
+    s.add_argument("--forget-target", type=float, help="forget score at which orders are compared at equal "
+                   "forgetting (default 1.0)")
+    s.set_defaults(fn=cmd_tables)
 
     s = sub.add_parser("theory", help="Section 3: staged ridge regression, GA unlearning, the Theorem 3.1 bound")
     s.add_argument("config", nargs="?")

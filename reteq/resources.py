@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -78,6 +78,17 @@ def one_line(error: BaseException) -> str:
         return problem
     lines = [x.strip() for x in redact(str(error)).splitlines() if x.strip() and not _NOISE.match(x)]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temp file beside `path`, then one rename over it: a reader, or a disk that fills midway,
+    sees the old file or the new one, never half of one, and no temp file is left behind either way."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

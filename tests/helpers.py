@@ -8,10 +8,13 @@ suite fast locally while CI (fresh cache) still builds the model itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,3 +170,19 @@ def tiny_base():
 
     path = ensure_tiny_model()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `where` for the block (e.g. "size=64k" for a disk that fills, "size=1m,ro" for a
+    read-only one); skips the test where mounting needs a privilege this machine lacks."""
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        time.sleep(0.2)  # let a closing writer let go of the mount
+        subprocess.run(["umount", "-l", str(where)], check=False)

