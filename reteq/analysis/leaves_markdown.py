@@ -98,14 +98,14 @@ def _ps(leaves: pl.DataFrame) -> list[int]:
 
 def start_table(leaves: pl.DataFrame) -> str:
     """Per p: what the start checkpoints measured before unlearning (each checkpoint once, however many leaves
-    started from it): math accuracy, the forget label's and the TOFU answers' log-prob a token."""
+    started from it): math accuracy, and the log-prob a token of the forget label, of its paraphrases and of the
+    TOFU answers (how strongly each order holds what unlearning will push on: the label-strength confound)."""
+    measures = ("math_acc_start", "label_logp_start", "paraphrase_logp_start", "tofu_logp_start")
     starts = (leaves.sort("method", "lr").unique(START_CHECKPOINT, keep="first", maintain_order=True)
-              .group_by("p").agg(pl.col("math_acc_start", "label_logp_start", "tofu_logp_start").mean(),
-                                 pl.len().alias("n")).sort("p"))
-    rows = [[str(r["p"]), str(r["n"]), f"{r['math_acc_start']:.3f}", f"{r['label_logp_start']:.3f}",
-             f"{r['tofu_logp_start']:.3f}"] for r in starts.iter_rows(named=True)]
+              .group_by("p").agg(pl.col(*measures).mean(), pl.len().alias("n")).sort("p"))
+    rows = [[str(r["p"]), str(r["n"]), *(f"{r[m]:.3f}" for m in measures)] for r in starts.iter_rows(named=True)]
     return table(["p", "start checkpoints", "math accuracy before unlearning", "label log-prob",
-                  "TOFU answer log-prob"], rows)
+                  "paraphrase log-prob", "TOFU answer log-prob"], rows)
 
 
 def paper_layout_table(leaves: pl.DataFrame) -> str | None:
@@ -222,6 +222,38 @@ def drops_table(leaves: pl.DataFrame) -> str:
                   f"TOFU utility p = {first_last}", f"math acc change p = {first_last}"], rows)
 
 
+def last_two_table(leaves: pl.DataFrame) -> str:
+    """Per (method, lr): the last two orders (p = 3 and 4 in the paper's design) compared on each part of the
+    forget score, paired by seed. They start with paraphrases about equally strong and labels closer together than
+    any other pair of orders (start_table), so where the last p still drops its paraphrases less, the difference is
+    not their starting strength (the label-strength confound, for the paraphrases)."""
+    done = done_leaves(leaves).with_columns(
+        (pl.col("label_logp_start") - pl.col("label_logp_end")).alias("label_drop"),
+        (pl.col("paraphrase_logp_start") - pl.col("paraphrase_logp_end")).alias("paraphrase_drop"))
+    ps = _ps(done)
+    before, last = ps[-2], ps[-1]
+    rows = []
+    for m in method_order(done["method"].unique()):
+        for lr in sorted(done.filter(pl.col("method") == m)["lr"].unique()):
+            mine = done.filter((pl.col("method") == m) & (pl.col("lr") == lr))
+            pairs = (mine.filter(pl.col("p") == last).select("seed", "label_drop", "paraphrase_drop")
+                     .join(mine.filter(pl.col("p") == before).select("seed", "label_drop", "paraphrase_drop"),
+                           on="seed", suffix="_before"))
+            if not pairs.height:
+                continue
+            cells = []
+            for part in ("paraphrase_drop", "label_drop"):
+                diffs = (pairs[part] - pairs[f"{part}_before"]).to_list()
+                _, p_value = RS.paired_t(diffs)
+                p_text = "–" if p_value != p_value else f"{p_value:.2g}"  # NaN: one pair, or no spread
+                cells += [f"{pairs[f'{part}_before'].mean():.2f} / {pairs[part].mean():.2f}",
+                          f"{sum(diffs) / len(diffs):+.2f} ({p_text})", f"{sum(d < 0 for d in diffs)} of {len(diffs)}"]
+            rows.append([algorithm_label(m), f"{lr:g}", *cells])
+    pair, diff = f"p = {before} / {last}", f"p = {last} minus p = {before}, paired t p"
+    return table(["method", "lr", f"paraphrase drop {pair}", diff, f"seeds where p = {last} dropped less",
+                  f"label drop {pair}", diff, f"seeds where p = {last} dropped less"], rows)
+
+
 def identical_pairs_table(leaves: pl.DataFrame) -> str | None:
     """Pairs of methods whose leaves are bit-identical wherever both ran (same lr, p, seed): a method that reduces
     to another at its defaults (GradDiff to GA at retain weight 0), so a determinism check, not new evidence."""
@@ -269,7 +301,8 @@ def render(leaves: pl.DataFrame, source: str, target: float = RS.EQUAL_FORGETTIN
               f"## Equal forgetting (forget score {float(target)})", equal_forgetting_table(leaves, target)]
     for lr in lrs:
         parts += [f"## Forget scores at lr {lr:g}", forget_table(leaves, lr)]
-    parts += ["## Label and paraphrase drops (nats a token), utility", drops_table(leaves)]
+    parts += ["## Label and paraphrase drops (nats a token), utility", drops_table(leaves),
+              f"## The last two orders, part by part (p = {last - 1} against p = {last})", last_two_table(leaves)]
     identical = identical_pairs_table(leaves)
     if identical is not None:
         parts += ["## Methods identical to another at their defaults", identical]
