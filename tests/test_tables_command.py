@@ -96,6 +96,13 @@ def test_one_seed_and_a_missing_order_render_without_intervals(leaves):
     assert "0 of 0" in wga  # no seed has every p
 
 
+def test_a_slice_with_one_seed_renders_every_table(leaves):
+    # a slice cut off after its first seed: no interval, no t-test, every table still drawn ("–" where none)
+    text = M.render(leaves.filter(pl.col("seed") == 0), "one-seed.csv")
+    tests = M.table_rows(text.split("## Paired tests")[1].split("##")[0])
+    assert tests and all(r.endswith(" | 1 | – | 1 | no |") for r in tests), tests[:2]  # sign-flip: 2/2^1
+
+
 def test_identical_methods_are_found_and_different_ones_are_not(leaves):
     text = M.identical_pairs_table(leaves)
     rows = M.table_rows(text)

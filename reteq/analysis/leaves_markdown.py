@@ -136,8 +136,8 @@ def tests_table(leaves: pl.DataFrame) -> str:
     for m in method_order(tests["method"].unique()):
         for lr in sorted(tests.filter(pl.col("method") == m)["lr"].unique()):
             t = tests.filter((pl.col("method") == m) & (pl.col("lr") == lr))
-            rows.append([algorithm_label(m), f"{lr:g}", str(t["n_pairs"].min()), f"{t['t_pvalue'].max():.2g}",
-                         f"{t['signflip_pvalue'].max():.3g}", "yes" if t["last_below_all"][0] else "no"])
+            rows.append([algorithm_label(m), f"{lr:g}", str(t["n_pairs"].min()), _p(t["t_pvalue"].max(), ".2g"),
+                         _p(t["signflip_pvalue"].max(), ".3g"), "yes" if t["last_below_all"][0] else "no"])
     last = _ps(leaves)[-1]
     return table(["method", "lr", "pairs (min)", f"largest paired-t p over p = 1..{last - 1}", "exact sign-flip p",
                   f"p = {last} below every other p (paired t p < 0.05)"], rows)
@@ -161,8 +161,7 @@ def forget_table(leaves: pl.DataFrame, lr: float) -> str:
             (pl.col("forget_score").filter(pl.col("p") == last).first() == pl.col("forget_score").min()).alias("least"))
         complete = seeds.filter(pl.col("n_p") == len(ps))
         t = tests.filter(pl.col("method") == m).sort("other_p")
-        diffs = " / ".join(f"{r['mean_diff']:+.2f} ({r['t_pvalue']:.2g})" if r["t_pvalue"] is not None
-                           else f"{r['mean_diff']:+.2f} (–)" for r in t.iter_rows(named=True))
+        diffs = " / ".join(f"{r['mean_diff']:+.2f} ({_p(r['t_pvalue'], '.2g')})" for r in t.iter_rows(named=True))
         rows.append([algorithm_label(m), *cells, f"{complete['least'].sum()} of {complete.height}", diffs or "–"])
     others = " / ".join(str(p) for p in ps[:-1])
     return table(["method", *(f"p = {p}" for p in ps), f"p = {last} least (cells)",
@@ -245,9 +244,9 @@ def last_two_table(leaves: pl.DataFrame) -> str:
             for part in ("paraphrase_drop", "label_drop"):
                 diffs = (pairs[part] - pairs[f"{part}_before"]).to_list()
                 _, p_value = RS.paired_t(diffs)
-                p_text = "–" if p_value != p_value else f"{p_value:.2g}"  # NaN: one pair, or no spread
                 cells += [f"{pairs[f'{part}_before'].mean():.2f} / {pairs[part].mean():.2f}",
-                          f"{sum(diffs) / len(diffs):+.2f} ({p_text})", f"{sum(d < 0 for d in diffs)} of {len(diffs)}"]
+                          f"{sum(diffs) / len(diffs):+.2f} ({_p(p_value, '.2g')})",
+                          f"{sum(d < 0 for d in diffs)} of {len(diffs)}"]
             rows.append([algorithm_label(m), f"{lr:g}", *cells])
     pair, diff = f"p = {before} / {last}", f"p = {last} minus p = {before}, paired t p"
     return table(["method", "lr", f"paraphrase drop {pair}", diff, f"seeds where p = {last} dropped less",
@@ -275,6 +274,11 @@ def _joined(per_p: pl.DataFrame, column: str, ps) -> str:
     """'0.44 / 0.33 / 0.38 / 0.42': `column` at each p of `ps`, 2 decimals ('–' where that p has no row)."""
     values = [_one(per_p.filter(pl.col("p") == p), column) for p in ps]
     return " / ".join("–" if v is None else f"{v:.2f}" for v in values)
+
+
+def _p(value: float | None, spec: str) -> str:
+    """A p-value as the tables print it; '–' where there is none (one pair, or no spread)."""
+    return "–" if value is None or value != value else format(value, spec)
 
 
 def _one(frame: pl.DataFrame, column: str) -> float | None:
