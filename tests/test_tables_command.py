@@ -106,7 +106,7 @@ def test_a_slice_with_one_seed_renders_every_table(leaves):
 def test_identical_methods_are_found_and_different_ones_are_not(leaves):
     text = M.identical_pairs_table(leaves)
     rows = M.table_rows(text)
-    assert "| GradDiff | GA | 0.001 | 20 |" in rows and "| NPO+RT | NPO | 0.001 | 20 |" in rows
+    assert [r.split(" | ")[:2] for r in rows] == [["| GradDiff", "GA"], ["| NPO+RT", "NPO"]], rows
     nudged = leaves.with_columns(pl.when((pl.col("method") == "graddiff") & (pl.col("seed") == 4) & (pl.col("p") == 4))
                                  .then(pl.col("forget_score") + 1e-9).otherwise(pl.col("forget_score"))
                                  .alias("forget_score"))
