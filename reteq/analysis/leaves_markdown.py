@@ -204,9 +204,7 @@ def drops_table(leaves: pl.DataFrame) -> str:
     part = done_leaves(leaves)
     ps = _ps(part)
     ends = (ps[0], ps[-1])
-    means = part.with_columns(
-        (pl.col("label_logp_start") - pl.col("label_logp_end")).alias("label_drop"),
-        (pl.col("paraphrase_logp_start") - pl.col("paraphrase_logp_end")).alias("paraphrase_drop"),
+    means = _with_drops(part).with_columns(
         (pl.col("math_acc_end") - pl.col("math_acc_start")).alias("math_change"),
     ).group_by("method", "lr", "p").agg(pl.col("label_drop", "paraphrase_drop", "tofu_utility", "math_change").mean())
     rows = []
@@ -226,9 +224,7 @@ def last_two_table(leaves: pl.DataFrame) -> str:
     forget score, paired by seed. They start with paraphrases about equally strong and labels closer together than
     any other pair of orders (start_table), so where the last p still drops its paraphrases less, the difference is
     not their starting strength (the label-strength confound, for the paraphrases)."""
-    done = done_leaves(leaves).with_columns(
-        (pl.col("label_logp_start") - pl.col("label_logp_end")).alias("label_drop"),
-        (pl.col("paraphrase_logp_start") - pl.col("paraphrase_logp_end")).alias("paraphrase_drop"))
+    done = _with_drops(done_leaves(leaves))
     ps = _ps(done)
     before, last = ps[-2], ps[-1]
     rows = []
@@ -268,6 +264,13 @@ def identical_pairs_table(leaves: pl.DataFrame) -> str | None:
     if not rows:
         return None
     return table(["method", "same final forget score as", "at lrs", "(lr, p, seed) pairs compared"], rows)
+
+
+def _with_drops(leaves: pl.DataFrame) -> pl.DataFrame:
+    """label_drop and paraphrase_drop per leaf: log-prob a token before minus after (positive = forgot)."""
+    return leaves.with_columns(
+        (pl.col("label_logp_start") - pl.col("label_logp_end")).alias("label_drop"),
+        (pl.col("paraphrase_logp_start") - pl.col("paraphrase_logp_end")).alias("paraphrase_drop"))
 
 
 def _joined(per_p: pl.DataFrame, column: str, ps) -> str:
